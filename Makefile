@@ -1,0 +1,33 @@
+# edgesync developer entry points. Every target installs or builds what it needs, idempotently,
+# with results cached (Kubernetes binaries under $${XDG_CACHE_HOME:-$$HOME/.cache}/edgesync/).
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: test lint fmt-check clippy unit deps k8s mosquitto crds
+
+## test: everything CI runs: formatting, lints, and every test against real Mosquitto and kube-apiserver
+test: deps fmt-check clippy
+	hack/run-tests.sh
+
+## deps: build/cache kube-apiserver, kubectl, etcd and install mosquitto if missing
+deps: k8s mosquitto
+
+k8s:
+	@hack/ensure-k8s.sh >/dev/null
+
+mosquitto:
+	@hack/ensure-mosquitto.sh
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## unit: only the tests that need neither broker nor apiserver
+unit:
+	$(CARGO) test -p edgesync-protocol -p edgesync-crds -p edgesync-examples
+
+## crds: regenerate crds/*.yaml from the Rust types
+crds:
+	$(CARGO) run -q -p edgesync-crds --bin edgesync-crdgen

@@ -1,0 +1,252 @@
+//! Agent <-> controller wire types (HTTP, JSON, camelCase), exactly as DESIGN.md specifies.
+//!
+//! - `POST /v1/namespaces/{ns}/nodes/{node}/reports` carries a [`ReportBatch`] and is answered
+//!   with a [`ReportBatchResponse`] (one [`ReportResult`] per report) or an [`ErrorBody`].
+//! - `GET /v1/namespaces/{ns}/nodes/{node}/desired?since=CURSOR` streams [`DesiredEvent`]s as
+//!   NDJSON (one JSON object per line).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Path of the reports endpoint for a node.
+pub fn reports_path(namespace: &str, node: &str) -> String {
+    format!("/v1/namespaces/{namespace}/nodes/{node}/reports")
+}
+
+/// Path of the desired-state stream for a node.
+pub fn desired_path(namespace: &str, node: &str) -> String {
+    format!("/v1/namespaces/{namespace}/nodes/{node}/desired")
+}
+
+/// One upload from an agent: its health plus the latest pending report of each device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportBatch {
+    /// Increases per node with every batch and survives agent restarts.
+    pub seq: u64,
+    /// The agent's health, used as the node heartbeat.
+    pub agent: AgentHealth,
+    /// At most one report per device.
+    pub reports: Vec<Report>,
+}
+
+/// Agent health carried by every batch (an empty batch is a heartbeat).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentHealth {
+    /// Agent version string.
+    pub version: String,
+    /// Devices with a pending (unacknowledged) report.
+    pub pending_devices: u64,
+    /// Age of the oldest pending report in seconds.
+    pub oldest_pending_age_seconds: u64,
+    /// Whether the agent is connected to its MQTT broker.
+    #[serde(default)]
+    pub mqtt_connected: bool,
+    /// Seconds since the agent started.
+    #[serde(default)]
+    pub uptime_seconds: u64,
+}
+
+/// The full reported state of one device at one shadow version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    /// Device id (the `Device` object name).
+    pub device: String,
+    /// Shadow version this state belongs to.
+    pub version: u64,
+    /// Full reported state (not a patch), so any single report is enough to converge.
+    pub reported: Map<String, Value>,
+    /// When the device reported it (RFC 3339).
+    pub reported_at: String,
+    /// The `Device` generation whose `spec.desired` the agent has applied (0 = none).
+    #[serde(default)]
+    pub observed_desired_version: i64,
+}
+
+/// The controller's answer to a [`ReportBatch`]: one result per report, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportBatchResponse {
+    /// Echo of the batch `seq`.
+    pub seq: u64,
+    /// One result per report.
+    pub results: Vec<ReportResult>,
+}
+
+/// The fate of one report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportResult {
+    /// Device id.
+    pub device: String,
+    /// Version of the report this result is for.
+    pub version: u64,
+    /// Outcome.
+    pub status: ReportStatus,
+    /// Why, for `rejected` (and informative for `stale`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Outcome of one report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ReportStatus {
+    /// Durable in the Kubernetes API.
+    Accepted,
+    /// A newer version is already durable; this one was not written.
+    Stale,
+    /// Will never be accepted as sent (unknown device, another node's device, invalid).
+    Rejected,
+}
+
+/// One line of the desired-state NDJSON stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum DesiredEvent {
+    /// Desired state of one device (during a snapshot or after a change).
+    #[serde(rename_all = "camelCase")]
+    Desired {
+        /// Device id.
+        device: String,
+        /// `metadata.generation` of the Device.
+        generation: i64,
+        /// `spec.desired` (empty when unset).
+        desired: Map<String, Value>,
+        /// Cursor to resume after this event.
+        cursor: String,
+    },
+    /// The device's Device was deleted or moved to another node.
+    #[serde(rename_all = "camelCase")]
+    Removed {
+        /// Device id.
+        device: String,
+        /// Cursor to resume after this event.
+        cursor: String,
+    },
+    /// End of the initial snapshot: every device of the node has been sent once.
+    #[serde(rename_all = "camelCase")]
+    SnapshotComplete {
+        /// Cursor to resume from.
+        cursor: String,
+    },
+    /// Periodic keep-alive carrying the latest cursor.
+    #[serde(rename_all = "camelCase")]
+    Bookmark {
+        /// Cursor to resume from.
+        cursor: String,
+    },
+}
+
+/// The JSON error body of every non-2xx answer: `{"error":{"code":"..","message":".."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Machine-readable code plus a message for a person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable code such as `unauthorized`, `rate_limited`, `kubernetes_unavailable`.
+    pub code: String,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// Builds an error body.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    #[test]
+    fn report_batch_matches_design_example() {
+        let text = r#"{"seq":42,"agent":{"version":"0.1.0","pendingDevices":2,"oldestPendingAgeSeconds":3},
+            "reports":[{"device":"press-1","version":7,"reported":{"temp":21},"reportedAt":"2026-11-28T06:00:00Z","observedDesiredVersion":3}]}"#;
+        let batch: ReportBatch = serde_json::from_str(text).unwrap();
+        assert_eq!(batch.seq, 42);
+        assert_eq!(batch.reports[0].device, "press-1");
+        assert_eq!(batch.reports[0].observed_desired_version, 3);
+        let v = serde_json::to_value(&batch).unwrap();
+        assert_eq!(v["reports"][0]["reportedAt"], "2026-11-28T06:00:00Z");
+        assert_eq!(v["agent"]["pendingDevices"], 2);
+    }
+
+    #[test]
+    fn results_and_errors_shape() {
+        let r = ReportBatchResponse {
+            seq: 1,
+            results: vec![
+                ReportResult {
+                    device: "a".into(),
+                    version: 2,
+                    status: ReportStatus::Accepted,
+                    reason: None,
+                },
+                ReportResult {
+                    device: "b".into(),
+                    version: 1,
+                    status: ReportStatus::Rejected,
+                    reason: Some("device b belongs to node n2".into()),
+                },
+            ],
+        };
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            json!({"seq":1,"results":[{"device":"a","version":2,"status":"accepted"},{"device":"b","version":1,"status":"rejected","reason":"device b belongs to node n2"}]})
+        );
+        assert_eq!(
+            serde_json::to_value(ErrorBody::new("unauthorized", "bad token")).unwrap(),
+            json!({"error":{"code":"unauthorized","message":"bad token"}})
+        );
+    }
+
+    #[test]
+    fn desired_events_are_tagged_ndjson_lines() {
+        let e = DesiredEvent::Desired {
+            device: "a".into(),
+            generation: 2,
+            desired: Map::new(),
+            cursor: "c1".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"type":"desired","device":"a","generation":2,"desired":{},"cursor":"c1"}"#
+        );
+        let b: DesiredEvent =
+            serde_json::from_str(r#"{"type":"snapshotComplete","cursor":"9"}"#).unwrap();
+        assert_eq!(b, DesiredEvent::SnapshotComplete { cursor: "9".into() });
+        assert_eq!(
+            reports_path("plant-a", "edge-1"),
+            "/v1/namespaces/plant-a/nodes/edge-1/reports"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn report_round_trips(device in "[a-z0-9-]{1,20}", version in any::<u64>(), seq in any::<u64>(), g in any::<i64>()) {
+            let batch = ReportBatch {
+                seq,
+                agent: AgentHealth::default(),
+                reports: vec![Report { device, version, reported: Map::new(), reported_at: "2026-01-01T00:00:00Z".into(), observed_desired_version: g }],
+            };
+            let back: ReportBatch = serde_json::from_str(&serde_json::to_string(&batch).unwrap()).unwrap();
+            prop_assert_eq!(back, batch);
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Test harness for edgesync: real parts, started and stopped by the tests themselves.
+//!
+//! - [`cluster`]: one real Kubernetes control plane (etcd + kube-apiserver, built from the
+//!   official Go modules by `hack/ensure-k8s.sh`) shared by all tests of a test binary, with
+//!   the CRDs applied and one namespace per test.
+//! - [`mosquitto`]: Debian's Mosquitto, one instance per test on a free port, with
+//!   persistence on and an unlimited queue so QoS1 sessions survive client crashes.
+//! - [`proxy`]: a TCP fault proxy tests can cut, delay, black-hole and restore.
+//! - [`process`]: child processes that die with the test (even on panic or abort), keep
+//!   their logs, and print them when a test fails.
+//! - [`wait`]: waiting on conditions with deadlines, never on fixed sleeps.
+//!
+//! Everything here panics with a message saying what failed and how to fix the machine:
+//! it is test infrastructure, and a test that cannot get its prerequisites must fail loudly.
+
+#![allow(clippy::print_stdout)]
+
+pub mod cluster;
+pub mod mosquitto;
+pub mod process;
+pub mod proxy;
+pub mod wait;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+
+/// The workspace root (where `Cargo.toml`, `crds/` and `hack/` live).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("invariant: tests/ sits inside the workspace")
+        .to_path_buf()
+}
+
+/// A loopback port that was free a moment ago. The OS hands out ports round-robin, so a port
+/// just released is not handed out again soon; callers still check that the server they start
+/// on it actually listens.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind an ephemeral loopback port");
+    listener
+        .local_addr()
+        .expect("ephemeral listener has an address")
+        .port()
+}
+
+/// `127.0.0.1:port`.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
