@@ -1,10 +1,132 @@
-//! `edgesync-agent` entry point. The binary is a placeholder until its issue lands; it exits with an
-//! error rather than pretending to work.
+//! `edgesync-agent`: arguments, config, logging, then the library does the work.
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "edgesync-agent {}: not implemented yet",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::ExitCode::from(2)
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edgesync_agent::config::Settings;
+use edgesync_agent::telemetry::{self, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+/// The edgesync edge agent: keeps a shadow per MQTT device in SQLite and syncs it with the
+/// cloud controller, losing nothing while the uplink is down.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Log format (filter with RUST_LOG, e.g. RUST_LOG=edgesync_agent=debug).
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (MQTT intake, shadows, uplink, downlink, /metrics).
+    Run {
+        /// Agent config file (TOML); see examples/agent.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Inspect device shadows (read-only, safe while the agent runs).
+    Shadow {
+        #[command(subcommand)]
+        command: ShadowCommand,
+    },
+    /// Print the outbox as JSON: pending devices, oldest pending age, last acknowledged seq.
+    Outbox {
+        /// Agent config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ShadowCommand {
+    /// Print one device's shadow document as JSON.
+    Get {
+        /// Device id.
+        device: String,
+        /// Agent config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// List devices and their shadow versions as JSON.
+    List {
+        /// Agent config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn print_json(v: &serde_json::Value) {
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let result = match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Shadow {
+            command: ShadowCommand::Get { device, config },
+        } => read_only(&config, |db| {
+            edgesync_agent::cli::shadow_get(db, &device)?
+                .ok_or_else(|| anyhow::anyhow!("no shadow for device {device}"))
+        }),
+        Command::Shadow {
+            command: ShadowCommand::List { config },
+        } => read_only(&config, |db| Ok(edgesync_agent::cli::shadow_list(db)?)),
+        Command::Outbox { config } => read_only(&config, |db| Ok(edgesync_agent::cli::outbox(db)?)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a read-only command against the database named by the config and prints its JSON.
+fn read_only(
+    config: &std::path::Path,
+    command: impl FnOnce(&std::path::Path) -> anyhow::Result<serde_json::Value>,
+) -> anyhow::Result<()> {
+    let db = Settings::load_store_only(config)?;
+    print_json(&command(&db)?);
+    Ok(())
+}
+
+fn run(config: &std::path::Path) -> anyhow::Result<()> {
+    let settings = Settings::load(config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signals.cancel();
+        });
+        edgesync_agent::app::run(settings, shutdown).await
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }

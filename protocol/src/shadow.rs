@@ -292,7 +292,8 @@ impl ShadowDocument {
     }
 
     /// Replaces desired state with the cloud's `spec.desired` at `generation`. Nulls are
-    /// removed (a null desired field means "no opinion"). Returns whether anything changed.
+    /// removed (a null desired field means "no opinion"). Returns whether the desired document
+    /// changed; the version is bumped when it did or when `generation` is new.
     ///
     /// # Errors
     /// [`ShadowError::Limit`] if the desired document breaks a limit. The document is unchanged.
@@ -311,11 +312,16 @@ impl ShadowDocument {
         limits::check_state(&desired, limits)?;
         check_size(&desired, &self.state.reported, limits)?;
         let changed = desired != self.state.desired;
+        let new_generation = generation != self.desired_generation;
         self.desired_generation = generation;
         if changed {
             let patch = diff_as_patch(&self.state.desired, &desired);
             stamp_metadata(&mut self.metadata.desired, &patch, now);
             self.state.desired = desired;
+        }
+        // Observing a new generation is a change too: it must reach the controller (as
+        // `observedDesiredVersion`) even when the desired document itself is the same.
+        if changed || new_generation {
             self.bump(now);
         }
         Ok(changed)
@@ -657,17 +663,13 @@ mod tests {
             Value::Object(doc.metadata.desired.clone()),
             json!({"speed":{"timestamp":NOW+1},"mode":{"timestamp":NOW+1}})
         );
-        // Same desired again at a new generation: generation recorded, no version bump.
-        assert!(
-            !doc.set_desired(
-                obj(json!({"speed":1200,"mode":"auto"})),
-                4,
-                &limits,
-                NOW + 2
-            )
-            .unwrap()
-        );
-        assert_eq!((doc.version, doc.desired_generation), (2, 4));
+        // Same desired again at a new generation: recorded, and the version bumps so the
+        // observation is reported. The same generation again changes nothing.
+        let same = || obj(json!({"speed":1200,"mode":"auto"}));
+        assert!(!doc.set_desired(same(), 4, &limits, NOW + 2).unwrap());
+        assert_eq!((doc.version, doc.desired_generation), (3, 4));
+        assert!(!doc.set_desired(same(), 4, &limits, NOW + 2).unwrap());
+        assert_eq!(doc.version, 3);
         // The device catches up: delta empties.
         doc.apply_reported(
             &update(json!({"state":{"reported":{"speed":1200}}})).unwrap(),

@@ -9,13 +9,18 @@
 //! - [`process`]: child processes that die with the test (even on panic or abort), keep
 //!   their logs, and print them when a test fails.
 //! - [`wait`]: waiting on conditions with deadlines, never on fixed sleeps.
+//! - [`contract`]: a server speaking the controller's HTTP contract, for agent tests.
+//! - [`agent`]: agent configs and the release agent binary as a process.
 //!
 //! Everything here panics with a message saying what failed and how to fix the machine:
 //! it is test infrastructure, and a test that cannot get its prerequisites must fail loudly.
 
 #![allow(clippy::print_stdout)]
 
+pub mod agent;
 pub mod cluster;
+pub mod contract;
+pub mod device;
 pub mod mosquitto;
 pub mod process;
 pub mod proxy;

@@ -1,0 +1,123 @@
+//! Wiring and lifecycle: opens the store, starts MQTT, uplink, downlink and the HTTP
+//! endpoint as tasks of one `JoinSet`, and shuts them down in order.
+//!
+//! Shutdown order: stop MQTT intake (messages in the pipeline are still committed), let the
+//! uplink make one bounded attempt to deliver, then close the store. A component that exits
+//! on its own (a fatal error) cancels everything else.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::{Broker, Settings};
+use crate::downlink::Downlink;
+use crate::metrics::Metrics;
+use crate::mqtt::Mqtt;
+use crate::store::Store;
+use crate::uplink::Uplink;
+
+/// Runs the agent until `shutdown` is cancelled.
+///
+/// # Errors
+/// Start-up failures (database, HTTP port, TLS), with context saying what was being done.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // rustls needs one process-wide crypto provider; ring keeps the build free of C/cmake.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    info!(
+        node = settings.node,
+        namespace = settings.namespace,
+        data_dir = %settings.data_dir.display(),
+        broker = ?settings.mqtt.broker,
+        cloud = settings.cloud.as_ref().map(|c| c.url.as_str()).unwrap_or("none (local only)"),
+        durability = ?settings.store.durability,
+        "Starting edgesync-agent {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    if let Broker::Embedded { .. } = settings.mqtt.broker {
+        anyhow::bail!(
+            "mqtt.embedded = true is not available in this build; run Mosquitto (see README, \"Broker settings\") and set mqtt.url"
+        );
+    }
+    let (store, store_thread) = Store::open(&settings.store, settings.limits)
+        .with_context(|| format!("opening the database {}", settings.store.path.display()))?;
+    let metrics = Arc::new(Metrics::default());
+    let changed = Arc::new(Notify::new());
+
+    let mqtt = Mqtt::new(&settings.mqtt, settings.ingest.clone(), settings.limits)
+        .context("setting up MQTT")?;
+    let publisher = mqtt.publisher(metrics.clone());
+
+    let mut tasks = JoinSet::new();
+    let intake_stop = shutdown.child_token();
+    tasks.spawn(mqtt.run(
+        store.clone(),
+        metrics.clone(),
+        changed.clone(),
+        intake_stop.clone(),
+    ));
+
+    let uplink_stop = CancellationToken::new();
+    if let Some(cloud) = &settings.cloud {
+        let uplink = Uplink::new(
+            settings.uplink.clone(),
+            cloud.clone(),
+            &settings.namespace,
+            &settings.node,
+            store.clone(),
+            metrics.clone(),
+            changed.clone(),
+        )
+        .context("setting up the uplink HTTP client")?;
+        tasks.spawn(uplink.run(uplink_stop.clone(), settings.shutdown_timeout));
+        let downlink = Downlink::new(
+            cloud,
+            &settings.namespace,
+            &settings.node,
+            store.clone(),
+            publisher,
+            metrics.clone(),
+            changed.clone(),
+        )
+        .context("setting up the downlink HTTP client")?;
+        tasks.spawn(downlink.run(shutdown.child_token()));
+    }
+    if let Some(addr) = settings.http_listen {
+        let listener = crate::http::bind(addr)
+            .await
+            .with_context(|| format!("binding http.listen {addr}"))?;
+        info!(%addr, "Serving /healthz, /readyz and /metrics");
+        tasks.spawn(crate::http::run(
+            listener,
+            metrics.clone(),
+            shutdown.child_token(),
+        ));
+    }
+
+    // Wait for shutdown, or for any component to stop on its own (which is fatal).
+    tokio::select! {
+        _ = shutdown.cancelled() => info!("Shutting down"),
+        done = tasks.join_next() => {
+            if let Some(Err(e)) = done {
+                error!(error = %e, "A component failed; shutting down");
+            } else {
+                error!("A component stopped unexpectedly; shutting down");
+            }
+            shutdown.cancel();
+        }
+    }
+    intake_stop.cancel();
+    uplink_stop.cancel();
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res {
+            error!(error = %e, "Component failed during shutdown");
+        }
+    }
+    drop(store);
+    let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+    info!("Stopped");
+    Ok(())
+}

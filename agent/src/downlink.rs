@@ -1,0 +1,236 @@
+//! The downlink: follows the controller's desired-state stream for this node, stores desired
+//! state in the shadows, and publishes deltas to devices.
+//!
+//! The stream is NDJSON (`GET .../desired?since=CURSOR`): a snapshot when the cursor is
+//! missing or too old, then changes and periodic bookmarks. The cursor is persisted after
+//! each event, so a restarted agent resumes instead of re-reading everything; replaying an
+//! event is harmless (same desired, same generation: no change). A silent stream (no line for
+//! three heartbeat intervals) is treated as dead and reconnected.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use edgesync_protocol::wire::{self, DesiredEvent};
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::CloudSettings;
+use crate::metrics::Metrics;
+use crate::mqtt::DevicePublisher;
+use crate::store::{META_DESIRED_CURSOR, Store};
+
+/// A stream that sends nothing for this long is considered dead (the controller sends
+/// bookmarks more often than that).
+const SILENCE_TIMEOUT: Duration = Duration::from_secs(45);
+/// Longest line accepted from the stream (a desired document is at most a few KiB).
+const MAX_LINE_BYTES: usize = 1024 * 1024;
+const RECONNECT_MIN: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+
+/// The downlink task.
+pub struct Downlink {
+    url: String,
+    token: String,
+    http: reqwest::Client,
+    store: Store,
+    publisher: DevicePublisher,
+    metrics: Arc<Metrics>,
+    uplink_notify: Arc<Notify>,
+}
+
+/// Why a stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamEnd {
+    #[error("request failed: {0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("controller answered HTTP {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("no data for {0:?}")]
+    Silent(Duration),
+    #[error("stream closed by the controller")]
+    Closed,
+    #[error("line longer than {MAX_LINE_BYTES} bytes")]
+    LineTooLong,
+    #[error("store unavailable: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl Downlink {
+    /// Builds the downlink (no I/O).
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn new(
+        cloud: &CloudSettings,
+        namespace: &str,
+        node: &str,
+        store: Store,
+        publisher: DevicePublisher,
+        metrics: Arc<Metrics>,
+        uplink_notify: Arc<Notify>,
+    ) -> reqwest::Result<Self> {
+        // No overall timeout: the stream is long-lived; silence is detected per line instead.
+        let http = reqwest::Client::builder()
+            .connect_timeout(cloud.request_timeout)
+            .build()?;
+        Ok(Self {
+            url: format!("{}{}", cloud.url, wire::desired_path(namespace, node)),
+            token: cloud.token.clone(),
+            http,
+            store,
+            publisher,
+            metrics,
+            uplink_notify,
+        })
+    }
+
+    /// Follows the stream until `shutdown`, reconnecting with capped, jittered backoff.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.follow() => r,
+            };
+            match result {
+                Ok(()) => failures = 0,
+                Err(StreamEnd::Status { status: 410, .. }) => {
+                    info!("Desired-state cursor expired; resubscribing from a snapshot");
+                    let _ = self
+                        .store
+                        .set_meta(META_DESIRED_CURSOR, String::new())
+                        .await;
+                    failures = 0;
+                    continue;
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let cap = RECONNECT_MIN
+                        .saturating_mul(1 << failures.min(6))
+                        .min(RECONNECT_MAX);
+                    let delay = cap.mul_f64(fastrand::f64());
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Desired-state stream ended, reconnecting");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn follow(&self) -> Result<(), StreamEnd> {
+        let cursor = self
+            .store
+            .get_meta(META_DESIRED_CURSOR)
+            .await?
+            .unwrap_or_default();
+        let url = if cursor.is_empty() {
+            self.url.clone()
+        } else {
+            format!("{}?since={}", self.url, percent_encode(&cursor))
+        };
+        let resp = self.http.get(url).bearer_auth(&self.token).send().await?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(StreamEnd::Status {
+                status,
+                body: body.chars().take(512).collect(),
+            });
+        }
+        info!(
+            resumed = !cursor.is_empty(),
+            "Following desired-state stream"
+        );
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let chunk = match tokio::time::timeout(SILENCE_TIMEOUT, stream.next()).await {
+                Err(_) => return Err(StreamEnd::Silent(SILENCE_TIMEOUT)),
+                Ok(None) => return Err(StreamEnd::Closed),
+                Ok(Some(chunk)) => chunk?,
+            };
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let line = &line[..line.len() - 1];
+                if !line.iter().all(u8::is_ascii_whitespace) {
+                    self.handle_line(line).await?;
+                }
+            }
+            if buf.len() > MAX_LINE_BYTES {
+                return Err(StreamEnd::LineTooLong);
+            }
+        }
+    }
+
+    async fn handle_line(&self, line: &[u8]) -> Result<(), StreamEnd> {
+        let event: DesiredEvent = match serde_json::from_slice(line) {
+            Ok(e) => e,
+            Err(e) => {
+                // An unknown event type from a newer controller is skipped, not fatal.
+                debug!(error = %e, "Skipping unreadable desired-state line");
+                return Ok(());
+            }
+        };
+        self.metrics.desired_events.fetch_add(1, Ordering::Relaxed);
+        let cursor = match event {
+            DesiredEvent::Desired {
+                device,
+                generation,
+                desired,
+                cursor,
+            } => {
+                match self
+                    .store
+                    .set_desired(device.clone(), desired, generation)
+                    .await?
+                {
+                    Ok(outcome) => {
+                        self.uplink_notify.notify_one();
+                        if outcome.changed {
+                            self.publisher
+                                .publish_delta(&device, &outcome.current)
+                                .await;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(device, error = %e, "Desired state refused by the agent's limits")
+                    }
+                }
+                cursor
+            }
+            DesiredEvent::Removed { cursor, .. }
+            | DesiredEvent::SnapshotComplete { cursor }
+            | DesiredEvent::Bookmark { cursor } => cursor,
+        };
+        self.store.set_meta(META_DESIRED_CURSOR, cursor).await?;
+        Ok(())
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cursor_is_query_safe() {
+        assert_eq!(super::percent_encode("12345"), "12345");
+        assert_eq!(super::percent_encode("a b&c=d"), "a%20b%26c%3Dd");
+    }
+}

@@ -1,0 +1,611 @@
+//! MQTT: the broker connection and the device-facing shadow protocol.
+//!
+//! Three tasks, connected by bounded channels:
+//! 1. the **driver** owns rumqttc's `EventLoop`; it only polls, forwards publishes, and
+//!    re-subscribes on every connect (no database work, so keep-alives never starve);
+//! 2. the **processor** parses each message, validates it against the limits, and queues it
+//!    to the store without waiting for the commit, so many messages share one commit;
+//! 3. the **responder** takes messages in arrival order, waits for each one's commit, then
+//!    publishes the replies and only then acks the message to the broker.
+//!
+//! So a QoS1 message is acknowledged only after its effect is durable in SQLite; if the agent
+//! dies first, the broker redelivers it on the persistent session, and re-applying a merge
+//! patch that is already applied changes nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use edgesync_protocol::Limits;
+use edgesync_protocol::limits::validate_device_id;
+use edgesync_protocol::mqtt::{
+    DeltaMessage, DocumentsMessage, IngestPattern, Rejected, ShadowOp, UpdateAccepted,
+    parse_shadow_topic, reply_topic,
+};
+use edgesync_protocol::shadow::{ShadowDocument, ShadowError, UpdateRequest};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, Transport};
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, trace, warn};
+
+use crate::config::{Broker, MqttSettings};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError, UpdateOutcome};
+
+/// Messages between the driver and the processor. Bounds the memory held for messages the
+/// broker has sent but the store has not seen yet.
+const INTAKE_CAPACITY: usize = 4096;
+/// Messages queued to the store and waiting for their commit, in arrival order.
+const RESPONDER_CAPACITY: usize = 8192;
+/// rumqttc's request channel carries our acks and replies to the event loop. It must exceed
+/// everything the pipeline can hold times the requests per message (one ack, up to three
+/// replies): the driver only drains it while polling, and it stops polling while the intake
+/// is full, so a smaller channel could deadlock.
+const REQUEST_CHANNEL_CAPACITY: usize = 4 * (INTAKE_CAPACITY + RESPONDER_CAPACITY + 4096) + 1024;
+/// Largest packet accepted from the broker. Oversized *payloads* are rejected by our own
+/// limit with a reply; a packet over rumqttc's limit would instead kill the connection and
+/// be redelivered forever, so this is the MQTT maximum.
+const MAX_INCOMING_PACKET: usize = 268_435_455;
+/// Reconnect backoff bounds (full jitter in between).
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// What a message is.
+#[derive(Debug)]
+enum Route {
+    Shadow { device: String, op: ShadowOp },
+    Ingest { device: String },
+    Unknown,
+}
+
+/// What the responder waits for before replying and acking.
+enum Pending {
+    /// Nothing to wait for (rejected before reaching the store, or unknown topic).
+    Done,
+    /// A rejection to send.
+    Reject(Rejected),
+    /// A committed (or failed) update.
+    Update(oneshot::Receiver<Result<UpdateOutcome, StoreError>>),
+    /// A shadow read.
+    Get(Result<Option<ShadowDocument>, StoreError>),
+}
+
+struct Job {
+    publish: Publish,
+    route: Route,
+    client_token: Option<String>,
+    pending: Pending,
+}
+
+/// Handle for publishing to devices from other components (desired-state deltas).
+#[derive(Clone, Debug)]
+pub struct DevicePublisher {
+    client: AsyncClient,
+    prefix: String,
+    metrics: Arc<Metrics>,
+}
+
+impl DevicePublisher {
+    /// Publishes `update/delta` (QoS1: desired state must reach the device).
+    pub async fn publish_delta(&self, device: &str, doc: &ShadowDocument) {
+        let delta = doc.delta();
+        if delta.is_empty() {
+            return;
+        }
+        let msg = DeltaMessage {
+            state: delta,
+            version: doc.version,
+            timestamp: doc.timestamp,
+        };
+        let topic = reply_topic(&self.prefix, device, ShadowOp::Update, "delta");
+        if let Ok(payload) = serde_json::to_vec(&msg)
+            && self
+                .client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .is_ok()
+        {
+            self.metrics
+                .deltas_published
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The MQTT side of the agent, ready to run.
+pub struct Mqtt {
+    client: AsyncClient,
+    eventloop: EventLoop,
+    settings: MqttSettings,
+    ingest: Vec<IngestPattern>,
+    limits: Limits,
+}
+
+impl Mqtt {
+    /// Builds the client for the configured broker (no I/O yet).
+    ///
+    /// # Errors
+    /// When the TLS CA file cannot be read.
+    pub fn new(
+        settings: &MqttSettings,
+        ingest: Vec<IngestPattern>,
+        limits: Limits,
+    ) -> std::io::Result<Self> {
+        let (host, port, tls) = match &settings.broker {
+            Broker::External { host, port, tls } => (host.clone(), *port, *tls),
+            Broker::Embedded { listen } => (listen.ip().to_string(), listen.port(), false),
+        };
+        let mut opts = MqttOptions::new(settings.client_id.clone(), host, port);
+        // A persistent session makes the broker keep our subscriptions and queue QoS1
+        // messages while we are away; manual acks let us ack only after commit.
+        opts.set_clean_session(false)
+            .set_manual_acks(true)
+            .set_keep_alive(settings.keep_alive)
+            .set_max_packet_size(
+                MAX_INCOMING_PACKET,
+                limits.max_payload_bytes * 2 + 64 * 1024,
+            )
+            .set_request_channel_capacity(REQUEST_CHANNEL_CAPACITY)
+            .set_inflight(1000);
+        if let Some((user, pass)) = &settings.credentials {
+            opts.set_credentials(user.clone(), pass.clone());
+        }
+        if tls {
+            let transport = match &settings.ca_file {
+                Some(ca) => Transport::tls(std::fs::read(ca)?, None, None),
+                None => Transport::tls_with_default_config(),
+            };
+            opts.set_transport(transport);
+        }
+        let (client, eventloop) = AsyncClient::new(opts, REQUEST_CHANNEL_CAPACITY);
+        Ok(Self {
+            client,
+            eventloop,
+            settings: settings.clone(),
+            ingest,
+            limits,
+        })
+    }
+
+    /// A publisher for other components.
+    pub fn publisher(&self, metrics: Arc<Metrics>) -> DevicePublisher {
+        DevicePublisher {
+            client: self.client.clone(),
+            prefix: self.settings.topic_prefix.clone(),
+            metrics,
+        }
+    }
+
+    /// Runs the driver, processor and responder until `shutdown`; on shutdown, messages
+    /// already received are committed but, with the connection gone, not acked: the broker
+    /// redelivers them and re-applying them is harmless.
+    pub async fn run(
+        self,
+        store: Store,
+        metrics: Arc<Metrics>,
+        on_change: Arc<tokio::sync::Notify>,
+        shutdown: CancellationToken,
+    ) {
+        let (intake_tx, intake_rx) = mpsc::channel(INTAKE_CAPACITY);
+        let (job_tx, job_rx) = mpsc::channel(RESPONDER_CAPACITY);
+        let prefix = self.settings.topic_prefix.clone();
+        let mut filters = vec![
+            format!("{prefix}/+/shadow/update"),
+            format!("{prefix}/+/shadow/get"),
+        ];
+        filters.extend(self.ingest.iter().map(IngestPattern::filter));
+        let processor = Processor {
+            prefix: prefix.clone(),
+            ingest: self.ingest,
+            limits: self.limits,
+            store,
+            metrics: metrics.clone(),
+        };
+        let responder = Responder {
+            client: self.client.clone(),
+            prefix,
+            metrics: metrics.clone(),
+            on_change,
+        };
+        let client = self.client.clone();
+        tokio::join!(
+            drive(
+                self.eventloop,
+                client,
+                filters,
+                intake_tx,
+                metrics,
+                shutdown.clone()
+            ),
+            processor.run(intake_rx, job_tx),
+            responder.run(job_rx),
+        );
+        let _ = self.client.disconnect().await;
+    }
+}
+
+async fn drive(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    filters: Vec<String>,
+    intake: mpsc::Sender<Publish>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut failures = 0u32;
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            ev = eventloop.poll() => ev,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                metrics.mqtt_received.fetch_add(1, Ordering::Relaxed);
+                trace!(topic = %p.topic, bytes = p.payload.len(), "Message received");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    sent = intake.send(p) => if sent.is_err() { break },
+                }
+            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                failures = 0;
+                metrics.mqtt_connected.store(true, Ordering::Relaxed);
+                info!(
+                    session_present = ack.session_present,
+                    "Connected to MQTT broker"
+                );
+                let subs = filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                if let Err(e) = client.subscribe_many(subs).await {
+                    warn!(error = %e, "Cannot queue MQTT subscriptions");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                metrics.mqtt_connected.store(false, Ordering::Relaxed);
+                metrics
+                    .mqtt_connection_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                failures = failures.saturating_add(1);
+                let cap = RECONNECT_MIN
+                    .saturating_mul(1 << failures.min(6))
+                    .min(RECONNECT_MAX);
+                let delay = cap.mul_f64(fastrand::f64());
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed, reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    metrics.mqtt_connected.store(false, Ordering::Relaxed);
+    debug!("MQTT driver stopped");
+}
+
+struct Processor {
+    prefix: String,
+    ingest: Vec<IngestPattern>,
+    limits: Limits,
+    store: Store,
+    metrics: Arc<Metrics>,
+}
+
+impl Processor {
+    fn route(&self, topic: &str) -> Route {
+        if let Some((device, op)) = parse_shadow_topic(&self.prefix, topic) {
+            return Route::Shadow {
+                device: device.to_owned(),
+                op,
+            };
+        }
+        for p in &self.ingest {
+            if let Some(device) = p.device(topic) {
+                return Route::Ingest {
+                    device: device.to_owned(),
+                };
+            }
+        }
+        Route::Unknown
+    }
+
+    async fn run(self, mut intake: mpsc::Receiver<Publish>, jobs: mpsc::Sender<Job>) {
+        while let Some(publish) = intake.recv().await {
+            let route = self.route(&publish.topic);
+            let (pending, client_token) = self.process(&route, &publish).await;
+            if jobs
+                .send(Job {
+                    publish,
+                    route,
+                    client_token,
+                    pending,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+
+    async fn process(&self, route: &Route, publish: &Publish) -> (Pending, Option<String>) {
+        let (device, parsed) = match route {
+            Route::Unknown => return (Pending::Done, None),
+            Route::Shadow {
+                device,
+                op: ShadowOp::Get,
+            } => {
+                if let Err(e) = validate_device_id(device) {
+                    return (self.reject(&ShadowError::from(e), None), None);
+                }
+                return (Pending::Get(self.store.get(device.clone()).await), None);
+            }
+            Route::Shadow {
+                device,
+                op: ShadowOp::Update,
+            } => (device, UpdateRequest::parse(&publish.payload, &self.limits)),
+            Route::Ingest { device } => (
+                device,
+                UpdateRequest::parse_plain(&publish.payload, &self.limits),
+            ),
+        };
+        if let Err(e) = validate_device_id(device) {
+            let token = parsed.ok().and_then(|r| r.client_token);
+            return (self.reject(&ShadowError::from(e), token.clone()), token);
+        }
+        match parsed {
+            Err(e) => (self.reject(&e, None), None),
+            Ok(req) => {
+                let token = req.client_token.clone();
+                match self.store.submit_update(device.clone(), req).await {
+                    Ok(rx) => (Pending::Update(rx), token),
+                    Err(_) => (Pending::Reject(store_unavailable(token.clone())), token),
+                }
+            }
+        }
+    }
+
+    fn reject(&self, err: &ShadowError, client_token: Option<String>) -> Pending {
+        self.metrics.reject(err.reason());
+        Pending::Reject(Rejected::from_error(err, client_token))
+    }
+}
+
+fn store_unavailable(client_token: Option<String>) -> Rejected {
+    Rejected {
+        code: 503,
+        message: "shadow store unavailable; retry later".to_owned(),
+        client_token,
+    }
+}
+
+struct Responder {
+    client: AsyncClient,
+    prefix: String,
+    metrics: Arc<Metrics>,
+    on_change: Arc<tokio::sync::Notify>,
+}
+
+impl Responder {
+    async fn run(self, mut jobs: mpsc::Receiver<Job>) {
+        while let Some(mut job) = jobs.recv().await {
+            if self.run_job(&mut job).await {
+                // After commit (or for messages that are rejected and never stored): ack.
+                if let Err(e) = self.client.ack(&job.publish).await {
+                    debug!(error = %e, "Cannot queue PUBACK; the broker will redeliver");
+                }
+            }
+        }
+    }
+
+    /// Sends replies; returns whether the message may be acked.
+    async fn respond(&self, job: &Job) -> bool {
+        let (device, op) = match &job.route {
+            Route::Shadow { device, op } => (device.as_str(), Some(*op)),
+            Route::Ingest { device } => (device.as_str(), None),
+            Route::Unknown => return true,
+        };
+        match &job.pending {
+            Pending::Done => true,
+            Pending::Reject(r) => {
+                if let Some(op) = op {
+                    self.reply(device, op, "rejected", r, QoS::AtMostOnce).await;
+                } else {
+                    debug!(device, code = r.code, message = %r.message, "Plain ingest message rejected");
+                }
+                true
+            }
+            Pending::Get(Ok(Some(doc))) => {
+                self.reply(
+                    device,
+                    ShadowOp::Get,
+                    "accepted",
+                    &get_document(doc),
+                    QoS::AtMostOnce,
+                )
+                .await;
+                true
+            }
+            Pending::Get(Ok(None)) => {
+                let r = Rejected {
+                    code: 404,
+                    message: format!("no shadow for device {device}"),
+                    client_token: None,
+                };
+                self.reply(device, ShadowOp::Get, "rejected", &r, QoS::AtMostOnce)
+                    .await;
+                true
+            }
+            Pending::Get(Err(_)) => {
+                self.reply(
+                    device,
+                    ShadowOp::Get,
+                    "rejected",
+                    &store_unavailable(None),
+                    QoS::AtMostOnce,
+                )
+                .await;
+                true
+            }
+            Pending::Update(_) => unreachable!("updates are resolved by the caller"),
+        }
+    }
+
+    async fn reply<T: serde::Serialize>(
+        &self,
+        device: &str,
+        op: ShadowOp,
+        suffix: &str,
+        body: &T,
+        qos: QoS,
+    ) {
+        let topic = reply_topic(&self.prefix, device, op, suffix);
+        if let Ok(payload) = serde_json::to_vec(body) {
+            let _ = self.client.publish(topic, qos, false, payload).await;
+        }
+    }
+}
+
+impl Responder {
+    /// Waits for the job's outcome and replies; returns whether the message may be acked.
+    async fn run_job(&self, job: &mut Job) -> bool {
+        let rx = match std::mem::replace(&mut job.pending, Pending::Done) {
+            Pending::Update(rx) => rx,
+            other => {
+                job.pending = other;
+                return self.respond(job).await;
+            }
+        };
+        let (device, op) = match &job.route {
+            Route::Shadow { device, op } => (device.clone(), Some(*op)),
+            Route::Ingest { device } => (device.clone(), None),
+            Route::Unknown => return true,
+        };
+        let token = job.client_token.clone();
+        match rx.await {
+            Ok(Ok(UpdateOutcome::Accepted { applied, current })) => {
+                self.metrics
+                    .updates_accepted
+                    .fetch_add(1, Ordering::Relaxed);
+                if applied.changed {
+                    self.on_change.notify_one();
+                }
+                if op.is_some() {
+                    let accepted = UpdateAccepted {
+                        state: reported_state(&job.publish.payload),
+                        version: current.version,
+                        timestamp: current.timestamp,
+                        client_token: token,
+                    };
+                    self.reply(
+                        &device,
+                        ShadowOp::Update,
+                        "accepted",
+                        &accepted,
+                        QoS::AtMostOnce,
+                    )
+                    .await;
+                    if applied.changed {
+                        let docs = DocumentsMessage {
+                            previous: applied.previous,
+                            current: current.clone(),
+                            timestamp: current.timestamp,
+                        };
+                        self.reply(
+                            &device,
+                            ShadowOp::Update,
+                            "documents",
+                            &docs,
+                            QoS::AtMostOnce,
+                        )
+                        .await;
+                    }
+                }
+                if applied.changed && !current.delta().is_empty() {
+                    DevicePublisher {
+                        client: self.client.clone(),
+                        prefix: self.prefix.clone(),
+                        metrics: self.metrics.clone(),
+                    }
+                    .publish_delta(&device, &current)
+                    .await;
+                }
+                true
+            }
+            Ok(Ok(UpdateOutcome::Rejected(e))) => {
+                self.metrics.reject(e.reason());
+                if op.is_some() {
+                    self.reply(
+                        &device,
+                        ShadowOp::Update,
+                        "rejected",
+                        &Rejected::from_error(&e, token),
+                        QoS::AtMostOnce,
+                    )
+                    .await;
+                }
+                true
+            }
+            Ok(Ok(UpdateOutcome::DeviceLimit)) => {
+                self.metrics.reject("device_limit");
+                warn!(
+                    device,
+                    "Device limit reached (store.max_devices); update rejected"
+                );
+                if op.is_some() {
+                    let r = Rejected {
+                        code: 503,
+                        message: "agent device limit reached (store.max_devices)".into(),
+                        client_token: token,
+                    };
+                    self.reply(&device, ShadowOp::Update, "rejected", &r, QoS::AtMostOnce)
+                        .await;
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                // Not committed: do not ack, so the broker redelivers after a reconnect.
+                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(device, error = %e, "Update not committed; leaving it unacknowledged for redelivery");
+                if op.is_some() {
+                    self.reply(
+                        &device,
+                        ShadowOp::Update,
+                        "rejected",
+                        &store_unavailable(token),
+                        QoS::AtMostOnce,
+                    )
+                    .await;
+                }
+                false
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// `{"reported": ...}` echoed from the request for `update/accepted`.
+fn reported_state(payload: &[u8]) -> Map<String, Value> {
+    let mut out = Map::new();
+    if let Ok(Value::Object(mut root)) = serde_json::from_slice::<Value>(payload)
+        && let Some(Value::Object(mut state)) = root.remove("state")
+        && let Some(reported) = state.remove("reported")
+    {
+        out.insert("reported".into(), reported);
+    }
+    out
+}
+
+/// The `get/accepted` document: the shadow plus its current delta.
+fn get_document(doc: &ShadowDocument) -> Value {
+    let mut v = serde_json::to_value(doc).unwrap_or(Value::Null);
+    let delta = doc.delta();
+    if !delta.is_empty()
+        && let Some(state) = v.get_mut("state").and_then(Value::as_object_mut)
+    {
+        state.insert("delta".into(), Value::Object(delta));
+    }
+    v
+}

@@ -1,0 +1,110 @@
+//! Running the edge agent in tests: config files, the release binary as a process (for
+//! kill -9), and helpers to read its shadows.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::process::{ManagedProcess, ProcessSpec};
+use crate::workspace_root;
+
+/// A minimal agent config for tests.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Node name.
+    pub node: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Broker URL.
+    pub mqtt_url: String,
+    /// Controller URL and token file, if any.
+    pub cloud: Option<(String, PathBuf)>,
+    /// Extra TOML appended verbatim (sections such as `[uplink]`).
+    pub extra: String,
+}
+
+impl AgentConfig {
+    /// A config for `node` in `data_dir` against the broker at `mqtt_url`.
+    pub fn new(data_dir: &Path, mqtt_url: &str) -> Self {
+        Self {
+            node: "edge-1".into(),
+            namespace: "plant-a".into(),
+            data_dir: data_dir.to_owned(),
+            mqtt_url: mqtt_url.to_owned(),
+            cloud: None,
+            extra: String::new(),
+        }
+    }
+
+    /// The TOML text.
+    pub fn to_toml(&self) -> String {
+        let mut s = format!(
+            "node = \"{}\"\nnamespace = \"{}\"\ndata_dir = \"{}\"\n\n[mqtt]\nurl = \"{}\"\n\n[[ingest]]\ntopic = \"factory/{{device}}/state\"\n\n[http]\nlisten = \"\"\n\n",
+            self.node,
+            self.namespace,
+            self.data_dir.display(),
+            self.mqtt_url
+        );
+        if let Some((url, token_file)) = &self.cloud {
+            s.push_str(&format!(
+                "[cloud]\nurl = \"{url}\"\ntoken_file = \"{}\"\nrequest_timeout_secs = 5\n\n",
+                token_file.display()
+            ));
+        }
+        s.push_str(&self.extra);
+        s
+    }
+
+    /// Writes the config to `<data_dir>/agent.toml` and returns its path.
+    pub fn write(&self) -> PathBuf {
+        std::fs::create_dir_all(&self.data_dir).expect("create data dir");
+        let path = self.data_dir.join("agent.toml");
+        std::fs::write(&path, self.to_toml()).expect("write agent config");
+        path
+    }
+}
+
+/// Path of the release agent binary, building it once per test binary if needed.
+///
+/// # Panics
+/// When the build fails.
+pub fn agent_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "build",
+                "--release",
+                "-q",
+                "-p",
+                "edgesync-agent",
+                "--bin",
+                "edgesync-agent",
+            ])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build for edgesync-agent");
+        assert!(
+            status.success(),
+            "building the release edgesync-agent failed"
+        );
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| workspace_root().join("target"));
+        target.join("release/edgesync-agent")
+    })
+    .clone()
+}
+
+/// Starts the agent binary with `config`, logging into the config's data dir.
+pub fn spawn_agent(config: &AgentConfig) -> ManagedProcess {
+    let path = config.write();
+    let spec = ProcessSpec::new("edgesync-agent", agent_binary())
+        .arg("run")
+        .arg("--config")
+        .arg(path.as_os_str())
+        .env("RUST_LOG", "info");
+    ManagedProcess::spawn(spec, &config.data_dir)
+}

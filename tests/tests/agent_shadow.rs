@@ -1,0 +1,271 @@
+//! The agent's device-facing shadow protocol against Debian's Mosquitto: round trips, deltas,
+//! conflicts, and every rejection path, with good messages around bad ones unaffected.
+
+// Integration tests: a failed unwrap is a failed test with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use edgesync_agent::config::Settings;
+use edgesync_e2e::agent::AgentConfig;
+use edgesync_e2e::contract::ContractServer;
+use edgesync_e2e::device::TestDevice;
+use edgesync_e2e::mosquitto::Mosquitto;
+use edgesync_e2e::wait;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+struct RunningAgent {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+fn start(config: &AgentConfig) -> RunningAgent {
+    let settings = Settings::parse(&config.to_toml()).unwrap();
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        edgesync_agent::app::run(settings, token)
+            .await
+            .map_err(|e| format!("{e:#}"))
+    });
+    RunningAgent { shutdown, task }
+}
+
+impl RunningAgent {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("agent stops within 20 s");
+        r.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_round_trip_conflicts_and_every_rejection() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start(&AgentConfig::new(dir.path(), &broker.url()));
+    let mut dev = TestDevice::connect("device-1", broker.port(), "edgesync/+/shadow/#").await;
+    let missing = dev.wait_for_agent("edgesync", "nobody").await;
+    assert_eq!(missing["code"], 404);
+
+    let t = |s: &str| format!("edgesync/press-1/shadow/{s}");
+    dev.publish(
+        &t("update"),
+        json!({"state":{"reported":{"temp":21,"motor":{"rpm":1200}}},"clientToken":"t1"})
+            .to_string(),
+    )
+    .await;
+    let accepted = dev.expect(&t("update/accepted")).await;
+    assert_eq!(
+        (accepted["version"].clone(), accepted["clientToken"].clone()),
+        (json!(1), json!("t1"))
+    );
+    assert_eq!(accepted["state"]["reported"]["motor"]["rpm"], 1200);
+    let docs = dev.expect(&t("update/documents")).await;
+    assert_eq!(
+        (
+            docs["previous"]["version"].clone(),
+            docs["current"]["version"].clone()
+        ),
+        (json!(0), json!(1))
+    );
+
+    // Optimistic concurrency: a stale version is 409, the current one is accepted.
+    dev.publish(
+        &t("update"),
+        json!({"state":{"reported":{"temp":99}},"version":7,"clientToken":"c"}).to_string(),
+    )
+    .await;
+    let r = dev.expect(&t("update/rejected")).await;
+    assert_eq!(
+        (r["code"].clone(), r["clientToken"].clone()),
+        (json!(409), json!("c"))
+    );
+    dev.publish(
+        &t("update"),
+        json!({"state":{"reported":{"temp":22,"motor":{"dir":"cw"}}},"version":1}).to_string(),
+    )
+    .await;
+    assert_eq!(dev.expect(&t("update/accepted")).await["version"], 2);
+
+    // Every rejection path: a reply with code and message, nothing stored.
+    let deep = json!({"state":{"reported":{"a":{"b":{"c":{"d":{"e":{"f":{"g":1}}}}}}}}});
+    let big = format!(
+        "{{\"state\":{{\"reported\":{{\"blob\":\"{}\"}}}}}}",
+        "x".repeat(130 * 1024)
+    );
+    let cases: Vec<(String, Vec<u8>, u64, &str)> = vec![
+        (t("update"), b"not json".to_vec(), 400, "invalid JSON"),
+        (t("update"), b"[1,2]".to_vec(), 400, "JSON object"),
+        (
+            t("update"),
+            json!({"state":{"reported":5}}).to_string().into_bytes(),
+            400,
+            "state.reported",
+        ),
+        (t("update"), deep.to_string().into_bytes(), 400, "nested"),
+        (t("update"), big.into_bytes(), 413, "larger than the limit"),
+        (
+            t("update"),
+            json!({"state":{"reported":{"k":"v".repeat(9000)}}})
+                .to_string()
+                .into_bytes(),
+            413,
+            "8192",
+        ),
+        (
+            t("update"),
+            json!({"state":{"desired":{"speed":1}}})
+                .to_string()
+                .into_bytes(),
+            400,
+            "owned by the cloud",
+        ),
+        (
+            t("update"),
+            json!({"state":{"reported":{"$x":1}}})
+                .to_string()
+                .into_bytes(),
+            400,
+            "reserved",
+        ),
+        (
+            t("update"),
+            json!({"state":{"reported":{}},"clientToken":"t".repeat(65)})
+                .to_string()
+                .into_bytes(),
+            400,
+            "clientToken",
+        ),
+        (
+            "edgesync/Bad_Id/shadow/update".into(),
+            json!({"state":{"reported":{"a":1}}})
+                .to_string()
+                .into_bytes(),
+            400,
+            "invalid device id",
+        ),
+    ];
+    for (topic, payload, code, msg) in cases {
+        dev.publish(&topic, payload).await;
+        let r = dev.expect(&format!("{topic}/rejected")).await;
+        assert_eq!(r["code"], code, "{topic}: {r}");
+        assert!(
+            r["message"].as_str().unwrap().contains(msg),
+            "{r} should mention {msg}"
+        );
+    }
+
+    // A plain publisher's JSON is merged as reported state, no envelope needed.
+    dev.publish(
+        "factory/oven-3/state",
+        json!({"tempC": 180, "door": "closed"}).to_string(),
+    )
+    .await;
+    dev.publish("factory/oven-3/state", "garbage").await;
+    dev.publish("factory/oven-3/state", json!({"door": null}).to_string())
+        .await;
+    // The two good messages land in order around the bad one.
+    let got = wait_version(&mut dev, "oven-3", 2).await;
+    assert_eq!(got["state"]["reported"], json!({"tempC": 180}));
+
+    // press-1 holds exactly the accepted updates.
+    dev.publish(&t("get"), "{}").await;
+    let doc = dev.expect(&t("get/accepted")).await;
+    assert_eq!(doc["version"], 2);
+    assert_eq!(
+        doc["state"]["reported"],
+        json!({"temp":22,"motor":{"rpm":1200,"dir":"cw"}})
+    );
+    assert!(doc["metadata"]["reported"]["motor"]["rpm"]["timestamp"].is_u64());
+
+    agent.stop().await;
+}
+
+async fn wait_version(dev: &mut TestDevice, device: &str, version: u64) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        dev.publish(&format!("edgesync/{device}/shadow/get"), "{}")
+            .await;
+        let got = dev
+            .expect(&format!("edgesync/{device}/shadow/get/accepted"))
+            .await;
+        if got["version"] == version {
+            return got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{device} never reached version {version}: {got}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_state_becomes_a_delta_and_is_kept_while_offline() {
+    let broker = Mosquitto::start();
+    let cloud = ContractServer::start("secret-token").await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "secret-token\n").unwrap();
+    let mut config = AgentConfig::new(&dir.path().join("data"), &broker.url());
+    config.cloud = Some((cloud.url(), token_file));
+    config.extra = "[uplink]\nbatch_window_ms = 20\n".into();
+    let agent = start(&config);
+    let mut dev =
+        TestDevice::connect("press-1-dev", broker.port(), "edgesync/press-1/shadow/#").await;
+    dev.wait_for_agent("edgesync", "press-1").await;
+
+    dev.publish(
+        "edgesync/press-1/shadow/update",
+        json!({"state":{"reported":{"speed":1000,"mode":"auto"}}}).to_string(),
+    )
+    .await;
+    dev.expect("edgesync/press-1/shadow/update/accepted").await;
+
+    cloud.set_desired(
+        "press-1",
+        2,
+        json!({"speed":1200,"mode":"auto"})
+            .as_object()
+            .unwrap()
+            .clone(),
+    );
+    let delta = dev.expect("edgesync/press-1/shadow/update/delta").await;
+    assert_eq!(delta["state"], json!({"speed":1200}));
+
+    // The agent reports the observed generation upstream.
+    wait::until(
+        "observed generation 2 reported",
+        Duration::from_secs(20),
+        || async { (cloud.seen().observed_generation.get("press-1") == Some(&2)).then_some(()) },
+    )
+    .await;
+
+    // Uplink gone: a device that (re)connects still gets the stored desired state.
+    drop(cloud);
+    let mut late = TestDevice::connect(
+        "press-1-late",
+        broker.port(),
+        "edgesync/press-1/shadow/get/#",
+    )
+    .await;
+    late.publish("edgesync/press-1/shadow/get", "{}").await;
+    let doc = late.expect("edgesync/press-1/shadow/get/accepted").await;
+    assert_eq!(doc["state"]["desired"], json!({"speed":1200,"mode":"auto"}));
+    assert_eq!(doc["state"]["delta"], json!({"speed":1200}));
+
+    // The device catches up; the delta empties.
+    dev.publish(
+        "edgesync/press-1/shadow/update",
+        json!({"state":{"reported":{"speed":1200}}}).to_string(),
+    )
+    .await;
+    dev.expect("edgesync/press-1/shadow/update/accepted").await;
+    late.publish("edgesync/press-1/shadow/get", "{}").await;
+    let doc = late.expect("edgesync/press-1/shadow/get/accepted").await;
+    assert!(doc["state"].get("delta").is_none(), "{doc}");
+    agent.stop().await;
+}
