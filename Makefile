@@ -3,11 +3,15 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test lint fmt-check clippy unit deps k8s mosquitto crds
+.PHONY: test bench fmt-check clippy unit deps k8s mosquitto crds
 
 ## test: everything CI runs: formatting, lints, and every test against real Mosquitto and kube-apiserver
 test: deps fmt-check clippy
 	hack/run-tests.sh
+
+## bench: agent ingest throughput and memory against the broker alone and SQLite alone
+bench: mosquitto
+	$(CARGO) bench -p edgesync-e2e --bench agent_ingest
 
 ## deps: build/cache kube-apiserver, kubectl, etcd and install mosquitto if missing
 deps: k8s mosquitto

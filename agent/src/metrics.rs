@@ -91,6 +91,10 @@ pub struct Metrics {
     pub desired_events: AtomicU64,
     /// Deltas published to devices.
     pub deltas_published: AtomicU64,
+    /// Replies to devices dropped because the MQTT request queue was full.
+    pub replies_dropped: AtomicU64,
+    /// PUBACKs not sent because the MQTT request queue was full (redelivered later).
+    pub acks_deferred: AtomicU64,
     /// Store commits that failed.
     pub store_errors: AtomicU64,
     /// Batch round-trip latency.
@@ -215,6 +219,18 @@ impl Metrics {
             "edgesync_agent_deltas_published_total",
             "Delta messages published to devices.",
             &self.deltas_published,
+        );
+        counter(
+            &mut out,
+            "edgesync_agent_replies_dropped_total",
+            "Replies to devices dropped because the MQTT request queue was full.",
+            &self.replies_dropped,
+        );
+        counter(
+            &mut out,
+            "edgesync_agent_acks_deferred_total",
+            "PUBACKs not sent because the MQTT request queue was full; the broker redelivers those messages.",
+            &self.acks_deferred,
         );
         counter(
             &mut out,

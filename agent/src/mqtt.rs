@@ -38,11 +38,14 @@ use crate::store::{Store, StoreError, UpdateOutcome};
 const INTAKE_CAPACITY: usize = 4096;
 /// Messages queued to the store and waiting for their commit, in arrival order.
 const RESPONDER_CAPACITY: usize = 8192;
-/// rumqttc's request channel carries our acks and replies to the event loop. It must exceed
-/// everything the pipeline can hold times the requests per message (one ack, up to three
-/// replies): the driver only drains it while polling, and it stops polling while the intake
-/// is full, so a smaller channel could deadlock.
-const REQUEST_CHANNEL_CAPACITY: usize = 4 * (INTAKE_CAPACITY + RESPONDER_CAPACITY + 4096) + 1024;
+/// rumqttc's request channel carries our acks and replies to the event loop. The event loop
+/// drains it one request per poll while it reads incoming packets in bulk, so under a flood
+/// it fills up; and the driver stops polling while the intake is full. Nothing in the
+/// pipeline therefore ever *waits* for room in it (`try_ack`/`try_publish`): a full channel
+/// drops a reply (counted) or leaves a message unacked, which the broker redelivers after a
+/// reconnect and the agent re-applies harmlessly. With the broker's in-flight window bounded
+/// (Mosquitto `max_inflight_messages`, see README) pending acks stay far below this size.
+const REQUEST_CHANNEL_CAPACITY: usize = 64 * 1024;
 /// Largest packet accepted from the broker. Oversized *payloads* are rejected by our own
 /// limit with a reply; a packet over rumqttc's limit would instead kill the connection and
 /// be redelivered forever, so this is the MQTT maximum.
@@ -99,16 +102,20 @@ impl DevicePublisher {
             timestamp: doc.timestamp,
         };
         let topic = reply_topic(&self.prefix, device, ShadowOp::Update, "delta");
-        if let Ok(payload) = serde_json::to_vec(&msg)
-            && self
-                .client
-                .publish(topic, QoS::AtLeastOnce, false, payload)
-                .await
-                .is_ok()
+        let Ok(payload) = serde_json::to_vec(&msg) else {
+            return;
+        };
+        if self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, false, payload)
+            .is_ok()
         {
             self.metrics
                 .deltas_published
                 .fetch_add(1, Ordering::Relaxed);
+        } else {
+            // The device still gets it from shadow/get or with its next accepted update.
+            self.metrics.replies_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -393,8 +400,9 @@ impl Responder {
         while let Some(mut job) = jobs.recv().await {
             if self.run_job(&mut job).await {
                 // After commit (or for messages that are rejected and never stored): ack.
-                if let Err(e) = self.client.ack(&job.publish).await {
-                    debug!(error = %e, "Cannot queue PUBACK; the broker will redeliver");
+                if self.client.try_ack(&job.publish).is_err() {
+                    self.metrics.acks_deferred.fetch_add(1, Ordering::Relaxed);
+                    warn_unbounded_window(&self.metrics);
                 }
             }
         }
@@ -462,8 +470,10 @@ impl Responder {
         qos: QoS,
     ) {
         let topic = reply_topic(&self.prefix, device, op, suffix);
-        if let Ok(payload) = serde_json::to_vec(body) {
-            let _ = self.client.publish(topic, qos, false, payload).await;
+        if let Ok(payload) = serde_json::to_vec(body)
+            && self.client.try_publish(topic, qos, false, payload).is_err()
+        {
+            self.metrics.replies_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -583,6 +593,18 @@ impl Responder {
             }
             Err(_) => false,
         }
+    }
+}
+
+/// Logs (once per 10 000 occurrences) that acks could not be queued: the broker sends faster
+/// than rumqttc flushes acks, which means its in-flight window is unbounded.
+fn warn_unbounded_window(metrics: &Metrics) {
+    let n = metrics.acks_deferred.load(Ordering::Relaxed);
+    if n % 10_000 == 1 {
+        warn!(
+            deferred = n,
+            "MQTT acks are backing up; those messages will be redelivered after a reconnect. Bound the broker's in-flight window (Mosquitto: max_inflight_messages 1000)"
+        );
     }
 }
 

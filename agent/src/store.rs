@@ -1062,3 +1062,55 @@ mod tests {
         assert_eq!(b.reports[0].observed_desired_version, 3);
     }
 }
+
+#[cfg(test)]
+mod throughput {
+    use super::*;
+    use serde_json::json;
+
+    /// Not a benchmark (no assertion on speed); prints the store's pipelined rate so a
+    /// regression is visible in test output with `--nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_updates_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = StoreSettings {
+            path: dir.path().join("t.db"),
+            durability: Durability::PowerLossSafe,
+            max_commit_batch: 2048,
+            max_devices: 10_000,
+        };
+        let (store, _h) = Store::open(&settings, Limits::default()).unwrap();
+        let n = 5_000;
+        let start = std::time::Instant::now();
+        let mut pending = std::collections::VecDeque::new();
+        for i in 0..n {
+            let req = UpdateRequest {
+                reported: Some(
+                    json!({"seq": i, "t": 20.5, "state": "running"})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                ),
+                client_token: None,
+                version: None,
+            };
+            pending.push_back(
+                store
+                    .submit_update(format!("dev-{}", i % 1000), req)
+                    .await
+                    .unwrap(),
+            );
+            if pending.len() > 4096 {
+                pending.pop_front().unwrap().await.unwrap().unwrap();
+            }
+        }
+        while let Some(p) = pending.pop_front() {
+            p.await.unwrap().unwrap();
+        }
+        eprintln!(
+            "store: {:.0} updates/s",
+            f64::from(n) / start.elapsed().as_secs_f64()
+        );
+        assert_eq!(store.stats().await.unwrap().pending_devices, 1000);
+    }
+}

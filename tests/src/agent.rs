@@ -73,6 +73,9 @@ impl AgentConfig {
 pub fn agent_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        // A target dir of its own: built alone, the agent resolves its dependencies' features
+        // differently than inside the test build, and a shared dir would rebuild it each time.
+        let target = workspace_root().join("target/agent");
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args([
                 "build",
@@ -83,6 +86,8 @@ pub fn agent_binary() -> PathBuf {
                 "--bin",
                 "edgesync-agent",
             ])
+            .arg("--target-dir")
+            .arg(&target)
             .current_dir(workspace_root())
             .status()
             .expect("run cargo build for edgesync-agent");
@@ -90,9 +95,6 @@ pub fn agent_binary() -> PathBuf {
             status.success(),
             "building the release edgesync-agent failed"
         );
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| workspace_root().join("target"));
         target.join("release/edgesync-agent")
     })
     .clone()

@@ -47,13 +47,19 @@ pub fn mosquitto_path() -> PathBuf {
 impl Mosquitto {
     /// Starts a broker with the recommended edgesync settings and waits until it listens.
     pub fn start() -> Mosquitto {
+        Self::start_with("")
+    }
+
+    /// Starts a broker with extra config lines appended (e.g. `queue_qos0_messages true`).
+    pub fn start_with(extra_config: &str) -> Mosquitto {
         let dir = tempfile::Builder::new()
             .prefix("edgesync-mosquitto-")
             .tempdir()
             .expect("create mosquitto temp dir");
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, config(port, dir.path())).expect("write mosquitto.conf");
+        std::fs::write(&conf, config(port, dir.path()) + extra_config)
+            .expect("write mosquitto.conf");
         let spec = ProcessSpec::new("mosquitto", mosquitto_path())
             .arg("-c")
             .arg(conf.as_os_str());
@@ -114,12 +120,14 @@ listener {port} 127.0.0.1
 allow_anonymous true
 persistence true
 persistence_location {dir}/
-autosave_interval 1
+# The persistence file is written on clean shutdown and every autosave_interval (default
+# 1800 s). Saving more often stalls the single-threaded broker while it rewrites the file.
 # Never drop queued QoS1 messages for a slow or disconnected persistent subscriber.
 max_queued_messages 0
 max_queued_bytes 0
-# Let a subscriber keep many QoS1 messages in flight (the default is 20).
-max_inflight_messages 0
+# Let a subscriber keep many QoS1 messages in flight (the default of 20 halves throughput),
+# but bounded: the window is the agent's flow control.
+max_inflight_messages 1000
 log_dest stderr
 log_type error
 log_type warning
