@@ -548,6 +548,26 @@ fn outbox_stats(conn: &Connection, path: &Path) -> Result<OutboxStats, StoreErro
     })
 }
 
+/// Every stored shadow, decoded.
+fn read_shadows(
+    conn: &Connection,
+    path: &Path,
+) -> Result<HashMap<String, ShadowDocument>, StoreError> {
+    let err = sqlite_err(path);
+    let mut shadows = HashMap::new();
+    let mut stmt = conn
+        .prepare("SELECT device, doc FROM shadows")
+        .map_err(&err)?;
+    let mut rows = stmt.query([]).map_err(&err)?;
+    while let Some(row) = rows.next().map_err(&err)? {
+        let device: String = row.get(0).map_err(&err)?;
+        let doc: String = row.get(1).map_err(&err)?;
+        let doc = decode(&device, &doc)?;
+        shadows.insert(device, doc);
+    }
+    Ok(shadows)
+}
+
 /// Formats epoch seconds as RFC 3339 UTC (`2026-11-28T06:00:00Z`).
 pub fn rfc3339(secs: EpochSeconds) -> String {
     let days = (secs / 86_400) as i64;
@@ -601,19 +621,7 @@ impl Writer {
     ) -> Result<Self, StoreError> {
         let path = settings.path.clone();
         let err = sqlite_err(&path);
-        let mut shadows = HashMap::new();
-        {
-            let mut stmt = conn
-                .prepare("SELECT device, doc FROM shadows")
-                .map_err(&err)?;
-            let mut rows = stmt.query([]).map_err(&err)?;
-            while let Some(row) = rows.next().map_err(&err)? {
-                let device: String = row.get(0).map_err(&err)?;
-                let doc: String = row.get(1).map_err(&err)?;
-                let doc = decode(&device, &doc)?;
-                shadows.insert(device, doc);
-            }
-        }
+        let shadows = read_shadows(&conn, &path)?;
         let seq = get_meta_u64(&conn, META_SEQ).map_err(&err)?;
         Ok(Self {
             conn,
@@ -672,22 +680,8 @@ impl Writer {
     }
 
     fn reload(&mut self) -> Result<(), StoreError> {
-        let err = sqlite_err(&self.path);
-        let mut shadows = HashMap::new();
-        let mut stmt = self
-            .conn
-            .prepare("SELECT device, doc FROM shadows")
-            .map_err(&err)?;
-        let mut rows = stmt.query([]).map_err(&err)?;
-        while let Some(row) = rows.next().map_err(&err)? {
-            let device: String = row.get(0).map_err(&err)?;
-            let doc: String = row.get(1).map_err(&err)?;
-            shadows.insert(device.clone(), decode(&device, &doc)?);
-        }
-        drop(rows);
-        drop(stmt);
-        self.shadows = shadows;
-        self.seq = get_meta_u64(&self.conn, META_SEQ).map_err(&err)?;
+        self.shadows = read_shadows(&self.conn, &self.path)?;
+        self.seq = get_meta_u64(&self.conn, META_SEQ).map_err(sqlite_err(&self.path))?;
         Ok(())
     }
 
