@@ -28,18 +28,27 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Serves until `shutdown`.
 pub async fn run(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    // Connections are short-lived (bounded by REQUEST_TIMEOUT); they are tracked so none
+    // outlives shutdown and a panic in one is seen.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let conn = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
+            Some(done) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(e) = done {
+                    tracing::warn!(error = %e, "HTTP connection task failed");
+                }
+                continue;
+            }
             c = listener.accept() => c,
         };
         let Ok((stream, _)) = conn else { continue };
         let metrics = metrics.clone();
-        // Short-lived, bounded by REQUEST_TIMEOUT; nothing to join on shutdown.
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _ = tokio::time::timeout(REQUEST_TIMEOUT, serve(stream, &metrics)).await;
         });
     }
+    connections.shutdown().await;
 }
 
 async fn serve(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
@@ -89,4 +98,45 @@ async fn serve(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> 
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_health_readiness_and_metrics() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(run(listener, metrics.clone(), shutdown.clone()));
+
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        metrics.mqtt_connected.store(true, Ordering::Relaxed);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(
+            get(addr, "/metrics")
+                .await
+                .contains("edgesync_agent_mqtt_connected 1")
+        );
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 }
