@@ -519,7 +519,7 @@ impl Responder {
                     .await;
                     if applied.changed {
                         let docs = DocumentsMessage {
-                            previous: applied.previous,
+                            previous: applied.previous.unwrap_or_default(),
                             current: current.clone(),
                             timestamp: current.timestamp,
                         };

@@ -721,19 +721,28 @@ impl Writer {
                 if is_new && self.shadows.len() >= self.max_devices {
                     return Ok(defer(reply, UpdateOutcome::DeviceLimit));
                 }
-                let mut doc = self.shadows.get(&device).cloned().unwrap_or_default();
-                let outcome = match doc.apply_reported(&request, &self.limits, now_secs()) {
+                // Applied to the cached document in place: apply_reported leaves it untouched
+                // on error, and a failed commit reloads the cache from disk, so the cache never
+                // holds anything uncommitted. One clone (for the reply) instead of a copy-in,
+                // copy-back round trip; documents are the hot allocation on this path.
+                let doc = self.shadows.entry(device.clone()).or_default();
+                let result = doc.apply_reported(&request, &self.limits, now_secs());
+                let outcome = match result {
                     Ok(applied) => {
+                        let current = doc.clone();
                         if applied.changed {
-                            self.write_shadow(&device, &doc, true)?;
-                            self.shadows.insert(device, doc.clone());
+                            self.write_shadow(&device, &current, true)?;
+                        } else if is_new {
+                            self.shadows.remove(&device);
                         }
-                        UpdateOutcome::Accepted {
-                            applied,
-                            current: doc,
-                        }
+                        UpdateOutcome::Accepted { applied, current }
                     }
-                    Err(e) => UpdateOutcome::Rejected(e),
+                    Err(e) => {
+                        if is_new {
+                            self.shadows.remove(&device);
+                        }
+                        UpdateOutcome::Rejected(e)
+                    }
                 };
                 defer(reply, outcome)
             }

@@ -235,8 +235,8 @@ fn parse_object(payload: &[u8], limits: &Limits) -> Result<Map<String, Value>, S
 pub struct Applied {
     /// Whether the state changed (and so the version was bumped).
     pub changed: bool,
-    /// The document before the update (for `update/documents`).
-    pub previous: ShadowDocument,
+    /// The document before the update (for `update/documents`); `None` when nothing changed.
+    pub previous: Option<ShadowDocument>,
 }
 
 impl ShadowDocument {
@@ -274,7 +274,7 @@ impl ShadowDocument {
         if !changed {
             return Ok(Applied {
                 changed: false,
-                previous: self.clone(),
+                previous: None,
             });
         }
         check_size(&self.state.desired, &reported, limits)?;
@@ -287,7 +287,7 @@ impl ShadowDocument {
         self.bump(now);
         Ok(Applied {
             changed: true,
-            previous,
+            previous: Some(previous),
         })
     }
 
@@ -454,7 +454,7 @@ mod tests {
         assert_eq!(req.client_token.as_deref(), Some("abc"));
         let applied = doc.apply_reported(&req, &Limits::default(), NOW).unwrap();
         assert!(applied.changed);
-        assert_eq!(applied.previous.version, 0);
+        assert_eq!(applied.previous.map(|p| p.version), Some(0));
         assert_eq!(doc.version, 1);
         assert_eq!(
             Value::Object(doc.state.reported.clone()),
