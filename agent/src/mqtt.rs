@@ -216,18 +216,27 @@ impl Mqtt {
             on_change,
         };
         let client = self.client.clone();
-        tokio::join!(
-            drive(
-                self.eventloop,
-                client,
-                filters,
-                intake_tx,
-                metrics,
-                shutdown.clone()
-            ),
-            processor.run(intake_rx, job_tx),
-            responder.run(job_rx),
-        );
+        // Three tasks, not one joined future: parsing, committing replies and polling the
+        // socket then run on different worker threads instead of taking turns on one.
+        let mut stages = tokio::task::JoinSet::new();
+        stages.spawn(processor.run(intake_rx, job_tx));
+        stages.spawn(responder.run(job_rx));
+        drive(
+            self.eventloop,
+            client,
+            filters,
+            intake_tx,
+            metrics,
+            shutdown.clone(),
+        )
+        .await;
+        // The driver dropped the intake sender: the processor drains and ends, then the
+        // responder. Both finish what they hold before the connection is closed.
+        while let Some(done) = stages.join_next().await {
+            if let Err(e) = done {
+                warn!(error = %e, "MQTT pipeline stage failed");
+            }
+        }
         let _ = self.client.disconnect().await;
     }
 }

@@ -117,6 +117,8 @@ pub enum StoreError {
 }
 
 /// Result of a device's shadow update.
+// Moved exactly once, through a oneshot; boxing would add an allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum UpdateOutcome {
     /// Accepted and durable.
