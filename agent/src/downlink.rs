@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Reconnect;
 use crate::config::CloudSettings;
 use crate::metrics::Metrics;
 use crate::mqtt::DevicePublisher;
@@ -89,29 +90,25 @@ impl Downlink {
 
     /// Follows the stream until `shutdown`, reconnecting with capped, jittered backoff.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut failures = 0u32;
+        let mut reconnect = Reconnect::new(RECONNECT_MIN, RECONNECT_MAX);
         loop {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = self.follow() => r,
+                r = self.follow(&mut reconnect) => r,
             };
             match result {
-                Ok(()) => failures = 0,
+                Ok(()) => reconnect.reset(),
                 Err(StreamEnd::Status { status: 410, .. }) => {
                     info!("Desired-state cursor expired; resubscribing from a snapshot");
                     let _ = self
                         .store
                         .set_meta(META_DESIRED_CURSOR, String::new())
                         .await;
-                    failures = 0;
+                    reconnect.reset();
                     continue;
                 }
                 Err(e) => {
-                    failures = failures.saturating_add(1);
-                    let cap = RECONNECT_MIN
-                        .saturating_mul(1 << failures.min(6))
-                        .min(RECONNECT_MAX);
-                    let delay = cap.mul_f64(fastrand::f64());
+                    let delay = reconnect.failed();
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Desired-state stream ended, reconnecting");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -122,7 +119,7 @@ impl Downlink {
         }
     }
 
-    async fn follow(&self) -> Result<(), StreamEnd> {
+    async fn follow(&self, reconnect: &mut Reconnect) -> Result<(), StreamEnd> {
         let cursor = self
             .store
             .get_meta(META_DESIRED_CURSOR)
@@ -146,6 +143,8 @@ impl Downlink {
             resumed = !cursor.is_empty(),
             "Following desired-state stream"
         );
+        // Connected: a later drop starts its backoff from the minimum again.
+        reconnect.reset();
         let mut stream = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
         loop {

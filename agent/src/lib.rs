@@ -6,6 +6,7 @@
 //! delta over MQTT.
 
 pub mod app;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod downlink;

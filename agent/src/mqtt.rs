@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
+use crate::backoff::Reconnect;
 use crate::config::{Broker, MqttSettings};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, UpdateOutcome};
@@ -249,7 +250,7 @@ async fn drive(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut failures = 0u32;
+    let mut reconnect = Reconnect::new(RECONNECT_MIN, RECONNECT_MAX);
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -265,7 +266,7 @@ async fn drive(
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                failures = 0;
+                reconnect.reset();
                 metrics.mqtt_connected.store(true, Ordering::Relaxed);
                 info!(
                     session_present = ack.session_present,
@@ -284,11 +285,7 @@ async fn drive(
                 metrics
                     .mqtt_connection_errors
                     .fetch_add(1, Ordering::Relaxed);
-                failures = failures.saturating_add(1);
-                let cap = RECONNECT_MIN
-                    .saturating_mul(1 << failures.min(6))
-                    .min(RECONNECT_MAX);
-                let delay = cap.mul_f64(fastrand::f64());
+                let delay = reconnect.failed();
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed, reconnecting");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,

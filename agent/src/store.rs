@@ -1030,40 +1030,27 @@ mod tests {
     async fn desired_generation_is_reported_even_without_a_change() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
-        let out = store
-            .set_desired(
-                "a".into(),
-                json!({"speed": 5}).as_object().unwrap().clone(),
-                2,
-            )
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(out.changed);
-        let b = store
-            .next_batch(10, 1 << 20, HashSet::new())
-            .await
-            .unwrap()
-            .unwrap();
+        let set = |generation| {
+            let store = store.clone();
+            async move {
+                let desired = json!({"speed": 5}).as_object().unwrap().clone();
+                store
+                    .set_desired("a".into(), desired, generation)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        let pending = || store.next_batch(10, 1 << 20, HashSet::new());
+
+        assert!(set(2).await.changed);
+        let b = pending().await.unwrap().unwrap();
         store
             .ack(b.seq, vec![("a".into(), b.reports[0].version)])
             .await
             .unwrap();
-        let out = store
-            .set_desired(
-                "a".into(),
-                json!({"speed": 5}).as_object().unwrap().clone(),
-                3,
-            )
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(!out.changed);
-        let b = store
-            .next_batch(10, 1 << 20, HashSet::new())
-            .await
-            .unwrap()
-            .unwrap();
+        assert!(!set(3).await.changed);
+        let b = pending().await.unwrap().unwrap();
         assert_eq!(b.reports[0].observed_desired_version, 3);
     }
 }
