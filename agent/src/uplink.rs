@@ -24,41 +24,7 @@ use crate::backoff::full_jitter;
 use crate::config::{CloudSettings, UplinkSettings};
 use crate::metrics::Metrics;
 use crate::store::{PendingBatch, Store};
-
-/// A token bucket: `rate` tokens per second, holding at most `burst`.
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// A full bucket.
-    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
-        Self {
-            rate,
-            burst,
-            tokens: burst,
-            last: now,
-        }
-    }
-
-    /// Takes `n` tokens (going into debt if needed) and returns how long to wait before the
-    /// work they pay for may start. Requests larger than the burst are allowed, paid over time.
-    pub fn take(&mut self, n: f64, now: Instant) -> Duration {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.tokens -= n;
-        if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.tokens / self.rate)
-        }
-    }
-}
+use edgesync_protocol::rate::TokenBucket;
 
 /// What became of one batch.
 #[derive(Debug)]
@@ -471,16 +437,6 @@ fn traceparent() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn token_bucket_allows_burst_then_paces() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(100.0, 100.0, t0);
-        assert_eq!(b.take(100.0, t0), Duration::ZERO);
-        assert_eq!(b.take(50.0, t0), Duration::from_millis(500));
-        // After one second, 100 more tokens arrived; the debt of 50 is paid.
-        assert_eq!(b.take(50.0, t0 + Duration::from_secs(1)), Duration::ZERO);
-    }
 
     #[test]
     fn traceparent_is_w3c_shaped() {

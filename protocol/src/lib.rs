@@ -3,7 +3,8 @@
 //!
 //! This crate owns the *rules* (JSON merge patch, delta, version bumps, optimistic concurrency,
 //! limits) and the *shapes* (MQTT shadow messages, HTTP batch envelope, desired-state stream
-//! events, error bodies). It performs no I/O and depends only on serde, so the agent, the
+//! events, error bodies), plus small pure helpers both binaries share (token bucket,
+//! Prometheus text). It performs no I/O and depends only on serde, so the agent, the
 //! controller and tests agree on one definition.
 //!
 //! Every entry point that takes untrusted bytes ([`shadow::UpdateRequest::parse`],
@@ -13,6 +14,8 @@
 pub mod limits;
 pub mod merge;
 pub mod mqtt;
+pub mod prom;
+pub mod rate;
 pub mod shadow;
 pub mod wire;
 

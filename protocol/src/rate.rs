@@ -1,0 +1,87 @@
+//! Rate limiting shared by the agent (upstream reports/s and bytes/s) and the controller
+//! (per-node reports/s, global Kubernetes write budget).
+
+use std::time::{Duration, Instant};
+
+/// A token bucket: `rate` tokens per second, holding at most `burst`.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes `n` tokens (going into debt if needed) and returns how long to wait before the
+    /// work they pay for may start. Requests larger than the burst are allowed, paid over time.
+    pub fn take(&mut self, n: f64, now: Instant) -> Duration {
+        self.refill(now);
+        self.tokens -= n;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+
+    /// Takes `n` tokens only if they are all available now; otherwise takes nothing and
+    /// returns how long until they would be (for answering 429 with `Retry-After`).
+    pub fn try_take(&mut self, n: f64, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
+        if self.tokens >= n {
+            self.tokens -= n;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (n.min(self.burst) - self.tokens) / self.rate,
+            ))
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_burst_then_paces() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(100.0, 100.0, t0);
+        assert_eq!(b.take(100.0, t0), Duration::ZERO);
+        assert_eq!(b.take(50.0, t0), Duration::from_millis(500));
+        // After one second, 100 more tokens arrived; the debt of 50 is paid.
+        assert_eq!(b.take(50.0, t0 + Duration::from_secs(1)), Duration::ZERO);
+    }
+
+    #[test]
+    fn try_take_never_goes_into_debt() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10.0, 20.0, t0);
+        assert_eq!(b.try_take(20.0, t0), Ok(()));
+        assert_eq!(b.try_take(5.0, t0), Err(Duration::from_millis(500)));
+        // Nothing was taken by the refusal.
+        assert_eq!(b.try_take(5.0, t0 + Duration::from_millis(500)), Ok(()));
+        // A request larger than the burst waits for a full bucket, not forever.
+        assert_eq!(
+            b.try_take(100.0, t0 + Duration::from_millis(500)),
+            Err(Duration::from_secs(2))
+        );
+    }
+}
