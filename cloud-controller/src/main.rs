@@ -1,10 +1,30 @@
-//! `edgesync-controller` entry point. The binary is a placeholder until its issue lands; it exits with an
-//! error rather than pretending to work.
+//! `edgesync-controller` entry point.
+
+use clap::Parser;
+use edgesync_controller::cli::{Cli, Command};
+use edgesync_controller::telemetry;
 
 fn main() -> std::process::ExitCode {
-    eprintln!(
-        "edgesync-controller {}: not implemented yet",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::ExitCode::from(2)
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start the async runtime");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Run(opts) => runtime.block_on(edgesync_controller::run(opts)),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

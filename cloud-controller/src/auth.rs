@@ -1,0 +1,182 @@
+//! Node authentication: the bearer token must equal the value in the Secret named by the
+//! EdgeNode's `spec.tokenSecretRef` (same namespace, key defaulting to `token`).
+//!
+//! Secrets are read on demand with a short-lived cache rather than watched: the controller
+//! then needs only `get` on Secrets, not `list`/`watch` of every Secret in the cluster. A token
+//! that does not match the cached value triggers a re-read (at most once a second per Secret),
+//! so a rotated Secret is honoured on the agent's first request with the new token, and the old
+//! token stops working within `--token-cache-seconds`. Token values are never logged.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use edgesync_crds::EdgeNode;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use tracing::warn;
+
+/// Re-reads of one Secret triggered by mismatching tokens are at most this frequent.
+const MISMATCH_REFETCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a request was not authenticated.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No or malformed `Authorization` header, or a token that does not match.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The Secret could not be read because the API server is unavailable.
+    #[error("cannot verify the token: {0}")]
+    Unavailable(String),
+}
+
+struct Entry {
+    token: Option<Vec<u8>>,
+    fetched: Instant,
+}
+
+/// Verifies node tokens against their Secrets.
+pub struct TokenVerifier {
+    client: Client,
+    ttl: Duration,
+    cache: Mutex<HashMap<(String, String, String), Entry>>,
+}
+
+impl TokenVerifier {
+    /// A verifier trusting a read Secret value for `ttl`.
+    pub fn new(client: Client, ttl: Duration) -> Self {
+        Self {
+            client,
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Checks `presented` (the raw `Authorization` header value) for `node`.
+    pub async fn verify(&self, node: &EdgeNode, presented: Option<&str>) -> Result<(), AuthError> {
+        let token = presented
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                AuthError::Unauthorized(
+                    "missing bearer token: send `Authorization: Bearer <token>` with the token \
+                     from the Secret named by the EdgeNode's spec.tokenSecretRef"
+                        .into(),
+                )
+            })?;
+        let namespace = node.metadata.namespace.clone().unwrap_or_default();
+        let secret = &node.spec.token_secret_ref;
+        let key = (namespace, secret.name.clone(), secret.key.clone());
+
+        let now = Instant::now();
+        let refetch = {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            match cache.get(&key) {
+                Some(e) if now.duration_since(e.fetched) < self.ttl => {
+                    if e.token
+                        .as_deref()
+                        .is_some_and(|t| ct_eq(t, token.as_bytes()))
+                    {
+                        return Ok(());
+                    }
+                    now.duration_since(e.fetched) >= MISMATCH_REFETCH_INTERVAL
+                }
+                _ => true,
+            }
+        };
+        if refetch {
+            let value = self.read_secret(&key).await?;
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.insert(
+                key.clone(),
+                Entry {
+                    token: value,
+                    fetched: Instant::now(),
+                },
+            );
+        }
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        match cache.get(&key).and_then(|e| e.token.as_deref()) {
+            Some(t) if ct_eq(t, token.as_bytes()) => Ok(()),
+            Some(_) => Err(AuthError::Unauthorized(
+                "wrong token for this node: it does not match the node's Secret".into(),
+            )),
+            None => Err(AuthError::Unauthorized(format!(
+                "the node's token Secret {}/{} (key {:?}) does not exist or has no such key; \
+                 an operator must create it",
+                key.0, key.1, key.2
+            ))),
+        }
+    }
+
+    async fn read_secret(
+        &self,
+        (namespace, name, key): &(String, String, String),
+    ) -> Result<Option<Vec<u8>>, AuthError> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        match api.get_opt(name).await {
+            Ok(Some(secret)) => {
+                let value = secret
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .map(|b| trim_newline(&b.0).to_vec())
+                    .or_else(|| {
+                        secret
+                            .string_data
+                            .as_ref()
+                            .and_then(|d| d.get(key))
+                            .map(|s| trim_newline(s.as_bytes()).to_vec())
+                    });
+                if value.is_none() {
+                    warn!(
+                        namespace,
+                        secret = name,
+                        key,
+                        "Node token Secret has no such key"
+                    );
+                }
+                Ok(value)
+            }
+            Ok(None) => {
+                warn!(namespace, secret = name, "Node token Secret does not exist");
+                Ok(None)
+            }
+            Err(kube::Error::Api(s)) if s.code == 403 => Err(AuthError::Unavailable(format!(
+                "the controller may not read Secret {namespace}/{name}: {}",
+                s.message
+            ))),
+            Err(e) => Err(AuthError::Unavailable(e.to_string())),
+        }
+    }
+}
+
+/// Secrets written from files often end in a newline that is not part of the token.
+fn trim_newline(b: &[u8]) -> &[u8] {
+    let mut end = b.len();
+    while end > 0 && matches!(b[end - 1], b'\n' | b'\r') {
+        end -= 1;
+    }
+    &b[..end]
+}
+
+/// Equality in time independent of where the inputs differ (length is not secret).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_equality_is_equality() {
+        assert!(ct_eq(b"secret", b"secret"));
+        assert!(!ct_eq(b"secret", b"secreT"));
+        assert!(!ct_eq(b"secret", b"secret2"));
+        assert!(ct_eq(b"", b""));
+        assert_eq!(trim_newline(b"tok\r\n"), b"tok");
+        assert_eq!(trim_newline(b"tok"), b"tok");
+    }
+}

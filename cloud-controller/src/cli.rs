@@ -1,0 +1,155 @@
+//! Command line: `edgesync-controller run [OPTIONS]`. `--help` is the reference for every option;
+//! each can also be set through the environment variable it names.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::telemetry::LogFormat;
+
+/// The edgesync cloud controller.
+///
+/// Receives report batches from edge agents over HTTP, authenticates each node with the token in
+/// the Secret its EdgeNode names, writes Device status through a rate-limited, coalescing writer
+/// and streams `spec.desired` changes back to the agents. Stateless: run several replicas behind
+/// one Service; singleton loops (offline detection) elect a leader through a Lease.
+///
+/// Kubernetes credentials are found the usual way: `KUBECONFIG`, `~/.kube/config`, or the
+/// in-cluster service account.
+#[derive(Debug, Parser)]
+#[command(name = "edgesync-controller", version)]
+pub struct Cli {
+    /// Log format: `text` for people, `json` for log collectors. `RUST_LOG` filters (default info).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        global = true,
+        env = "EDGESYNC_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the agent API and run the status writer and reconcilers until SIGTERM/SIGINT.
+    Run(RunOptions),
+}
+
+/// Options of `run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunOptions {
+    /// Address for the agent API, `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "EDGESYNC_LISTEN")]
+    pub listen: SocketAddr,
+
+    /// Global budget of Kubernetes status writes per second (all nodes, all devices). Reports
+    /// beyond it are coalesced: each device is written with its latest state when its turn comes.
+    #[arg(long, default_value_t = 200.0, env = "EDGESYNC_WRITE_QPS", value_parser = positive_f64)]
+    pub write_qps: f64,
+
+    /// Writes allowed in a burst above `--write-qps`.
+    #[arg(long, default_value_t = 400, env = "EDGESYNC_WRITE_BURST", value_parser = clap::value_parser!(u32).range(1..))]
+    pub write_burst: u32,
+
+    /// Status writes in flight at once.
+    #[arg(long, default_value_t = 32, env = "EDGESYNC_WRITE_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub write_concurrency: u32,
+
+    /// How long a batch waits for its reports to become durable before it is answered 429
+    /// (the writes continue; the agent's retry then finds them done).
+    #[arg(long, default_value_t = 10, env = "EDGESYNC_DURABLE_WAIT_SECONDS", value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub durable_wait_seconds: u64,
+
+    /// Reports per second per node when its EdgeNode sets no `limits.reportsPerSecond`.
+    #[arg(long, default_value_t = 5000, env = "EDGESYNC_NODE_REPORTS_PER_SECOND", value_parser = clap::value_parser!(u32).range(1..))]
+    pub node_reports_per_second: u32,
+
+    /// Per-node burst when the EdgeNode sets no `limits.burst`.
+    #[arg(long, default_value_t = 10000, env = "EDGESYNC_NODE_BURST", value_parser = clap::value_parser!(u32).range(1..))]
+    pub node_burst: u32,
+
+    /// Reports per batch when the EdgeNode sets no `limits.maxReportsPerBatch` (more: 413).
+    #[arg(long, default_value_t = 5000, env = "EDGESYNC_MAX_REPORTS_PER_BATCH", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_reports_per_batch: u32,
+
+    /// Largest request body in bytes, after gzip decoding (more: 413).
+    #[arg(long, default_value_t = 16 * 1024 * 1024, env = "EDGESYNC_MAX_BODY_BYTES")]
+    pub max_body_bytes: usize,
+
+    /// Largest reported state of one device in bytes (more: that report is rejected).
+    #[arg(long, default_value_t = 64 * 1024, env = "EDGESYNC_MAX_REPORTED_BYTES")]
+    pub max_reported_bytes: usize,
+
+    /// Deepest nesting of a reported state (more: that report is rejected).
+    #[arg(long, default_value_t = 16, env = "EDGESYNC_MAX_DEPTH")]
+    pub max_depth: usize,
+
+    /// A node is offline (EdgeNode Ready=False, its Devices Online=False) after this many seconds
+    /// without a batch, unless its EdgeNode sets `limits.offlineAfterSeconds`.
+    #[arg(long, default_value_t = 60, env = "EDGESYNC_OFFLINE_AFTER_SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub offline_after_seconds: u64,
+
+    /// Shortest interval between two EdgeNode status (heartbeat) writes for one node.
+    #[arg(long, default_value_t = 5, env = "EDGESYNC_HEARTBEAT_WRITE_SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_write_seconds: u64,
+
+    /// Interval of bookmark lines on idle desired-state streams (agents treat 45 s of silence
+    /// as a dead stream).
+    #[arg(long, default_value_t = 15, env = "EDGESYNC_BOOKMARK_SECONDS", value_parser = clap::value_parser!(u64).range(1..=40))]
+    pub bookmark_seconds: u64,
+
+    /// How long a node token read from its Secret is trusted before it is read again. A token
+    /// that does not match is re-checked against the Secret at once (at most once a second), so
+    /// a rotated token works immediately and the old one stops working within this time.
+    #[arg(long, default_value_t = 10, env = "EDGESYNC_TOKEN_CACHE_SECONDS")]
+    pub token_cache_seconds: u64,
+
+    /// Namespace of the leader-election Lease (default: the pod's namespace from
+    /// `POD_NAMESPACE`, else `default`).
+    #[arg(long, env = "EDGESYNC_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        default_value = "edgesync-controller",
+        env = "EDGESYNC_LEASE_NAME"
+    )]
+    pub lease_name: String,
+
+    /// This replica's identity in the Lease (default: `POD_NAME`, else host name and pid).
+    #[arg(long, env = "EDGESYNC_IDENTITY")]
+    pub identity: Option<String>,
+}
+
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_values_name_the_option() {
+        let err = Cli::try_parse_from(["edgesync-controller", "run", "--write-qps", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--write-qps"), "{err}");
+        assert!(err.contains("not a positive number"), "{err}");
+    }
+}

@@ -1,0 +1,226 @@
+//! The liveness loop (leader only): marks EdgeNodes `Ready=False` when their agent has been
+//! silent longer than the offline timeout, keeps each Device's `Online` condition equal to its
+//! node's state, and turns `InSync` false as soon as a new desired generation exists that the
+//! agent has not observed (the agent's report turns it true again).
+//!
+//! Level-triggered over the caches every few seconds: it converges from any state, including
+//! after a leader change. Writes only what differs, through the same global write budget as
+//! device status, with the object's resourceVersion as precondition (a conflict is simply
+//! re-evaluated next round).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use edgesync_crds::{
+    CONDITION_IN_SYNC, CONDITION_ONLINE, CONDITION_READY, Device, EdgeNode, condition_status,
+    set_condition,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::cache::Caches;
+use crate::metrics::Metrics;
+use crate::writer::WriteBudget;
+
+/// How often the loop runs.
+const TICK: Duration = Duration::from_secs(2);
+/// Device condition writes per round at most, so one round stays short.
+const MAX_WRITES_PER_ROUND: usize = 500;
+
+/// Everything the loop needs.
+pub struct Liveness {
+    /// API client.
+    pub client: Client,
+    /// Caches.
+    pub caches: Caches,
+    /// Shared write budget.
+    pub budget: Arc<WriteBudget>,
+    /// Whether this replica is the leader.
+    pub leader: Arc<AtomicBool>,
+    /// Default offline timeout.
+    pub offline_after: Duration,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Liveness {
+    /// Runs until shutdown.
+    pub async fn run(self, shutdown: CancellationToken) {
+        self.caches.wait_ready().await;
+        loop {
+            if self.leader.load(Ordering::Relaxed) {
+                self.round().await;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(TICK) => {}
+            }
+        }
+    }
+
+    async fn round(&self) {
+        let now = Timestamp::now();
+        let mut online: HashMap<(String, String), bool> = HashMap::new();
+        for node in self.caches.nodes.state() {
+            let ns = node.namespace().unwrap_or_default();
+            let name = node.name_any();
+            let timeout = node
+                .spec
+                .limits
+                .as_ref()
+                .and_then(|l| l.offline_after_seconds)
+                .map_or(self.offline_after, |s| Duration::from_secs(u64::from(s)));
+            let status = node.status.clone().unwrap_or_default();
+            let silent_for = status
+                .last_heartbeat_time
+                .as_ref()
+                .map(|t| (now.as_second() - t.0.as_second()).max(0) as u64);
+            let is_online = silent_for.is_some_and(|s| s <= timeout.as_secs());
+            online.insert((ns.clone(), name.clone()), is_online);
+            let ready = condition_status(&status.conditions, CONDITION_READY);
+            if !is_online && ready != Some("False") {
+                self.mark_node_offline(&node, silent_for, timeout).await;
+            }
+        }
+        let mut writes = 0;
+        for device in self.caches.devices.state() {
+            if writes >= MAX_WRITES_PER_ROUND {
+                break;
+            }
+            let ns = device.namespace().unwrap_or_default();
+            let node_online = online
+                .get(&(ns, device.spec.node_name.clone()))
+                .copied()
+                .unwrap_or(false);
+            if self.fix_device(&device, node_online).await {
+                writes += 1;
+            }
+        }
+    }
+
+    async fn mark_node_offline(&self, node: &EdgeNode, silent_for: Option<u64>, timeout: Duration) {
+        let ns = node.namespace().unwrap_or_default();
+        let name = node.name_any();
+        let mut status = node.status.clone().unwrap_or_default();
+        let message = match silent_for {
+            Some(s) => format!(
+                "No batch from the agent for {s} s (offline after {} s)",
+                timeout.as_secs()
+            ),
+            None => "The agent has never sent a batch".to_owned(),
+        };
+        set_condition(
+            &mut status.conditions,
+            CONDITION_READY,
+            false,
+            if silent_for.is_some() {
+                "HeartbeatMissed"
+            } else {
+                "NeverConnected"
+            },
+            &message,
+            None,
+            Time(Timestamp::now()),
+        );
+        let api: Api<EdgeNode> = Api::namespaced(self.client.clone(), &ns);
+        match crate::heartbeat::write_status(&api, &name, &status).await {
+            Ok(()) => {
+                self.metrics
+                    .node_status_writes
+                    .fetch_add(1, Ordering::Relaxed);
+                if silent_for.is_some() {
+                    info!(namespace = ns, node = name, message, "Edge node is offline");
+                }
+            }
+            Err(e) => {
+                warn!(namespace = ns, node = name, error = %e, "Cannot mark edge node offline")
+            }
+        }
+    }
+
+    /// Brings one Device's Online/InSync conditions in line; true when it wrote.
+    async fn fix_device(&self, device: &Device, node_online: bool) -> bool {
+        let mut status = device.status.clone().unwrap_or_default();
+        let now = Time(Timestamp::now());
+        let mut changed = false;
+        let online_now = condition_status(&status.conditions, CONDITION_ONLINE);
+        let want = if node_online { "True" } else { "False" };
+        if online_now != Some(want) {
+            let (reason, message) = if node_online {
+                ("NodeReady", "The device's edge node is reporting")
+            } else {
+                ("NodeOffline", "The device's edge node is not reporting")
+            };
+            changed |= set_condition(
+                &mut status.conditions,
+                CONDITION_ONLINE,
+                node_online,
+                reason,
+                message,
+                None,
+                now.clone(),
+            );
+        }
+        let generation = device.metadata.generation.unwrap_or(0);
+        let observed = status.observed_desired_generation.unwrap_or(0);
+        if observed < generation
+            && condition_status(&status.conditions, CONDITION_IN_SYNC) != Some("False")
+            || condition_status(&status.conditions, CONDITION_IN_SYNC).is_none()
+        {
+            let (ok, reason, message) = crate::writer::in_sync(
+                generation,
+                observed,
+                &device.spec.desired.clone().unwrap_or_default(),
+                &status.reported.clone().unwrap_or_default(),
+            );
+            changed |= set_condition(
+                &mut status.conditions,
+                CONDITION_IN_SYNC,
+                ok && status.reported_version.is_some(),
+                if status.reported_version.is_some() {
+                    reason
+                } else {
+                    "NeverReported"
+                },
+                &message,
+                Some(generation),
+                now,
+            );
+        }
+        if !changed {
+            return false;
+        }
+        self.budget.acquire().await;
+        let api: Api<Device> =
+            Api::namespaced(self.client.clone(), &device.namespace().unwrap_or_default());
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": device.resource_version() },
+            "status": { "conditions": status.conditions },
+        });
+        match api
+            .patch_status(
+                &device.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.metrics
+                    .condition_writes
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
+            Err(e) => {
+                warn!(device = device.name_any(), error = %e, "Cannot update device conditions")
+            }
+        }
+        true
+    }
+}

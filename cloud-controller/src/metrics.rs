@@ -1,0 +1,239 @@
+//! The controller's metrics, rendered in the Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use edgesync_protocol::prom::{self, Histogram};
+
+/// Every metric the controller exports.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Batches received, by HTTP status class of the answer.
+    pub batches: Mutex<BTreeMap<u16, u64>>,
+    /// Reports received in well-formed, authorised batches.
+    pub reports_received: AtomicU64,
+    /// Report results, by outcome.
+    pub reports_accepted: AtomicU64,
+    /// Reports already superseded by a newer durable version.
+    pub reports_stale: AtomicU64,
+    /// Reports rejected, by reason code.
+    pub reports_rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// Requests refused with 401.
+    pub auth_failures: AtomicU64,
+    /// Requests refused with 429 by a node's token bucket.
+    pub node_rate_limited: AtomicU64,
+    /// Batches answered 429 because their writes did not finish within the durable wait.
+    pub write_backlog_refusals: AtomicU64,
+    /// Device status writes that reached the API server successfully.
+    pub status_writes: AtomicU64,
+    /// Status writes that hit a resourceVersion conflict and were retried.
+    pub status_write_conflicts: AtomicU64,
+    /// Status writes that failed (API server unreachable or error).
+    pub status_write_errors: AtomicU64,
+    /// Devices with a report waiting to be written.
+    pub writer_pending: AtomicU64,
+    /// Devices created by auto-registration.
+    pub devices_registered: AtomicU64,
+    /// EdgeNode status writes (heartbeats, Ready transitions).
+    pub node_status_writes: AtomicU64,
+    /// Device condition writes by the liveness loop (Online/InSync).
+    pub condition_writes: AtomicU64,
+    /// Open desired-state streams.
+    pub desired_streams: AtomicU64,
+    /// Desired-state events sent.
+    pub desired_events: AtomicU64,
+    /// Whether this replica holds the leader Lease.
+    pub leader: AtomicBool,
+    /// Whether the last Kubernetes call succeeded.
+    pub kubernetes_up: AtomicBool,
+    /// Time from a report's arrival to its durable write (or supersession).
+    pub report_durable_latency: Histogram,
+    /// Duration of one status write call.
+    pub status_write_latency: Histogram,
+}
+
+impl Metrics {
+    /// Counts a rejected report.
+    pub fn reject(&self, reason: &'static str) {
+        if let Ok(mut m) = self.reports_rejected.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// Counts an answered batch.
+    pub fn batch(&self, status: u16) {
+        if let Ok(mut m) = self.batches.lock() {
+            *m.entry(status).or_default() += 1;
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let batches: Vec<(String, u64)> = self
+            .batches
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+            .unwrap_or_default();
+        prom::family(
+            &mut out,
+            "edgesync_controller_batches_total",
+            "counter",
+            "Report batches answered, by HTTP status.",
+            "code",
+            batches.iter().map(|(k, v)| (k.as_str(), *v)),
+        );
+        prom::counter(
+            &mut out,
+            "edgesync_controller_reports_received_total",
+            "Reports received in authorised, well-formed batches.",
+            load(&self.reports_received),
+        );
+        let mut results = vec![
+            ("accepted", load(&self.reports_accepted)),
+            ("stale", load(&self.reports_stale)),
+        ];
+        let rejected: u64 = self
+            .reports_rejected
+            .lock()
+            .map(|m| m.values().sum())
+            .unwrap_or_default();
+        results.push(("rejected", rejected));
+        prom::family(
+            &mut out,
+            "edgesync_controller_report_results_total",
+            "counter",
+            "Report results sent to agents, by result.",
+            "result",
+            results,
+        );
+        let reasons: Vec<(&str, u64)> = self
+            .reports_rejected
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default();
+        prom::family(
+            &mut out,
+            "edgesync_controller_reports_rejected_total",
+            "counter",
+            "Reports rejected, by reason.",
+            "reason",
+            reasons,
+        );
+        for (name, help, v) in [
+            (
+                "edgesync_controller_auth_failures_total",
+                "Requests refused with 401 (missing, wrong or unverifiable token, unknown node).",
+                &self.auth_failures,
+            ),
+            (
+                "edgesync_controller_node_rate_limited_total",
+                "Requests refused with 429 by a node's token bucket.",
+                &self.node_rate_limited,
+            ),
+            (
+                "edgesync_controller_write_backlog_refusals_total",
+                "Batches answered 429 because their status writes did not finish in time.",
+                &self.write_backlog_refusals,
+            ),
+            (
+                "edgesync_controller_status_writes_total",
+                "Device status writes accepted by the API server.",
+                &self.status_writes,
+            ),
+            (
+                "edgesync_controller_status_write_conflicts_total",
+                "Device status writes retried after a resourceVersion conflict.",
+                &self.status_write_conflicts,
+            ),
+            (
+                "edgesync_controller_status_write_errors_total",
+                "Device status writes that failed (API server unreachable or refusing).",
+                &self.status_write_errors,
+            ),
+            (
+                "edgesync_controller_devices_registered_total",
+                "Devices created by auto-registration.",
+                &self.devices_registered,
+            ),
+            (
+                "edgesync_controller_node_status_writes_total",
+                "EdgeNode status writes (heartbeats and Ready transitions).",
+                &self.node_status_writes,
+            ),
+            (
+                "edgesync_controller_condition_writes_total",
+                "Device Online/InSync condition writes by the liveness loop.",
+                &self.condition_writes,
+            ),
+            (
+                "edgesync_controller_desired_events_total",
+                "Desired-state events sent to agents.",
+                &self.desired_events,
+            ),
+        ] {
+            prom::counter(&mut out, name, help, load(v));
+        }
+        prom::gauge(
+            &mut out,
+            "edgesync_controller_writer_pending_devices",
+            "Devices with a report waiting for its status write.",
+            load(&self.writer_pending),
+        );
+        prom::gauge(
+            &mut out,
+            "edgesync_controller_desired_streams",
+            "Open desired-state streams (connected agents).",
+            load(&self.desired_streams),
+        );
+        prom::gauge(
+            &mut out,
+            "edgesync_controller_leader",
+            "1 when this replica runs the singleton loops.",
+            u64::from(self.leader.load(Ordering::Relaxed)),
+        );
+        prom::gauge(
+            &mut out,
+            "edgesync_controller_kubernetes_up",
+            "1 when the last call to the Kubernetes API succeeded.",
+            u64::from(self.kubernetes_up.load(Ordering::Relaxed)),
+        );
+        self.report_durable_latency.render(
+            &mut out,
+            "edgesync_controller_report_durable_seconds",
+            "Time from a report's arrival to its durable status write (or supersession).",
+        );
+        self.status_write_latency.render(
+            &mut out,
+            "edgesync_controller_status_write_seconds",
+            "Duration of one Device status write call.",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_families() {
+        let m = Metrics::default();
+        m.reject("forbidden");
+        m.batch(200);
+        m.batch(200);
+        m.reports_accepted.fetch_add(5, Ordering::Relaxed);
+        let text = m.render();
+        assert!(
+            text.contains("edgesync_controller_batches_total{code=\"200\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("edgesync_controller_reports_rejected_total{reason=\"forbidden\"} 1")
+        );
+        assert!(text.contains("edgesync_controller_report_results_total{result=\"accepted\"} 5"));
+        assert!(text.contains("edgesync_controller_report_results_total{result=\"rejected\"} 1"));
+    }
+}
