@@ -27,6 +27,7 @@ use edgesync_protocol::wire::{
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use serde::Deserialize;
+use serde_json::Map;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -346,7 +347,10 @@ async fn handle_reports(
             ));
             continue;
         }
-        if let Err(e) = limits::check_state(&report.reported, &doc_limits) {
+        let checked = limits::check_state(&report.reported, &doc_limits).and_then(|()| {
+            edgesync_protocol::shadow::check_size(&Map::new(), &report.reported, &doc_limits)
+        });
+        if let Err(e) = checked {
             let code = if e.is_too_large() {
                 "too_large"
             } else {

@@ -338,7 +338,11 @@ impl ShadowDocument {
     }
 }
 
-fn check_size(
+/// Checks that `desired` + `reported`, serialized, fit `limits.max_state_bytes`.
+///
+/// # Errors
+/// [`LimitError::StateTooLarge`] with the size it would have.
+pub fn check_size(
     desired: &Map<String, Value>,
     reported: &Map<String, Value>,
     limits: &Limits,

@@ -2,11 +2,9 @@
 //! kill -9), and helpers to read its shadows.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use crate::process::{ManagedProcess, ProcessSpec};
-use crate::workspace_root;
 
 /// A minimal agent config for tests.
 #[derive(Debug, Clone)]
@@ -67,37 +65,10 @@ impl AgentConfig {
 }
 
 /// Path of the release agent binary, building it once per test binary if needed.
-///
-/// # Panics
-/// When the build fails.
 pub fn agent_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // A target dir of its own: built alone, the agent resolves its dependencies' features
-        // differently than inside the test build, and a shared dir would rebuild it each time.
-        let target = workspace_root().join("target/agent");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--release",
-                "-q",
-                "-p",
-                "edgesync-agent",
-                "--bin",
-                "edgesync-agent",
-            ])
-            .arg("--target-dir")
-            .arg(&target)
-            .current_dir(workspace_root())
-            .status()
-            .expect("run cargo build for edgesync-agent");
-        assert!(
-            status.success(),
-            "building the release edgesync-agent failed"
-        );
-        target.join("release/edgesync-agent")
-    })
-    .clone()
+    BIN.get_or_init(|| crate::release_binary("edgesync-agent", "agent"))
+        .clone()
 }
 
 /// Starts the agent binary with `config`, logging into the config's data dir.

@@ -11,6 +11,8 @@
 //! - [`wait`]: waiting on conditions with deadlines, never on fixed sleeps.
 //! - [`contract`]: a server speaking the controller's HTTP contract, for agent tests.
 //! - [`agent`]: agent configs and the release agent binary as a process.
+//! - [`controller`]: the release controller binary as a process, EdgeNodes and their tokens,
+//!   and a small client for its HTTP API.
 //!
 //! Everything here panics with a message saying what failed and how to fix the machine:
 //! it is test infrastructure, and a test that cannot get its prerequisites must fail loudly.
@@ -20,6 +22,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod contract;
+pub mod controller;
 pub mod device;
 pub mod mosquitto;
 pub mod process;
@@ -28,6 +31,7 @@ pub mod wait;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
+use std::process::Command;
 
 /// The workspace root (where `Cargo.toml`, `crds/` and `hack/` live).
 pub fn workspace_root() -> PathBuf {
@@ -51,4 +55,26 @@ pub fn free_port() -> u16 {
 /// `127.0.0.1:port`.
 pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Builds `package`'s release binary (named like the package) once per test binary and returns
+/// its path.
+///
+/// Each binary gets a target dir of its own (`target/<dir>`): built alone, a package resolves
+/// its dependencies' features differently than inside the test build, and a shared dir would
+/// rebuild it every time.
+///
+/// # Panics
+/// When the build fails.
+pub fn release_binary(package: &str, dir: &str) -> PathBuf {
+    let target = workspace_root().join("target").join(dir);
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "-q", "-p", package, "--bin", package])
+        .arg("--target-dir")
+        .arg(&target)
+        .current_dir(workspace_root())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo build for {package}: {e}"));
+    assert!(status.success(), "building the release {package} failed");
+    target.join("release").join(package)
 }

@@ -1,0 +1,280 @@
+//! Running the cloud controller in tests: the release binary as a process against the harness
+//! control plane, EdgeNodes with their token Secrets, and a client for the controller's API.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use edgesync_protocol::wire::{self, AgentHealth, Report, ReportBatch};
+use serde_json::{Map, Value};
+
+use crate::cluster::ControlPlane;
+use crate::process::{ManagedProcess, ProcessSpec};
+use crate::wait::until_blocking;
+use crate::{free_port, loopback};
+
+/// Path of the release controller binary, building it once per test binary if needed.
+pub fn controller_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| crate::release_binary("edgesync-controller", "controller"))
+        .clone()
+}
+
+/// A controller process on a loopback port.
+#[derive(Debug)]
+pub struct Controller {
+    /// The process (kill9, restart, logs).
+    pub process: ManagedProcess,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Controller {
+    /// Starts a controller against `cp` with extra `run` options, and waits until it is ready.
+    ///
+    /// # Panics
+    /// When it does not become ready within 30 s (its log is printed).
+    pub fn start(cp: &ControlPlane, extra: &[&str]) -> Controller {
+        let dir = tempfile::tempdir().expect("controller temp dir");
+        let addr = loopback(free_port());
+        let mut spec = ProcessSpec::new("edgesync-controller", controller_binary())
+            .arg("run")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .env("KUBECONFIG", &cp.kubeconfig().display().to_string())
+            // The harness API server has a self-signed certificate the kubeconfig skips
+            // verifying; kube warns about that on every connection.
+            .env("RUST_LOG", "info,kube_client::client::tls=error");
+        for a in extra {
+            spec = spec.arg(*a);
+        }
+        let process = ManagedProcess::spawn(spec, dir.path());
+        let c = Controller {
+            process,
+            addr,
+            _dir: dir,
+        };
+        c.wait_ready();
+        c
+    }
+
+    /// Waits until `/readyz` answers 200.
+    ///
+    /// # Panics
+    /// After 30 s, printing the controller's log.
+    pub fn wait_ready(&self) {
+        let addr = self.addr;
+        if let Err(e) = until_blocking("controller /readyz", Duration::from_secs(30), || {
+            (http_get_status(addr, "/readyz") == Some(200)).then_some(())
+        }) {
+            self.process.dump_log();
+            panic!("{e}");
+        }
+    }
+
+    /// Base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(format!("{}/metrics", self.url()))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// One metric value (first sample whose line starts with `series`), or 0.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+/// Status code of a plain HTTP/1.0 GET, without an async runtime.
+fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    std::str::from_utf8(&buf[..n])
+        .ok()?
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// An HTTP client for the controller (plain HTTP on loopback).
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("build HTTP client")
+}
+
+/// Creates the token Secret and EdgeNode `node` in `ns`. `spec_extra` is YAML spliced into the
+/// EdgeNode spec (e.g. `"autoRegisterDevices: true"`), indented by the caller's text as-is.
+pub fn create_node(cp: &ControlPlane, ns: &str, node: &str, token: &str, spec_extra: &str) {
+    let yaml = format!(
+        "apiVersion: v1
+kind: Secret
+metadata:
+  name: {node}-token
+  namespace: {ns}
+stringData:
+  token: {token}
+---
+apiVersion: edgesync.io/v1alpha1
+kind: EdgeNode
+metadata:
+  name: {node}
+  namespace: {ns}
+spec:
+  tokenSecretRef:
+    name: {node}-token
+{spec_extra}
+"
+    );
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], &yaml);
+    assert!(
+        out.status.success(),
+        "creating EdgeNode {ns}/{node}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Creates Devices owned by `node` in `ns`.
+pub fn create_devices(cp: &ControlPlane, ns: &str, node: &str, names: &[String]) {
+    let yaml: String = names
+        .iter()
+        .map(|n| {
+            format!(
+                "apiVersion: edgesync.io/v1alpha1\nkind: Device\nmetadata:\n  name: {n}\n  namespace: {ns}\nspec:\n  nodeName: {node}\n---\n"
+            )
+        })
+        .collect();
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], &yaml);
+    assert!(
+        out.status.success(),
+        "creating devices: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A report of `reported` at `version`.
+pub fn report(device: &str, version: u64, reported: Value) -> Report {
+    Report {
+        device: device.to_owned(),
+        version,
+        reported: reported.as_object().cloned().unwrap_or_else(Map::new),
+        reported_at: "2026-11-28T10:00:00Z".to_owned(),
+        observed_desired_version: 0,
+    }
+}
+
+/// A batch of `reports` with a default agent health.
+pub fn batch(seq: u64, reports: Vec<Report>) -> ReportBatch {
+    ReportBatch {
+        seq,
+        agent: AgentHealth {
+            version: "test".into(),
+            mqtt_connected: true,
+            ..AgentHealth::default()
+        },
+        reports,
+    }
+}
+
+/// An answer from the controller: status, `Retry-After` if any, JSON body.
+#[derive(Debug)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// `Retry-After` in seconds.
+    pub retry_after: Option<u64>,
+    /// Body as JSON (`Null` if not JSON).
+    pub body: Value,
+}
+
+impl Answer {
+    /// `results[i].status`.
+    pub fn result(&self, i: usize) -> &str {
+        self.body["results"][i]["status"].as_str().unwrap_or("")
+    }
+
+    /// `error.code`.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+/// POSTs raw bytes to a node's reports endpoint.
+pub async fn post_raw(
+    base: &str,
+    ns: &str,
+    node: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+    gzip: bool,
+) -> Answer {
+    let mut req = client()
+        .post(format!("{base}{}", wire::reports_path(ns, node)))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if gzip {
+        req = req.header("content-encoding", "gzip");
+    }
+    let resp = req.send().await.expect("POST reports");
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let text = resp.text().await.unwrap_or_default();
+    Answer {
+        status,
+        retry_after,
+        body: serde_json::from_str(&text).unwrap_or(Value::Null),
+    }
+}
+
+/// POSTs a batch to a node's reports endpoint.
+pub async fn post_batch(
+    base: &str,
+    ns: &str,
+    node: &str,
+    token: &str,
+    batch: &ReportBatch,
+) -> Answer {
+    post_raw(
+        base,
+        ns,
+        node,
+        Some(token),
+        serde_json::to_vec(batch).expect("serialize batch"),
+        false,
+    )
+    .await
+}

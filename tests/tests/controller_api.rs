@@ -1,0 +1,376 @@
+//! The controller's HTTP API against a real kube-apiserver: authentication, per-report
+//! validation and ownership, durability of 2xx answers, never-regress under duplicate and
+//! reordered batches, auto-registration, per-node rate limits, and request limits.
+
+// Integration tests: a failed unwrap is a failed test with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use edgesync_crds::Device;
+use edgesync_e2e::cluster::ControlPlane;
+use edgesync_e2e::controller::{
+    Controller, batch, create_devices, create_node, post_batch, post_raw, report,
+};
+use edgesync_e2e::wait;
+use kube::Api;
+use serde_json::json;
+
+async fn status_version(api: &Api<Device>, name: &str) -> Option<u64> {
+    api.get(name)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.reported_version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_auth_failure_is_401_and_changes_nothing() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("auth");
+    let other = cp.namespace("auth-other");
+    create_node(cp, &ns.name, "edge-a", "token-a", "");
+    create_node(cp, &ns.name, "edge-b", "token-b", "");
+    // The same node name in another namespace, with its own token.
+    create_node(cp, &other.name, "edge-a", "token-other", "");
+    create_devices(cp, &ns.name, "edge-a", &["press-1".into()]);
+    let c = Controller::start(cp, &["--token-cache-seconds", "1"]);
+    let url = c.url();
+    let body =
+        || serde_json::to_vec(&batch(1, vec![report("press-1", 1, json!({"t":1}))])).unwrap();
+
+    let cases: [(&str, &str, Option<&str>); 6] = [
+        ("no token", "edge-a", None),
+        ("wrong token", "edge-a", Some("nope")),
+        ("empty token", "edge-a", Some("")),
+        ("another node's token", "edge-a", Some("token-b")),
+        ("unknown node", "edge-z", Some("token-a")),
+        (
+            "token of the same node name in another namespace",
+            "edge-a",
+            Some("token-other"),
+        ),
+    ];
+    for (what, node, token) in cases {
+        let a = post_raw(&url, &ns.name, node, token, body(), false).await;
+        assert_eq!(a.status, 401, "{what}: {a:?}");
+        assert_eq!(a.code(), "unauthorized", "{what}");
+        assert!(!a.body["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // The other namespace's token is valid only there.
+    let a = post_raw(
+        &url,
+        &other.name,
+        "edge-a",
+        Some("token-other"),
+        serde_json::to_vec(&batch(1, vec![])).unwrap(),
+        false,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let api: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+    assert_eq!(
+        status_version(&api, "press-1").await,
+        None,
+        "nothing was written"
+    );
+    assert!(c.metric("edgesync_controller_auth_failures_total").await >= 6.0);
+
+    // Rotation: the new token works at once, the old one stops working.
+    let out = cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: edge-a-token\n  namespace: {}\nstringData:\n  token: rotated\n", ns.name),
+    );
+    assert!(out.status.success());
+    wait::until(
+        "rotated token accepted",
+        Duration::from_secs(10),
+        || async {
+            let a = post_raw(&url, &ns.name, "edge-a", Some("rotated"), body(), false).await;
+            (a.status == 200).then_some(())
+        },
+    )
+    .await;
+    wait::until("old token refused", Duration::from_secs(10), || async {
+        let a = post_raw(&url, &ns.name, "edge-a", Some("token-a"), body(), false).await;
+        (a.status == 401).then_some(())
+    })
+    .await;
+    assert!(
+        !std::fs::read_to_string(c.process.log_path())
+            .unwrap()
+            .contains("token-a"),
+        "a token value appeared in the controller log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_means_durable_and_versions_never_regress() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("durable");
+    create_node(cp, &ns.name, "edge-1", "t1", "");
+    create_node(cp, &ns.name, "edge-2", "t2", "");
+    let mine: Vec<String> = (0..20).map(|i| format!("dev-{i}")).collect();
+    create_devices(cp, &ns.name, "edge-1", &mine);
+    create_devices(cp, &ns.name, "edge-2", &["foreign".into()]);
+    let c = Controller::start(cp, &[]);
+    let url = c.url();
+    let api: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+
+    let reports = mine
+        .iter()
+        .map(|d| report(d, 5, json!({"v":5, "name": d})))
+        .collect();
+    let a = post_batch(&url, &ns.name, "edge-1", "t1", &batch(1, reports)).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    for (i, d) in mine.iter().enumerate() {
+        assert_eq!(a.result(i), "accepted");
+        // Read straight from the API server right after the answer: durable, not eventually.
+        let dev = api.get(d).await.unwrap();
+        let st = dev.status.unwrap();
+        assert_eq!(st.reported_version, Some(5), "{d}");
+        assert_eq!(st.reported.unwrap()["name"], json!(d));
+    }
+
+    // The same batch again (a retry after a lost answer): accepted, and no write at all.
+    let rv_before = api.get("dev-0").await.unwrap().metadata.resource_version;
+    let writes_before = c.metric("edgesync_controller_status_writes_total").await;
+    let again = mine
+        .iter()
+        .map(|d| report(d, 5, json!({"v":5, "name": d})))
+        .collect();
+    let a = post_batch(&url, &ns.name, "edge-1", "t1", &batch(1, again)).await;
+    assert_eq!((a.status, a.result(0)), (200, "accepted"), "{a:?}");
+    assert_eq!(
+        api.get("dev-0").await.unwrap().metadata.resource_version,
+        rv_before
+    );
+    assert_eq!(
+        c.metric("edgesync_controller_status_writes_total").await,
+        writes_before
+    );
+
+    // Reordered: version 7 arrives, then 6. The older one is stale and changes nothing.
+    let a = post_batch(
+        &url,
+        &ns.name,
+        "edge-1",
+        "t1",
+        &batch(2, vec![report("dev-1", 7, json!({"v":7}))]),
+    )
+    .await;
+    assert_eq!(a.result(0), "accepted");
+    let a = post_batch(
+        &url,
+        &ns.name,
+        "edge-1",
+        "t1",
+        &batch(3, vec![report("dev-1", 6, json!({"v":6}))]),
+    )
+    .await;
+    assert_eq!((a.status, a.result(0)), (200, "stale"), "{a:?}");
+    let st = api.get("dev-1").await.unwrap().status.unwrap();
+    assert_eq!(
+        (st.reported_version, st.reported.unwrap()["v"].clone()),
+        (Some(7), json!(7))
+    );
+
+    // Full replacement: a key the device no longer reports disappears from status.
+    let a = post_batch(
+        &url,
+        &ns.name,
+        "edge-1",
+        "t1",
+        &batch(4, vec![report("dev-2", 8, json!({"only": true}))]),
+    )
+    .await;
+    assert_eq!(a.result(0), "accepted");
+    assert_eq!(
+        api.get("dev-2")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .reported
+            .unwrap(),
+        json!({"only": true}).as_object().unwrap().clone()
+    );
+
+    // One bad report among good ones: only it is rejected; its neighbours are written.
+    let deep = json!({"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":{"j":{"k":{"l":{"m":{"n":{"o":{"p":{"q":{"r":1}}}}}}}}}}}}}}}}}});
+    let a = post_batch(
+        &url,
+        &ns.name,
+        "edge-1",
+        "t1",
+        &batch(
+            5,
+            vec![
+                report("dev-3", 9, json!({"ok": 1})),
+                report("foreign", 9, json!({"evil": 1})),
+                report("not-registered", 9, json!({})),
+                report("Bad_Id!", 9, json!({})),
+                report("dev-4", 9, deep),
+                report("dev-5", 9, json!({"big": "x".repeat(70 * 1024)})),
+                report("dev-6", 9, json!({"ok": 1})),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let reasons: Vec<(&str, String)> = (0..7)
+        .map(|i| {
+            (
+                a.result(i),
+                a.body["results"][i]["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("accepted", String::new()),
+            ("rejected", "forbidden".into()),
+            ("rejected", "unknown_device".into()),
+            ("rejected", "invalid_device_id".into()),
+            ("rejected", "invalid_state".into()),
+            ("rejected", "too_large".into()),
+            ("accepted", String::new()),
+        ]
+    );
+    let foreign: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+    assert_eq!(
+        status_version(&foreign, "foreign").await,
+        None,
+        "another node's device untouched"
+    );
+    assert!(
+        api.get_opt("not-registered").await.unwrap().is_none(),
+        "no auto-registration by default"
+    );
+    assert_eq!(status_version(&api, "dev-4").await, Some(5));
+    assert_eq!(status_version(&api, "dev-6").await, Some(9));
+
+    // Whole-request errors: JSON bodies with codes, nothing written.
+    let a = post_raw(
+        &url,
+        &ns.name,
+        "edge-1",
+        Some("t1"),
+        b"{not json".to_vec(),
+        false,
+    )
+    .await;
+    assert_eq!((a.status, a.code()), (400, "malformed"));
+    let a = post_raw(
+        &url,
+        &ns.name,
+        "edge-1",
+        Some("t1"),
+        b"\x1f\x8b garbage".to_vec(),
+        true,
+    )
+    .await;
+    assert_eq!((a.status, a.code()), (400, "malformed"));
+    let huge = vec![b' '; 17 * 1024 * 1024];
+    let a = post_raw(&url, &ns.name, "edge-1", Some("t1"), huge, false).await;
+    assert_eq!((a.status, a.code()), (413, "too_large"));
+    // A gzip bomb is cut off at the same limit after decoding.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&vec![b' '; 20 * 1024 * 1024]).unwrap();
+    let a = post_raw(
+        &url,
+        &ns.name,
+        "edge-1",
+        Some("t1"),
+        gz.finish().unwrap(),
+        true,
+    )
+    .await;
+    assert_eq!((a.status, a.code()), (413, "too_large"));
+    // A well-formed gzip batch is fine.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(
+        &serde_json::to_vec(&batch(6, vec![report("dev-7", 10, json!({"z": 1}))])).unwrap(),
+    )
+    .unwrap();
+    let a = post_raw(
+        &url,
+        &ns.name,
+        "edge-1",
+        Some("t1"),
+        gz.finish().unwrap(),
+        true,
+    )
+    .await;
+    assert_eq!((a.status, a.result(0)), (200, "accepted"), "{a:?}");
+    assert_eq!(status_version(&api, "dev-7").await, Some(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_registration_and_node_limits() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("autoreg");
+    create_node(
+        cp,
+        &ns.name,
+        "edge-auto",
+        "ta",
+        "  autoRegisterDevices: true",
+    );
+    create_node(
+        cp,
+        &ns.name,
+        "edge-slow",
+        "ts",
+        "  limits:\n    reportsPerSecond: 1\n    burst: 3\n    maxReportsPerBatch: 5",
+    );
+    let c = Controller::start(cp, &[]);
+    let url = c.url();
+    let api: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+
+    let a = post_batch(
+        &url,
+        &ns.name,
+        "edge-auto",
+        "ta",
+        &batch(1, vec![report("new-sensor", 1, json!({"t": 20}))]),
+    )
+    .await;
+    assert_eq!((a.status, a.result(0)), (200, "accepted"), "{a:?}");
+    let d = api.get("new-sensor").await.unwrap();
+    assert_eq!(d.spec.node_name, "edge-auto");
+    assert_eq!(d.status.unwrap().reported_version, Some(1));
+
+    // Too many reports in one batch for this node: 413, nothing written.
+    let six = (0..6)
+        .map(|i| report(&format!("s-{i}"), 1, json!({})))
+        .collect();
+    let a = post_batch(&url, &ns.name, "edge-slow", "ts", &batch(1, six)).await;
+    assert_eq!((a.status, a.code()), (413, "too_many_reports"), "{a:?}");
+    // 3 reports fit the burst; the next batch is refused with Retry-After.
+    let three = (0..3)
+        .map(|i| report(&format!("s-{i}"), 1, json!({})))
+        .collect();
+    let a = post_batch(&url, &ns.name, "edge-slow", "ts", &batch(2, three)).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let a = post_batch(
+        &url,
+        &ns.name,
+        "edge-slow",
+        "ts",
+        &batch(3, vec![report("s-0", 2, json!({}))]),
+    )
+    .await;
+    assert_eq!((a.status, a.code()), (429, "rate_limited"), "{a:?}");
+    assert!(a.retry_after.is_some_and(|s| (1..=2).contains(&s)), "{a:?}");
+    // Without auto-registration, those unknown devices were rejected, not created.
+    assert!(api.get_opt("s-0").await.unwrap().is_none());
+}
