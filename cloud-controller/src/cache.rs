@@ -95,8 +95,11 @@ impl Caches {
 
     /// Waits until both caches have completed their first list.
     pub async fn wait_ready(&self) {
-        let _ = self.devices.wait_until_ready().await;
-        let _ = self.nodes.wait_until_ready().await;
+        // Polled rather than awaiting `Store::wait_until_ready` directly: a task parked on it
+        // from start-up was seen never to wake (kube-runtime 5.0), while polling is reliable.
+        while !self.is_ready() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 
     /// The cached Device `namespace/name`.

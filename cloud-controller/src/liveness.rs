@@ -22,7 +22,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::cache::Caches;
 use crate::metrics::Metrics;
@@ -53,6 +53,7 @@ impl Liveness {
     /// Runs until shutdown.
     pub async fn run(self, shutdown: CancellationToken) {
         self.caches.wait_ready().await;
+        debug!("Liveness loop started");
         loop {
             if self.leader.load(Ordering::Relaxed) {
                 self.round().await;
@@ -82,6 +83,13 @@ impl Liveness {
                 .as_ref()
                 .map(|t| (now.as_second() - t.0.as_second()).max(0) as u64);
             let is_online = silent_for.is_some_and(|s| s <= timeout.as_secs());
+            debug!(
+                namespace = ns,
+                node = name,
+                ?silent_for,
+                is_online,
+                "Liveness of edge node"
+            );
             online.insert((ns.clone(), name.clone()), is_online);
             let ready = condition_status(&status.conditions, CONDITION_READY);
             if !is_online && ready != Some("False") {

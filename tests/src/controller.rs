@@ -47,7 +47,10 @@ impl Controller {
             .env("KUBECONFIG", &cp.kubeconfig().display().to_string())
             // The harness API server has a self-signed certificate the kubeconfig skips
             // verifying; kube warns about that on every connection.
-            .env("RUST_LOG", "info,kube_client::client::tls=error");
+            .env(
+                "RUST_LOG",
+                "info,edgesync_controller=debug,kube_client::client::tls=error",
+            );
         for a in extra {
             spec = spec.arg(*a);
         }
@@ -277,4 +280,74 @@ pub async fn post_batch(
         false,
     )
     .await
+}
+
+/// A desired-state stream read line by line.
+pub struct DesiredStream {
+    body: std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>,
+    >,
+    buf: Vec<u8>,
+}
+
+impl DesiredStream {
+    /// Opens `GET .../desired[?since=cursor]`; returns the HTTP status on failure.
+    pub async fn open(
+        base: &str,
+        ns: &str,
+        node: &str,
+        token: &str,
+        since: Option<&str>,
+    ) -> Result<DesiredStream, u16> {
+        let mut url = format!("{base}{}", wire::desired_path(ns, node));
+        if let Some(c) = since {
+            url.push_str("?since=");
+            url.push_str(c);
+        }
+        let resp = reqwest::Client::builder()
+            .build()
+            .expect("client")
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET desired");
+        if !resp.status().is_success() {
+            return Err(resp.status().as_u16());
+        }
+        Ok(DesiredStream {
+            body: Box::pin(resp.bytes_stream()),
+            buf: Vec::new(),
+        })
+    }
+
+    /// The next event, or panics after `deadline`.
+    pub async fn next(&mut self, deadline: Duration) -> wire::DesiredEvent {
+        use futures_util::StreamExt as _;
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                return serde_json::from_slice(&line[..line.len() - 1]).unwrap_or_else(|e| {
+                    panic!("bad desired line {:?}: {e}", String::from_utf8_lossy(&line))
+                });
+            }
+            let chunk = tokio::time::timeout_at(until, self.body.next())
+                .await
+                .unwrap_or_else(|_| panic!("no desired-state event within {deadline:?}"))
+                .expect("desired stream ended")
+                .expect("desired stream failed");
+            self.buf.extend_from_slice(&chunk);
+        }
+    }
+
+    /// The next event that is not a bookmark.
+    pub async fn next_change(&mut self, deadline: Duration) -> wire::DesiredEvent {
+        loop {
+            let e = self.next(deadline).await;
+            if !matches!(e, wire::DesiredEvent::Bookmark { .. }) {
+                return e;
+            }
+        }
+    }
 }

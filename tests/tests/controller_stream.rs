@@ -1,0 +1,382 @@
+//! The controller's desired-state stream, node liveness and conditions, and two replicas
+//! writing the same devices, against a real kube-apiserver.
+
+// Integration tests: a failed unwrap is a failed test with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use edgesync_crds::{Device, EdgeNode, condition_status};
+use edgesync_e2e::cluster::ControlPlane;
+use edgesync_e2e::controller::{
+    Controller, DesiredStream, batch, create_devices, create_node, post_batch, report,
+};
+use edgesync_e2e::wait;
+use edgesync_protocol::wire::DesiredEvent;
+use futures_util::StreamExt as _;
+use kube::Api;
+use kube::runtime::{WatchStreamExt as _, watcher};
+use serde_json::json;
+
+const STEP: Duration = Duration::from_secs(15);
+
+fn desired_of(e: &DesiredEvent) -> (String, i64, serde_json::Value) {
+    match e {
+        DesiredEvent::Desired {
+            device,
+            generation,
+            desired,
+            ..
+        } => (
+            device.clone(),
+            *generation,
+            serde_json::Value::Object(desired.clone()),
+        ),
+        other => panic!("expected a desired event, got {other:?}"),
+    }
+}
+
+fn cursor_of(e: &DesiredEvent) -> String {
+    match e {
+        DesiredEvent::Desired { cursor, .. }
+        | DesiredEvent::Removed { cursor, .. }
+        | DesiredEvent::SnapshotComplete { cursor }
+        | DesiredEvent::Bookmark { cursor } => cursor.clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_edits_stream_to_the_node_with_snapshot_and_resume() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("desired");
+    create_node(cp, &ns.name, "edge-1", "t1", "");
+    create_node(cp, &ns.name, "edge-2", "t2", "");
+    create_devices(cp, &ns.name, "edge-1", &["a".into(), "b".into()]);
+    create_devices(cp, &ns.name, "edge-2", &["elsewhere".into()]);
+    cp.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "device",
+        "a",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"desired":{"speed":1}}}"#,
+    ]);
+    let c = Controller::start(cp, &["--bookmark-seconds", "1"]);
+    let url = c.url();
+
+    assert_eq!(
+        DesiredStream::open(&url, &ns.name, "edge-1", "wrong", None)
+            .await
+            .err(),
+        Some(401)
+    );
+
+    let mut s = DesiredStream::open(&url, &ns.name, "edge-1", "t1", None)
+        .await
+        .unwrap();
+    let first = s.next_change(STEP).await;
+    let second = s.next_change(STEP).await;
+    assert_eq!(desired_of(&first), ("a".into(), 2, json!({"speed": 1})));
+    assert_eq!(desired_of(&second), ("b".into(), 1, json!({})));
+    let done = s.next_change(STEP).await;
+    assert!(
+        matches!(done, DesiredEvent::SnapshotComplete { .. }),
+        "{done:?}"
+    );
+
+    // An operator edit arrives as a change; a status write does not produce one.
+    let a = post_batch(
+        &url,
+        &ns.name,
+        "edge-1",
+        "t1",
+        &batch(1, vec![report("a", 1, json!({"speed": 0}))]),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    cp.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "device",
+        "a",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"desired":{"speed":2}}}"#,
+    ]);
+    let e = s.next_change(STEP).await;
+    assert_eq!(desired_of(&e), ("a".into(), 3, json!({"speed": 2})));
+    let cursor = cursor_of(&e);
+    // Idle streams carry bookmarks so the agent knows the stream is alive.
+    assert!(matches!(
+        s.next(Duration::from_secs(5)).await,
+        DesiredEvent::Bookmark { .. }
+    ));
+    drop(s);
+
+    // Changes while disconnected: resuming from the cursor replays exactly those.
+    cp.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "device",
+        "b",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"desired":{"mode":"auto"}}}"#,
+    ]);
+    cp.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "device",
+        "elsewhere",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"desired":{"x":1}}}"#,
+    ]);
+    cp.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "device",
+        "a",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"nodeName":"edge-2"}}"#,
+    ]);
+    let mut s = DesiredStream::open(&url, &ns.name, "edge-1", "t1", Some(&cursor))
+        .await
+        .unwrap();
+    let e = s.next_change(STEP).await;
+    assert_eq!(desired_of(&e), ("b".into(), 2, json!({"mode": "auto"})));
+    let e = s.next_change(STEP).await;
+    assert!(
+        matches!(&e, DesiredEvent::Removed { device, .. } if device == "a"),
+        "{e:?}"
+    );
+    drop(s);
+
+    // A cursor from another controller process (or garbage) gets a snapshot, not a wrong resume.
+    let mut s = DesiredStream::open(&url, &ns.name, "edge-1", "t1", Some("0000000000000000.5"))
+        .await
+        .unwrap();
+    assert_eq!(desired_of(&s.next_change(STEP).await).0, "b");
+    assert!(matches!(
+        s.next_change(STEP).await,
+        DesiredEvent::SnapshotComplete { .. }
+    ));
+    // edge-2 sees its own devices only.
+    let mut s2 = DesiredStream::open(&url, &ns.name, "edge-2", "t2", None)
+        .await
+        .unwrap();
+    let mut names = vec![
+        desired_of(&s2.next_change(STEP).await).0,
+        desired_of(&s2.next_change(STEP).await).0,
+    ];
+    names.sort();
+    assert_eq!(names, ["a", "elsewhere"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_marks_offline_and_recovers_and_in_sync_follows_desired() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("liveness");
+    create_node(
+        cp,
+        &ns.name,
+        "edge-1",
+        "t1",
+        "  limits:\n    offlineAfterSeconds: 3",
+    );
+    create_devices(cp, &ns.name, "edge-1", &["m1".into(), "m2".into()]);
+    let lease = format!("liveness-{}", ns.name);
+    let c = Controller::start(cp, &["--lease-name", &lease, "--lease-namespace", &ns.name]);
+    let url = c.url();
+    let client = cp.client().await;
+    let nodes: Api<EdgeNode> = Api::namespaced(client.clone(), &ns.name);
+    let devices: Api<Device> = Api::namespaced(client, &ns.name);
+    let ready = |n: EdgeNode| {
+        n.status
+            .and_then(|s| condition_status(&s.conditions, "Ready").map(str::to_owned))
+    };
+    let cond = |d: &Device, t: &str| {
+        d.status
+            .as_ref()
+            .and_then(|s| condition_status(&s.conditions, t).map(str::to_owned))
+    };
+
+    let mut health = batch(1, vec![report("m1", 1, json!({"speed": 0}))]);
+    health.agent.pending_devices = 7;
+    assert_eq!(
+        post_batch(&url, &ns.name, "edge-1", "t1", &health)
+            .await
+            .status,
+        200
+    );
+    wait::until("EdgeNode Ready=True with agent health", STEP, || async {
+        let n = nodes.get("edge-1").await.unwrap();
+        (n.status.as_ref().and_then(|s| s.pending_devices) == Some(7)
+            && ready(n).as_deref() == Some("True"))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(
+        cond(&devices.get("m1").await.unwrap(), "Online").as_deref(),
+        Some("True")
+    );
+
+    // Silence longer than the node's offline timeout: node and devices go offline.
+    wait::until(
+        "EdgeNode Ready=False after silence",
+        Duration::from_secs(20),
+        || async {
+            (ready(nodes.get("edge-1").await.unwrap()).as_deref() == Some("False")).then_some(())
+        },
+    )
+    .await;
+    wait::until("both devices Online=False", STEP, || async {
+        let m1 = cond(&devices.get("m1").await.unwrap(), "Online");
+        let m2 = cond(&devices.get("m2").await.unwrap(), "Online");
+        (m1.as_deref() == Some("False") && m2.as_deref() == Some("False")).then_some(())
+    })
+    .await;
+    let n = nodes.get("edge-1").await.unwrap();
+    let r = n
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(r.reason, "HeartbeatMissed");
+
+    // A heartbeat (empty batch) brings the node and its devices back.
+    assert_eq!(
+        post_batch(&url, &ns.name, "edge-1", "t1", &batch(2, vec![]))
+            .await
+            .status,
+        200
+    );
+    wait::until("node and devices online again", STEP, || async {
+        let n = ready(nodes.get("edge-1").await.unwrap());
+        let m2 = cond(&devices.get("m2").await.unwrap(), "Online");
+        (n.as_deref() == Some("True") && m2.as_deref() == Some("True")).then_some(())
+    })
+    .await;
+
+    // A new desired generation turns InSync false until the agent reports having applied it.
+    cp.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "device",
+        "m1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"desired":{"speed":5}}}"#,
+    ]);
+    let generation = devices
+        .get("m1")
+        .await
+        .unwrap()
+        .metadata
+        .generation
+        .unwrap();
+    wait::until("InSync=False after a desired edit", STEP, || async {
+        (cond(&devices.get("m1").await.unwrap(), "InSync").as_deref() == Some("False"))
+            .then_some(())
+    })
+    .await;
+    let mut r = report("m1", 2, json!({"speed": 5}));
+    r.observed_desired_version = generation;
+    let a = post_batch(&url, &ns.name, "edge-1", "t1", &batch(3, vec![r])).await;
+    assert_eq!((a.status, a.result(0)), (200, "accepted"));
+    let d = devices.get("m1").await.unwrap();
+    assert_eq!(cond(&d, "InSync").as_deref(), Some("True"));
+    assert_eq!(
+        d.status.unwrap().observed_desired_generation,
+        Some(generation)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_never_regress_a_device() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("replicas");
+    create_node(cp, &ns.name, "edge-1", "t1", "");
+    let names: Vec<String> = (0..10).map(|i| format!("r-{i}")).collect();
+    create_devices(cp, &ns.name, "edge-1", &names);
+    let c1 = Controller::start(cp, &[]);
+    let c2 = Controller::start(cp, &[]);
+    let urls = [c1.url(), c2.url()];
+    let devices: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+
+    // Record every status version the API server ever shows, per device.
+    let watch_api = devices.clone();
+    let observer = tokio::spawn(async move {
+        let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
+        let stream = watcher(watch_api, watcher::Config::default()).applied_objects();
+        let mut stream = std::pin::pin!(stream);
+        while let Some(Ok(d)) = stream.next().await {
+            if let Some(v) = d.status.and_then(|s| s.reported_version) {
+                let name = d.metadata.name.unwrap();
+                let list = seen.entry(name).or_default();
+                if list.last() != Some(&v) {
+                    list.push(v);
+                }
+                if seen.len() == 10 && seen.values().all(|l| l.last() == Some(&40)) {
+                    return seen;
+                }
+            }
+        }
+        seen
+    });
+
+    // Four senders share versions 1..=40 of every device, each sending an interleaved,
+    // out-of-order slice to alternating replicas, concurrently.
+    let mut tasks = Vec::new();
+    for sender in 0..4u64 {
+        let urls = urls.clone();
+        let names = names.clone();
+        let ns = ns.name.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut versions: Vec<u64> = (1..=40).filter(|v| v % 4 == sender).collect();
+            versions.reverse();
+            let n = versions.len();
+            versions.rotate_left(sender as usize % n);
+            for (i, v) in versions.into_iter().enumerate() {
+                let reports = names
+                    .iter()
+                    .map(|d| report(d, v, json!({"v": v})))
+                    .collect();
+                let url = &urls[(i + sender as usize) % 2];
+                let a = post_batch(url, &ns, "edge-1", "t1", &batch(v, reports)).await;
+                assert_eq!(a.status, 200, "{a:?}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(30), observer)
+        .await
+        .expect("every device reaches version 40")
+        .unwrap();
+    for (device, versions) in &seen {
+        assert!(
+            versions.windows(2).all(|w| w[0] < w[1]),
+            "{device} regressed: {versions:?}"
+        );
+    }
+    for d in &names {
+        let st = devices.get(d).await.unwrap().status.unwrap();
+        assert_eq!(
+            (st.reported_version, st.reported.unwrap()["v"].clone()),
+            (Some(40), json!(40))
+        );
+    }
+}
