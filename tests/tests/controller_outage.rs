@@ -1,0 +1,92 @@
+//! The controller while the API server is down: batches are answered 503 quickly (not hung),
+//! nothing is acknowledged that is not durable, and everything recovers when the API server
+//! returns. Runs on a control plane of its own, since it stops the API server.
+
+// Integration tests: a failed unwrap is a failed test with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use edgesync_crds::Device;
+use edgesync_e2e::cluster::ControlPlane;
+use edgesync_e2e::controller::{
+    Controller, batch, create_devices, create_node, post_batch, report,
+};
+use edgesync_e2e::wait;
+use kube::Api;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_outage_gives_fast_503_and_recovers() {
+    let cp = ControlPlane::start();
+    let ns = cp.namespace("outage");
+    create_node(&cp, &ns.name, "edge-1", "t1", "");
+    let names: Vec<String> = (0..5).map(|i| format!("o-{i}")).collect();
+    create_devices(&cp, &ns.name, "edge-1", &names);
+    let c = Controller::start(&cp, &[]);
+    let url = c.url();
+    let send = |v: u64| {
+        let reports = names
+            .iter()
+            .map(|d| report(d, v, json!({"v": v})))
+            .collect();
+        batch(v, reports)
+    };
+    assert_eq!(
+        post_batch(&url, &ns.name, "edge-1", "t1", &send(1))
+            .await
+            .status,
+        200
+    );
+
+    cp.stop_apiserver();
+    for v in 2..5 {
+        let started = Instant::now();
+        let a = post_batch(&url, &ns.name, "edge-1", "t1", &send(v)).await;
+        let took = started.elapsed();
+        assert_eq!(
+            (a.status, a.code()),
+            (503, "kubernetes_unavailable"),
+            "{a:?}"
+        );
+        assert!(a.retry_after.is_some(), "503 carries Retry-After");
+        assert!(took < Duration::from_secs(5), "503 took {took:?}");
+    }
+    // The controller stays alive and says it cannot reach Kubernetes.
+    assert!(
+        c.metrics()
+            .await
+            .contains("edgesync_controller_kubernetes_up 0")
+    );
+
+    cp.restart_apiserver();
+    let a = wait::until(
+        "a batch is accepted again",
+        Duration::from_secs(60),
+        || async {
+            let a = post_batch(&url, &ns.name, "edge-1", "t1", &send(5)).await;
+            (a.status == 200).then_some(a)
+        },
+    )
+    .await;
+    assert_eq!(a.result(0), "accepted");
+    let api: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+    for d in &names {
+        let st = api.get(d).await.unwrap().status.unwrap();
+        assert_eq!(
+            (st.reported_version, st.reported.unwrap()["v"].clone()),
+            (Some(5), json!(5))
+        );
+    }
+    // Its caches recovered too: a device created after the outage is known.
+    create_devices(&cp, &ns.name, "edge-1", &["late".into()]);
+    let a = post_batch(
+        &url,
+        &ns.name,
+        "edge-1",
+        "t1",
+        &batch(6, vec![report("late", 1, json!({}))]),
+    )
+    .await;
+    assert_eq!((a.status, a.result(0)), (200, "accepted"), "{a:?}");
+}
