@@ -11,6 +11,7 @@
 //! - [`wait`]: waiting on conditions with deadlines, never on fixed sleeps.
 //! - [`contract`]: a server speaking the controller's HTTP contract, for agent tests.
 //! - [`agent`]: agent configs and the release agent binary as a process.
+//! - [`stack`]: the whole path (Mosquitto, agent, fault proxy, controller) for end-to-end tests.
 //! - [`controller`]: the release controller binary as a process, EdgeNodes and their tokens,
 //!   and a small client for its HTTP API.
 //!
@@ -27,6 +28,7 @@ pub mod device;
 pub mod mosquitto;
 pub mod process;
 pub mod proxy;
+pub mod stack;
 pub mod wait;
 
 use std::net::{SocketAddr, TcpListener};

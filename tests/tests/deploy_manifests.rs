@@ -45,7 +45,10 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         ("get", "secrets", "plant-a"),
         ("update", "leases.coordination.k8s.io", "edgesync-system"),
     ] {
-        assert!(can(verb, resource, ns), "the controller needs {verb} {resource} in {ns}");
+        assert!(
+            can(verb, resource, ns),
+            "the controller needs {verb} {resource} in {ns}"
+        );
     }
     for (verb, resource, ns) in [
         ("list", "secrets", "plant-a"),
@@ -56,6 +59,9 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         ("update", "leases.coordination.k8s.io", "plant-a"),
         ("get", "configmaps", "plant-a"),
     ] {
-        assert!(!can(verb, resource, ns), "the controller must not {verb} {resource} in {ns}");
+        assert!(
+            !can(verb, resource, ns),
+            "the controller must not {verb} {resource} in {ns}"
+        );
     }
 }

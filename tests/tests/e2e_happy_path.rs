@@ -1,0 +1,193 @@
+//! End to end, the happy path: 200 devices publish plain JSON and shadow updates through
+//! Mosquitto to the agent, which reports to the controller, which writes Device status; then a
+//! `kubectl patch` of `spec.desired` travels back down to the device as a delta.
+
+// Integration tests: a failed unwrap is a failed test with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use edgesync_crds::condition_status;
+use edgesync_e2e::cluster::ControlPlane;
+use edgesync_e2e::device::TestDevice;
+use edgesync_e2e::stack::{Stack, StackOptions};
+use edgesync_e2e::wait;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::json;
+
+const DEVICES: usize = 200;
+const ROUNDS: u64 = 5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_to_kubernetes_and_desired_back_to_the_device() {
+    let started = Instant::now();
+    let cp = ControlPlane::shared();
+    let stack = Stack::start(
+        cp,
+        "e2e-happy",
+        StackOptions {
+            node_spec: "  autoRegisterDevices: true".into(),
+            ..StackOptions::default()
+        },
+    )
+    .await;
+    let mut probe = TestDevice::connect("probe", stack.broker.port(), "edgesync/+/shadow/#").await;
+    probe.wait_for_agent("edgesync", "nobody").await;
+
+    // Every device publishes ROUNDS states; even devices as plain JSON, odd ones through the
+    // shadow protocol. QoS1, every publish acknowledged by the broker.
+    let mut opts = MqttOptions::new("fleet", "127.0.0.1", stack.broker.port());
+    opts.set_inflight(100);
+    let (client, mut el) = AsyncClient::new(opts, 1000);
+    let pump = tokio::spawn(async move {
+        let mut acked = 0usize;
+        while acked < DEVICES * ROUNDS as usize {
+            if let Event::Incoming(Packet::PubAck(_)) =
+                el.poll().await.expect("publisher connection")
+            {
+                acked += 1;
+            }
+        }
+    });
+    for round in 0..ROUNDS {
+        for d in 0..DEVICES {
+            let state = json!({"n": round, "temp": 20 + d, "line": format!("L{}", d % 4)});
+            let (topic, payload) = if d % 2 == 0 {
+                (format!("factory/dev-{d}/state"), state.to_string())
+            } else {
+                (
+                    format!("edgesync/dev-{d}/shadow/update"),
+                    json!({"state": {"reported": state}}).to_string(),
+                )
+            };
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(60), pump)
+        .await
+        .expect("broker acks every publish")
+        .unwrap();
+
+    let devices = stack.devices().await;
+    let converged = wait::until(
+        "every Device shows its last published state",
+        Duration::from_secs(90),
+        || {
+            let devices = devices.clone();
+            async move {
+                let list = devices.list(&Default::default()).await.ok()?;
+                let done = list.items.iter().filter(|d| {
+                    d.status
+                        .as_ref()
+                        .and_then(|s| s.reported.as_ref())
+                        .is_some_and(|r| r["n"] == json!(ROUNDS - 1))
+                });
+                (list.items.len() == DEVICES && done.count() == DEVICES).then_some(list)
+            }
+        },
+    )
+    .await;
+    for d in &converged.items {
+        let name = d.metadata.name.clone().unwrap();
+        let i: usize = name.trim_start_matches("dev-").parse().unwrap();
+        let reported = d.status.as_ref().unwrap().reported.clone().unwrap();
+        assert_eq!(
+            serde_json::Value::Object(reported),
+            json!({"n": ROUNDS - 1, "temp": 20 + i, "line": format!("L{}", i % 4)}),
+            "{name}"
+        );
+        assert_eq!(d.spec.node_name, "edge-1");
+    }
+    let reached = started.elapsed();
+
+    // kubectl shows them Online and In-Sync.
+    wait::until(
+        "kubectl get devices shows Online and In-Sync",
+        Duration::from_secs(30),
+        || async {
+            let out = cp.kubectl_ok(&["-n", &stack.ns.name, "get", "devices", "--no-headers"]);
+            let rows: Vec<&str> = out.lines().collect();
+            let good = rows.iter().filter(|r| {
+                let cols: Vec<&str> = r.split_whitespace().collect();
+                cols.get(2) == Some(&"True") && cols.get(3) == Some(&"True")
+            });
+            (rows.len() == DEVICES && good.count() == DEVICES).then_some(())
+        },
+    )
+    .await;
+
+    // An operator sets a desired value: the device gets it as a delta.
+    let mut dev = TestDevice::connect(
+        "dev-7-client",
+        stack.broker.port(),
+        "edgesync/dev-7/shadow/#",
+    )
+    .await;
+    let patched = Instant::now();
+    cp.kubectl_ok(&[
+        "-n",
+        &stack.ns.name,
+        "patch",
+        "device",
+        "dev-7",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"desired":{"speed":1500}}}"#,
+    ]);
+    let delta = dev.expect("edgesync/dev-7/shadow/update/delta").await;
+    let delta_latency = patched.elapsed();
+    assert_eq!(delta["state"], json!({"speed": 1500}));
+    let d = devices.get("dev-7").await.unwrap();
+    wait::until(
+        "InSync=False while the device differs",
+        Duration::from_secs(20),
+        || async {
+            let d = devices.get("dev-7").await.ok()?;
+            (condition_status(&d.status?.conditions, "InSync") == Some("False")).then_some(())
+        },
+    )
+    .await;
+
+    // The device applies it and reports: In-Sync again, observed generation recorded.
+    dev.publish(
+        "edgesync/dev-7/shadow/update",
+        json!({"state":{"reported":{"speed":1500}}}).to_string(),
+    )
+    .await;
+    wait::until(
+        "InSync=True after the device reports the desired value",
+        Duration::from_secs(30),
+        || async {
+            let d = devices.get("dev-7").await.ok()?;
+            let st = d.status?;
+            (condition_status(&st.conditions, "InSync") == Some("True")
+                && st.reported?["speed"] == json!(1500))
+            .then_some(())
+        },
+    )
+    .await;
+    let st = devices.get("dev-7").await.unwrap().status.unwrap();
+    assert_eq!(st.observed_desired_generation, d.metadata.generation);
+    let en = cp.kubectl_ok(&[
+        "-n",
+        &stack.ns.name,
+        "get",
+        "edgenode",
+        "edge-1",
+        "--no-headers",
+    ]);
+    assert!(
+        en.split_whitespace().nth(1) == Some("True"),
+        "EdgeNode Ready: {en}"
+    );
+    println!(
+        "e2e happy path: {DEVICES} devices x {ROUNDS} updates converged in {reached:?}; desired->delta {delta_latency:?}; writes: {}",
+        stack
+            .controller
+            .metric("edgesync_controller_status_writes_total")
+            .await
+    );
+}
