@@ -67,7 +67,7 @@ impl AgentConfig {
 /// Path of the release agent binary, building it once per test binary if needed.
 pub fn agent_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| crate::release_binary("edgesync-agent", "agent"))
+    BIN.get_or_init(|| crate::release_binary("edgesync-agent", "edgesync-agent", "agent"))
         .clone()
 }
 

@@ -18,8 +18,10 @@ use crate::{free_port, loopback};
 /// Path of the release controller binary, building it once per test binary if needed.
 pub fn controller_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| crate::release_binary("edgesync-controller", "controller"))
-        .clone()
+    BIN.get_or_init(|| {
+        crate::release_binary("edgesync-controller", "edgesync-controller", "controller")
+    })
+    .clone()
 }
 
 /// A controller process on a loopback port.

@@ -59,8 +59,8 @@ pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// Builds `package`'s release binary (named like the package) once per test binary and returns
-/// its path.
+/// Builds the release binary `bin` of `package` and returns its path (cargo makes a rebuild
+/// of an unchanged package a no-op).
 ///
 /// Each binary gets a target dir of its own (`target/<dir>`): built alone, a package resolves
 /// its dependencies' features differently than inside the test build, and a shared dir would
@@ -68,15 +68,15 @@ pub fn loopback(port: u16) -> SocketAddr {
 ///
 /// # Panics
 /// When the build fails.
-pub fn release_binary(package: &str, dir: &str) -> PathBuf {
+pub fn release_binary(package: &str, bin: &str, dir: &str) -> PathBuf {
     let target = workspace_root().join("target").join(dir);
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "-q", "-p", package, "--bin", package])
+        .args(["build", "--release", "-q", "-p", package, "--bin", bin])
         .arg("--target-dir")
         .arg(&target)
         .current_dir(workspace_root())
         .status()
         .unwrap_or_else(|e| panic!("cannot run cargo build for {package}: {e}"));
     assert!(status.success(), "building the release {package} failed");
-    target.join("release").join(package)
+    target.join("release").join(bin)
 }

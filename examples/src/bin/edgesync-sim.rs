@@ -1,0 +1,126 @@
+//! `edgesync-sim`: a shop-floor simulator and load generator.
+//!
+//! Simulates `--devices` machines behind one MQTT gateway connection. Each publishes its state
+//! as plain JSON to `factory/{device}/state` every `--interval-ms` (temperature drifting, a
+//! counter of parts made, the speed it runs at), and obeys desired state: a `speed` in the
+//! shadow delta (`{prefix}/{device}/shadow/update/delta`) is applied and reported back through
+//! `{prefix}/{device}/shadow/update`, which is what turns a Device In-Sync.
+
+#![allow(clippy::print_stdout)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use clap::Parser;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+
+/// Simulated shop-floor devices publishing JSON state over MQTT and applying desired state.
+#[derive(Debug, Parser)]
+#[command(name = "edgesync-sim", version)]
+struct Args {
+    /// Broker host.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Broker port.
+    #[arg(long, default_value_t = 1883)]
+    port: u16,
+    /// Number of devices.
+    #[arg(long, default_value_t = 20)]
+    devices: usize,
+    /// Device id prefix: devices are `{name}-{i}`.
+    #[arg(long, default_value = "machine")]
+    name: String,
+    /// Interval between two states of one device, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// Shadow topic prefix of the agent.
+    #[arg(long, default_value = "edgesync")]
+    prefix: String,
+    /// Stop after this many seconds (0: run until Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    duration_secs: u64,
+}
+
+struct Machine {
+    temperature: f64,
+    parts: u64,
+    speed: u64,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args = Args::parse();
+    let mut opts = MqttOptions::new(
+        format!("edgesync-sim-{}", fastrand::u32(..)),
+        &args.host,
+        args.port,
+    );
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(200);
+    let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+    let mut machines: HashMap<String, Machine> = (0..args.devices)
+        .map(|i| {
+            (
+                format!("{}-{i}", args.name),
+                Machine {
+                    temperature: 20.0 + i as f64 % 7.0,
+                    parts: 0,
+                    speed: 1000,
+                },
+            )
+        })
+        .collect();
+    let delta_filter = format!("{}/+/shadow/update/delta", args.prefix);
+    let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms.max(1)));
+    let stop_at = (args.duration_secs > 0)
+        .then(|| tokio::time::Instant::now() + Duration::from_secs(args.duration_secs));
+    let mut subscribed = false;
+    println!(
+        "edgesync-sim: {} devices -> {}:{} every {} ms",
+        args.devices, args.host, args.port, args.interval_ms
+    );
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = async { tokio::time::sleep_until(stop_at.unwrap_or_else(tokio::time::Instant::now)).await }, if stop_at.is_some() => return,
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    if !subscribed {
+                        let _ = client.try_subscribe(&delta_filter, QoS::AtLeastOnce);
+                        subscribed = true;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let device = p.topic.split('/').nth(1).unwrap_or_default().to_owned();
+                    let delta: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    if let (Some(m), Some(speed)) = (machines.get_mut(&device), delta["state"]["speed"].as_u64()) {
+                        m.speed = speed;
+                        println!("edgesync-sim: {device} applies desired speed {speed}");
+                        let update = json!({"state": {"reported": {"speed": speed}}});
+                        let _ = client.try_publish(format!("{}/{device}/shadow/update", args.prefix), QoS::AtLeastOnce, false, update.to_string());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    println!("edgesync-sim: broker connection: {e}; retrying");
+                    subscribed = false;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
+            _ = tick.tick() => {
+                for (id, m) in machines.iter_mut() {
+                    m.temperature += (fastrand::f64() - 0.5) * 0.4;
+                    m.parts += m.speed / 500;
+                    let state = json!({
+                        "temperature": (m.temperature * 10.0).round() / 10.0,
+                        "parts": m.parts,
+                        "speed": m.speed,
+                        "status": "running",
+                    });
+                    let _ = client.try_publish(format!("factory/{id}/state"), QoS::AtLeastOnce, false, state.to_string());
+                }
+            }
+        }
+    }
+}

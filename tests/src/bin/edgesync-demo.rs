@@ -1,0 +1,176 @@
+//! `make demo`: the whole system on this machine, end to end, in about a minute.
+//!
+//! Starts a local control plane (etcd + kube-apiserver, CRDs applied), the controller, a
+//! broker and the agent, and the shop-floor simulator; shows the devices arriving in
+//! `kubectl get devices`; then plays the operator: sets a desired speed on one machine and
+//! shows it travel down to the device and the Device turn In-Sync. Everything it starts stops
+//! when it exits. `DEMO_KEEP=1` keeps it running until Ctrl-C, printing the kubectl commands to
+//! try.
+
+#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use edgesync_crds::{Device, condition_status};
+use edgesync_e2e::agent::{AgentConfig, spawn_agent};
+use edgesync_e2e::cluster::ControlPlane;
+use edgesync_e2e::controller::Controller;
+use edgesync_e2e::mosquitto::Mosquitto;
+use edgesync_e2e::process::{ManagedProcess, ProcessSpec};
+use edgesync_e2e::{release_binary, wait, workspace_root};
+use kube::Api;
+
+const NAMESPACE: &str = "plant-a";
+const MACHINES: usize = 20;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let started = Instant::now();
+    println!("== edgesync demo ==");
+    println!("[1/6] local Kubernetes control plane (etcd + kube-apiserver, CRDs applied)");
+    let cp = ControlPlane::start();
+    println!("      ready in {:.1?} at {}", cp.started_in(), cp.server());
+
+    println!(
+        "[2/6] namespace {NAMESPACE}, EdgeNode edge-1 and its token Secret (examples/edgenode.yaml)"
+    );
+    cp.kubectl_ok(&["create", "namespace", NAMESPACE]);
+    let examples = workspace_root().join("examples");
+    cp.kubectl_ok(&[
+        "-n",
+        NAMESPACE,
+        "apply",
+        "-f",
+        &examples.join("edgenode.yaml").display().to_string(),
+    ]);
+
+    println!("[3/6] edgesync-controller (release build)");
+    let controller = Controller::start(&cp, &[]);
+    println!("      serving on {}", controller.url());
+
+    println!("[4/6] MQTT broker and edgesync-agent (release build)");
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().expect("demo temp dir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "change-me-to-a-long-random-token\n").unwrap();
+    let mut config = AgentConfig::new(&dir.path().join("agent"), &broker.url());
+    config.node = "edge-1".into();
+    config.namespace = NAMESPACE.into();
+    config.cloud = Some((controller.url(), token_file));
+    let agent = spawn_agent(&config);
+    println!("      agent data in {}", config.data_dir.display());
+
+    println!("[5/6] edgesync-sim: {MACHINES} machines publishing JSON state every second");
+    let sim_bin = release_binary("edgesync-examples", "edgesync-sim", "examples");
+    let sim = ManagedProcess::spawn(
+        ProcessSpec::new("edgesync-sim", sim_bin)
+            .arg("--port")
+            .arg(broker.port().to_string())
+            .arg("--devices")
+            .arg(MACHINES.to_string()),
+        dir.path(),
+    );
+
+    let devices: Api<Device> = Api::namespaced(cp.client().await, NAMESPACE);
+    wait::until(
+        "all machines reported and In-Sync",
+        Duration::from_secs(120),
+        || {
+            let devices = devices.clone();
+            async move {
+                let list = devices.list(&Default::default()).await.ok()?;
+                let in_sync = list.items.iter().filter(|d| {
+                    d.status
+                        .as_ref()
+                        .is_some_and(|s| condition_status(&s.conditions, "InSync") == Some("True"))
+                });
+                (in_sync.count() >= MACHINES).then_some(())
+            }
+        },
+    )
+    .await;
+    println!("\n$ kubectl get devices -n {NAMESPACE}");
+    println!("{}", cp.kubectl_ok(&["-n", NAMESPACE, "get", "devices"]));
+
+    println!("[6/6] the operator sets spec.desired.speed=1500 on machine-3");
+    let patched = Instant::now();
+    cp.kubectl_ok(&[
+        "-n",
+        NAMESPACE,
+        "patch",
+        "device",
+        "machine-3",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"desired":{"speed":1500}}}"#,
+    ]);
+    wait::until(
+        "machine-3 reports speed 1500 and is In-Sync",
+        Duration::from_secs(60),
+        || {
+            let devices = devices.clone();
+            async move {
+                let st = devices.get("machine-3").await.ok()?.status?;
+                (condition_status(&st.conditions, "InSync") == Some("True")
+                    && st.reported?["speed"] == 1500)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    println!(
+        "      delta delivered, applied by the machine, reported back and In-Sync in {:.1?}",
+        patched.elapsed()
+    );
+    println!("\n$ kubectl get device machine-3 -n {NAMESPACE} -o jsonpath='{{.status.reported}}'");
+    println!(
+        "{}",
+        cp.kubectl_ok(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "device",
+            "machine-3",
+            "-o",
+            "jsonpath={.status.reported}"
+        ])
+    );
+    println!("\n$ kubectl get edgenodes -n {NAMESPACE} -o wide");
+    println!(
+        "{}",
+        cp.kubectl_ok(&["-n", NAMESPACE, "get", "edgenodes", "-o", "wide"])
+    );
+    let agent_bin = edgesync_e2e::agent::agent_binary();
+    let outbox = std::process::Command::new(&agent_bin)
+        .args(["outbox", "--config"])
+        .arg(config.data_dir.join("agent.toml"))
+        .output()
+        .expect("run edgesync-agent outbox");
+    println!("$ edgesync-agent outbox --config agent.toml");
+    println!("{}", String::from_utf8_lossy(&outbox.stdout));
+    println!(
+        "Status writes so far: {} for {} MQTT messages (coalesced).",
+        controller
+            .metric("edgesync_controller_status_writes_total")
+            .await,
+        MACHINES as u64 * started.elapsed().as_secs()
+    );
+
+    if std::env::var_os("DEMO_KEEP").is_some() {
+        println!("\nRunning until Ctrl-C. Try:");
+        println!(
+            "  KUBECONFIG={} kubectl get devices -n {NAMESPACE} -w",
+            cp.kubeconfig().display()
+        );
+        println!("  curl -s {}/metrics | grep edgesync_", controller.url());
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    drop(sim);
+    drop(agent);
+    drop(broker);
+    drop(controller);
+    println!(
+        "demo finished in {:.1?}; everything it started is stopped",
+        started.elapsed()
+    );
+}
