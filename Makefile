@@ -3,7 +3,11 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test bench fmt-check clippy unit deps k8s mosquitto crds
+.PHONY: demo test bench fmt-check clippy unit deps k8s mosquitto crds
+
+## demo: the whole system end to end on this machine (control plane, controller, broker, agent, simulated machines)
+demo: deps
+	$(CARGO) run -q -p edgesync-e2e --bin edgesync-demo
 
 ## test: everything CI runs: formatting, lints, and every test against real Mosquitto and kube-apiserver
 test: deps fmt-check clippy
