@@ -35,17 +35,18 @@ impl TokenBucket {
         }
     }
 
-    /// Takes `n` tokens only if they are all available now; otherwise takes nothing and
-    /// returns how long until they would be (for answering 429 with `Retry-After`).
+    /// Takes `n` tokens only if they are available now; otherwise takes nothing and returns how
+    /// long until they would be (for answering 429 with `Retry-After`). A request larger than
+    /// the burst is admitted once the bucket is full and leaves it in debt, so it is paid for
+    /// by the requests after it instead of being refused forever.
     pub fn try_take(&mut self, n: f64, now: Instant) -> Result<(), Duration> {
         self.refill(now);
-        if self.tokens >= n {
+        let need = n.min(self.burst);
+        if self.tokens >= need {
             self.tokens -= n;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(
-                (n.min(self.burst) - self.tokens) / self.rate,
-            ))
+            Err(Duration::from_secs_f64((need - self.tokens) / self.rate))
         }
     }
 
@@ -71,17 +72,21 @@ mod tests {
     }
 
     #[test]
-    fn try_take_never_goes_into_debt() {
+    fn try_take_refuses_without_taking_and_admits_oversized_requests_when_full() {
         let t0 = Instant::now();
         let mut b = TokenBucket::new(10.0, 20.0, t0);
         assert_eq!(b.try_take(20.0, t0), Ok(()));
         assert_eq!(b.try_take(5.0, t0), Err(Duration::from_millis(500)));
         // Nothing was taken by the refusal.
         assert_eq!(b.try_take(5.0, t0 + Duration::from_millis(500)), Ok(()));
-        // A request larger than the burst waits for a full bucket, not forever.
+        // A request larger than the burst waits for a full bucket, not forever...
         assert_eq!(
             b.try_take(100.0, t0 + Duration::from_millis(500)),
             Err(Duration::from_secs(2))
         );
+        let full = t0 + Duration::from_millis(2500);
+        assert_eq!(b.try_take(100.0, full), Ok(()));
+        // ...and the requests after it pay its debt.
+        assert_eq!(b.try_take(1.0, full), Err(Duration::from_millis(8100)));
     }
 }

@@ -54,7 +54,15 @@ impl<'a> Stack<'a> {
         let node = "edge-1".to_owned();
         let token = format!("token-{}", ns.name);
         create_node(cp, &ns.name, &node, &token, &opts.node_spec);
-        let args: Vec<&str> = opts.controller_args.iter().map(String::as_str).collect();
+        // A Lease of its own, so this stack's controller leads its liveness loop at once
+        // instead of waiting for another test's (possibly killed) controller to expire.
+        let mut args: Vec<&str> = vec![
+            "--lease-name",
+            "edgesync-stack",
+            "--lease-namespace",
+            &ns.name,
+        ];
+        args.extend(opts.controller_args.iter().map(String::as_str));
         let controller = Controller::start(cp, &args);
         let proxy = FaultProxy::start(controller.addr).await;
         let broker = Mosquitto::start();
@@ -97,4 +105,125 @@ impl<'a> Stack<'a> {
         self.controller.process.dump_log();
         self.broker.dump_log();
     }
+}
+
+/// Records every `status.reportedVersion` the API server shows for each Device of a namespace,
+/// to prove that none ever went backwards.
+pub struct VersionObserver {
+    seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u64>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl VersionObserver {
+    /// Starts watching the Devices of `api`'s namespace.
+    pub fn start(api: Api<Device>) -> VersionObserver {
+        use futures_util::StreamExt as _;
+        use kube::runtime::{WatchStreamExt as _, watcher};
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+            String,
+            Vec<u64>,
+        >::new()));
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            let stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                let Ok(d) = item else { continue };
+                let Some(v) = d.status.and_then(|s| s.reported_version) else {
+                    continue;
+                };
+                let name = d.metadata.name.unwrap_or_default();
+                let mut seen = record.lock().expect("observer lock");
+                let list = seen.entry(name).or_default();
+                if list.last() != Some(&v) {
+                    list.push(v);
+                }
+            }
+        });
+        VersionObserver { seen, task }
+    }
+
+    /// Panics naming the first device whose version ever decreased; returns how many
+    /// distinct versions were observed in total.
+    pub fn assert_never_regressed(&self) -> usize {
+        let seen = self.seen.lock().expect("observer lock");
+        for (device, versions) in seen.iter() {
+            assert!(
+                versions.windows(2).all(|w| w[0] < w[1]),
+                "{device}'s reportedVersion went backwards: {versions:?}"
+            );
+        }
+        seen.values().map(Vec::len).sum()
+    }
+}
+
+impl Drop for VersionObserver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Publishes every `(topic, payload)` at QoS1 from one client and returns once the broker has
+/// acknowledged all of them (each is then the broker's responsibility).
+pub async fn publish_acked(port: u16, client_id: &str, messages: Vec<(String, String)>) {
+    use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
+    let total = messages.len();
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(std::time::Duration::from_secs(30))
+        .set_inflight(100);
+    let (client, mut el) = AsyncClient::new(opts, 1000);
+    let pump = tokio::spawn(async move {
+        let mut acked = 0usize;
+        while acked < total {
+            if let rumqttc::Event::Incoming(Packet::PubAck(_)) =
+                el.poll().await.expect("publisher connection")
+            {
+                acked += 1;
+            }
+        }
+    });
+    for (topic, payload) in messages {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("queue publish");
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(120), pump)
+        .await
+        .expect("the broker acknowledges every publish within 120 s")
+        .expect("publisher task");
+}
+
+/// Waits until every listed Device's `status.reported[key]` equals its expected value.
+pub async fn wait_reported(
+    api: &Api<Device>,
+    key: &str,
+    expected: &std::collections::HashMap<String, serde_json::Value>,
+    deadline: std::time::Duration,
+) {
+    crate::wait::until(
+        "every Device to show its last published state",
+        deadline,
+        || async {
+            let list = api.list(&Default::default()).await.ok()?;
+            let done = list
+                .items
+                .iter()
+                .filter(|d| {
+                    let name = d.metadata.name.as_deref().unwrap_or_default();
+                    expected.get(name).is_some_and(|want| {
+                        d.status
+                            .as_ref()
+                            .and_then(|s| s.reported.as_ref())
+                            .and_then(|r| r.get(key))
+                            == Some(want)
+                    })
+                })
+                .count();
+            (done == expected.len()).then_some(())
+        },
+    )
+    .await;
 }
