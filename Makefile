@@ -13,9 +13,10 @@ demo: deps
 test: deps fmt-check clippy
 	hack/run-tests.sh
 
-## bench: agent ingest throughput and memory against the broker alone and SQLite alone
-bench: mosquitto
+## bench: agent ingest vs the broker alone and SQLite alone; controller ingest vs a real kube-apiserver
+bench: deps
 	$(CARGO) bench -p edgesync-e2e --bench agent_ingest
+	$(CARGO) bench -p edgesync-e2e --bench controller_ingest
 
 ## deps: build/cache kube-apiserver, kubectl, etcd and install mosquitto if missing
 deps: k8s mosquitto

@@ -328,6 +328,11 @@ impl ControlPlane {
         TestNamespace { cp: self, name }
     }
 
+    /// The API server's process id (for CPU measurements).
+    pub fn apiserver_pid(&self) -> Option<u32> {
+        self.apiserver.lock().ok().and_then(|p| p.pid())
+    }
+
     /// Stops the API server (etcd keeps running), as in an API server outage.
     pub fn stop_apiserver(&self) {
         self.apiserver.lock().expect("apiserver lock").stop();

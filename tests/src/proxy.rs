@@ -37,6 +37,14 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Listens on a free loopback port and forwards to `upstream`.
     pub async fn start(upstream: SocketAddr) -> FaultProxy {
+        Self::start_balanced(vec![upstream]).await
+    }
+
+    /// Like [`FaultProxy::start`], spreading new connections round-robin over `upstreams`, as
+    /// a Kubernetes Service does over its endpoints. A connection to an upstream that is down
+    /// is closed at once, so the client retries.
+    pub async fn start_balanced(upstreams: Vec<SocketAddr>) -> FaultProxy {
+        assert!(!upstreams.is_empty(), "a proxy needs an upstream");
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
             .expect("bind fault proxy");
@@ -45,6 +53,7 @@ impl FaultProxy {
         let accepted = Arc::new(AtomicU64::new(0));
         let counter = accepted.clone();
         let task = tokio::spawn(async move {
+            let mut next = 0usize;
             while let Ok((client, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::Relaxed);
                 let fault_rx = fault_rx.clone();
@@ -52,6 +61,8 @@ impl FaultProxy {
                     drop(client);
                     continue;
                 }
+                let upstream = upstreams[next % upstreams.len()];
+                next += 1;
                 tokio::spawn(connection(client, upstream, fault_rx));
             }
         });

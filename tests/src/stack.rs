@@ -22,6 +22,8 @@ pub struct StackOptions {
     pub controller_args: Vec<String>,
     /// Extra agent TOML (sections).
     pub agent_toml: String,
+    /// Run a second controller replica; the proxy spreads connections over both.
+    pub two_replicas: bool,
 }
 
 /// A running end-to-end stack.
@@ -36,6 +38,8 @@ pub struct Stack<'a> {
     pub token: String,
     /// The controller process.
     pub controller: Controller,
+    /// The second replica, with [`StackOptions::two_replicas`].
+    pub second: Option<Controller>,
     /// The broker.
     pub broker: Mosquitto,
     /// The fault proxy between agent and controller.
@@ -64,7 +68,10 @@ impl<'a> Stack<'a> {
         ];
         args.extend(opts.controller_args.iter().map(String::as_str));
         let controller = Controller::start(cp, &args);
-        let proxy = FaultProxy::start(controller.addr).await;
+        let second = opts.two_replicas.then(|| Controller::start(cp, &args));
+        let mut upstreams = vec![controller.addr];
+        upstreams.extend(second.as_ref().map(|c| c.addr));
+        let proxy = FaultProxy::start_balanced(upstreams).await;
         let broker = Mosquitto::start();
         let dir = tempfile::tempdir().expect("stack temp dir");
         let token_file = dir.path().join("token");
@@ -81,6 +88,7 @@ impl<'a> Stack<'a> {
             node,
             token,
             controller,
+            second,
             broker,
             proxy,
             agent_config,
@@ -103,6 +111,9 @@ impl<'a> Stack<'a> {
     pub fn dump_logs(&self) {
         self.agent.dump_log();
         self.controller.process.dump_log();
+        if let Some(c) = &self.second {
+            c.process.dump_log();
+        }
         self.broker.dump_log();
     }
 }
