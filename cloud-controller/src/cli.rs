@@ -47,6 +47,14 @@ pub struct RunOptions {
     #[arg(long, default_value = "0.0.0.0:8080", env = "EDGESYNC_LISTEN")]
     pub listen: SocketAddr,
 
+    /// Serve the agent API over TLS with this PEM certificate chain (needs `--tls-key`).
+    #[arg(long, env = "EDGESYNC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key for `--tls-cert`.
+    #[arg(long, env = "EDGESYNC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
     /// Global budget of Kubernetes status writes per second (all nodes, all devices). Reports
     /// beyond it are coalesced: each device is written with its latest state when its turn comes.
     #[arg(long, default_value_t = 200.0, env = "EDGESYNC_WRITE_QPS", value_parser = positive_f64)]

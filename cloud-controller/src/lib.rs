@@ -12,6 +12,7 @@
 //! | [`desired`] | per-node desired-state fan-out with resumable cursors |
 //! | [`liveness`] | leader-only loop: offline nodes, Online/InSync conditions |
 //! | [`lease`] | Lease-based leader election |
+//! | [`tls`] | optional TLS for the agent API |
 
 pub mod api;
 pub mod auth;
@@ -24,6 +25,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod ratelimit;
 pub mod telemetry;
+pub mod tls;
 pub mod writer;
 
 use std::sync::Arc;
@@ -129,11 +131,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         opts: opts.clone(),
     });
+    // Certificate problems are start-up errors, before anything listens.
+    let tls = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", opts.listen))?;
     info!(
         listen = %listener.local_addr()?,
+        tls = tls.is_some(),
         identity,
         write_qps = opts.write_qps,
         write_burst = opts.write_burst,
@@ -146,10 +154,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         info!("Shutting down");
         token.cancel();
     });
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .context("HTTP server failed")?;
+    let router = api::router(state);
+    match tls {
+        Some(config) => axum::serve(tls::TlsListener::new(listener, config)?, router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await
+            .context("HTTPS server failed")?,
+        None => axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await
+            .context("HTTP server failed")?,
+    }
     // Give the Lease release a moment.
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())

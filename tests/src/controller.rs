@@ -40,6 +40,14 @@ impl Controller {
     /// # Panics
     /// When it does not become ready within 30 s (its log is printed).
     pub fn start(cp: &ControlPlane, extra: &[&str]) -> Controller {
+        let c = Self::spawn(cp, extra);
+        c.wait_ready();
+        c
+    }
+
+    /// Starts a controller without waiting for it (for TLS, where readiness is checked over
+    /// HTTPS by the caller, or to see it refuse to start).
+    pub fn spawn(cp: &ControlPlane, extra: &[&str]) -> Controller {
         let dir = tempfile::tempdir().expect("controller temp dir");
         let addr = loopback(free_port());
         let mut spec = ProcessSpec::new("edgesync-controller", controller_binary())
@@ -57,13 +65,11 @@ impl Controller {
             spec = spec.arg(*a);
         }
         let process = ManagedProcess::spawn(spec, dir.path());
-        let c = Controller {
+        Controller {
             process,
             addr,
             _dir: dir,
-        };
-        c.wait_ready();
-        c
+        }
     }
 
     /// Waits until `/readyz` answers 200.

@@ -374,3 +374,99 @@ async fn auto_registration_and_node_limits() {
     // Without auto-registration, those unknown devices were rejected, not created.
     assert!(api.get_opt("s-0").await.unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_the_agent_api_and_bad_certificates_stop_start_up() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("tls");
+    create_node(cp, &ns.name, "edge-1", "t1", "");
+    create_devices(cp, &ns.name, "edge-1", &["secure-1".into()]);
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args([
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        // A self-signed end-entity certificate (rustls refuses a CA certificate as a server's).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=serverAuth"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is installed (apt-get install openssl)");
+    assert!(status.success());
+    let cert = dir.path().join("cert.pem").display().to_string();
+    let key = dir.path().join("key.pem").display().to_string();
+    let c = Controller::spawn(cp, &["--tls-cert", &cert, "--tls-key", &key]);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let https = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let base = format!("https://{}", c.addr);
+    wait::until("HTTPS /readyz", Duration::from_secs(30), || async {
+        let r = match https.get(format!("{base}/readyz")).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("HTTPS /readyz: {e:?}");
+                return None;
+            }
+        };
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let body =
+        serde_json::to_vec(&batch(1, vec![report("secure-1", 1, json!({"ok": true}))])).unwrap();
+    let r = https
+        .post(format!(
+            "{base}{}",
+            edgesync_protocol::wire::reports_path(&ns.name, "edge-1")
+        ))
+        .bearer_auth("t1")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = edgesync_e2e::controller::client()
+        .get(format!("{}/healthz", c.url()))
+        .send()
+        .await;
+    assert!(plain.map(|r| r.status() != 200).unwrap_or(true));
+
+    // A missing key file is a start-up error that names the option.
+    let mut bad = Controller::spawn(
+        cp,
+        &["--tls-cert", &cert, "--tls-key", "/nonexistent/key.pem"],
+    );
+    wait::until(
+        "controller with a bad key to exit",
+        Duration::from_secs(20),
+        || {
+            let running = bad.process.is_running();
+            async move { (!running).then_some(()) }
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(bad.process.log_path()).unwrap();
+    assert!(log.contains("--tls-key"), "{log}");
+}

@@ -164,8 +164,16 @@ async fn hostile_input_at_both_doors_changes_nothing_else() {
             .unwrap();
         assert_eq!(Value::Object(reported), json!({"n": 2}), "{d}");
     }
-    assert!(
-        devices.get("foreign-1").await.unwrap().status.is_none(),
+    // Its conditions are the liveness loop's (its node never reported); nothing was reported.
+    let foreign = devices
+        .get("foreign-1")
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default();
+    assert_eq!(
+        (foreign.reported, foreign.reported_version),
+        (None, None),
         "another node's device untouched"
     );
     assert_eq!(
