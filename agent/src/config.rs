@@ -137,6 +137,9 @@ pub struct RawCloud {
     /// Per-request timeout.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
+    /// PEM file of extra CA certificates to trust for an `https://` controller (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_request_timeout_secs() -> u64 {
@@ -317,6 +320,23 @@ pub struct CloudSettings {
     pub token: String,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// Extra trusted CA certificates (PEM), from `cloud.ca_file`.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl CloudSettings {
+    /// An HTTP client builder for the controller, trusting `cloud.ca_file` in addition to the
+    /// system roots.
+    pub fn client_builder(&self) -> reqwest::ClientBuilder {
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = &self.ca_pem {
+            // Validated when the config was read.
+            for cert in reqwest::Certificate::from_pem_bundle(pem).unwrap_or_default() {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        builder
+    }
 }
 
 /// Validated uplink settings.
@@ -729,7 +749,30 @@ fn cloud_settings(c: &RawCloud, errs: &mut Vec<String>) -> Option<CloudSettings>
             return None;
         }
     };
+    let ca_pem = match &c.ca_file {
+        None => None,
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => match reqwest::Certificate::from_pem_bundle(&pem) {
+                Ok(certs) if !certs.is_empty() => Some(pem),
+                _ => {
+                    errs.push(format!(
+                        "cloud.ca_file {} holds no PEM certificate",
+                        path.display()
+                    ));
+                    return None;
+                }
+            },
+            Err(e) => {
+                errs.push(format!(
+                    "cloud.ca_file: cannot read {}: {e}",
+                    path.display()
+                ));
+                return None;
+            }
+        },
+    };
     Some(CloudSettings {
+        ca_pem,
         url: c.url.trim_end_matches('/').to_owned(),
         token,
         request_timeout: Duration::from_secs(c.request_timeout_secs),

@@ -74,7 +74,8 @@ impl Downlink {
         uplink_notify: Arc<Notify>,
     ) -> reqwest::Result<Self> {
         // No overall timeout: the stream is long-lived; silence is detected per line instead.
-        let http = reqwest::Client::builder()
+        let http = cloud
+            .client_builder()
             .connect_timeout(cloud.request_timeout)
             .build()?;
         Ok(Self {

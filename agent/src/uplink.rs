@@ -68,7 +68,8 @@ impl Uplink {
         metrics: Arc<Metrics>,
         notify: Arc<Notify>,
     ) -> reqwest::Result<Self> {
-        let http = reqwest::Client::builder()
+        let http = cloud
+            .client_builder()
             .timeout(cloud.request_timeout)
             .build()?;
         let reports_url = format!("{}{}", cloud.url, wire::reports_path(namespace, node));

@@ -21,6 +21,8 @@ pub struct AgentConfig {
     pub cloud: Option<(String, PathBuf)>,
     /// Extra TOML appended verbatim (sections such as `[uplink]`).
     pub extra: String,
+    /// `cloud.ca_file`, for an https:// controller with a private CA.
+    pub cloud_ca: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -33,6 +35,7 @@ impl AgentConfig {
             mqtt_url: mqtt_url.to_owned(),
             cloud: None,
             extra: String::new(),
+            cloud_ca: None,
         }
     }
 
@@ -47,9 +50,13 @@ impl AgentConfig {
         );
         if let Some((url, token_file)) = &self.cloud {
             s.push_str(&format!(
-                "[cloud]\nurl = \"{url}\"\ntoken_file = \"{}\"\nrequest_timeout_secs = 5\n\n",
+                "[cloud]\nurl = \"{url}\"\ntoken_file = \"{}\"\nrequest_timeout_secs = 5\n",
                 token_file.display()
             ));
+            if let Some(ca) = &self.cloud_ca {
+                s.push_str(&format!("ca_file = \"{}\"\n", ca.display()));
+            }
+            s.push('\n');
         }
         s.push_str(&self.extra);
         s

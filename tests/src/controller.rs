@@ -359,3 +359,46 @@ impl DesiredStream {
         }
     }
 }
+
+/// Writes a self-signed server certificate for `127.0.0.1` (`cert.pem`, `key.pem`) into `dir`
+/// with the openssl CLI and returns their paths.
+///
+/// # Panics
+/// When openssl is missing or fails.
+pub fn self_signed_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args([
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        // A self-signed end-entity certificate (rustls refuses a CA certificate as a server's).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=serverAuth"])
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| {
+            panic!("cannot run openssl ({e}); install it with: apt-get install openssl")
+        });
+    assert!(
+        status.success(),
+        "openssl could not make a test certificate"
+    );
+    (dir.join("cert.pem"), dir.join("key.pem"))
+}

@@ -382,37 +382,8 @@ async fn tls_serves_the_agent_api_and_bad_certificates_stop_start_up() {
     create_node(cp, &ns.name, "edge-1", "t1", "");
     create_devices(cp, &ns.name, "edge-1", &["secure-1".into()]);
     let dir = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ])
-        .args([
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        // A self-signed end-entity certificate (rustls refuses a CA certificate as a server's).
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-addext", "extendedKeyUsage=serverAuth"])
-        .current_dir(dir.path())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl is installed (apt-get install openssl)");
-    assert!(status.success());
-    let cert = dir.path().join("cert.pem").display().to_string();
-    let key = dir.path().join("key.pem").display().to_string();
+    let (cert, key) = edgesync_e2e::controller::self_signed_cert(dir.path());
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
     let c = Controller::spawn(cp, &["--tls-cert", &cert, "--tls-key", &key]);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let https = reqwest::Client::builder()

@@ -191,3 +191,50 @@ async fn devices_to_kubernetes_and_desired_back_to_the_device() {
             .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reports_to_a_tls_controller_trusting_a_private_ca() {
+    use edgesync_e2e::agent::{AgentConfig, spawn_agent};
+    use edgesync_e2e::controller::{Controller, create_node, self_signed_cert};
+    use edgesync_e2e::mosquitto::Mosquitto;
+
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("e2e-tls");
+    create_node(
+        cp,
+        &ns.name,
+        "edge-1",
+        "tls-token",
+        "  autoRegisterDevices: true",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed_cert(dir.path());
+    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    let controller = Controller::spawn(cp, &["--tls-cert", &cert_s, "--tls-key", &key_s]);
+    let broker = Mosquitto::start();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "tls-token").unwrap();
+    let mut config = AgentConfig::new(&dir.path().join("agent"), &broker.url());
+    config.namespace = ns.name.clone();
+    config.cloud = Some((format!("https://{}", controller.addr), token_file));
+    config.cloud_ca = Some(cert);
+    let _agent = spawn_agent(&config);
+    let mut dev = TestDevice::connect("tls-dev", broker.port(), "edgesync/+/shadow/#").await;
+    dev.wait_for_agent("edgesync", "nobody").await;
+    dev.publish(
+        "factory/secure-press/state",
+        json!({"temp": 42}).to_string(),
+    )
+    .await;
+    let devices: kube::Api<edgesync_crds::Device> =
+        kube::Api::namespaced(cp.client().await, &ns.name);
+    wait::until(
+        "the report to arrive over HTTPS",
+        Duration::from_secs(60),
+        || async {
+            let st = devices.get_opt("secure-press").await.ok()??.status?;
+            (st.reported?["temp"] == json!(42)).then_some(())
+        },
+    )
+    .await;
+}
