@@ -312,6 +312,9 @@ impl DesiredStream {
             url.push_str("?since=");
             url.push_str(c);
         }
+        // No overall timeout (the stream is long-lived); the TLS provider must be installed
+        // before any reqwest client is built, whichever test builds the first one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let resp = reqwest::Client::builder()
             .build()
             .expect("client")
