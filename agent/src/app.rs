@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use crate::broker::{BrokerSettings, EmbeddedBroker};
 use crate::config::{Broker, Settings};
 use crate::downlink::Downlink;
 use crate::metrics::Metrics;
@@ -37,17 +38,40 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         "Starting edgesync-agent {}",
         env!("CARGO_PKG_VERSION")
     );
-    if let Broker::Embedded { .. } = settings.mqtt.broker {
-        anyhow::bail!(
-            "mqtt.embedded = true is not available in this build; run Mosquitto (see README, \"Broker settings\") and set mqtt.url"
-        );
-    }
     let (store, store_thread) = Store::open(&settings.store, settings.limits)
         .with_context(|| format!("opening the database {}", settings.store.path.display()))?;
     let metrics = Arc::new(Metrics::default());
     let changed = Arc::new(Notify::new());
 
-    let mqtt = Mqtt::new(&settings.mqtt, settings.ingest.clone(), settings.limits)
+    // The embedded broker stops last, after the agent's own MQTT client has acked what it
+    // committed, so a clean shutdown leaves no device message unacknowledged needlessly.
+    let broker_stop = CancellationToken::new();
+    let mut broker_task = None;
+    let mut mqtt_settings = settings.mqtt.clone();
+    if let Broker::Embedded { listen } = settings.mqtt.broker {
+        let broker = EmbeddedBroker::bind(
+            &BrokerSettings {
+                listen,
+                credentials: settings.mqtt.credentials.clone(),
+                agent_client_id: settings.mqtt.client_id.clone(),
+                // Oversized payloads get a `rejected` reply from the agent, which needs
+                // them to reach it; beyond this, the connection is closed.
+                max_packet: (settings.limits.max_payload_bytes * 4 + 64 * 1024).max(1 << 20),
+            },
+            metrics.clone(),
+            broker_stop.clone(),
+        )
+        .await
+        .with_context(|| format!("binding mqtt.listen {listen} for the embedded broker"))?;
+        // The agent connects to the address actually bound (port 0 picks a free one).
+        let mut local = broker.local_addr()?;
+        if local.ip().is_unspecified() {
+            local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        mqtt_settings.broker = Broker::Embedded { listen: local };
+        broker_task = Some(tokio::spawn(broker.run()));
+    }
+    let mqtt = Mqtt::new(&mqtt_settings, settings.ingest.clone(), settings.limits)
         .context("setting up MQTT")?;
     let publisher = mqtt.publisher(metrics.clone());
 
@@ -115,6 +139,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         if let Err(e) = res {
             error!(error = %e, "Component failed during shutdown");
         }
+    }
+    broker_stop.cancel();
+    if let Some(task) = broker_task {
+        let _ = task.await;
     }
     drop(store);
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;

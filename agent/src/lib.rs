@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod backoff;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod downlink;

@@ -53,6 +53,14 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
     /// Batch round-trip latency.
     pub batch_latency: Histogram,
+    /// Embedded broker: connected clients (the agent's own connection included).
+    pub broker_clients: AtomicU64,
+    /// Embedded broker: PUBLISH packets received from clients.
+    pub broker_messages_in: AtomicU64,
+    /// Embedded broker: QoS0 messages dropped for a subscriber that does not keep up.
+    pub broker_dropped_qos0: AtomicU64,
+    /// Embedded broker: QoS1 messages dropped for a session whose queue was full.
+    pub broker_dropped_queue: AtomicU64,
 }
 
 impl Metrics {
@@ -192,6 +200,33 @@ impl Metrics {
             "SQLite transactions that failed (nothing in them was acknowledged).",
             &self.store_errors,
         );
+        gauge(
+            &mut out,
+            "edgesync_agent_broker_clients",
+            "Embedded broker: connected MQTT clients (the agent included; 0 with an external broker).",
+            self.broker_clients.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "edgesync_agent_broker_messages_received_total",
+            "Embedded broker: PUBLISH packets received from clients.",
+            &self.broker_messages_in,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP edgesync_agent_broker_messages_dropped_total Embedded broker: messages dropped, by reason (qos0_backlog: a subscriber not reading; queue_full: {} QoS1 messages already queued for a session).\n# TYPE edgesync_agent_broker_messages_dropped_total counter",
+            crate::broker::MAX_QUEUED
+        );
+        for (reason, v) in [
+            ("qos0_backlog", &self.broker_dropped_qos0),
+            ("queue_full", &self.broker_dropped_queue),
+        ] {
+            let _ = writeln!(
+                out,
+                "edgesync_agent_broker_messages_dropped_total{{reason=\"{reason}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
         self.batch_latency.render(
             &mut out,
             "edgesync_agent_batch_latency_seconds",

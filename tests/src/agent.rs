@@ -15,8 +15,10 @@ pub struct AgentConfig {
     pub namespace: String,
     /// Data directory.
     pub data_dir: PathBuf,
-    /// Broker URL.
+    /// Broker URL (ignored when `embedded_port` is set).
     pub mqtt_url: String,
+    /// Run the agent's embedded broker on this loopback port instead.
+    pub embedded_port: Option<u16>,
     /// Controller URL and token file, if any.
     pub cloud: Option<(String, PathBuf)>,
     /// Extra TOML appended verbatim (sections such as `[uplink]`).
@@ -33,20 +35,32 @@ impl AgentConfig {
             namespace: "plant-a".into(),
             data_dir: data_dir.to_owned(),
             mqtt_url: mqtt_url.to_owned(),
+            embedded_port: None,
             cloud: None,
             extra: String::new(),
             cloud_ca: None,
         }
     }
 
+    /// A config for an agent running its embedded broker on loopback `port`.
+    pub fn embedded(data_dir: &Path, port: u16) -> Self {
+        Self {
+            embedded_port: Some(port),
+            ..Self::new(data_dir, "")
+        }
+    }
+
     /// The TOML text.
     pub fn to_toml(&self) -> String {
+        let mqtt = match self.embedded_port {
+            Some(port) => format!("embedded = true\nlisten = \"127.0.0.1:{port}\""),
+            None => format!("url = \"{}\"", self.mqtt_url),
+        };
         let mut s = format!(
-            "node = \"{}\"\nnamespace = \"{}\"\ndata_dir = \"{}\"\n\n[mqtt]\nurl = \"{}\"\n\n[[ingest]]\ntopic = \"factory/{{device}}/state\"\n\n[http]\nlisten = \"\"\n\n",
+            "node = \"{}\"\nnamespace = \"{}\"\ndata_dir = \"{}\"\n\n[mqtt]\n{mqtt}\n\n[[ingest]]\ntopic = \"factory/{{device}}/state\"\n\n[http]\nlisten = \"\"\n\n",
             self.node,
             self.namespace,
             self.data_dir.display(),
-            self.mqtt_url
         );
         if let Some((url, token_file)) = &self.cloud {
             s.push_str(&format!(

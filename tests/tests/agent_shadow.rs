@@ -47,7 +47,22 @@ async fn shadow_round_trip_conflicts_and_every_rejection() {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
     let agent = start(&AgentConfig::new(dir.path(), &broker.url()));
-    let mut dev = TestDevice::connect("device-1", broker.port(), "edgesync/+/shadow/#").await;
+    round_trip_conflicts_and_rejections(broker.port()).await;
+    agent.stop().await;
+}
+
+/// The same protocol through the agent's embedded broker (`mqtt.embedded = true`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_round_trip_conflicts_and_every_rejection_via_the_embedded_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = edgesync_e2e::free_port();
+    let agent = start(&AgentConfig::embedded(dir.path(), port));
+    round_trip_conflicts_and_rejections(port).await;
+    agent.stop().await;
+}
+
+async fn round_trip_conflicts_and_rejections(port: u16) {
+    let mut dev = TestDevice::connect("device-1", port, "edgesync/+/shadow/#").await;
     let missing = dev.wait_for_agent("edgesync", "nobody").await;
     assert_eq!(missing["code"], 404);
 
@@ -181,8 +196,6 @@ async fn shadow_round_trip_conflicts_and_every_rejection() {
         json!({"temp":22,"motor":{"rpm":1200,"dir":"cw"}})
     );
     assert!(doc["metadata"]["reported"]["motor"]["rpm"]["timestamp"].is_u64());
-
-    agent.stop().await;
 }
 
 async fn wait_version(dev: &mut TestDevice, device: &str, version: u64) -> Value {

@@ -1,0 +1,215 @@
+//! One client connection: read packets and hand them to the router in batches (one lock per
+//! read, not per packet); a writer task coalesces outgoing packets into few socket writes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::Error as CodecError;
+use rumqttc::{ConnAck, ConnectReturnCode, Packet, Protocol};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use super::router::{Flow, Link};
+
+/// A connection must send CONNECT within this time.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Outgoing bytes gathered into one write.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// Reads the next packet, reading from the socket as needed.
+async fn read_packet(
+    rd: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Packet, String> {
+    loop {
+        match Packet::read(buf, max) {
+            Ok(p) => return Ok(p),
+            Err(CodecError::InsufficientBytes(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        match rd.read_buf(buf).await {
+            Ok(0) => return Err("connection closed".into()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Serves one client until it disconnects, fails, or `stop` is cancelled.
+pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, wr) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let connect = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        read_packet(&mut rd, &mut buf, shared.max_packet),
+    )
+    .await
+    {
+        Ok(Ok(Packet::Connect(c))) => c,
+        Ok(Ok(_)) => return debug!(%peer, "First packet was not CONNECT; closing"),
+        Ok(Err(e)) => return debug!(%peer, error = e, "Closed before CONNECT"),
+        Err(_) => return debug!(%peer, "No CONNECT within 10 s; closing"),
+    };
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let backlog = Arc::new(AtomicUsize::new(0));
+    let closed = shared.stop.child_token();
+    let writer = tokio::spawn(write_loop(wr, rx, backlog.clone(), closed.clone()));
+    let client_id = connect.client_id.clone();
+    let keep_alive = connect.keep_alive;
+
+    let refusal = if connect.protocol != Protocol::V4 {
+        Some(ConnectReturnCode::RefusedProtocolVersion)
+    } else if let Some((user, pass)) = &shared.credentials {
+        let ok = connect.login.as_ref().is_some_and(|l| {
+            constant_time_eq(l.username.as_bytes(), user.as_bytes())
+                & constant_time_eq(l.password.as_bytes(), pass.as_bytes())
+        });
+        (!ok).then_some(ConnectReturnCode::BadUserNamePassword)
+    } else {
+        None
+    };
+    let accepted = match refusal {
+        Some(code) => Err(code),
+        None => shared
+            .router
+            .lock()
+            .map_err(|_| ConnectReturnCode::ServiceUnavailable)
+            .and_then(|mut r| {
+                r.connect(
+                    connect,
+                    Link::new(tx.clone(), backlog.clone(), closed.clone()),
+                )
+            }),
+    };
+    let (client, conn) = match accepted {
+        Ok(ids) => ids,
+        Err(code) => {
+            warn!(%peer, client = client_id, ?code, "MQTT connection refused (MQTT 3.1.1 clients only; check mqtt.username/password)");
+            let _ = tx.send(Packet::ConnAck(ConnAck::new(code, false)));
+            drop(tx);
+            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+            return;
+        }
+    };
+    drop(tx); // the router's link is now the only sender
+    debug!(%peer, client = &*client, keep_alive, "MQTT client connected");
+
+    // MQTT 3.1.1, 3.1.2-24: silence for 1.5 keep-alive periods means the client is gone.
+    let idle_limit = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    let mut packets = Vec::new();
+    let mut graceful = false;
+    let end = 'conn: loop {
+        loop {
+            match Packet::read(&mut buf, shared.max_packet) {
+                Ok(p) => packets.push(p),
+                Err(CodecError::InsufficientBytes(_)) => break,
+                Err(e) => break 'conn format!("malformed packet: {e}"),
+            }
+        }
+        if !packets.is_empty() {
+            let Ok(mut router) = shared.router.lock() else {
+                break 'conn "broker state poisoned".into();
+            };
+            for p in packets.drain(..) {
+                match router.handle(&client, conn, p) {
+                    Flow::Continue => {}
+                    Flow::Disconnect => {
+                        graceful = true;
+                        break 'conn "client disconnected".into();
+                    }
+                    Flow::Close(why) => break 'conn why.into(),
+                }
+            }
+        }
+        let read = async {
+            match idle_limit {
+                Some(limit) => tokio::time::timeout(limit, rd.read_buf(&mut buf))
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+                None => rd.read_buf(&mut buf).await,
+            }
+        };
+        tokio::select! {
+            _ = closed.cancelled() => break "closed by the broker".into(),
+            n = read => match n {
+                Ok(0) => break "connection closed".into(),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    break format!("no packet within 1.5 x keep-alive ({keep_alive} s)");
+                }
+                Err(e) => break e.to_string(),
+            },
+        }
+    };
+    if let Ok(mut router) = shared.router.lock() {
+        router.disconnected(&client, conn, graceful);
+    }
+    if graceful {
+        debug!(%peer, client = &*client, "MQTT client disconnected");
+    } else {
+        info!(%peer, client = &*client, reason = end, "MQTT client connection ended");
+    }
+    closed.cancel();
+    let _ = writer.await;
+}
+
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Packet>,
+    backlog: Arc<AtomicUsize>,
+    closed: CancellationToken,
+) {
+    let mut out = BytesMut::with_capacity(WRITE_CHUNK);
+    loop {
+        let first = tokio::select! {
+            _ = closed.cancelled() => break,
+            p = rx.recv() => match p {
+                Some(p) => p,
+                None => break,
+            },
+        };
+        let mut n = 1;
+        encode(&first, &mut out);
+        while out.len() < WRITE_CHUNK {
+            let Ok(p) = rx.try_recv() else { break };
+            encode(&p, &mut out);
+            n += 1;
+        }
+        backlog.fetch_sub(n, Ordering::Relaxed);
+        let written = tokio::select! {
+            _ = closed.cancelled() => break,
+            r = wr.write_all(&out) => r,
+        };
+        if written.is_err() {
+            closed.cancel();
+            break;
+        }
+        out.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn encode(packet: &Packet, out: &mut BytesMut) {
+    if let Err(e) = packet.write(out, usize::MAX) {
+        warn!(error = %e, "Could not encode an MQTT packet; dropped");
+    }
+}
+
+/// Compares secrets without revealing where they differ through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
