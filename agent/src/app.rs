@@ -58,11 +58,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 // them to reach it; beyond this, the connection is closed.
                 max_packet: (settings.limits.max_payload_bytes * 4 + 64 * 1024).max(1 << 20),
             },
+            store.clone(),
             metrics.clone(),
             broker_stop.clone(),
         )
         .await
-        .with_context(|| format!("binding mqtt.listen {listen} for the embedded broker"))?;
+        .with_context(|| format!("starting the embedded broker on mqtt.listen {listen}"))?;
         // The agent connects to the address actually bound (port 0 picks a free one).
         let mut local = broker.local_addr()?;
         if local.ip().is_unspecified() {

@@ -33,7 +33,7 @@ use crate::config::{Durability, StoreSettings};
 /// load; small enough that a stalled disk pushes back on MQTT intake within milliseconds.
 const COMMAND_CHANNEL_CAPACITY: usize = 4096;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 const MIGRATIONS: &[&str] = &[
     // v1
     "CREATE TABLE shadows (
@@ -51,6 +51,13 @@ const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY NOT NULL,
         value TEXT NOT NULL
     ) WITHOUT ROWID;",
+    // v2: the embedded broker's persistent sessions (client id and subscriptions), so a
+    // device reconnecting after an agent restart is told its session is present and sends
+    // its unacknowledged messages again instead of discarding them.
+    "CREATE TABLE broker_sessions (
+        client_id TEXT PRIMARY KEY NOT NULL,
+        filters TEXT NOT NULL
+    ) WITHOUT ROWID;",
 ];
 
 const UPSERT_SHADOW: &str = "INSERT INTO shadows (device, version, doc) VALUES (?1, ?2, ?3)
@@ -65,6 +72,11 @@ const SELECT_PENDING: &str = "SELECT device, version FROM outbox ORDER BY enqueu
 const SET_META: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2)
      ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 const GET_META: &str = "SELECT value FROM meta WHERE key = ?1";
+const UPSERT_BROKER_SESSION: &str =
+    "INSERT INTO broker_sessions (client_id, filters) VALUES (?1, ?2)
+     ON CONFLICT (client_id) DO UPDATE SET filters = excluded.filters";
+const DELETE_BROKER_SESSION: &str = "DELETE FROM broker_sessions WHERE client_id = ?1";
+const SELECT_BROKER_SESSIONS: &str = "SELECT client_id, filters FROM broker_sessions";
 const OUTBOX_STATS: &str = "SELECT count(*), min(enqueued_at_ms) FROM outbox";
 
 const META_SEQ: &str = "seq";
@@ -208,6 +220,14 @@ enum Command {
         key: &'static str,
         value: String,
         reply: Reply<()>,
+    },
+    SaveBrokerSession {
+        client_id: String,
+        filters: Option<String>,
+        reply: Reply<()>,
+    },
+    LoadBrokerSessions {
+        reply: Reply<Vec<(String, String)>>,
     },
 }
 
@@ -380,6 +400,33 @@ impl Store {
     /// [`StoreError`].
     pub async fn set_meta(&self, key: &'static str, value: String) -> Result<(), StoreError> {
         self.call(|reply| Command::SetMeta { key, value, reply })
+            .await
+    }
+
+    /// Records (`Some(filters)`, JSON) or forgets (`None`) a persistent session of the
+    /// embedded broker, durably.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn save_broker_session(
+        &self,
+        client_id: String,
+        filters: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| Command::SaveBrokerSession {
+            client_id,
+            filters,
+            reply,
+        })
+        .await
+    }
+
+    /// The embedded broker's persistent sessions: (client id, filters JSON).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn load_broker_sessions(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.call(|reply| Command::LoadBrokerSessions { reply })
             .await
     }
 }
@@ -863,6 +910,35 @@ impl Writer {
                     .and_then(|mut s| s.execute(params![key, value]))
                     .map_err(&err)?;
                 defer(reply, ())
+            }
+            Command::SaveBrokerSession {
+                client_id,
+                filters,
+                reply,
+            } => {
+                match filters {
+                    Some(f) => self
+                        .conn
+                        .prepare_cached(UPSERT_BROKER_SESSION)
+                        .and_then(|mut s| s.execute(params![client_id, f])),
+                    None => self
+                        .conn
+                        .prepare_cached(DELETE_BROKER_SESSION)
+                        .and_then(|mut s| s.execute(params![client_id])),
+                }
+                .map_err(&err)?;
+                defer(reply, ())
+            }
+            Command::LoadBrokerSessions { reply } => {
+                let rows = self
+                    .conn
+                    .prepare_cached(SELECT_BROKER_SESSIONS)
+                    .and_then(|mut s| {
+                        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                            .collect::<Result<Vec<(String, String)>, _>>()
+                    })
+                    .map_err(&err)?;
+                defer(reply, rows)
             }
         })
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::Error as CodecError;
-use rumqttc::{ConnAck, ConnectReturnCode, Packet, Protocol};
+use rumqttc::{ConnAck, Connect, ConnectReturnCode, Packet, Protocol};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -78,6 +78,10 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
         (!ok).then_some(ConnectReturnCode::BadUserNamePassword)
     } else {
         None
+    };
+    let refusal = match refusal {
+        None => persist_new_session(&shared, &connect).await.err(),
+        some => some,
     };
     let accepted = match refusal {
         Some(code) => Err(code),
@@ -162,6 +166,28 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     }
     closed.cancel();
     let _ = writer.await;
+}
+
+/// A new persistent session is written to disk before its CONNACK: a device told its
+/// session exists must find it again after an agent restart (else it would discard the
+/// messages it has not had acknowledged yet).
+async fn persist_new_session(shared: &Shared, connect: &Connect) -> Result<(), ConnectReturnCode> {
+    let needed = shared
+        .router
+        .lock()
+        .map_err(|_| ConnectReturnCode::ServiceUnavailable)?
+        .needs_persisting(&connect.client_id, connect.clean_session);
+    if needed {
+        shared
+            .store
+            .save_broker_session(connect.client_id.clone(), Some("{}".into()))
+            .await
+            .map_err(|e| {
+                warn!(client = connect.client_id, error = %e, "Cannot record the MQTT session; refusing the connection");
+                ConnectReturnCode::ServiceUnavailable
+            })?;
+    }
+    Ok(())
 }
 
 async fn write_loop(

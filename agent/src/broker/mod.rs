@@ -7,11 +7,14 @@
 //!
 //! Its durability differs from a standalone broker's in one deliberate way: a device's QoS1
 //! message for the agent is acknowledged to the device only after the agent has committed it
-//! (see [`router`]). Nothing is written to disk by the broker, and nothing needs to be: a
-//! message is either committed in SQLite or still unacknowledged on the device. What an
-//! agent crash does lose is what any in-memory broker loses: QoS0 messages in flight,
-//! retained messages, and other clients' persistent sessions (devices subscribe again when
-//! the broker answers `session present = 0`).
+//! (see [`router`]). So messages need not be written to disk by the broker: each one is
+//! either committed in SQLite or still unacknowledged on the device. What the broker does
+//! write, to the agent's database, is its persistent sessions (client id, subscriptions):
+//! after an agent restart a device is told its session is present and sends its
+//! unacknowledged messages again (a compliant client discards them when told the session is
+//! gone). An agent crash loses what lives only in memory: QoS0 messages in flight, retained
+//! messages, and QoS1 messages queued *to* devices (replies and deltas; a device gets its
+//! desired state again with `shadow/get`).
 
 mod conn;
 mod router;
@@ -20,13 +23,16 @@ mod trie;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
+use crate::store::Store;
 pub use router::MAX_QUEUED;
-use router::Router;
+use router::{Router, SessionChange};
 
 /// What the embedded broker needs to know.
 #[derive(Debug, Clone)]
@@ -44,6 +50,7 @@ pub struct BrokerSettings {
 /// State shared by the connection tasks.
 struct Shared {
     router: Mutex<Router>,
+    store: Store,
     credentials: Option<(String, String)>,
     max_packet: usize,
     stop: CancellationToken,
@@ -56,18 +63,49 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    /// Binds the listen address.
+    /// Restores the persistent sessions recorded in `store` and binds the listen address.
     ///
     /// # Errors
-    /// When the address cannot be bound (in use, not local, no permission).
+    /// When the sessions cannot be read or the address cannot be bound (in use, not local,
+    /// no permission).
     pub async fn bind(
         settings: &BrokerSettings,
+        store: Store,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
-    ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(settings.listen).await?;
+    ) -> anyhow::Result<Self> {
+        let mut router = Router::new(&settings.agent_client_id, metrics);
+        let sessions = store
+            .load_broker_sessions()
+            .await
+            .context("reading the embedded broker's sessions")?;
+        for (client, filters) in &sessions {
+            router.restore(client, filters);
+        }
+        let (tx, mut changes) = mpsc::unbounded_channel::<SessionChange>();
+        router.persist_to(tx);
+        // Subscription changes are written in order, off the router's lock; a new session
+        // itself is written before its CONNACK (see conn.rs).
+        let writer = store.clone();
+        tokio::spawn(async move {
+            while let Some((client, filters)) = changes.recv().await {
+                if let Err(e) = writer.save_broker_session(client.clone(), filters).await {
+                    warn!(client, error = %e, "Could not record an MQTT session's subscriptions");
+                }
+            }
+        });
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("binding {}", settings.listen))?;
+        if !sessions.is_empty() {
+            info!(
+                sessions = sessions.len(),
+                "Embedded broker restored persistent sessions"
+            );
+        }
         let shared = Arc::new(Shared {
-            router: Mutex::new(Router::new(&settings.agent_client_id, metrics)),
+            router: Mutex::new(router),
+            store,
             credentials: settings.credentials.clone(),
             max_packet: settings.max_packet,
             stop,

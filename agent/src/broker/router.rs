@@ -170,6 +170,9 @@ pub enum Flow {
     Close(&'static str),
 }
 
+/// A persistent session to record (`Some(filters as JSON)`) or forget (`None`).
+pub type SessionChange = (String, Option<String>);
+
 /// Sessions, subscriptions and retained messages.
 #[derive(Debug)]
 pub struct Router {
@@ -182,6 +185,10 @@ pub struct Router {
     metrics: Arc<Metrics>,
     /// Scratch space for matches, reused across messages.
     matched: Vec<(Arc<str>, QoS)>,
+    /// Persistent sessions known to be on disk.
+    persisted: HashSet<Arc<str>>,
+    /// Where changes to persistent sessions go to be written.
+    persist: Option<mpsc::UnboundedSender<SessionChange>>,
 }
 
 impl Router {
@@ -195,7 +202,55 @@ impl Router {
             next_uid: 0,
             metrics,
             matched: Vec::new(),
+            persisted: HashSet::new(),
+            persist: None,
         }
+    }
+
+    /// Sends changes to persistent sessions (subscriptions, removal) to `tx`.
+    pub fn persist_to(&mut self, tx: mpsc::UnboundedSender<SessionChange>) {
+        self.persist = Some(tx);
+    }
+
+    /// Recreates a persistent session read from disk, offline, with its subscriptions.
+    pub fn restore(&mut self, client: &str, filters_json: &str) {
+        let client: Arc<str> = Arc::from(client);
+        let filters: HashMap<String, u8> = serde_json::from_str(filters_json).unwrap_or_default();
+        let uid = self.uid();
+        let mut session = Session::new(uid, true);
+        for (filter, qos) in filters {
+            let qos = if qos == 0 {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            self.trie.insert(&filter, &client, qos);
+            session.filters.insert(filter, qos);
+        }
+        self.persisted.insert(client.clone());
+        self.sessions.insert(client, session);
+    }
+
+    /// Whether connecting `client_id` with a persistent session must first write it to
+    /// disk (it is new): only then may its CONNACK say the session exists after a restart.
+    pub fn needs_persisting(&self, client_id: &str, clean_session: bool) -> bool {
+        !clean_session && !client_id.is_empty() && !self.persisted.contains(client_id)
+    }
+
+    fn save_filters(&self, client: &Arc<str>) {
+        let (Some(tx), Some(s)) = (&self.persist, self.sessions.get(client)) else {
+            return;
+        };
+        if !s.persistent {
+            return;
+        }
+        let filters: HashMap<&str, u8> = s
+            .filters
+            .iter()
+            .map(|(f, q)| (f.as_str(), *q as u8))
+            .collect();
+        let json = serde_json::to_string(&filters).unwrap_or_else(|_| "{}".into());
+        let _ = tx.send((client.to_string(), Some(json)));
     }
 
     fn uid(&mut self) -> u64 {
@@ -246,6 +301,13 @@ impl Router {
         };
         session.will = connect.last_will;
         session.link = Some((conn, link));
+        if session.persistent {
+            // The caller wrote it to disk before calling us (see `needs_persisting`).
+            self.persisted.insert(client.clone());
+        }
+        let Some(session) = self.sessions.get_mut(&client) else {
+            return Err(ConnectReturnCode::ServiceUnavailable);
+        };
         session.send(Packet::ConnAck(ConnAck::new(
             ConnectReturnCode::Success,
             resume,
@@ -330,6 +392,11 @@ impl Router {
         let Some(session) = self.sessions.remove(client) else {
             return;
         };
+        if self.persisted.remove(client)
+            && let Some(tx) = &self.persist
+        {
+            let _ = tx.send((client.to_string(), None));
+        }
         for filter in session.filters.keys() {
             self.trie.remove(filter, client);
         }
@@ -510,6 +577,7 @@ impl Router {
             codes.push(SubscribeReasonCode::Success(qos));
             granted.push((f.path, qos));
         }
+        self.save_filters(client);
         let Some(session) = self.sessions.get_mut(client) else {
             return;
         };
@@ -543,6 +611,7 @@ impl Router {
                 s.filters.remove(filter);
             }
         }
+        self.save_filters(client);
         self.reply(client, Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
     }
 }
@@ -719,6 +788,54 @@ mod tests {
             r.handle(&agent.id, agent.conn, Packet::PubAck(PubAck::new(pkid)));
         }
         assert_eq!(pubacks(&device.drain()), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_restored_session_is_present_keeps_its_subscriptions_and_changes_are_persisted() {
+        let mut r = router();
+        let (tx, mut changes) = mpsc::unbounded_channel();
+        r.persist_to(tx);
+        r.restore(AGENT, r#"{"factory/+/state":1}"#);
+        assert!(!r.needs_persisting(AGENT, false));
+        assert!(r.needs_persisting("new-device", false));
+        assert!(!r.needs_persisting("new-device", true));
+        // A device publishes before the agent is back: queued for the agent, not acked.
+        let mut device = connect(&mut r, "m1", false);
+        publish(&mut r, &device, "factory/m1/state", 5);
+        assert!(pubacks(&device.drain()).is_empty());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let connect = Connect {
+            protocol: Protocol::V4,
+            keep_alive: 30,
+            client_id: AGENT.into(),
+            clean_session: false,
+            last_will: None,
+            login: None,
+        };
+        let (id, conn) = r
+            .connect(
+                connect,
+                Link::new(tx, Arc::default(), CancellationToken::new()),
+            )
+            .unwrap();
+        assert!(matches!(rx.try_recv(), Ok(Packet::ConnAck(a)) if a.session_present));
+        let Ok(Packet::Publish(p)) = rx.try_recv() else {
+            panic!("queued message delivered on connect");
+        };
+        r.handle(&id, conn, Packet::PubAck(PubAck::new(p.pkid)));
+        assert_eq!(pubacks(&device.drain()), [5]);
+        // Subscribing records the filters; a clean reconnect forgets the session.
+        subscribe(&mut r, &mut device, "cmd/m1");
+        assert_eq!(
+            changes.try_recv().unwrap(),
+            ("m1".to_owned(), Some(r#"{"cmd/m1":1}"#.to_owned()))
+        );
+        connect_clean_again(&mut r, "m1");
+        assert_eq!(changes.try_recv().unwrap(), ("m1".to_owned(), None));
+    }
+
+    fn connect_clean_again(r: &mut Router, id: &str) {
+        let _ = connect(r, id, true);
     }
 
     #[test]
