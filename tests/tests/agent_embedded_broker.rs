@@ -73,10 +73,9 @@ async fn publish_through_crashes(port: u16, acked: Arc<Acked>) -> HashMap<String
             match el.poll().await {
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     // A resend after a reconnect reuses its packet id.
-                    if !in_flight.contains_key(&pkid) {
-                        let msg = to_send.lock().unwrap().pop_front().unwrap();
-                        in_flight.insert(pkid, msg);
-                    }
+                    in_flight
+                        .entry(pkid)
+                        .or_insert_with(|| to_send.lock().unwrap().pop_front().unwrap());
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     let (device, n) = in_flight.remove(&ack.pkid).unwrap();
