@@ -5,8 +5,8 @@ CARGO ?= cargo
 
 .PHONY: demo test bench fmt-check clippy unit deps k8s mosquitto crds
 
-## demo: the whole system end to end on this machine (control plane, controller, broker, agent, simulated machines)
-demo: deps
+## demo: the whole system end to end on this machine (control plane, controller, agent with its embedded broker, simulated machines)
+demo: k8s
 	$(CARGO) run -q -p edgesync-e2e --bin edgesync-demo
 
 ## test: everything CI runs: formatting, lints, and every test against real Mosquitto and kube-apiserver

@@ -13,7 +13,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::broker::{BrokerSettings, EmbeddedBroker};
 use crate::config::{Broker, Settings};
 use crate::downlink::Downlink;
 use crate::metrics::Metrics;
@@ -49,28 +48,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let mut broker_task = None;
     let mut mqtt_settings = settings.mqtt.clone();
     if let Broker::Embedded { listen } = settings.mqtt.broker {
-        let broker = EmbeddedBroker::bind(
-            &BrokerSettings {
-                listen,
-                credentials: settings.mqtt.credentials.clone(),
-                agent_client_id: settings.mqtt.client_id.clone(),
-                // Oversized payloads get a `rejected` reply from the agent, which needs
-                // them to reach it; beyond this, the connection is closed.
-                max_packet: (settings.limits.max_payload_bytes * 4 + 64 * 1024).max(1 << 20),
-            },
+        let (local, task) = start_embedded_broker(
+            &settings,
+            listen,
             store.clone(),
             metrics.clone(),
             broker_stop.clone(),
         )
-        .await
-        .with_context(|| format!("starting the embedded broker on mqtt.listen {listen}"))?;
-        // The agent connects to the address actually bound (port 0 picks a free one).
-        let mut local = broker.local_addr()?;
-        if local.ip().is_unspecified() {
-            local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
+        .await?;
         mqtt_settings.broker = Broker::Embedded { listen: local };
-        broker_task = Some(tokio::spawn(broker.run()));
+        broker_task = Some(task);
     }
     let mqtt = Mqtt::new(&mqtt_settings, settings.ingest.clone(), settings.limits)
         .context("setting up MQTT")?;
@@ -149,4 +136,50 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
     info!("Stopped");
     Ok(())
+}
+
+/// Starts the embedded broker; returns the address the agent's client connects to.
+#[cfg(feature = "embedded-broker")]
+async fn start_embedded_broker(
+    settings: &Settings,
+    listen: std::net::SocketAddr,
+    store: Store,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    use crate::broker::{BrokerSettings, EmbeddedBroker};
+    let broker = EmbeddedBroker::bind(
+        &BrokerSettings {
+            listen,
+            credentials: settings.mqtt.credentials.clone(),
+            agent_client_id: settings.mqtt.client_id.clone(),
+            // Oversized payloads get a `rejected` reply from the agent, which needs them to
+            // reach it; beyond this, the connection is closed.
+            max_packet: (settings.limits.max_payload_bytes * 4 + 64 * 1024).max(1 << 20),
+        },
+        store,
+        metrics,
+        stop,
+    )
+    .await
+    .with_context(|| format!("starting the embedded broker on mqtt.listen {listen}"))?;
+    // The agent connects to the address actually bound (port 0 picks a free one).
+    let mut local = broker.local_addr()?;
+    if local.ip().is_unspecified() {
+        local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    Ok((local, tokio::spawn(broker.run())))
+}
+
+#[cfg(not(feature = "embedded-broker"))]
+async fn start_embedded_broker(
+    _: &Settings,
+    _: std::net::SocketAddr,
+    _: Store,
+    _: Arc<Metrics>,
+    _: CancellationToken,
+) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    anyhow::bail!(
+        "mqtt.embedded = true, but this edgesync-agent was built without the embedded broker (cargo feature `embedded-broker`); set mqtt.url to a broker, or use a default build"
+    )
 }

@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod backoff;
+#[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -214,8 +214,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP edgesync_agent_broker_messages_dropped_total Embedded broker: messages dropped, by reason (qos0_backlog: a subscriber not reading; queue_full: {} QoS1 messages already queued for a session).\n# TYPE edgesync_agent_broker_messages_dropped_total counter",
-            crate::broker::MAX_QUEUED
+            "# HELP edgesync_agent_broker_messages_dropped_total Embedded broker: messages dropped, by reason (qos0_backlog: a subscriber not reading; queue_full: 10000 QoS1 messages already queued for a session).\n# TYPE edgesync_agent_broker_messages_dropped_total counter"
         );
         for (reason, v) in [
             ("qos0_backlog", &self.broker_dropped_qos0),

@@ -372,7 +372,12 @@ impl Processor {
             Err(e) => (self.reject(&e, None), None),
             Ok(req) => {
                 let token = req.client_token.clone();
-                match self.store.submit_update(device.clone(), req).await {
+                let full_reply = matches!(route, Route::Shadow { .. });
+                match self
+                    .store
+                    .submit_update(device.clone(), req, full_reply)
+                    .await
+                {
                     Ok(rx) => (Pending::Update(rx), token),
                     Err(_) => (Pending::Reject(store_unavailable(token.clone())), token),
                 }
@@ -508,7 +513,9 @@ impl Responder {
                 if applied.changed {
                     self.on_change.notify_one();
                 }
-                if op.is_some() {
+                if op.is_some()
+                    && let Some(current) = &current
+                {
                     let accepted = UpdateAccepted {
                         state: reported_state(&job.publish.payload),
                         version: current.version,
@@ -539,13 +546,17 @@ impl Responder {
                         .await;
                     }
                 }
-                if applied.changed && !current.delta().is_empty() {
+                if applied.changed
+                    && let Some(current) = &current
+                    && !current.state.desired.is_empty()
+                    && !current.delta().is_empty()
+                {
                     DevicePublisher {
                         client: self.client.clone(),
                         prefix: self.prefix.clone(),
                         metrics: self.metrics.clone(),
                     }
-                    .publish_delta(&device, &current)
+                    .publish_delta(&device, current)
                     .await;
                 }
                 true

@@ -135,10 +135,12 @@ pub enum StoreError {
 pub enum UpdateOutcome {
     /// Accepted and durable.
     Accepted {
-        /// What changed.
+        /// What changed (`previous` only when a full reply was asked for).
         applied: Applied,
-        /// The document after the update.
-        current: ShadowDocument,
+        /// The document after the update: when a full reply was asked for, or when the
+        /// device has desired state (a delta may be due). Copying every document for every
+        /// plain state message was the largest cost on the ingest path.
+        current: Option<ShadowDocument>,
     },
     /// Refused; nothing was stored.
     Rejected(ShadowError),
@@ -186,6 +188,8 @@ enum Command {
     Update {
         device: String,
         request: UpdateRequest,
+        /// The previous and current documents are wanted (shadow topic replies).
+        full_reply: bool,
         reply: Reply<UpdateOutcome>,
     },
     SetDesired {
@@ -279,12 +283,14 @@ impl Store {
         &self,
         device: String,
         request: UpdateRequest,
+        full_reply: bool,
     ) -> Result<oneshot::Receiver<Result<UpdateOutcome, StoreError>>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Update {
                 device,
                 request,
+                full_reply,
                 reply,
             })
             .await
@@ -301,7 +307,7 @@ impl Store {
         device: String,
         request: UpdateRequest,
     ) -> Result<UpdateOutcome, StoreError> {
-        self.submit_update(device, request)
+        self.submit_update(device, request, true)
             .await?
             .await
             .map_err(|_| StoreError::Closed)?
@@ -647,6 +653,9 @@ struct Writer {
     max_batch: usize,
     max_devices: usize,
     shadows: HashMap<String, ShadowDocument>,
+    /// Devices updated in the current group, written once each before the commit: a device
+    /// updated many times in one group costs one serialization and two row writes.
+    dirty: HashSet<String>,
     seq: u64,
 }
 
@@ -679,6 +688,7 @@ impl Writer {
             max_batch: settings.max_commit_batch,
             max_devices: settings.max_devices,
             shadows,
+            dirty: HashSet::new(),
             seq,
         })
     }
@@ -708,6 +718,7 @@ impl Writer {
             for cmd in group.drain(..) {
                 deferred.push(self.apply(cmd)?);
             }
+            self.flush_dirty()?;
             self.conn
                 .execute_batch("COMMIT")
                 .map_err(sqlite_err(&self.path))
@@ -716,6 +727,7 @@ impl Writer {
             tracing::error!(error = %e, "store transaction failed; nothing in it was acknowledged");
             let _ = self.conn.execute_batch("ROLLBACK");
             self.seq = seq_before;
+            self.dirty.clear();
             if let Err(reload) = self.reload() {
                 tracing::error!(error = %reload, "cannot reload shadows after a failed transaction");
             }
@@ -758,12 +770,27 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes the devices updated since the last flush.
+    fn flush_dirty(&mut self) -> Result<(), StoreError> {
+        for device in std::mem::take(&mut self.dirty) {
+            if let Some(doc) = self.shadows.get(&device) {
+                self.write_shadow(&device, doc, true)?;
+            }
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, cmd: Command) -> Result<Deferred, StoreError> {
+        if !matches!(cmd, Command::Update { .. } | Command::Get { .. }) {
+            // Everything else reads or writes rows: bring them up to date first.
+            self.flush_dirty()?;
+        }
         let err = sqlite_err(&self.path);
         Ok(match cmd {
             Command::Update {
                 device,
                 request,
+                full_reply,
                 reply,
             } => {
                 let is_new = !self.shadows.contains_key(&device);
@@ -772,15 +799,23 @@ impl Writer {
                 }
                 // Applied to the cached document in place: apply_reported leaves it untouched
                 // on error, and a failed commit reloads the cache from disk, so the cache never
-                // holds anything uncommitted. One clone (for the reply) instead of a copy-in,
-                // copy-back round trip; documents are the hot allocation on this path.
-                let doc = self.shadows.entry(device.clone()).or_default();
-                let result = doc.apply_reported(&request, &self.limits, now_secs());
+                // holds anything uncommitted. Documents are the hot allocation on this path:
+                // they are copied only when a reply needs them.
+                if is_new {
+                    self.shadows
+                        .insert(device.clone(), ShadowDocument::default());
+                }
+                let Some(doc) = self.shadows.get_mut(&device) else {
+                    return Ok(defer(reply, UpdateOutcome::DeviceLimit));
+                };
+                let result =
+                    doc.apply_reported_with(&request, &self.limits, now_secs(), full_reply);
                 let outcome = match result {
                     Ok(applied) => {
-                        let current = doc.clone();
+                        let current =
+                            (full_reply || !doc.state.desired.is_empty()).then(|| doc.clone());
                         if applied.changed {
-                            self.write_shadow(&device, &current, true)?;
+                            self.dirty.insert(device);
                         } else if is_new {
                             self.shadows.remove(&device);
                         }
@@ -1164,7 +1199,7 @@ mod throughput {
             };
             pending.push_back(
                 store
-                    .submit_update(format!("dev-{}", i % 1000), req)
+                    .submit_update(format!("dev-{}", i % 1000), req, false)
                     .await
                     .unwrap(),
             );

@@ -53,6 +53,84 @@ pub fn merge_object(target: &mut Map<String, Value>, patch: &Map<String, Value>)
     changed
 }
 
+/// How to take back an in-place merge: the previous values of the top-level keys it changed
+/// (`None`: the key was absent), or the whole previous object.
+#[derive(Debug)]
+pub enum Undo {
+    /// Changed keys and their previous values, in the order they were changed.
+    Keys(Vec<(String, Option<Value>)>),
+    /// The object as it was before it was replaced wholesale (cleared).
+    Whole(Map<String, Value>),
+}
+
+impl Undo {
+    /// Whether the merge changed nothing.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Undo::Keys(k) => k.is_empty(),
+            Undo::Whole(m) => m.is_empty(),
+        }
+    }
+
+    /// Restores `target` to what it was before the merge.
+    pub fn revert(self, target: &mut Map<String, Value>) {
+        match self {
+            Undo::Keys(keys) => {
+                for (key, old) in keys.into_iter().rev() {
+                    match old {
+                        Some(v) => {
+                            target.insert(key, v);
+                        }
+                        None => {
+                            target.remove(&key);
+                        }
+                    }
+                }
+            }
+            Undo::Whole(map) => *target = map,
+        }
+    }
+}
+
+/// [`merge_object`] in place, returning what it changed so it can be reverted. Replaced
+/// values are moved into the undo list, not copied; only a nested object that is merged into
+/// is copied first.
+pub fn merge_object_undoable(
+    target: &mut Map<String, Value>,
+    patch: &Map<String, Value>,
+) -> Vec<(String, Option<Value>)> {
+    let mut undo = Vec::new();
+    for (key, value) in patch {
+        if value.is_null() {
+            if let Some(old) = target.remove(key) {
+                undo.push((key.clone(), Some(old)));
+            }
+        } else if let Some(existing) = target.get_mut(key) {
+            if existing.is_object() && value.is_object() {
+                let backup = existing.clone();
+                if merge_patch(existing, value) {
+                    undo.push((key.clone(), Some(backup)));
+                }
+            } else if existing != value {
+                // A scalar or array patch replaces; an object patch onto a non-object
+                // replaces it with the patch applied to an empty object.
+                let mut fresh = Value::Null;
+                merge_patch(&mut fresh, value);
+                if *existing != fresh {
+                    let old = std::mem::replace(existing, fresh);
+                    undo.push((key.clone(), Some(old)));
+                }
+            }
+        } else {
+            let mut fresh = Value::Null;
+            merge_patch(&mut fresh, value);
+            target.insert(key.clone(), fresh);
+            undo.push((key.clone(), None));
+        }
+    }
+    undo
+}
+
 /// Removes every `null` member from objects, recursively (not from arrays, whose elements are
 /// values, not patch instructions). Desired state set as a whole document is normalised this
 /// way so that `{"a": null}` and `{}` mean the same thing.
@@ -235,6 +313,21 @@ pub(crate) mod tests {
             let changed = merge_patch(&mut twice, &patch);
             prop_assert_eq!(&once, &twice);
             prop_assert!(!changed);
+        }
+
+        #[test]
+        fn undoable_merge_equals_merge_and_reverts_exactly(target in arb_json(), patch in arb_json()) {
+            let (Value::Object(target), Value::Object(patch)) = (target, patch) else {
+                return Ok(());
+            };
+            let mut expected = target.clone();
+            let changed = merge_object(&mut expected, &patch);
+            let mut merged = target.clone();
+            let undo = Undo::Keys(merge_object_undoable(&mut merged, &patch));
+            prop_assert_eq!(&merged, &expected);
+            prop_assert_eq!(!undo.is_empty(), changed);
+            undo.revert(&mut merged);
+            prop_assert_eq!(merged, target);
         }
 
         #[test]

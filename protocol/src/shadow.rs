@@ -254,6 +254,23 @@ impl ShadowDocument {
         limits: &Limits,
         now: EpochSeconds,
     ) -> Result<Applied, ShadowError> {
+        self.apply_reported_with(req, limits, now, true)
+    }
+
+    /// [`Self::apply_reported`], keeping a copy of the previous document only when
+    /// `keep_previous` (a device's plain state messages need none, and copying every document
+    /// on every message dominated the ingest path). The merge happens in place; on a size
+    /// error only the top-level values it touched are put back.
+    ///
+    /// # Errors
+    /// As [`Self::apply_reported`]; on error the document is unchanged.
+    pub fn apply_reported_with(
+        &mut self,
+        req: &UpdateRequest,
+        limits: &Limits,
+        now: EpochSeconds,
+        keep_previous: bool,
+    ) -> Result<Applied, ShadowError> {
         if let Some(requested) = req.version
             && requested != self.version
         {
@@ -262,24 +279,24 @@ impl ShadowDocument {
                 current: self.version,
             });
         }
-        let mut reported = self.state.reported.clone();
-        let changed = match &req.reported {
-            Some(patch) => merge::merge_object(&mut reported, patch),
-            None => {
-                let had = !reported.is_empty();
-                reported.clear();
-                had
-            }
+        let previous = keep_previous.then(|| self.clone());
+        let undo = match &req.reported {
+            Some(patch) => merge::Undo::Keys(merge::merge_object_undoable(
+                &mut self.state.reported,
+                patch,
+            )),
+            None => merge::Undo::Whole(std::mem::take(&mut self.state.reported)),
         };
-        if !changed {
+        if undo.is_empty() {
             return Ok(Applied {
                 changed: false,
                 previous: None,
             });
         }
-        check_size(&self.state.desired, &reported, limits)?;
-        let previous = self.clone();
-        self.state.reported = reported;
+        if let Err(e) = check_size(&self.state.desired, &self.state.reported, limits) {
+            undo.revert(&mut self.state.reported);
+            return Err(e.into());
+        }
         match &req.reported {
             Some(patch) => stamp_metadata(&mut self.metadata.reported, patch, now),
             None => self.metadata.reported.clear(),
@@ -287,7 +304,7 @@ impl ShadowDocument {
         self.bump(now);
         Ok(Applied {
             changed: true,
-            previous: Some(previous),
+            previous,
         })
     }
 
@@ -383,9 +400,12 @@ fn stamp_metadata(meta: &mut Map<String, Value>, patch: &Map<String, Value>, now
                 meta.remove(key);
             }
             Value::Object(inner) if !inner.is_empty() => {
-                let entry = meta
-                    .entry(key.clone())
-                    .or_insert_with(|| Value::Object(Map::new()));
+                if !meta.contains_key(key) {
+                    meta.insert(key.clone(), Value::Object(Map::new()));
+                }
+                let Some(entry) = meta.get_mut(key) else {
+                    continue;
+                };
                 // A former leaf's {"timestamp":..} turns into an interior node.
                 if !entry.is_object() || entry.get("timestamp").is_some_and(Value::is_u64) {
                     *entry = Value::Object(Map::new());
@@ -395,6 +415,14 @@ fn stamp_metadata(meta: &mut Map<String, Value>, patch: &Map<String, Value>, now
                 }
             }
             _ => {
+                // Leaves are restamped in place: no allocation for a key seen before.
+                if let Some(Value::Object(leaf)) = meta.get_mut(key)
+                    && leaf.len() == 1
+                    && let Some(ts) = leaf.get_mut("timestamp")
+                {
+                    *ts = Value::from(now);
+                    continue;
+                }
                 let mut leaf = Map::new();
                 leaf.insert("timestamp".into(), Value::from(now));
                 meta.insert(key.clone(), Value::Object(leaf));

@@ -86,10 +86,14 @@ impl AgentConfig {
 }
 
 /// Path of the release agent binary, building it once per test binary if needed.
+/// `EDGESYNC_AGENT_BIN` runs a given binary instead (a profiling build, a wrapper script).
 pub fn agent_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| crate::release_binary("edgesync-agent", "edgesync-agent", "agent"))
-        .clone()
+    BIN.get_or_init(|| match std::env::var_os("EDGESYNC_AGENT_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => crate::release_binary("edgesync-agent", "edgesync-agent", "agent"),
+    })
+    .clone()
 }
 
 /// Starts the agent binary with `config`, logging into the config's data dir.

@@ -31,7 +31,6 @@ use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::store::Store;
-pub use router::MAX_QUEUED;
 use router::{Router, SessionChange};
 
 /// What the embedded broker needs to know.

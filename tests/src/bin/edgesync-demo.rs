@@ -1,7 +1,7 @@
 //! `make demo`: the whole system on this machine, end to end, in about a minute.
 //!
-//! Starts a local control plane (etcd + kube-apiserver, CRDs applied), the controller, a
-//! broker and the agent, and the shop-floor simulator; shows the devices arriving in
+//! Starts a local control plane (etcd + kube-apiserver, CRDs applied), the controller, the
+//! agent with its embedded MQTT broker, and the shop-floor simulator; shows the devices arriving in
 //! `kubectl get devices`; then plays the operator: sets a desired speed on one machine and
 //! shows it travel down to the device and the Device turn In-Sync. Everything it starts stops
 //! when it exits. `DEMO_KEEP=1` keeps it running until Ctrl-C, printing the kubectl commands to
@@ -15,7 +15,6 @@ use edgesync_crds::{Device, condition_status};
 use edgesync_e2e::agent::{AgentConfig, spawn_agent};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::Controller;
-use edgesync_e2e::mosquitto::Mosquitto;
 use edgesync_e2e::process::{ManagedProcess, ProcessSpec};
 use edgesync_e2e::{release_binary, wait, workspace_root};
 use kube::Api;
@@ -48,17 +47,20 @@ async fn main() {
     let controller = Controller::start(&cp, &[]);
     println!("      serving on {}", controller.url());
 
-    println!("[4/6] MQTT broker and edgesync-agent (release build)");
-    let broker = Mosquitto::start();
+    println!("[4/6] edgesync-agent (release build) with its embedded MQTT broker");
+    let mqtt_port = edgesync_e2e::free_port();
     let dir = tempfile::tempdir().expect("demo temp dir");
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "change-me-to-a-long-random-token\n").unwrap();
-    let mut config = AgentConfig::new(&dir.path().join("agent"), &broker.url());
+    let mut config = AgentConfig::embedded(&dir.path().join("agent"), mqtt_port);
     config.node = "edge-1".into();
     config.namespace = NAMESPACE.into();
     config.cloud = Some((controller.url(), token_file));
     let agent = spawn_agent(&config);
-    println!("      agent data in {}", config.data_dir.display());
+    println!(
+        "      MQTT on 127.0.0.1:{mqtt_port}, agent data in {}",
+        config.data_dir.display()
+    );
 
     println!("[5/6] edgesync-sim: {MACHINES} machines publishing JSON state every second");
     let sim_bin = release_binary("edgesync-examples", "edgesync-sim", "examples");
@@ -66,7 +68,7 @@ async fn main() {
     let sim = ManagedProcess::spawn(
         ProcessSpec::new("edgesync-sim", sim_bin)
             .arg("--port")
-            .arg(broker.port().to_string())
+            .arg(mqtt_port.to_string())
             .arg("--devices")
             .arg(MACHINES.to_string()),
         dir.path(),
@@ -168,7 +170,6 @@ async fn main() {
     }
     drop(sim);
     drop(agent);
-    drop(broker);
     drop(controller);
     println!(
         "demo finished in {:.1?}; everything it started is stopped",
