@@ -875,7 +875,10 @@ impl Writer {
                         let Some(doc) = self.shadows.get(&device) else {
                             continue;
                         };
-                        let size = approx_json_len(&doc.state.reported) + device.len() + 128;
+                        let size =
+                            edgesync_protocol::shadow::encoded_object_len(&doc.state.reported)
+                                + device.len()
+                                + 128;
                         if !reports.is_empty() && bytes + size > max_bytes {
                             break;
                         }
@@ -977,10 +980,6 @@ impl Writer {
             }
         })
     }
-}
-
-fn approx_json_len(map: &Map<String, Value>) -> usize {
-    serde_json::to_vec(map).map_or(0, |v| v.len())
 }
 
 #[cfg(test)]

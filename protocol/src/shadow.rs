@@ -375,20 +375,72 @@ pub fn check_size(
 }
 
 fn json_len(map: &Map<String, Value>) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
+    encoded_object_len(map)
+}
+
+/// The length of `value` as serde_json writes it (compact), computed without writing it:
+/// this runs for every message, and serializing through a counting writer cost more than the
+/// merge itself.
+pub fn encoded_len(value: &Value) -> usize {
+    match value {
+        Value::Null => 4,
+        Value::Bool(true) => 4,
+        Value::Bool(false) => 5,
+        Value::Number(n) => number_len(n),
+        Value::String(s) => encoded_str_len(s),
+        Value::Array(items) => {
+            2 + items.iter().map(encoded_len).sum::<usize>() + items.len().saturating_sub(1)
         }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+        Value::Object(map) => encoded_object_len(map),
     }
-    let mut c = Counter(0);
-    // Writing a Map of Values to a counter cannot fail.
-    let _ = serde_json::to_writer(&mut c, map);
-    c.0
+}
+
+/// [`encoded_len`] of an object.
+pub fn encoded_object_len(map: &Map<String, Value>) -> usize {
+    // Braces, a colon per member, commas between members.
+    2 + map
+        .iter()
+        .map(|(k, v)| encoded_str_len(k) + 1 + encoded_len(v))
+        .sum::<usize>()
+        + map.len().saturating_sub(1)
+}
+
+fn encoded_str_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+fn number_len(n: &serde_json::Number) -> usize {
+    if let Some(u) = n.as_u64() {
+        u.checked_ilog10().map_or(1, |d| d as usize + 1)
+    } else if let Some(i) = n.as_i64() {
+        // Negative (non-negative ones are u64 above).
+        1 + i
+            .unsigned_abs()
+            .checked_ilog10()
+            .map_or(1, |d| d as usize + 1)
+    } else {
+        // Floats: rare in size-critical paths; let serde_json say.
+        struct Counter(usize);
+        impl std::io::Write for Counter {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut c = Counter(0);
+        let _ = serde_json::to_writer(&mut c, n);
+        c.0
+    }
 }
 
 /// Sets `{"timestamp": now}` on every leaf the patch touches and removes deleted keys, keeping
@@ -764,6 +816,17 @@ mod tests {
                 prop_assert!(size <= limits.max_state_bytes);
                 prop_assert!(crate::limits::check_state(&doc.state.reported, &limits).is_ok());
             }
+        }
+
+        #[test]
+        fn encoded_len_is_the_serialized_length(value in crate::merge::tests::arb_json(), text in ".*", n in any::<i64>(), f in any::<f64>()) {
+            prop_assert_eq!(encoded_len(&value), serde_json::to_string(&value).unwrap().len());
+            let s = Value::String(text);
+            prop_assert_eq!(encoded_len(&s), serde_json::to_string(&s).unwrap().len());
+            let n = Value::from(n);
+            prop_assert_eq!(encoded_len(&n), serde_json::to_string(&n).unwrap().len());
+            let f = Value::from(f);
+            prop_assert_eq!(encoded_len(&f), serde_json::to_string(&f).unwrap().len());
         }
 
         #[test]

@@ -7,7 +7,9 @@
 //!   `synchronous=FULL` (the agent's default durability);
 //! - the agent (release binary) draining the same N queued messages into SQLite, every message
 //!   committed before its ack;
-//! - the agent's RSS idle and under a paced 10k msg/s load, and the binary size.
+//! - the agent's RSS idle and under a paced 10k msg/s load, and the binary size;
+//! - the agent with its embedded broker, devices publishing live at QoS1: the rate at which
+//!   their messages are acknowledged, each only after its commit.
 //!
 //! The queue is filled while the consumer is offline (persistent session), so each figure is
 //! the consumer's throughput, not the publisher's.
@@ -333,6 +335,62 @@ async fn agent_paced_rss(port: u16) -> u64 {
     peak
 }
 
+/// The agent with its embedded broker: 4 publishers push the messages at QoS1 (a device's
+/// PUBACK comes only after the agent's commit), so the publishers' acknowledged rate is the
+/// durable end-to-end rate. Returns (messages acknowledged, rate, agent's committed count).
+async fn agent_embedded() -> (usize, f64, f64) {
+    const PUBLISHERS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let http = edgesync_e2e::free_port();
+    let mqtt = edgesync_e2e::free_port();
+    let toml = AgentConfig::embedded(dir.path(), mqtt).to_toml().replace(
+        "[http]\nlisten = \"\"",
+        &format!("[http]\nlisten = \"127.0.0.1:{http}\""),
+    );
+    std::fs::write(dir.path().join("agent.toml"), toml).unwrap();
+    let mut p = spawn_agent_raw(dir.path());
+    while scrape(http, "edgesync_agent_mqtt_connected ") != Some(1.0) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let per = messages() / PUBLISHERS;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..PUBLISHERS {
+        tasks.push(tokio::spawn(async move {
+            let (c, mut el) = connect(&format!("pub-{k}"), mqtt, true, false).await;
+            let pump = tokio::spawn(async move {
+                let mut acked = 0;
+                while acked < per {
+                    if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
+                        acked += 1;
+                    }
+                }
+                acked
+            });
+            for i in 0..per {
+                let n = k * per + i;
+                c.publish(
+                    format!("factory/dev-{}/state", n % DEVICES),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload(n),
+                )
+                .await
+                .unwrap();
+            }
+            pump.await.unwrap()
+        }));
+    }
+    let mut acked = 0;
+    for t in tasks {
+        acked += t.await.unwrap();
+    }
+    let rate = acked as f64 / start.elapsed().as_secs_f64();
+    let committed = scrape(http, "edgesync_agent_updates_accepted_total ").unwrap_or(0.0);
+    p.stop();
+    (acked, rate, committed)
+}
+
 fn spawn_agent_raw(dir: &std::path::Path) -> edgesync_e2e::process::ManagedProcess {
     let spec = edgesync_e2e::process::ProcessSpec::new("edgesync-agent", agent_binary())
         .arg("run")
@@ -372,6 +430,10 @@ async fn main() {
         agent_q0.rate, agent_q0.received
     );
     let paced_rss = agent_paced_rss(port).await;
+    let (emb_acked, emb_rate, emb_committed) = agent_embedded().await;
+    eprintln!(
+        "agent, embedded broker QoS1: {emb_rate:.0}/s ({emb_acked} acknowledged, {emb_committed} committed)"
+    );
 
     println!();
     println!("| measurement | value | ratio |");
@@ -396,6 +458,10 @@ async fn main() {
     println!(
         "| agent vs SQLite alone (QoS1) | | {:.0}% |",
         100.0 * agent_q1.rate / sqlite
+    );
+    println!(
+        "| agent with its embedded broker: 4 publishers, QoS1, each PUBACK after the commit, msg/s ({emb_acked} acknowledged, {emb_committed} committed) | {emb_rate:.0} | {:.0}% of the agent behind Mosquitto |",
+        100.0 * emb_rate / agent_q1.rate
     );
     println!(
         "| agent RSS idle, MiB | {:.1} | |",
