@@ -645,19 +645,22 @@ mod tests {
         }
     }
 
-    fn connect(router: &mut Router, id: &str, clean: bool) -> Client {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let closed = CancellationToken::new();
-        let link = Link::new(tx, Arc::default(), closed.clone());
-        let connect = Connect {
+    fn connect_packet(id: &str, clean: bool) -> Connect {
+        Connect {
             protocol: Protocol::V4,
             keep_alive: 30,
             client_id: id.to_owned(),
             clean_session: clean,
             last_will: None,
             login: None::<Login>,
-        };
-        let (id, conn) = router.connect(connect, link).unwrap();
+        }
+    }
+
+    fn connect(router: &mut Router, id: &str, clean: bool) -> Client {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let closed = CancellationToken::new();
+        let link = Link::new(tx, Arc::default(), closed.clone());
+        let (id, conn) = router.connect(connect_packet(id, clean), link).unwrap();
         let mut c = Client {
             id,
             conn,
@@ -804,17 +807,9 @@ mod tests {
         publish(&mut r, &device, "factory/m1/state", 5);
         assert!(pubacks(&device.drain()).is_empty());
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let connect = Connect {
-            protocol: Protocol::V4,
-            keep_alive: 30,
-            client_id: AGENT.into(),
-            clean_session: false,
-            last_will: None,
-            login: None,
-        };
         let (id, conn) = r
             .connect(
-                connect,
+                connect_packet(AGENT, false),
                 Link::new(tx, Arc::default(), CancellationToken::new()),
             )
             .unwrap();
@@ -893,12 +888,8 @@ mod tests {
             let (tx, _rx) = mpsc::unbounded_channel();
             let link = Link::new(tx, Arc::default(), CancellationToken::new());
             let connect = Connect {
-                protocol: Protocol::V4,
-                keep_alive: 30,
-                client_id: "dev".into(),
-                clean_session: true,
                 last_will: Some(LastWill::new("status/dev", "gone", QoS::AtMostOnce, false)),
-                login: None,
+                ..connect_packet("dev", true)
             };
             let (id, conn) = r.connect(connect, link).unwrap();
             r.disconnected(&id, conn, graceful);
