@@ -172,20 +172,26 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
 /// session exists must find it again after an agent restart (else it would discard the
 /// messages it has not had acknowledged yet).
 async fn persist_new_session(shared: &Shared, connect: &Connect) -> Result<(), ConnectReturnCode> {
-    let needed = shared
-        .router
-        .lock()
-        .map_err(|_| ConnectReturnCode::ServiceUnavailable)?
-        .needs_persisting(&connect.client_id, connect.clean_session);
-    if needed {
-        shared
-            .store
-            .save_broker_session(connect.client_id.clone(), Some("{}".into()))
-            .await
-            .map_err(|e| {
-                warn!(client = connect.client_id, error = %e, "Cannot record the MQTT session; refusing the connection");
-                ConnectReturnCode::ServiceUnavailable
-            })?;
+    let written = {
+        let router = shared
+            .router
+            .lock()
+            .map_err(|_| ConnectReturnCode::ServiceUnavailable)?;
+        if !router.needs_persisting(&connect.client_id, connect.clean_session) {
+            return Ok(());
+        }
+        router.persist_new(&connect.client_id)
+    };
+    let written = match written {
+        Some(rx) => rx.await == Ok(true),
+        None => false,
+    };
+    if !written {
+        warn!(
+            client = connect.client_id,
+            "Cannot record the MQTT session in the database; refusing the connection"
+        );
+        return Err(ConnectReturnCode::ServiceUnavailable);
     }
     Ok(())
 }

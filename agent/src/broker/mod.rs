@@ -2,7 +2,7 @@
 //! and the demo, work out of the box.
 //!
 //! MQTT 3.1.1 over TCP: QoS 0 and 1 (QoS 2 publishes are accepted and delivered at QoS 1),
-//! `+`/`#` wildcards, persistent sessions (in memory), retained messages, wills, keep-alive,
+//! `+`/`#` wildcards, persistent sessions, retained messages, wills, keep-alive,
 //! optional username/password. Packets are encoded and decoded with rumqttc's codec.
 //!
 //! Its durability differs from a standalone broker's in one deliberate way: a device's QoS1
@@ -49,7 +49,6 @@ pub struct BrokerSettings {
 /// State shared by the connection tasks.
 struct Shared {
     router: Mutex<Router>,
-    store: Store,
     credentials: Option<(String, String)>,
     max_packet: usize,
     stop: CancellationToken,
@@ -83,13 +82,19 @@ impl EmbeddedBroker {
         }
         let (tx, mut changes) = mpsc::unbounded_channel::<SessionChange>();
         router.persist_to(tx);
-        // Subscription changes are written in order, off the router's lock; a new session
-        // itself is written before its CONNACK (see conn.rs).
+        // Session changes are written in order, off the router's lock; a new session is
+        // written before its CONNACK (conn.rs waits for `written`).
         let writer = store.clone();
         tokio::spawn(async move {
-            while let Some((client, filters)) = changes.recv().await {
-                if let Err(e) = writer.save_broker_session(client.clone(), filters).await {
-                    warn!(client, error = %e, "Could not record an MQTT session's subscriptions");
+            while let Some(change) = changes.recv().await {
+                let result = writer
+                    .save_broker_session(change.client.clone(), change.filters)
+                    .await;
+                if let Err(e) = &result {
+                    warn!(client = change.client, error = %e, "Could not record an MQTT session");
+                }
+                if let Some(written) = change.written {
+                    let _ = written.send(result.is_ok());
                 }
             }
         });
@@ -104,7 +109,6 @@ impl EmbeddedBroker {
         }
         let shared = Arc::new(Shared {
             router: Mutex::new(router),
-            store,
             credentials: settings.credentials.clone(),
             max_packet: settings.max_packet,
             stop,

@@ -18,7 +18,7 @@ use rumqttc::{
     ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, Publish, QoS,
     SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -170,8 +170,14 @@ pub enum Flow {
     Close(&'static str),
 }
 
-/// A persistent session to record (`Some(filters as JSON)`) or forget (`None`).
-pub type SessionChange = (String, Option<String>);
+/// A persistent session to record (`filters`: JSON) or forget (`None`), in order.
+#[derive(Debug)]
+pub struct SessionChange {
+    pub client: String,
+    pub filters: Option<String>,
+    /// Told whether the change was written (for a new session, before its CONNACK).
+    pub written: Option<oneshot::Sender<bool>>,
+}
 
 /// Sessions, subscriptions and retained messages.
 #[derive(Debug)]
@@ -237,6 +243,21 @@ impl Router {
         !clean_session && !client_id.is_empty() && !self.persisted.contains(client_id)
     }
 
+    /// Queues the record of a new persistent session, behind any earlier change of the same
+    /// client (a "forget" from its previous, clean, session must not land after it). The
+    /// receiver says whether it was written.
+    pub fn persist_new(&self, client_id: &str) -> Option<oneshot::Receiver<bool>> {
+        let tx = self.persist.as_ref()?;
+        let (written, rx) = oneshot::channel();
+        tx.send(SessionChange {
+            client: client_id.to_owned(),
+            filters: Some("{}".to_owned()),
+            written: Some(written),
+        })
+        .ok()?;
+        Some(rx)
+    }
+
     fn save_filters(&self, client: &Arc<str>) {
         let (Some(tx), Some(s)) = (&self.persist, self.sessions.get(client)) else {
             return;
@@ -250,7 +271,11 @@ impl Router {
             .map(|(f, q)| (f.as_str(), *q as u8))
             .collect();
         let json = serde_json::to_string(&filters).unwrap_or_else(|_| "{}".into());
-        let _ = tx.send((client.to_string(), Some(json)));
+        let _ = tx.send(SessionChange {
+            client: client.to_string(),
+            filters: Some(json),
+            written: None,
+        });
     }
 
     fn uid(&mut self) -> u64 {
@@ -395,7 +420,11 @@ impl Router {
         if self.persisted.remove(client)
             && let Some(tx) = &self.persist
         {
-            let _ = tx.send((client.to_string(), None));
+            let _ = tx.send(SessionChange {
+                client: client.to_string(),
+                filters: None,
+                written: None,
+            });
         }
         for filter in session.filters.keys() {
             self.trie.remove(filter, client);
@@ -821,12 +850,17 @@ mod tests {
         assert_eq!(pubacks(&device.drain()), [5]);
         // Subscribing records the filters; a clean reconnect forgets the session.
         subscribe(&mut r, &mut device, "cmd/m1");
+        let change = changes.try_recv().unwrap();
         assert_eq!(
-            changes.try_recv().unwrap(),
-            ("m1".to_owned(), Some(r#"{"cmd/m1":1}"#.to_owned()))
+            (change.client.as_str(), change.filters.as_deref()),
+            ("m1", Some(r#"{"cmd/m1":1}"#))
         );
         connect_clean_again(&mut r, "m1");
-        assert_eq!(changes.try_recv().unwrap(), ("m1".to_owned(), None));
+        let change = changes.try_recv().unwrap();
+        assert_eq!((change.client.as_str(), change.filters), ("m1", None));
+        // A new persistent session is queued behind that, and its writer is told.
+        let _written = r.persist_new("m1").unwrap();
+        assert_eq!(changes.try_recv().unwrap().filters.as_deref(), Some("{}"));
     }
 
     fn connect_clean_again(r: &mut Router, id: &str) {
