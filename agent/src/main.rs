@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent (MQTT intake, shadows, uplink, downlink, /metrics).
+    /// Run the agent: MQTT intake (from the broker at mqtt.url, or its own embedded broker
+    /// with mqtt.embedded = true), shadows, uplink, downlink, /metrics.
     Run {
         /// Agent config file (TOML); see examples/agent.toml.
         #[arg(long, short)]
