@@ -2,8 +2,9 @@
 //! publisher is acknowledged. No I/O: connection tasks hand packets in (under one lock) and
 //! receive packets to write through their [`Link`].
 //!
-//! The one rule a general broker does not have: a device's QoS1 message that the agent
-//! subscribes to is acknowledged to the device only when the agent has acknowledged it, and
+//! The one rule a general broker does not have: a device's QoS1 (or QoS2) message that the
+//! agent subscribes to is acknowledged (PUBACK, or PUBREC) to the device only when the agent
+//! has acknowledged it, and
 //! the agent acknowledges only after its SQLite commit. The broker lives in the agent's
 //! process and keeps nothing on disk, so this is what makes a crash of the agent (and with it
 //! the broker) lose nothing: every message not yet committed is still unacknowledged on the
@@ -88,6 +89,8 @@ struct Origin {
     /// The publisher's session instance: a new clean session reuses packet ids.
     session: u64,
     pkid: u16,
+    /// A QoS2 publish: answered with PUBREC instead of PUBACK.
+    exactly_once: bool,
 }
 
 #[derive(Debug)]
@@ -312,6 +315,8 @@ impl Router {
                 "Client id taken over by a new connection"
             );
             old_link.closed.cancel();
+            // Its connection task finds the session taken and leaves the count alone.
+            self.metrics.broker_clients.fetch_sub(1, Ordering::Relaxed);
         }
         let resume =
             !connect.clean_session && self.sessions.get(&client).is_some_and(|s| s.persistent);
@@ -400,7 +405,9 @@ impl Router {
                 pkid: 0,
                 payload: will.message,
             };
-            self.store_retained(&publish);
+            if publish.retain {
+                self.store_retained(&publish);
+            }
             self.route(client, &publish);
         }
     }
@@ -450,7 +457,7 @@ impl Router {
             return Flow::Close("no session");
         };
         let uid = session.uid;
-        if publish.qos == QoS::AtLeastOnce && session.awaiting.contains(&publish.pkid) {
+        if publish.qos != QoS::AtMostOnce && session.awaiting.contains(&publish.pkid) {
             // A resend (DUP) of a message still on its way to the agent: it is acknowledged
             // when the first copy is; routing it again would acknowledge twice.
             return Flow::Continue;
@@ -464,13 +471,13 @@ impl Router {
         let gated = self.route_from(client, uid, &publish);
         match qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce if gated => {
+            _ if gated => {
                 if let Some(s) = self.sessions.get_mut(client) {
                     s.awaiting.insert(pkid);
                 }
             }
             QoS::AtLeastOnce => self.reply(client, Packet::PubAck(PubAck::new(pkid))),
-            // Delivered at most at QoS1 (we grant no QoS2), so PUBREC at once suffices.
+            // Delivered at most at QoS1 (we grant no QoS2): the PUBREC is the hand-over.
             QoS::ExactlyOnce => self.reply(client, Packet::PubRec(PubRec::new(pkid))),
         }
         Flow::Continue
@@ -537,7 +544,7 @@ impl Router {
                 }
                 continue;
             }
-            let gate = publish.qos == QoS::AtLeastOnce
+            let gate = publish.qos != QoS::AtMostOnce
                 && *subscriber == self.gate
                 && *client != self.gate
                 && session != 0;
@@ -558,6 +565,7 @@ impl Router {
                     client: client.clone(),
                     session,
                     pkid: publish.pkid,
+                    exactly_once: publish.qos == QoS::ExactlyOnce,
                 }),
             });
             target.pump();
@@ -586,7 +594,11 @@ impl Router {
         {
             // If the publisher is offline, it sends the message again on reconnect; that
             // copy is routed and acknowledged like a new one.
-            publisher.send(Packet::PubAck(PubAck::new(o.pkid)));
+            publisher.send(if o.exactly_once {
+                Packet::PubRec(PubRec::new(o.pkid))
+            } else {
+                Packet::PubAck(PubAck::new(o.pkid))
+            });
         }
     }
 
@@ -768,6 +780,30 @@ mod tests {
     }
 
     #[test]
+    fn a_qos2_publish_is_received_only_after_the_agent() {
+        let mut r = router();
+        let mut agent = connect(&mut r, AGENT, false);
+        subscribe(&mut r, &mut agent, "factory/+/state");
+        let mut device = connect(&mut r, "m1", false);
+        let mut p = Publish::new("factory/m1/state", QoS::ExactlyOnce, "{}");
+        p.pkid = 3;
+        r.handle(&device.id, device.conn, Packet::Publish(p));
+        assert!(
+            device.drain().is_empty(),
+            "no PUBREC before the agent's ack"
+        );
+        let got = publishes(&agent.drain());
+        r.handle(&agent.id, agent.conn, Packet::PubAck(PubAck::new(got[0].1)));
+        assert!(matches!(&device.drain()[..], [Packet::PubRec(rec)] if rec.pkid == 3));
+        r.handle(
+            &device.id,
+            device.conn,
+            Packet::PubRel(rumqttc::PubRel::new(3)),
+        );
+        assert!(matches!(&device.drain()[..], [Packet::PubComp(c)] if c.pkid == 3));
+    }
+
+    #[test]
     fn topics_the_agent_does_not_take_are_acknowledged_at_once() {
         let mut r = router();
         let mut agent = connect(&mut r, AGENT, false);
@@ -873,6 +909,7 @@ mod tests {
         let old = connect(&mut r, "m1", true);
         let new = connect(&mut r, "m1", true);
         assert!(old.closed.is_cancelled());
+        assert_eq!(r.metrics.broker_clients.load(Ordering::Relaxed), 1);
         assert_eq!(
             r.handle(&old.id, old.conn, Packet::PingReq),
             Flow::Close("taken over by a newer connection")
@@ -881,6 +918,9 @@ mod tests {
         // The old connection ending does not end the new one's session.
         r.disconnected(&old.id, old.conn, false);
         assert_eq!(r.handle(&new.id, new.conn, Packet::PingReq), Flow::Continue);
+        assert_eq!(r.metrics.broker_clients.load(Ordering::Relaxed), 1);
+        r.disconnected(&new.id, new.conn, true);
+        assert_eq!(r.metrics.broker_clients.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -929,6 +969,11 @@ mod tests {
             r.disconnected(&id, conn, graceful);
             assert_eq!(publishes(&watcher.drain()).len(), expected);
         }
+        // It was not published as retained, so a later subscriber does not get it.
+        let mut late = connect(&mut r, "late", true);
+        let s = Subscribe::new("status/#", QoS::AtLeastOnce);
+        r.handle(&late.id, late.conn, Packet::Subscribe(s));
+        assert!(publishes(&late.drain()).is_empty());
     }
 
     #[test]
