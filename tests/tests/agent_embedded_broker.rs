@@ -1,6 +1,7 @@
 //! The agent's embedded broker (`mqtt.embedded = true`) with real MQTT clients over TCP:
 //! kill -9 of the agent (and so of its broker) loses no message a device had acknowledged;
-//! credentials are enforced; devices can talk to each other, with retained messages.
+//! credentials and the protocol version are checked; devices can talk to each other, with
+//! retained messages.
 
 // Integration tests: a failed unwrap is a failed test with its location.
 #![allow(clippy::unwrap_used)]
@@ -255,6 +256,18 @@ async fn credentials_are_enforced_and_devices_talk_to_each_other_with_retained_m
             Err(e) => panic!("{creds:?}: expected a refusal, got {e}"),
             Ok(_) => panic!("{creds:?}: connected without the right credentials"),
         }
+    }
+
+    // An MQTT 5 client is told the protocol version is not supported (not misparsed).
+    let mut v5 = rumqttc::v5::MqttOptions::new("v5-client", "127.0.0.1", port);
+    v5.set_credentials("plant", "s3cret");
+    let (_v5_client, mut v5_el) = rumqttc::v5::AsyncClient::new(v5, 10);
+    match tokio::time::timeout(Duration::from_secs(20), v5_el.poll()).await {
+        Ok(Err(rumqttc::v5::ConnectionError::ConnectionRefused(code))) => assert_eq!(
+            code,
+            rumqttc::v5::mqttbytes::v5::ConnectReturnCode::UnsupportedProtocolVersion
+        ),
+        other => panic!("an MQTT 5 client must be refused: {other:?}"),
     }
 
     let good = Some(("plant", "s3cret"));

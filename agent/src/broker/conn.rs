@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::Error as CodecError;
-use rumqttc::{ConnAck, Connect, ConnectReturnCode, Packet, Protocol};
+use rumqttc::{ConnAck, Connect, ConnectReturnCode, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -24,15 +24,35 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Outgoing bytes gathered into one write.
 const WRITE_CHUNK: usize = 64 * 1024;
 
-/// Reads the next packet, reading from the socket as needed.
-async fn read_packet(
+/// What the first packet of a connection was.
+enum First {
+    Connect(Connect),
+    /// A CONNECT for another protocol version (MQTT 5, or 3.1 "MQIsdp").
+    OtherVersion(u8),
+    Other,
+}
+
+/// Reads the first packet. The protocol level is checked on the raw frame before parsing:
+/// rumqttc's 3.1.1 parser would misread an MQTT 5 CONNECT (its properties) rather than fail.
+async fn read_connect(
     rd: &mut (impl AsyncReadExt + Unpin),
     buf: &mut BytesMut,
     max: usize,
-) -> Result<Packet, String> {
+) -> Result<First, String> {
     loop {
-        match Packet::read(buf, max) {
-            Ok(p) => return Ok(p),
+        match rumqttc::mqttbytes::check(buf.iter(), max) {
+            Ok(_) => {
+                if let Some(level) = connect_protocol_level(buf)
+                    && level != 4
+                {
+                    return Ok(First::OtherVersion(level));
+                }
+                return match Packet::read(buf, max) {
+                    Ok(Packet::Connect(c)) => Ok(First::Connect(c)),
+                    Ok(_) => Ok(First::Other),
+                    Err(e) => Err(e.to_string()),
+                };
+            }
             Err(CodecError::InsufficientBytes(_)) => {}
             Err(e) => return Err(e.to_string()),
         }
@@ -44,19 +64,53 @@ async fn read_packet(
     }
 }
 
+/// The protocol level of a complete CONNECT frame at the start of `frame`.
+fn connect_protocol_level(frame: &[u8]) -> Option<u8> {
+    if frame.first()? >> 4 != 1 {
+        return None;
+    }
+    // Remaining length: 1 to 4 bytes, the high bit marks continuation.
+    let mut i = 1;
+    while frame.get(i)? & 0x80 != 0 {
+        i += 1;
+        if i > 4 {
+            return None;
+        }
+    }
+    let name = i + 1;
+    let name_len = usize::from(u16::from_be_bytes([
+        *frame.get(name)?,
+        *frame.get(name + 1)?,
+    ]));
+    frame.get(name + 2 + name_len).copied()
+}
+
 /// Serves one client until it disconnects, fails, or `stop` is cancelled.
 pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let (mut rd, wr) = stream.into_split();
+    let (mut rd, mut wr) = stream.into_split();
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let connect = match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        read_packet(&mut rd, &mut buf, shared.max_packet),
+        read_connect(&mut rd, &mut buf, shared.max_packet),
     )
     .await
     {
-        Ok(Ok(Packet::Connect(c))) => c,
-        Ok(Ok(_)) => return debug!(%peer, "First packet was not CONNECT; closing"),
+        Ok(Ok(First::Connect(c))) => c,
+        Ok(Ok(First::OtherVersion(level))) => {
+            warn!(%peer, level, "MQTT connection refused: the embedded broker speaks MQTT 3.1.1 (protocol level 4) only; use Mosquitto for other versions");
+            // Answered in the client's own version: MQTT 5 reason code 0x84 (unsupported
+            // protocol version, empty properties); 3.x return code 1 (unacceptable version).
+            let refusal: &[u8] = if level == 5 {
+                &[0x20, 3, 0, 0x84, 0]
+            } else {
+                &[0x20, 2, 0, 1]
+            };
+            let _ = wr.write_all(refusal).await;
+            let _ = wr.shutdown().await;
+            return;
+        }
+        Ok(Ok(First::Other)) => return debug!(%peer, "First packet was not CONNECT; closing"),
         Ok(Err(e)) => return debug!(%peer, error = e, "Closed before CONNECT"),
         Err(_) => return debug!(%peer, "No CONNECT within 10 s; closing"),
     };
@@ -68,9 +122,7 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let client_id = connect.client_id.clone();
     let keep_alive = connect.keep_alive;
 
-    let refusal = if connect.protocol != Protocol::V4 {
-        Some(ConnectReturnCode::RefusedProtocolVersion)
-    } else if let Some((user, pass)) = &shared.credentials {
+    let refusal = if let Some((user, pass)) = &shared.credentials {
         let ok = connect.login.as_ref().is_some_and(|l| {
             constant_time_eq(l.username.as_bytes(), user.as_bytes())
                 & constant_time_eq(l.password.as_bytes(), pass.as_bytes())
@@ -244,4 +296,30 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn protocol_level_is_read_from_the_raw_connect() {
+        let mut v4 = BytesMut::new();
+        Packet::Connect(Connect::new("c"))
+            .write(&mut v4, 1024)
+            .unwrap();
+        assert_eq!(connect_protocol_level(&v4), Some(4));
+        // MQTT 5: "MQTT", level 5, then properties the 3.1.1 parser would misread.
+        let v5 = [
+            0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 1, b'c',
+        ];
+        assert_eq!(connect_protocol_level(&v5), Some(5));
+        // MQTT 3.1: "MQIsdp", level 3.
+        let v3 = [
+            0x10, 14, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 60, 0, 1, b'c',
+        ];
+        assert_eq!(connect_protocol_level(&v3), Some(3));
+        assert_eq!(connect_protocol_level(&[0x30, 0]), None);
+    }
 }
