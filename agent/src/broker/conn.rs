@@ -151,7 +151,7 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let (client, conn) = match accepted {
         Ok(ids) => ids,
         Err(code) => {
-            warn!(%peer, client = client_id, ?code, "MQTT connection refused (MQTT 3.1.1 clients only; check mqtt.username/password)");
+            warn!(%peer, client = client_id, ?code, "MQTT connection refused (bad credentials: the client must use mqtt.username/password; or an empty client id with a persistent session; or the session could not be recorded)");
             let _ = tx.send(Packet::ConnAck(ConnAck::new(code, false)));
             drop(tx);
             let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
