@@ -772,12 +772,16 @@ impl Writer {
 
     /// Writes the devices updated since the last flush.
     fn flush_dirty(&mut self) -> Result<(), StoreError> {
-        for device in std::mem::take(&mut self.dirty) {
-            if let Some(doc) = self.shadows.get(&device) {
-                self.write_shadow(&device, doc, true)?;
-            }
-        }
-        Ok(())
+        // Taken and put back so the set keeps its capacity from group to group.
+        let mut dirty = std::mem::take(&mut self.dirty);
+        let result = dirty
+            .drain()
+            .try_for_each(|device| match self.shadows.get(&device) {
+                Some(doc) => self.write_shadow(&device, doc, true),
+                None => Ok(()),
+            });
+        self.dirty = dirty;
+        result
     }
 
     fn apply(&mut self, cmd: Command) -> Result<Deferred, StoreError> {

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use edgesync_crds::EdgeNode;
+use edgesync_protocol::wire::constant_time_eq;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use tracing::warn;
@@ -76,7 +77,7 @@ impl TokenVerifier {
                 Some(e) if now.duration_since(e.fetched) < self.ttl => {
                     if e.token
                         .as_deref()
-                        .is_some_and(|t| ct_eq(t, token.as_bytes()))
+                        .is_some_and(|t| constant_time_eq(t, token.as_bytes()))
                     {
                         return Ok(());
                     }
@@ -98,7 +99,7 @@ impl TokenVerifier {
         }
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         match cache.get(&key).and_then(|e| e.token.as_deref()) {
-            Some(t) if ct_eq(t, token.as_bytes()) => Ok(()),
+            Some(t) if constant_time_eq(t, token.as_bytes()) => Ok(()),
             Some(_) => Err(AuthError::Unauthorized(
                 "wrong token for this node: it does not match the node's Secret".into(),
             )),
@@ -161,21 +162,12 @@ fn trim_newline(b: &[u8]) -> &[u8] {
     &b[..end]
 }
 
-/// Equality in time independent of where the inputs differ (length is not secret).
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn constant_time_equality_is_equality() {
-        assert!(ct_eq(b"secret", b"secret"));
-        assert!(!ct_eq(b"secret", b"secreT"));
-        assert!(!ct_eq(b"secret", b"secret2"));
-        assert!(ct_eq(b"", b""));
+    fn trailing_newlines_are_not_part_of_a_token() {
         assert_eq!(trim_newline(b"tok\r\n"), b"tok");
         assert_eq!(trim_newline(b"tok"), b"tok");
     }

@@ -309,15 +309,6 @@ mod tests {
             .collect()
     }
 
-    fn cursor_of(e: &DesiredEvent) -> String {
-        match e {
-            DesiredEvent::Desired { cursor, .. }
-            | DesiredEvent::Removed { cursor, .. }
-            | DesiredEvent::SnapshotComplete { cursor }
-            | DesiredEvent::Bookmark { cursor } => cursor.clone(),
-        }
-    }
-
     #[test]
     fn snapshot_then_resume_after_cursor() {
         let hub = DesiredHub::new();
@@ -340,8 +331,8 @@ mod tests {
         let sub = hub.subscribe("ns", "n1", None);
         assert_eq!(names(&sub.initial), ["a@1", "done"]);
         // Snapshot lines carry no cursor: stopping mid-snapshot must restart it.
-        assert_eq!(cursor_of(&sub.initial[0]), "");
-        let cursor = cursor_of(&sub.initial[1]);
+        assert_eq!(sub.initial[0].cursor(), "");
+        let cursor = sub.initial[1].cursor().to_owned();
 
         // A status-only change (same generation and desired) is not an event.
         hub.on_event(&watcher::Event::Apply(device(

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use edgesync_crds::{Device, DeviceSpec};
 use edgesync_e2e::cluster::ControlPlane;
-use edgesync_e2e::controller::{Controller, batch, client, create_node, report};
+use edgesync_e2e::controller::{Controller, batch, client, create_node, metric_value, report};
 use edgesync_protocol::wire;
 use futures_util::StreamExt as _;
 use kube::Api;
@@ -98,17 +98,6 @@ fn histogram(metrics: &str, name: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn metric(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|r| r.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
-}
-
 struct Window {
     writes: f64,
     cpu: u64,
@@ -119,7 +108,7 @@ struct Window {
 async fn window(c: &Controller, pid: u32) -> Window {
     let m = c.metrics().await;
     Window {
-        writes: metric(&m, "edgesync_controller_status_writes_total"),
+        writes: metric_value(&m, "edgesync_controller_status_writes_total"),
         cpu: cpu_ticks(pid),
         at: Instant::now(),
         hist: histogram(&m, "edgesync_controller_report_durable_seconds"),

@@ -279,6 +279,21 @@ impl ControlPlane {
         child.wait_with_output().expect("wait for kubectl")
     }
 
+    /// `kubectl patch device` with a JSON merge patch (e.g. `{"spec":{"desired":{..}}}`),
+    /// as an operator would edit a Device.
+    pub fn patch_device(&self, namespace: &str, device: &str, merge_patch: &str) {
+        self.kubectl_ok(&[
+            "-n",
+            namespace,
+            "patch",
+            "device",
+            device,
+            "--type=merge",
+            "-p",
+            merge_patch,
+        ]);
+    }
+
     /// Runs kubectl and returns stdout, panicking with stderr when it fails.
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         let out = self.kubectl(args);

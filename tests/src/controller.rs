@@ -105,16 +105,21 @@ impl Controller {
 
     /// One metric value (first sample whose line starts with `series`), or 0.
     pub async fn metric(&self, series: &str) -> f64 {
-        self.metrics()
-            .await
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0.0)
+        metric_value(&self.metrics().await, series)
     }
+}
+
+/// The value of the first sample of `series` (name plus labels, exactly) in Prometheus text,
+/// or 0 when absent.
+pub fn metric_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
 }
 
 /// Status code of a plain HTTP/1.0 GET, without an async runtime.

@@ -37,15 +37,6 @@ fn desired_of(e: &DesiredEvent) -> (String, i64, serde_json::Value) {
     }
 }
 
-fn cursor_of(e: &DesiredEvent) -> String {
-    match e {
-        DesiredEvent::Desired { cursor, .. }
-        | DesiredEvent::Removed { cursor, .. }
-        | DesiredEvent::SnapshotComplete { cursor }
-        | DesiredEvent::Bookmark { cursor } => cursor.clone(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn desired_edits_stream_to_the_node_with_snapshot_and_resume() {
     let cp = ControlPlane::shared();
@@ -54,16 +45,7 @@ async fn desired_edits_stream_to_the_node_with_snapshot_and_resume() {
     create_node(cp, &ns.name, "edge-2", "t2", "");
     create_devices(cp, &ns.name, "edge-1", &["a".into(), "b".into()]);
     create_devices(cp, &ns.name, "edge-2", &["elsewhere".into()]);
-    cp.kubectl_ok(&[
-        "-n",
-        &ns.name,
-        "patch",
-        "device",
-        "a",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"desired":{"speed":1}}}"#,
-    ]);
+    cp.patch_device(&ns.name, "a", r#"{"spec":{"desired":{"speed":1}}}"#);
     let c = Controller::start(cp, &["--bookmark-seconds", "1"]);
     let url = c.url();
 
@@ -97,19 +79,10 @@ async fn desired_edits_stream_to_the_node_with_snapshot_and_resume() {
     )
     .await;
     assert_eq!(a.status, 200);
-    cp.kubectl_ok(&[
-        "-n",
-        &ns.name,
-        "patch",
-        "device",
-        "a",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"desired":{"speed":2}}}"#,
-    ]);
+    cp.patch_device(&ns.name, "a", r#"{"spec":{"desired":{"speed":2}}}"#);
     let e = s.next_change(STEP).await;
     assert_eq!(desired_of(&e), ("a".into(), 3, json!({"speed": 2})));
-    let cursor = cursor_of(&e);
+    let cursor = e.cursor().to_owned();
     // Idle streams carry bookmarks so the agent knows the stream is alive.
     assert!(matches!(
         s.next(Duration::from_secs(5)).await,
@@ -118,36 +91,9 @@ async fn desired_edits_stream_to_the_node_with_snapshot_and_resume() {
     drop(s);
 
     // Changes while disconnected: resuming from the cursor replays exactly those.
-    cp.kubectl_ok(&[
-        "-n",
-        &ns.name,
-        "patch",
-        "device",
-        "b",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"desired":{"mode":"auto"}}}"#,
-    ]);
-    cp.kubectl_ok(&[
-        "-n",
-        &ns.name,
-        "patch",
-        "device",
-        "elsewhere",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"desired":{"x":1}}}"#,
-    ]);
-    cp.kubectl_ok(&[
-        "-n",
-        &ns.name,
-        "patch",
-        "device",
-        "a",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"nodeName":"edge-2"}}"#,
-    ]);
+    cp.patch_device(&ns.name, "b", r#"{"spec":{"desired":{"mode":"auto"}}}"#);
+    cp.patch_device(&ns.name, "elsewhere", r#"{"spec":{"desired":{"x":1}}}"#);
+    cp.patch_device(&ns.name, "a", r#"{"spec":{"nodeName":"edge-2"}}"#);
     let mut s = DesiredStream::open(&url, &ns.name, "edge-1", "t1", Some(&cursor))
         .await
         .unwrap();
@@ -269,16 +215,7 @@ async fn liveness_marks_offline_and_recovers_and_in_sync_follows_desired() {
     .await;
 
     // A new desired generation turns InSync false until the agent reports having applied it.
-    cp.kubectl_ok(&[
-        "-n",
-        &ns.name,
-        "patch",
-        "device",
-        "m1",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"desired":{"speed":5}}}"#,
-    ]);
+    cp.patch_device(&ns.name, "m1", r#"{"spec":{"desired":{"speed":5}}}"#);
     let generation = devices
         .get("m1")
         .await

@@ -88,16 +88,11 @@ async fn uplink_outage_coalesces_then_converges_and_desired_waits_for_the_link()
 
     // Desired state set while connected reaches the agent, which keeps it.
     let mut dev1 = TestDevice::connect("dev-1-client", port, "edgesync/dev-1/shadow/#").await;
-    cp.kubectl_ok(&[
-        "-n",
+    cp.patch_device(
         &stack.ns.name,
-        "patch",
-        "device",
         "dev-1",
-        "--type=merge",
-        "-p",
         r#"{"spec":{"desired":{"speed":10}}}"#,
-    ]);
+    );
     let delta = dev1.expect("edgesync/dev-1/shadow/update/delta").await;
     assert_eq!(delta["state"]["speed"], 10);
     drop(dev1);
@@ -133,16 +128,11 @@ async fn uplink_outage_coalesces_then_converges_and_desired_waits_for_the_link()
     let doc = dev1.expect("edgesync/dev-1/shadow/get/accepted").await;
     assert_eq!(doc["state"]["desired"]["speed"], 10, "{doc}");
     // Desired changed in Kubernetes while the link is down: delivered once it returns.
-    cp.kubectl_ok(&[
-        "-n",
+    cp.patch_device(
         &stack.ns.name,
-        "patch",
-        "device",
         "dev-2",
-        "--type=merge",
-        "-p",
         r#"{"spec":{"desired":{"speed":20}}}"#,
-    ]);
+    );
     let mut dev2 = TestDevice::connect("dev-2-client", port, "edgesync/dev-2/shadow/#").await;
 
     stack.proxy.set(Fault::Pass);
@@ -303,22 +293,18 @@ async fn two_replicas_behind_a_service_one_killed_and_restarted() {
             stack.second.as_mut().unwrap()
         };
         victim.process.kill9();
+        // An outage of a set length (not a wait for anything): agents retry meanwhile.
         tokio::time::sleep(Duration::from_millis(700)).await;
         victim.process.restart();
         victim.wait_ready();
     }
     publisher.await.unwrap();
     wait_reported(&devices, "n", &last, CONVERGE).await;
-    cp.kubectl_ok(&[
-        "-n",
+    cp.patch_device(
         &stack.ns.name,
-        "patch",
-        "device",
         "dev-0",
-        "--type=merge",
-        "-p",
         r#"{"spec":{"desired":{"speed":3}}}"#,
-    ]);
+    );
     let delta = dev0.expect("edgesync/dev-0/shadow/update/delta").await;
     assert_eq!(delta["state"]["speed"], 3);
     observer.assert_never_regressed();

@@ -127,16 +127,11 @@ async fn devices_to_kubernetes_and_desired_back_to_the_device() {
     )
     .await;
     let patched = Instant::now();
-    cp.kubectl_ok(&[
-        "-n",
+    cp.patch_device(
         &stack.ns.name,
-        "patch",
-        "device",
         "dev-7",
-        "--type=merge",
-        "-p",
         r#"{"spec":{"desired":{"speed":1500}}}"#,
-    ]);
+    );
     let delta = dev.expect("edgesync/dev-7/shadow/update/delta").await;
     let delta_latency = patched.elapsed();
     assert_eq!(delta["state"], json!({"speed": 1500}));

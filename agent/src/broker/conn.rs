@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use edgesync_protocol::wire::constant_time_eq;
+
 use super::Shared;
 use super::router::{Flow, Link};
 
@@ -288,14 +290,6 @@ fn encode(packet: &Packet, out: &mut BytesMut) {
     if let Err(e) = packet.write(out, usize::MAX) {
         warn!(error = %e, "Could not encode an MQTT packet; dropped");
     }
-}
-
-/// Compares secrets without revealing where they differ through timing.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -97,16 +97,11 @@ async fn main() {
 
     println!("[6/6] the operator sets spec.desired.speed=1500 on machine-3");
     let patched = Instant::now();
-    cp.kubectl_ok(&[
-        "-n",
+    cp.patch_device(
         NAMESPACE,
-        "patch",
-        "device",
         "machine-3",
-        "--type=merge",
-        "-p",
         r#"{"spec":{"desired":{"speed":1500}}}"#,
-    ]);
+    );
     wait::until(
         "machine-3 reports speed 1500 and is In-Sync",
         Duration::from_secs(60),
