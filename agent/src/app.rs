@@ -37,6 +37,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         "Starting edgesync-agent {}",
         env!("CARGO_PKG_VERSION")
     );
+    raise_open_files_limit(&settings);
     let (store, store_thread) = Store::open(&settings.store, settings.limits)
         .with_context(|| format!("opening the database {}", settings.store.path.display()))?;
     let metrics = Arc::new(Metrics::default());
@@ -48,7 +49,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let mut broker_task = None;
     let mut mqtt_settings = settings.mqtt.clone();
     if let Broker::Embedded { listen } = settings.mqtt.broker {
-        let (local, task) = start_embedded_broker(
+        let (local, agent_credentials, task) = start_embedded_broker(
             &settings,
             listen,
             store.clone(),
@@ -57,6 +58,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         )
         .await?;
         mqtt_settings.broker = Broker::Embedded { listen: local };
+        // The agent's own client proves itself with the per-process secret; the configured
+        // credentials are the devices'.
+        mqtt_settings.credentials = Some(agent_credentials);
         broker_task = Some(task);
     }
     let mqtt = Mqtt::new(&mqtt_settings, settings.ingest.clone(), settings.limits)
@@ -146,16 +150,23 @@ async fn start_embedded_broker(
     store: Store,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
-) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    (String, String),
+    tokio::task::JoinHandle<()>,
+)> {
+    use crate::broker::access::{AGENT_USERNAME, AgentSecret};
     use crate::broker::{BrokerSettings, EmbeddedBroker};
+    let agent_secret = AgentSecret::generate().context("generating the agent's broker secret")?;
     let broker = EmbeddedBroker::bind(
         &BrokerSettings {
             listen,
             credentials: settings.mqtt.credentials.clone(),
             agent_client_id: settings.mqtt.client_id.clone(),
-            // Oversized payloads get a `rejected` reply from the agent, which needs them to
-            // reach it; beyond this, the connection is closed.
-            max_packet: (settings.limits.max_payload_bytes * 4 + 64 * 1024).max(1 << 20),
+            agent_secret: agent_secret.clone(),
+            config: settings.mqtt.embedded.clone(),
+            topic_prefix: settings.mqtt.topic_prefix.clone(),
+            ingest_topics: settings.ingest.iter().map(|p| p.template()).collect(),
         },
         store,
         metrics,
@@ -168,7 +179,8 @@ async fn start_embedded_broker(
     if local.ip().is_unspecified() {
         local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    Ok((local, tokio::spawn(broker.run())))
+    let credentials = (AGENT_USERNAME.to_owned(), agent_secret.expose().to_owned());
+    Ok((local, credentials, tokio::spawn(broker.run())))
 }
 
 #[cfg(not(feature = "embedded-broker"))]
@@ -178,8 +190,29 @@ async fn start_embedded_broker(
     _: Store,
     _: Arc<Metrics>,
     _: CancellationToken,
-) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    (String, String),
+    tokio::task::JoinHandle<()>,
+)> {
     anyhow::bail!(
         "mqtt.embedded = true, but this edgesync-agent was built without the embedded broker (cargo feature `embedded-broker`); set mqtt.url to a broker, or use a default build"
     )
+}
+
+/// Raises the soft open-files limit to the hard one: systemd and containerd start services
+/// at 1,024, which the broker's connections and the agent's own files would exhaust.
+fn raise_open_files_limit(settings: &Settings) {
+    let wanted = settings.mqtt.embedded.limits.max_connections as u64 + 256;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(soft) if matches!(settings.mqtt.broker, Broker::Embedded { .. }) && soft < wanted => {
+            tracing::warn!(
+                open_files = soft,
+                wanted,
+                "The open-files limit is below broker.max_connections + 256: raise LimitNOFILE (systemd) or ulimit -n, or lower broker.max_connections"
+            );
+        }
+        Ok(soft) => tracing::debug!(open_files = soft, "Open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "Could not raise the open-files limit"),
+    }
 }

@@ -61,9 +61,137 @@ pub struct Metrics {
     pub broker_dropped_qos0: AtomicU64,
     /// Embedded broker: QoS1 messages dropped for a session whose queue was full.
     pub broker_dropped_queue: AtomicU64,
+    /// Embedded broker: times each limit was hit, indexed by [`BrokerLimit`].
+    pub broker_limit_hits: [AtomicU64; BrokerLimit::ALL.len()],
+    /// Embedded broker: actions refused by authentication or the ACL, indexed by
+    /// [`BrokerDenial`].
+    pub broker_denied: [AtomicU64; BrokerDenial::ALL.len()],
+    /// Embedded broker: clients paused because their messages wait for the agent's commit.
+    pub broker_paused: AtomicU64,
+}
+
+/// A limit of the embedded broker (the `limit` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerLimit {
+    /// `broker.max_connections`: the connection was closed at once.
+    Connections,
+    /// `broker.max_connect_bytes`: a CONNECT too large.
+    ConnectBytes,
+    /// `broker.connect_timeout_secs`: no CONNECT in time.
+    ConnectTimeout,
+    /// `broker.max_packet_bytes`: the connection was closed.
+    PacketSize,
+    /// `broker.max_topic_bytes` / `max_topic_levels`: refused topic or filter.
+    Topic,
+    /// `broker.max_subscriptions_per_client`: SUBACK failure.
+    Subscriptions,
+    /// `broker.max_session_queue_bytes`: a QoS1 message for a session dropped.
+    SessionQueue,
+    /// `broker.max_queued_bytes`: a QoS1 message dropped (all sessions together).
+    QueuedBytes,
+    /// `broker.max_write_backlog_bytes`: a QoS0 message dropped, or a client not reading
+    /// its acknowledgements disconnected.
+    WriteBacklog,
+    /// `broker.max_retained_bytes`: a retained message not kept.
+    Retained,
+    /// `broker.max_sessions`: a new session refused.
+    Sessions,
+    /// A persistent session removed after `broker.session_expiry_secs`.
+    SessionExpiry,
+    /// Accept failed (out of file descriptors and the like).
+    Accept,
+}
+
+impl BrokerLimit {
+    /// Every limit, in label order.
+    pub const ALL: [BrokerLimit; 13] = [
+        Self::Connections,
+        Self::ConnectBytes,
+        Self::ConnectTimeout,
+        Self::PacketSize,
+        Self::Topic,
+        Self::Subscriptions,
+        Self::SessionQueue,
+        Self::QueuedBytes,
+        Self::WriteBacklog,
+        Self::Retained,
+        Self::Sessions,
+        Self::SessionExpiry,
+        Self::Accept,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Connections => "connections",
+            Self::ConnectBytes => "connect_bytes",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::PacketSize => "packet_size",
+            Self::Topic => "topic",
+            Self::Subscriptions => "subscriptions",
+            Self::SessionQueue => "session_queue_bytes",
+            Self::QueuedBytes => "queued_bytes",
+            Self::WriteBacklog => "write_backlog_bytes",
+            Self::Retained => "retained_bytes",
+            Self::Sessions => "sessions",
+            Self::SessionExpiry => "session_expiry",
+            Self::Accept => "accept_error",
+        }
+    }
+}
+
+/// What the embedded broker refused a client (the `action` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerDenial {
+    /// CONNECT refused: bad credentials, the agent's reserved client id, another user's
+    /// session, or an anonymous client where identities are required.
+    Connect,
+    /// PUBLISH outside the client's ACL.
+    Publish,
+    /// SUBSCRIBE outside the client's ACL.
+    Subscribe,
+    /// A will topic outside the client's ACL (CONNECT refused).
+    Will,
+}
+
+impl BrokerDenial {
+    /// Every action, in label order.
+    pub const ALL: [BrokerDenial; 4] = [Self::Connect, Self::Publish, Self::Subscribe, Self::Will];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Publish => "publish",
+            Self::Subscribe => "subscribe",
+            Self::Will => "will",
+        }
+    }
 }
 
 impl Metrics {
+    /// Counts a hit of an embedded-broker limit.
+    pub fn broker_limit(&self, limit: BrokerLimit) {
+        if let Some(i) = BrokerLimit::ALL.iter().position(|l| *l == limit) {
+            self.broker_limit_hits[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts an action the embedded broker refused.
+    pub fn broker_denied(&self, action: BrokerDenial) {
+        if let Some(i) = BrokerDenial::ALL.iter().position(|a| *a == action) {
+            self.broker_denied[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Times `limit` was hit.
+    pub fn broker_limit_count(&self, limit: BrokerLimit) -> u64 {
+        BrokerLimit::ALL
+            .iter()
+            .position(|l| *l == limit)
+            .map_or(0, |i| self.broker_limit_hits[i].load(Ordering::Relaxed))
+    }
+
     /// Counts a rejected update.
     pub fn reject(&self, reason: &'static str) {
         if let Ok(mut m) = self.updates_rejected.lock() {
@@ -214,7 +342,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP edgesync_agent_broker_messages_dropped_total Embedded broker: messages dropped, by reason (qos0_backlog: a subscriber not reading; queue_full: 10000 QoS1 messages already queued for a session).\n# TYPE edgesync_agent_broker_messages_dropped_total counter"
+            "# HELP edgesync_agent_broker_messages_dropped_total Embedded broker: messages dropped, by reason (qos0_backlog: a subscriber not reading; queue_full: a session's or all sessions' queued bytes at their limit).\n# TYPE edgesync_agent_broker_messages_dropped_total counter"
         );
         for (reason, v) in [
             ("qos0_backlog", &self.broker_dropped_qos0),
@@ -226,6 +354,36 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP edgesync_agent_broker_limit_hits_total Embedded broker: times a configured limit ([broker] max_*) refused, dropped or closed something, by limit.\n# TYPE edgesync_agent_broker_limit_hits_total counter"
+        );
+        for (limit, v) in BrokerLimit::ALL.iter().zip(&self.broker_limit_hits) {
+            let _ = writeln!(
+                out,
+                "edgesync_agent_broker_limit_hits_total{{limit=\"{}\"}} {}",
+                limit.label(),
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP edgesync_agent_broker_denied_total Embedded broker: client actions refused by authentication or the ACL, by action.\n# TYPE edgesync_agent_broker_denied_total counter"
+        );
+        for (action, v) in BrokerDenial::ALL.iter().zip(&self.broker_denied) {
+            let _ = writeln!(
+                out,
+                "edgesync_agent_broker_denied_total{{action=\"{}\"}} {}",
+                action.label(),
+                v.load(Ordering::Relaxed)
+            );
+        }
+        counter(
+            &mut out,
+            "edgesync_agent_broker_client_pauses_total",
+            "Embedded broker: times reading from a client paused because its messages wait for the agent's commit (backpressure, nothing lost).",
+            &self.broker_paused,
+        );
         self.batch_latency.render(
             &mut out,
             "edgesync_agent_batch_latency_seconds",

@@ -88,6 +88,11 @@ impl IngestPattern {
         })
     }
 
+    /// The pattern as written (`factory/{device}/state`).
+    pub fn template(&self) -> String {
+        format!("{}{{device}}{}", self.before, self.after)
+    }
+
     /// The MQTT subscription filter (`factory/+/state`).
     pub fn filter(&self) -> String {
         format!("{}+{}", self.before, self.after)

@@ -12,19 +12,22 @@ use rumqttc::{ConnAck, Connect, ConnectReturnCode, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use edgesync_protocol::wire::constant_time_eq;
-
-use super::Shared;
-use super::router::{Flow, Link};
-
-/// A connection must send CONNECT within this time.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use super::router::{Flow, Identity, Link, wire_cost};
+use super::{ConnectionSlot, Shared};
+use crate::metrics::{BrokerDenial, BrokerLimit};
 /// Outgoing bytes gathered into one write.
 const WRITE_CHUNK: usize = 64 * 1024;
+
+/// Why no CONNECT could be read.
+enum ReadError {
+    /// Beyond `broker.max_connect_bytes`.
+    TooLarge,
+    Other(String),
+}
 
 /// What the first packet of a connection was.
 enum First {
@@ -40,7 +43,7 @@ async fn read_connect(
     rd: &mut (impl AsyncReadExt + Unpin),
     buf: &mut BytesMut,
     max: usize,
-) -> Result<First, String> {
+) -> Result<First, ReadError> {
     loop {
         match rumqttc::mqttbytes::check(buf.iter(), max) {
             Ok(_) => {
@@ -52,16 +55,22 @@ async fn read_connect(
                 return match Packet::read(buf, max) {
                     Ok(Packet::Connect(c)) => Ok(First::Connect(c)),
                     Ok(_) => Ok(First::Other),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(ReadError::Other(e.to_string())),
                 };
             }
             Err(CodecError::InsufficientBytes(_)) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(CodecError::PayloadSizeLimitExceeded(_)) => return Err(ReadError::TooLarge),
+            Err(e) => return Err(ReadError::Other(e.to_string())),
         }
-        match rd.read_buf(buf).await {
-            Ok(0) => return Err("connection closed".into()),
+        if buf.len() > max {
+            return Err(ReadError::TooLarge);
+        }
+        // Never read more than the CONNECT may hold, whatever the peer sends.
+        let room = max + 1 - buf.len();
+        match (&mut *rd).take(room as u64).read_buf(buf).await {
+            Ok(0) => return Err(ReadError::Other("connection closed".into())),
             Ok(_) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(ReadError::Other(e.to_string())),
         }
     }
 }
@@ -88,13 +97,19 @@ fn connect_protocol_level(frame: &[u8]) -> Option<u8> {
 }
 
 /// Serves one client until it disconnects, fails, or `stop` is cancelled.
-pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+pub(super) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    _slot: ConnectionSlot,
+) {
+    let limits = shared.limits;
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let connect = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        read_connect(&mut rd, &mut buf, shared.max_packet),
+        limits.connect_timeout,
+        read_connect(&mut rd, &mut buf, limits.max_connect_bytes),
     )
     .await
     {
@@ -113,47 +128,55 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
             return;
         }
         Ok(Ok(First::Other)) => return debug!(%peer, "First packet was not CONNECT; closing"),
-        Ok(Err(e)) => return debug!(%peer, error = e, "Closed before CONNECT"),
-        Err(_) => return debug!(%peer, "No CONNECT within 10 s; closing"),
+        Ok(Err(ReadError::TooLarge)) => {
+            shared.metrics.broker_limit(BrokerLimit::ConnectBytes);
+            return debug!(%peer, "CONNECT beyond broker.max_connect_bytes; closing");
+        }
+        Ok(Err(ReadError::Other(e))) => return debug!(%peer, error = e, "Closed before CONNECT"),
+        Err(_) => {
+            shared.metrics.broker_limit(BrokerLimit::ConnectTimeout);
+            return debug!(%peer, "No CONNECT within broker.connect_timeout_secs; closing");
+        }
     };
 
     let (tx, rx) = mpsc::unbounded_channel();
     let backlog = Arc::new(AtomicUsize::new(0));
+    let resume = Arc::new(Notify::new());
     let closed = shared.stop.child_token();
     let writer = tokio::spawn(write_loop(wr, rx, backlog.clone(), closed.clone()));
     let client_id = connect.client_id.clone();
     let keep_alive = connect.keep_alive;
 
-    let refusal = if let Some((user, pass)) = &shared.credentials {
-        let ok = connect.login.as_ref().is_some_and(|l| {
-            constant_time_eq(l.username.as_bytes(), user.as_bytes())
-                & constant_time_eq(l.password.as_bytes(), pass.as_bytes())
-        });
-        (!ok).then_some(ConnectReturnCode::BadUserNamePassword)
-    } else {
-        None
-    };
-    let refusal = match refusal {
-        None => persist_new_session(&shared, &connect).await.err(),
-        some => some,
-    };
-    let accepted = match refusal {
-        Some(code) => Err(code),
-        None => shared
-            .router
-            .lock()
-            .map_err(|_| ConnectReturnCode::ServiceUnavailable)
-            .and_then(|mut r| {
-                r.connect(
-                    connect,
-                    Link::new(tx.clone(), backlog.clone(), closed.clone()),
-                )
-            }),
+    let accepted = match shared.access.authenticate(&connect) {
+        Err(refusal) => {
+            shared.metrics.broker_denied(BrokerDenial::Connect);
+            Err((refusal.code(), refusal.describe()))
+        }
+        Ok(who) => match admit(&shared, &connect, &who).await {
+            Err(e) => Err(e),
+            Ok(()) => shared
+                .router
+                .lock()
+                .map_err(|_| {
+                    (
+                        ConnectReturnCode::ServiceUnavailable,
+                        "broker state poisoned",
+                    )
+                })
+                .and_then(|mut r| {
+                    r.connect(
+                        connect,
+                        who,
+                        Link::new(tx.clone(), backlog.clone(), closed.clone(), resume.clone()),
+                    )
+                    .map_err(|code| (code, "refused by the session rules"))
+                }),
+        },
     };
     let (client, conn) = match accepted {
         Ok(ids) => ids,
-        Err(code) => {
-            warn!(%peer, client = client_id, ?code, "MQTT connection refused (bad credentials: the client must use mqtt.username/password; or an empty client id with a persistent session; or the session could not be recorded)");
+        Err((code, why)) => {
+            warn!(%peer, client = client_id, ?code, reason = why, "MQTT connection refused");
             let _ = tx.send(Packet::ConnAck(ConnAck::new(code, false)));
             drop(tx);
             let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
@@ -169,9 +192,13 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let mut graceful = false;
     let end = 'conn: loop {
         loop {
-            match Packet::read(&mut buf, shared.max_packet) {
+            match Packet::read(&mut buf, limits.max_packet_bytes) {
                 Ok(p) => packets.push(p),
                 Err(CodecError::InsufficientBytes(_)) => break,
+                Err(CodecError::PayloadSizeLimitExceeded(n)) => {
+                    shared.metrics.broker_limit(BrokerLimit::PacketSize);
+                    break 'conn format!("packet of {n} bytes beyond broker.max_packet_bytes");
+                }
                 Err(e) => break 'conn format!("malformed packet: {e}"),
             }
         }
@@ -188,6 +215,23 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
                     }
                     Flow::Close(why) => break 'conn why.into(),
                 }
+            }
+        }
+        // Backpressure: while this client's messages wait for the agent's commit beyond its
+        // share, read nothing more from it (TCP holds the rest on the device).
+        loop {
+            let resumed = resume.notified();
+            let pause = shared
+                .router
+                .lock()
+                .map(|mut r| r.should_pause(&client))
+                .unwrap_or(false);
+            if !pause {
+                break;
+            }
+            tokio::select! {
+                _ = closed.cancelled() => break 'conn "closed by the broker".into(),
+                _ = resumed => {}
             }
         }
         let read = async {
@@ -211,7 +255,7 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
         }
     };
     if let Ok(mut router) = shared.router.lock() {
-        router.disconnected(&client, conn, graceful);
+        router.disconnected(&client, conn, graceful, unix_now());
     }
     if graceful {
         debug!(%peer, client = &*client, "MQTT client disconnected");
@@ -222,15 +266,33 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let _ = writer.await;
 }
 
-/// A new persistent session is written to disk before its CONNACK: a device told its
-/// session exists must find it again after an agent restart (else it would discard the
-/// messages it has not had acknowledged yet).
-async fn persist_new_session(shared: &Shared, connect: &Connect) -> Result<(), ConnectReturnCode> {
+/// Seconds since the Unix epoch (for session expiry).
+pub(super) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The router's admission checks, then a new persistent session is written to disk before
+/// its CONNACK: a device told its session exists must find it again after an agent restart
+/// (else it would discard the messages it has not had acknowledged yet).
+async fn admit(
+    shared: &Shared,
+    connect: &Connect,
+    who: &Identity,
+) -> Result<(), (ConnectReturnCode, &'static str)> {
+    const POISONED: (ConnectReturnCode, &str) = (
+        ConnectReturnCode::ServiceUnavailable,
+        "broker state poisoned",
+    );
     let written = {
-        let router = shared
-            .router
-            .lock()
-            .map_err(|_| ConnectReturnCode::ServiceUnavailable)?;
+        let mut router = shared.router.lock().map_err(|_| POISONED)?;
+        router.admit(connect, who).map_err(|code| {
+            (
+                code,
+                "another user's client id, a will topic outside the ACL, or broker.max_sessions reached",
+            )
+        })?;
         if !router.needs_persisting(&connect.client_id, connect.clean_session) {
             return Ok(());
         }
@@ -241,11 +303,10 @@ async fn persist_new_session(shared: &Shared, connect: &Connect) -> Result<(), C
         None => false,
     };
     if !written {
-        warn!(
-            client = connect.client_id,
-            "Cannot record the MQTT session in the database; refusing the connection"
-        );
-        return Err(ConnectReturnCode::ServiceUnavailable);
+        return Err((
+            ConnectReturnCode::ServiceUnavailable,
+            "cannot record the persistent session in the database",
+        ));
     }
     Ok(())
 }
@@ -265,14 +326,14 @@ async fn write_loop(
                 None => break,
             },
         };
-        let mut n = 1;
+        let mut bytes = wire_cost(&first);
         encode(&first, &mut out);
         while out.len() < WRITE_CHUNK {
             let Ok(p) = rx.try_recv() else { break };
+            bytes += wire_cost(&p);
             encode(&p, &mut out);
-            n += 1;
         }
-        backlog.fetch_sub(n, Ordering::Relaxed);
+        backlog.fetch_sub(bytes, Ordering::Relaxed);
         let written = tokio::select! {
             _ = closed.cancelled() => break,
             r = wr.write_all(&out) => r,

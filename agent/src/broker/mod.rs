@@ -15,42 +15,67 @@
 //! gone). An agent crash loses what lives only in memory: QoS0 messages in flight, retained
 //! messages, and QoS1 messages queued *to* devices (replies and deltas; a device gets its
 //! desired state again with `shadow/get`).
+//!
+//! Safe on a plant network as Mosquitto 2.x is: only the agent, proven by a per-process
+//! secret ([`access`]), holds the agent's session; devices authenticate with a Mosquitto
+//! password file and are confined by an ACL ([`auth`]); every resource a client can make the
+//! broker hold is bounded by `[broker]` limits and counted when hit.
 
+pub mod access;
+pub mod auth;
 mod conn;
 mod router;
 mod trie;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::metrics::Metrics;
+use crate::config::BrokerConfig;
+use crate::metrics::{BrokerLimit, Metrics};
 use crate::store::Store;
-use router::{Router, SessionChange};
+use access::{Access, AgentSecret};
+use auth::{Acl, PasswordFile};
+use router::Router;
+
+/// How often refusals are summarised in the log and expired sessions removed.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
+/// Wait before writing session changes again after the database refused them.
+const PERSIST_RETRY: Duration = Duration::from_secs(1);
 
 /// What the embedded broker needs to know.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
     /// Listen address.
     pub listen: SocketAddr,
-    /// Required username and password, if any.
+    /// Username and password shared by all devices (`mqtt.username`/`password`), if any.
     pub credentials: Option<(String, String)>,
     /// The agent's client id: its acknowledgements gate the devices'.
     pub agent_client_id: String,
-    /// Largest packet accepted from a client; larger ones close the connection.
-    pub max_packet: usize,
+    /// The agent's proof of identity (its client presents it).
+    pub agent_secret: AgentSecret,
+    /// Access control and limits.
+    pub config: BrokerConfig,
+    /// Shadow topic prefix and ingest topic templates (for `broker.acl_own_topics`).
+    pub topic_prefix: String,
+    /// Ingest topic templates with `{device}`.
+    pub ingest_topics: Vec<String>,
 }
 
 /// State shared by the connection tasks.
 struct Shared {
     router: Mutex<Router>,
-    credentials: Option<(String, String)>,
-    max_packet: usize,
+    access: Access,
+    limits: crate::config::BrokerLimits,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 }
 
@@ -58,46 +83,68 @@ struct Shared {
 pub struct EmbeddedBroker {
     listener: TcpListener,
     shared: Arc<Shared>,
+    store: Store,
+    persist_wake: Arc<Notify>,
+}
+
+fn read_file(key: &str, path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("{key}: cannot read {}", path.display()))
+}
+
+/// The ACL from `broker.acl_file` and/or `broker.acl_own_topics`; `None` when neither is set
+/// (every authenticated client may use every topic, as in Mosquitto without an ACL).
+fn load_acl(settings: &BrokerSettings) -> anyhow::Result<Option<Acl>> {
+    let c = &settings.config;
+    let from_file = match &c.acl_file {
+        Some(path) => Some(
+            Acl::parse(&read_file("broker.acl_file", path)?)
+                .with_context(|| format!("broker.acl_file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let own = c.acl_own_topics.then(|| {
+        let ingest: Vec<&str> = settings.ingest_topics.iter().map(String::as_str).collect();
+        Acl::own_topics(&settings.topic_prefix, &ingest)
+    });
+    Ok(match (from_file, own) {
+        (Some(a), Some(b)) => Some(a.merge(b)),
+        (a, b) => a.or(b),
+    })
 }
 
 impl EmbeddedBroker {
-    /// Restores the persistent sessions recorded in `store` and binds the listen address.
+    /// Reads the password and ACL files, restores the persistent sessions recorded in
+    /// `store` and binds the listen address.
     ///
     /// # Errors
-    /// When the sessions cannot be read or the address cannot be bound (in use, not local,
-    /// no permission).
+    /// When a file cannot be read or parsed (the message names the key and line), the
+    /// sessions cannot be read, or the address cannot be bound.
     pub async fn bind(
         settings: &BrokerSettings,
         store: Store,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let mut router = Router::new(&settings.agent_client_id, metrics);
+        let passwords = match &settings.config.password_file {
+            Some(path) => Some(
+                PasswordFile::parse(&read_file("broker.password_file", path)?)
+                    .with_context(|| format!("broker.password_file {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let acl = load_acl(settings)?.map(Arc::new);
+        let limits = settings.config.limits;
+        let mut router = Router::new(&settings.agent_client_id, limits, acl, metrics.clone());
+        let persist_wake = Arc::new(Notify::new());
+        router.persist_to(persist_wake.clone());
         let sessions = store
             .load_broker_sessions()
             .await
             .context("reading the embedded broker's sessions")?;
-        for (client, filters) in &sessions {
-            router.restore(client, filters);
+        let now = conn::unix_now();
+        for stored in &sessions {
+            router.restore(stored, now);
         }
-        let (tx, mut changes) = mpsc::unbounded_channel::<SessionChange>();
-        router.persist_to(tx);
-        // Session changes are written in order, off the router's lock; a new session is
-        // written before its CONNACK (conn.rs waits for `written`).
-        let writer = store.clone();
-        tokio::spawn(async move {
-            while let Some(change) = changes.recv().await {
-                let result = writer
-                    .save_broker_session(change.client.clone(), change.filters)
-                    .await;
-                if let Err(e) = &result {
-                    warn!(client = change.client, error = %e, "Could not record an MQTT session");
-                }
-                if let Some(written) = change.written {
-                    let _ = written.send(result.is_ok());
-                }
-            }
-        });
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
@@ -109,11 +156,22 @@ impl EmbeddedBroker {
         }
         let shared = Arc::new(Shared {
             router: Mutex::new(router),
-            credentials: settings.credentials.clone(),
-            max_packet: settings.max_packet,
+            access: Access {
+                agent_client_id: settings.agent_client_id.clone(),
+                agent_secret: settings.agent_secret.clone(),
+                shared: settings.credentials.clone(),
+                passwords,
+            },
+            limits,
+            metrics,
             stop,
         });
-        Ok(Self { listener, shared })
+        Ok(Self {
+            listener,
+            shared,
+            store,
+            persist_wake,
+        })
     }
 
     /// The bound address (the port, when `listen` asked for port 0).
@@ -124,11 +182,21 @@ impl EmbeddedBroker {
         self.listener.local_addr()
     }
 
-    /// Accepts connections until the stop token is cancelled; then closes every connection.
+    /// Accepts connections until the stop token is cancelled; then closes every connection,
+    /// writes the last session changes and returns once every task it started has ended.
     pub async fn run(self) {
         let addr = self.listener.local_addr().ok();
-        info!(listen = ?addr, "Embedded MQTT broker listening");
+        info!(listen = ?addr, max_connections = self.shared.limits.max_connections, "Embedded MQTT broker listening");
         let stop = self.shared.stop.clone();
+        let tasks = TaskTracker::new();
+        let writer = tokio::spawn(persist_sessions(
+            self.shared.clone(),
+            self.store.clone(),
+            self.persist_wake.clone(),
+        ));
+        let housekeeping = tokio::spawn(housekeeping(self.shared.clone()));
+        let open = Arc::new(AtomicUsize::new(0));
+        let mut accept_errors = RateLimitedWarning::default();
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -136,15 +204,144 @@ impl EmbeddedBroker {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    tokio::spawn(conn::serve(stream, peer, self.shared.clone()));
+                    // Counted from accept, CONNECT or not: a half-open socket holds as much
+                    // as a connected client.
+                    if open.load(Ordering::Relaxed) >= self.shared.limits.max_connections {
+                        self.shared.metrics.broker_limit(BrokerLimit::Connections);
+                        drop(stream);
+                        continue;
+                    }
+                    let guard = ConnectionSlot::take(open.clone());
+                    tasks.spawn(conn::serve(stream, peer, self.shared.clone(), guard));
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: keep serving existing clients.
-                    warn!(error = %e, "Embedded broker could not accept a connection");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    // Out of file descriptors and the like: keep serving existing clients,
+                    // and say so once per interval rather than at every retry.
+                    self.shared.metrics.broker_limit(BrokerLimit::Accept);
+                    accept_errors.warn(&e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
+        tasks.close();
+        tasks.wait().await;
+        let _ = housekeeping.await;
+        // The writer makes a last pass after `stop`, so changes of the closing connections
+        // are on disk before the store closes.
+        let _ = writer.await;
         info!("Embedded MQTT broker stopped");
+    }
+}
+
+/// Counts an open connection until dropped.
+pub(crate) struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(open: Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(open)
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A warning logged at most once per [`HOUSEKEEPING_INTERVAL`], with how many were held back.
+#[derive(Default)]
+struct RateLimitedWarning {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedWarning {
+    fn warn(&mut self, error: &std::io::Error) {
+        let due = self
+            .last
+            .is_none_or(|t| t.elapsed() >= HOUSEKEEPING_INTERVAL);
+        if !due {
+            self.suppressed += 1;
+            return;
+        }
+        warn!(
+            error = %error,
+            repeated = self.suppressed,
+            "Embedded broker could not accept connections (out of file descriptors? raise LimitNOFILE, or lower broker.max_connections)"
+        );
+        self.last = Some(Instant::now());
+        self.suppressed = 0;
+    }
+}
+
+/// Writes persistent-session changes as they come, merged while a write is running (so a
+/// flood of SUBSCRIBEs costs memory per session and filter, not per packet). A write the
+/// database refuses is put back and tried again.
+async fn persist_sessions(shared: Arc<Shared>, store: Store, wake: Arc<Notify>) {
+    loop {
+        let stopping = tokio::select! {
+            _ = shared.stop.cancelled() => true,
+            _ = wake.notified() => false,
+        };
+        let Ok((deltas, written)) = shared.router.lock().map(|mut r| r.take_pending()) else {
+            return;
+        };
+        if !deltas.is_empty() {
+            let result = store.save_broker_sessions(deltas.clone()).await;
+            let ok = result.is_ok();
+            for w in written {
+                let _ = w.send(ok);
+            }
+            if let Err(e) = result {
+                warn!(error = %e, sessions = deltas.len(), "Could not record MQTT session changes; retrying");
+                if let Ok(mut r) = shared.router.lock() {
+                    r.requeue(deltas);
+                }
+                if stopping {
+                    return;
+                }
+                tokio::select! {
+                    _ = shared.stop.cancelled() => {}
+                    _ = tokio::time::sleep(PERSIST_RETRY) => {}
+                }
+                wake.notify_one();
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Expires idle persistent sessions and logs refusals, once per interval.
+async fn housekeeping(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok((expired, denials)) = shared
+            .router
+            .lock()
+            .map(|mut r| (r.expire(conn::unix_now()), r.take_denials()))
+        else {
+            return;
+        };
+        if expired > 0 {
+            info!(
+                sessions = expired,
+                "Expired persistent MQTT sessions idle beyond broker.session_expiry_secs"
+            );
+        }
+        if denials.count > 0 {
+            warn!(
+                refused = denials.count,
+                last = denials.last.as_deref().unwrap_or(""),
+                "Embedded broker refused client actions (ACL or authentication); see edgesync_agent_broker_denied_total"
+            );
+        }
     }
 }

@@ -13,6 +13,9 @@ use edgesync_protocol::limits::validate_device_id;
 use edgesync_protocol::mqtt::IngestPattern;
 use serde::Deserialize;
 
+mod broker;
+pub use broker::{BrokerConfig, BrokerLimits, RawBroker};
+
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -51,6 +54,9 @@ pub struct RawConfig {
     /// Broker connection.
     #[serde(default)]
     pub mqtt: RawMqtt,
+    /// The embedded broker's access control and limits.
+    #[serde(default)]
+    pub broker: Option<RawBroker>,
     /// Plain-publisher topic mappings.
     #[serde(default)]
     pub ingest: Vec<RawIngest>,
@@ -309,6 +315,8 @@ pub struct MqttSettings {
     pub keep_alive: Duration,
     /// Extra CA for TLS.
     pub ca_file: Option<PathBuf>,
+    /// The embedded broker's access control and limits (used with [`Broker::Embedded`]).
+    pub embedded: BrokerConfig,
 }
 
 /// Validated cloud settings.
@@ -686,7 +694,34 @@ fn mqtt_settings(raw: &RawConfig, errs: &mut Vec<String>) -> Option<MqttSettings
             m.keep_alive_secs
         ));
     }
+    if raw.broker.is_some() && !m.embedded {
+        errs.push("[broker] only applies with mqtt.embedded = true".to_owned());
+    }
+    // Oversized payloads get a `rejected` reply from the agent, which needs them to reach
+    // it; beyond this, the connection is closed.
+    let default_packet = (raw.limits.max_payload_bytes * 4 + 64 * 1024).max(1 << 20);
+    let embedded = BrokerConfig::validate(
+        &raw.broker.clone().unwrap_or_default(),
+        default_packet,
+        errs,
+    );
+    if let Some(Broker::Embedded { listen }) = &broker
+        && !listen.ip().is_loopback()
+        && !embedded.allow_anonymous
+        && !embedded.has_authentication(credentials.is_some())
+    {
+        // As Mosquitto 2.0: a network listener without authentication is an open door.
+        errs.push(format!(
+            "mqtt.listen {listen} is beyond loopback and no authentication is set: set broker.password_file (or mqtt.username/password), or broker.allow_anonymous = true to accept anyone on the network"
+        ));
+    }
+    if embedded.acl_own_topics && embedded.password_file.is_none() {
+        errs.push(
+            "broker.acl_own_topics needs device identities: set broker.password_file".to_owned(),
+        );
+    }
     Some(MqttSettings {
+        embedded,
         broker: broker?,
         credentials,
         client_id: m

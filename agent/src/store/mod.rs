@@ -29,11 +29,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Durability, StoreSettings};
 
+mod broker_sessions;
+pub use broker_sessions::{SessionDelta, StoredSession};
+
 /// Commands waiting for the writer thread. Large enough to form big commit groups under
 /// load; small enough that a stalled disk pushes back on MQTT intake within milliseconds.
 const COMMAND_CHANNEL_CAPACITY: usize = 4096;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 const MIGRATIONS: &[&str] = &[
     // v1
     "CREATE TABLE shadows (
@@ -58,6 +61,8 @@ const MIGRATIONS: &[&str] = &[
         client_id TEXT PRIMARY KEY NOT NULL,
         filters TEXT NOT NULL
     ) WITHOUT ROWID;",
+    // v3: one row per subscription, and when each session was last connected.
+    broker_sessions::MIGRATION_V3,
 ];
 
 const UPSERT_SHADOW: &str = "INSERT INTO shadows (device, version, doc) VALUES (?1, ?2, ?3)
@@ -72,11 +77,6 @@ const SELECT_PENDING: &str = "SELECT device, version FROM outbox ORDER BY enqueu
 const SET_META: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2)
      ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 const GET_META: &str = "SELECT value FROM meta WHERE key = ?1";
-const UPSERT_BROKER_SESSION: &str =
-    "INSERT INTO broker_sessions (client_id, filters) VALUES (?1, ?2)
-     ON CONFLICT (client_id) DO UPDATE SET filters = excluded.filters";
-const DELETE_BROKER_SESSION: &str = "DELETE FROM broker_sessions WHERE client_id = ?1";
-const SELECT_BROKER_SESSIONS: &str = "SELECT client_id, filters FROM broker_sessions";
 const OUTBOX_STATS: &str = "SELECT count(*), min(enqueued_at_ms) FROM outbox";
 
 const META_SEQ: &str = "seq";
@@ -225,13 +225,12 @@ enum Command {
         value: String,
         reply: Reply<()>,
     },
-    SaveBrokerSession {
-        client_id: String,
-        filters: Option<String>,
+    SaveBrokerSessions {
+        deltas: Vec<SessionDelta>,
         reply: Reply<()>,
     },
     LoadBrokerSessions {
-        reply: Reply<Vec<(String, String)>>,
+        reply: Reply<Vec<StoredSession>>,
     },
 }
 
@@ -409,29 +408,20 @@ impl Store {
             .await
     }
 
-    /// Records (`Some(filters)`, JSON) or forgets (`None`) a persistent session of the
-    /// embedded broker, durably.
+    /// Applies changes to the embedded broker's persistent sessions, durably, in order.
     ///
     /// # Errors
-    /// [`StoreError`].
-    pub async fn save_broker_session(
-        &self,
-        client_id: String,
-        filters: Option<String>,
-    ) -> Result<(), StoreError> {
-        self.call(|reply| Command::SaveBrokerSession {
-            client_id,
-            filters,
-            reply,
-        })
-        .await
+    /// [`StoreError`]: nothing of `deltas` was written.
+    pub async fn save_broker_sessions(&self, deltas: Vec<SessionDelta>) -> Result<(), StoreError> {
+        self.call(|reply| Command::SaveBrokerSessions { deltas, reply })
+            .await
     }
 
-    /// The embedded broker's persistent sessions: (client id, filters JSON).
+    /// The embedded broker's persistent sessions with their subscriptions.
     ///
     /// # Errors
     /// [`StoreError`].
-    pub async fn load_broker_sessions(&self) -> Result<Vec<(String, String)>, StoreError> {
+    pub async fn load_broker_sessions(&self) -> Result<Vec<StoredSession>, StoreError> {
         self.call(|reply| Command::LoadBrokerSessions { reply })
             .await
     }
@@ -953,34 +943,12 @@ impl Writer {
                     .map_err(&err)?;
                 defer(reply, ())
             }
-            Command::SaveBrokerSession {
-                client_id,
-                filters,
-                reply,
-            } => {
-                match filters {
-                    Some(f) => self
-                        .conn
-                        .prepare_cached(UPSERT_BROKER_SESSION)
-                        .and_then(|mut s| s.execute(params![client_id, f])),
-                    None => self
-                        .conn
-                        .prepare_cached(DELETE_BROKER_SESSION)
-                        .and_then(|mut s| s.execute(params![client_id])),
-                }
-                .map_err(&err)?;
+            Command::SaveBrokerSessions { deltas, reply } => {
+                broker_sessions::write(&self.conn, &deltas).map_err(&err)?;
                 defer(reply, ())
             }
             Command::LoadBrokerSessions { reply } => {
-                let rows = self
-                    .conn
-                    .prepare_cached(SELECT_BROKER_SESSIONS)
-                    .and_then(|mut s| {
-                        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                            .collect::<Result<Vec<(String, String)>, _>>()
-                    })
-                    .map_err(&err)?;
-                defer(reply, rows)
+                defer(reply, broker_sessions::load(&self.conn).map_err(&err)?)
             }
         })
     }

@@ -1,0 +1,219 @@
+//! Who a connecting client is: the agent's own client (proven by a secret that exists only
+//! in this process), a device named by the password file or the shared credentials, or an
+//! anonymous client where that is allowed. What the client may then do is the ACL's job
+//! (`auth.rs`, applied by the router).
+//!
+//! Why a per-process secret for the agent: the agent's session is the one whose
+//! acknowledgements release the devices' (ack-after-commit), so whoever holds it can make
+//! devices drop messages that were never stored. Its client id is predictable
+//! (`edgesync-agent-{node}`); the secret is 256 random bits from the OS, generated at every
+//! start, handed to the agent's MQTT client in memory and never written anywhere. It costs
+//! one constant-time comparison per CONNECT and leaves the agent's tested intake path (a
+//! real MQTT client with manual acks) unchanged.
+
+use std::sync::Arc;
+
+use rumqttc::{Connect, ConnectReturnCode};
+
+use edgesync_protocol::wire::constant_time_eq;
+
+use super::auth::PasswordFile;
+use super::router::Identity;
+
+/// The username the agent's own client presents (with [`AgentSecret`] as its password).
+pub const AGENT_USERNAME: &str = "$edgesync-agent";
+
+/// The agent's proof of identity toward its embedded broker.
+#[derive(Clone)]
+pub struct AgentSecret(String);
+
+impl std::fmt::Debug for AgentSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentSecret(<redacted>)")
+    }
+}
+
+impl AgentSecret {
+    /// 256 bits from the operating system's random source, hex-encoded.
+    ///
+    /// # Errors
+    /// When the OS random source fails.
+    pub fn generate() -> anyhow::Result<Self> {
+        use ring::rand::SecureRandom as _;
+        let mut bytes = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| anyhow::anyhow!("the OS random source failed"))?;
+        Ok(Self(bytes.iter().map(|b| format!("{b:02x}")).collect()))
+    }
+
+    /// The secret, for the agent's MQTT client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// How clients are authenticated.
+#[derive(Debug)]
+pub struct Access {
+    /// The agent's client id.
+    pub agent_client_id: String,
+    /// The agent's secret.
+    pub agent_secret: AgentSecret,
+    /// One username/password shared by all devices (`mqtt.username`/`password`).
+    pub shared: Option<(String, String)>,
+    /// Per-device identities (`broker.password_file`).
+    pub passwords: Option<PasswordFile>,
+}
+
+/// Why a CONNECT was refused, for the log and the metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The agent's client id without the agent's secret.
+    AgentIdentity,
+    /// No or wrong credentials.
+    Credentials,
+}
+
+impl Refusal {
+    /// The CONNACK code sent.
+    pub fn code(self) -> ConnectReturnCode {
+        match self {
+            Self::AgentIdentity => ConnectReturnCode::NotAuthorized,
+            Self::Credentials => ConnectReturnCode::BadUserNamePassword,
+        }
+    }
+
+    /// What the log says.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::AgentIdentity => {
+                "the agent's own client id is reserved to the agent (pick another client id)"
+            }
+            Self::Credentials => {
+                "bad or missing username/password (broker.password_file or mqtt.username/password)"
+            }
+        }
+    }
+}
+
+impl Access {
+    /// Authenticates `connect`.
+    ///
+    /// # Errors
+    /// Why it is refused.
+    pub fn authenticate(&self, connect: &Connect) -> Result<Identity, Refusal> {
+        let login = connect.login.as_ref();
+        if connect.client_id == self.agent_client_id
+            || login.is_some_and(|l| l.username == AGENT_USERNAME)
+        {
+            let proven = login.is_some_and(|l| {
+                constant_time_eq(l.username.as_bytes(), AGENT_USERNAME.as_bytes())
+                    & constant_time_eq(l.password.as_bytes(), self.agent_secret.expose().as_bytes())
+            }) && connect.client_id == self.agent_client_id;
+            return if proven {
+                Ok(Identity {
+                    username: None,
+                    is_agent: true,
+                })
+            } else {
+                Err(Refusal::AgentIdentity)
+            };
+        }
+        if self.shared.is_none() && self.passwords.is_none() {
+            // No authentication configured: only allowed on loopback or with
+            // broker.allow_anonymous (checked when the config was read). An unverified
+            // username names nobody, so the ACL treats the client as anonymous.
+            return Ok(Identity::default());
+        }
+        let Some(login) = login else {
+            return Err(Refusal::Credentials);
+        };
+        let by_file = self
+            .passwords
+            .as_ref()
+            .is_some_and(|p| p.verify(&login.username, login.password.as_bytes()));
+        let by_shared = self.shared.as_ref().is_some_and(|(user, pass)| {
+            constant_time_eq(login.username.as_bytes(), user.as_bytes())
+                & constant_time_eq(login.password.as_bytes(), pass.as_bytes())
+        });
+        if by_file || by_shared {
+            Ok(Identity {
+                username: Some(Arc::from(login.username.as_str())),
+                is_agent: false,
+            })
+        } else {
+            Err(Refusal::Credentials)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use rumqttc::{Login, Protocol};
+
+    use super::*;
+
+    fn connect(id: &str, login: Option<(&str, &str)>) -> Connect {
+        Connect {
+            protocol: Protocol::V4,
+            keep_alive: 30,
+            client_id: id.to_owned(),
+            clean_session: false,
+            last_will: None,
+            login: login.map(|(u, p)| Login::new(u, p)),
+        }
+    }
+
+    fn access(shared: Option<(&str, &str)>) -> Access {
+        Access {
+            agent_client_id: "edgesync-agent-n1".into(),
+            agent_secret: AgentSecret::generate().unwrap(),
+            shared: shared.map(|(u, p)| (u.into(), p.into())),
+            passwords: None,
+        }
+    }
+
+    #[test]
+    fn only_the_secret_opens_the_agents_session() {
+        for shared in [None, Some(("dev", "pw"))] {
+            let a = access(shared);
+            let secret = a.agent_secret.expose().to_owned();
+            let agent = a
+                .authenticate(&connect(
+                    "edgesync-agent-n1",
+                    Some((AGENT_USERNAME, &secret)),
+                ))
+                .unwrap();
+            assert!(agent.is_agent);
+            for attempt in [
+                connect("edgesync-agent-n1", None),
+                connect("edgesync-agent-n1", Some(("dev", "pw"))),
+                connect("edgesync-agent-n1", Some((AGENT_USERNAME, "guess"))),
+                // The secret under another client id does not make an agent either.
+                connect("other", Some((AGENT_USERNAME, &secret))),
+            ] {
+                assert_eq!(a.authenticate(&attempt), Err(Refusal::AgentIdentity));
+            }
+        }
+    }
+
+    #[test]
+    fn shared_credentials_name_the_client() {
+        let a = access(Some(("dev", "pw")));
+        let ok = a.authenticate(&connect("m1", Some(("dev", "pw")))).unwrap();
+        assert_eq!(ok.username.as_deref(), Some("dev"));
+        assert!(!ok.is_agent);
+        assert_eq!(
+            a.authenticate(&connect("m1", Some(("dev", "nope")))),
+            Err(Refusal::Credentials)
+        );
+        assert_eq!(
+            a.authenticate(&connect("m1", None)),
+            Err(Refusal::Credentials)
+        );
+        // Without any configured authentication, anyone (loopback or allow_anonymous).
+        assert!(access(None).authenticate(&connect("m1", None)).is_ok());
+    }
+}

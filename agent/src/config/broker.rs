@@ -1,0 +1,257 @@
+//! `[broker]`: who may use the embedded MQTT broker and how much of the agent any one client
+//! can make it hold. Only read with `mqtt.embedded = true`.
+//!
+//! Every resource a network client can make the broker keep (connections, bytes before and
+//! after CONNECT, subscriptions, queued and in-flight bytes, retained bytes, sessions) has a
+//! bound here with a safe default; the broker counts each refusal in
+//! `edgesync_agent_broker_limit_hits_total{limit=...}`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `[broker]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBroker {
+    /// Accept clients without credentials on a listener beyond loopback (as Mosquitto 2.0,
+    /// refused by default).
+    pub allow_anonymous: bool,
+    /// Mosquitto password file (`mosquitto_passwd`): one identity per device.
+    pub password_file: Option<PathBuf>,
+    /// Mosquitto ACL file (`user`, `topic`, `pattern` lines).
+    pub acl_file: Option<PathBuf>,
+    /// The one-line default policy: each device (username = device id) writes only its own
+    /// shadow and ingest topics and reads only its own replies.
+    pub acl_own_topics: bool,
+    /// Open client connections (the agent's own not counted).
+    pub max_connections: usize,
+    /// Time a new connection has to send its CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Bytes read from a connection before its CONNECT is complete.
+    pub max_connect_bytes: usize,
+    /// Largest MQTT packet accepted; a larger one closes the connection (0: derived from
+    /// `limits.max_payload_bytes`, so an oversized shadow update still gets a 413 reply).
+    pub max_packet_bytes: usize,
+    /// Longest topic name or filter.
+    pub max_topic_bytes: usize,
+    /// Most levels in a topic name or filter.
+    pub max_topic_levels: usize,
+    /// Subscriptions one client may hold.
+    pub max_subscriptions_per_client: usize,
+    /// Bytes of one client's QoS1/2 messages waiting for the agent's commit; beyond it the
+    /// broker stops reading from that client until the agent catches up.
+    pub max_client_inflight_bytes: usize,
+    /// Bytes queued and in flight to one client session.
+    pub max_session_queue_bytes: usize,
+    /// Bytes queued and in flight to all client sessions together, and the bound on all
+    /// messages waiting for the agent's commit.
+    pub max_queued_bytes: usize,
+    /// Bytes waiting to be written to one client that does not read; QoS0 messages to it
+    /// are dropped beyond this.
+    pub max_write_backlog_bytes: usize,
+    /// Bytes of all retained messages together.
+    pub max_retained_bytes: usize,
+    /// Sessions kept, connected or not.
+    pub max_sessions: usize,
+    /// A persistent session disconnected for this long is removed (0: never).
+    pub session_expiry_secs: u64,
+}
+
+impl Default for RawBroker {
+    fn default() -> Self {
+        let l = BrokerLimits::default();
+        Self {
+            allow_anonymous: false,
+            password_file: None,
+            acl_file: None,
+            acl_own_topics: false,
+            max_connections: l.max_connections,
+            connect_timeout_secs: l.connect_timeout.as_secs(),
+            max_connect_bytes: l.max_connect_bytes,
+            max_packet_bytes: 0,
+            max_topic_bytes: l.max_topic_bytes,
+            max_topic_levels: l.max_topic_levels,
+            max_subscriptions_per_client: l.max_subscriptions,
+            max_client_inflight_bytes: l.max_client_inflight_bytes,
+            max_session_queue_bytes: l.max_session_queue_bytes,
+            max_queued_bytes: l.max_queued_bytes,
+            max_write_backlog_bytes: l.max_write_backlog_bytes,
+            max_retained_bytes: l.max_retained_bytes,
+            max_sessions: l.max_sessions,
+            session_expiry_secs: l.session_expiry.as_secs(),
+        }
+    }
+}
+
+/// The embedded broker's resource limits, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerLimits {
+    /// Open client connections.
+    pub max_connections: usize,
+    /// Deadline for CONNECT.
+    pub connect_timeout: Duration,
+    /// Bytes buffered before CONNECT.
+    pub max_connect_bytes: usize,
+    /// Largest packet.
+    pub max_packet_bytes: usize,
+    /// Longest topic or filter.
+    pub max_topic_bytes: usize,
+    /// Deepest topic or filter.
+    pub max_topic_levels: usize,
+    /// Subscriptions per client.
+    pub max_subscriptions: usize,
+    /// A client's bytes waiting for the agent's commit before reading from it pauses.
+    pub max_client_inflight_bytes: usize,
+    /// Bytes queued and in flight per session.
+    pub max_session_queue_bytes: usize,
+    /// Bytes queued and in flight for all sessions; also for all messages awaiting the agent.
+    pub max_queued_bytes: usize,
+    /// Unwritten bytes per connection before QoS0 messages to it are dropped.
+    pub max_write_backlog_bytes: usize,
+    /// Bytes of retained messages.
+    pub max_retained_bytes: usize,
+    /// Sessions kept.
+    pub max_sessions: usize,
+    /// Expiry of disconnected persistent sessions (zero: never).
+    pub session_expiry: Duration,
+}
+
+impl Default for BrokerLimits {
+    fn default() -> Self {
+        Self {
+            // Well under the 1,024 open files of a default systemd service, which the agent
+            // raises at start; a plant with more device connections per node raises this.
+            max_connections: 1000,
+            connect_timeout: Duration::from_secs(10),
+            // A CONNECT holds a client id, credentials and a will: 64 KiB is generous, and
+            // 1,000 half-sent ones cost at most 64 MiB.
+            max_connect_bytes: 64 * 1024,
+            max_packet_bytes: 1024 * 1024,
+            max_topic_bytes: 1024,
+            // Mosquitto's own cap is 200; shop-floor topics rarely pass 10.
+            max_topic_levels: 32,
+            max_subscriptions: 64,
+            max_client_inflight_bytes: 1024 * 1024,
+            max_session_queue_bytes: 4 * 1024 * 1024,
+            max_queued_bytes: 64 * 1024 * 1024,
+            max_write_backlog_bytes: 1024 * 1024,
+            max_retained_bytes: 16 * 1024 * 1024,
+            max_sessions: 10_000,
+            // AWS IoT's longest persistent-session expiry.
+            session_expiry: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Validated `[broker]`.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerConfig {
+    /// See [`RawBroker::allow_anonymous`].
+    pub allow_anonymous: bool,
+    /// See [`RawBroker::password_file`].
+    pub password_file: Option<PathBuf>,
+    /// See [`RawBroker::acl_file`].
+    pub acl_file: Option<PathBuf>,
+    /// See [`RawBroker::acl_own_topics`].
+    pub acl_own_topics: bool,
+    /// Resource limits.
+    pub limits: BrokerLimits,
+}
+
+impl BrokerConfig {
+    /// Validates `raw`; `default_packet` is the packet limit derived from the shadow limits.
+    /// Problems are appended to `errs`, each naming its key.
+    pub fn validate(raw: &RawBroker, default_packet: usize, errs: &mut Vec<String>) -> Self {
+        for (key, v) in [
+            ("broker.max_connections", raw.max_connections),
+            (
+                "broker.connect_timeout_secs",
+                raw.connect_timeout_secs as usize,
+            ),
+            ("broker.max_connect_bytes", raw.max_connect_bytes),
+            ("broker.max_topic_bytes", raw.max_topic_bytes),
+            ("broker.max_topic_levels", raw.max_topic_levels),
+            (
+                "broker.max_subscriptions_per_client",
+                raw.max_subscriptions_per_client,
+            ),
+            (
+                "broker.max_client_inflight_bytes",
+                raw.max_client_inflight_bytes,
+            ),
+            (
+                "broker.max_session_queue_bytes",
+                raw.max_session_queue_bytes,
+            ),
+            ("broker.max_queued_bytes", raw.max_queued_bytes),
+            (
+                "broker.max_write_backlog_bytes",
+                raw.max_write_backlog_bytes,
+            ),
+            ("broker.max_sessions", raw.max_sessions),
+        ] {
+            if v == 0 {
+                errs.push(format!("{key} must be > 0 (got 0)"));
+            }
+        }
+        // Deep filters are walked recursively; this bound is what keeps the stack safe.
+        if raw.max_topic_levels > 256 {
+            errs.push(format!(
+                "broker.max_topic_levels must be <= 256 (got {})",
+                raw.max_topic_levels
+            ));
+        }
+        if raw.max_connect_bytes < 1024 {
+            errs.push(format!(
+                "broker.max_connect_bytes must be >= 1024 (got {})",
+                raw.max_connect_bytes
+            ));
+        }
+        let max_packet_bytes = if raw.max_packet_bytes == 0 {
+            default_packet
+        } else {
+            raw.max_packet_bytes
+        };
+        if max_packet_bytes < 1024 {
+            errs.push(format!(
+                "broker.max_packet_bytes must be >= 1024 (got {max_packet_bytes})"
+            ));
+        }
+        if raw.max_session_queue_bytes > raw.max_queued_bytes {
+            errs.push(format!(
+                "broker.max_session_queue_bytes must be <= broker.max_queued_bytes (got {} > {})",
+                raw.max_session_queue_bytes, raw.max_queued_bytes
+            ));
+        }
+        Self {
+            allow_anonymous: raw.allow_anonymous,
+            password_file: raw.password_file.clone(),
+            acl_file: raw.acl_file.clone(),
+            acl_own_topics: raw.acl_own_topics,
+            limits: BrokerLimits {
+                max_connections: raw.max_connections,
+                connect_timeout: Duration::from_secs(raw.connect_timeout_secs),
+                max_connect_bytes: raw.max_connect_bytes,
+                max_packet_bytes,
+                max_topic_bytes: raw.max_topic_bytes,
+                max_topic_levels: raw.max_topic_levels,
+                max_subscriptions: raw.max_subscriptions_per_client,
+                max_client_inflight_bytes: raw.max_client_inflight_bytes,
+                max_session_queue_bytes: raw.max_session_queue_bytes,
+                max_queued_bytes: raw.max_queued_bytes,
+                max_write_backlog_bytes: raw.max_write_backlog_bytes,
+                max_retained_bytes: raw.max_retained_bytes,
+                max_sessions: raw.max_sessions,
+                session_expiry: Duration::from_secs(raw.session_expiry_secs),
+            },
+        }
+    }
+
+    /// Whether any client authentication is configured (a password file, or the shared
+    /// `mqtt.username`/`password`).
+    pub fn has_authentication(&self, shared_credentials: bool) -> bool {
+        shared_credentials || self.password_file.is_some()
+    }
+}
