@@ -8,6 +8,8 @@
 //! - [`proxy`]: a TCP fault proxy tests can cut, delay, black-hole and restore.
 //! - [`process`]: child processes that die with the test (even on panic or abort), keep
 //!   their logs, and print them when a test fails.
+//! - [`raw_mqtt`]: a raw MQTT 3.1.1 client over TCP that can lie, flood and stall, for
+//!   attacking the embedded broker.
 //! - [`wait`]: waiting on conditions with deadlines, never on fixed sleeps.
 //! - [`contract`]: a server speaking the controller's HTTP contract, for agent tests.
 //! - [`agent`]: agent configs and the release agent binary as a process.
@@ -28,6 +30,7 @@ pub mod device;
 pub mod mosquitto;
 pub mod process;
 pub mod proxy;
+pub mod raw_mqtt;
 pub mod stack;
 pub mod wait;
 

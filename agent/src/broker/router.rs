@@ -1476,4 +1476,113 @@ mod tests {
         r.handle(&sub.id, sub.conn, Packet::PubAck(PubAck::new(first[0].1)));
         assert_eq!(publishes(&sub.drain()).len(), 1);
     }
+
+    fn limited(limits: BrokerLimits) -> Router {
+        Router::new(AGENT, limits, None, Arc::default())
+    }
+
+    #[test]
+    fn the_agents_client_id_needs_the_agents_identity() {
+        let mut r = router();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let link = Link::new(tx, Arc::default(), CancellationToken::new(), Arc::default());
+        assert_eq!(
+            r.connect(connect_packet(AGENT, false), who("intruder"), link)
+                .err(),
+            Some(ConnectReturnCode::NotAuthorized)
+        );
+        assert_eq!(r.metrics.broker_clients.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_publisher_over_its_share_pauses_until_the_agent_commits() {
+        let mut r = limited(BrokerLimits {
+            max_client_inflight_bytes: 1000,
+            ..BrokerLimits::default()
+        });
+        let mut agent = connect(&mut r, AGENT, false);
+        subscribe(&mut r, &mut agent, "factory/+/state");
+        let device = connect(&mut r, "m1", false);
+        let big = "x".repeat(600);
+        for pkid in 1..=2 {
+            let mut p = Publish::new("factory/m1/state", QoS::AtLeastOnce, big.clone());
+            p.pkid = pkid;
+            r.handle(&device.id, device.conn, Packet::Publish(p));
+        }
+        assert!(r.should_pause(&device.id), "1,200 bytes await the agent");
+        let got = publishes(&agent.drain());
+        r.handle(&agent.id, agent.conn, Packet::PubAck(PubAck::new(got[0].1)));
+        assert!(!r.should_pause(&device.id));
+        assert_eq!(r.metrics.broker_paused.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn queues_and_retained_messages_are_bounded_in_bytes() {
+        let mut r = limited(BrokerLimits {
+            max_session_queue_bytes: 2000,
+            max_retained_bytes: 1500,
+            max_subscriptions: 2,
+            ..BrokerLimits::default()
+        });
+        let mut slow = connect(&mut r, "slow", false);
+        subscribe(&mut r, &mut slow, "t/#");
+        let publisher = connect(&mut r, "p", true);
+        let body = "y".repeat(900);
+        for pkid in 1..=5 {
+            let mut p = Publish::new("t/1", QoS::AtLeastOnce, body.clone());
+            p.pkid = pkid;
+            p.retain = true;
+            r.handle(&publisher.id, publisher.conn, Packet::Publish(p));
+        }
+        assert_eq!(publishes(&slow.drain()).len(), 2, "two fit in 2,000 bytes");
+        assert_eq!(r.metrics.broker_limit_count(BrokerLimit::SessionQueue), 3);
+        // One 900-byte retained message fits, a second topic does not.
+        let mut p = Publish::new("t/2", QoS::AtMostOnce, body.clone());
+        p.retain = true;
+        r.handle(&publisher.id, publisher.conn, Packet::Publish(p));
+        assert_eq!(r.retained.len(), 1);
+        assert_eq!(r.metrics.broker_limit_count(BrokerLimit::Retained), 1);
+        // Subscriptions per client, and depth.
+        let s = Subscribe::new_many([
+            rumqttc::SubscribeFilter::new("a".into(), QoS::AtMostOnce),
+            rumqttc::SubscribeFilter::new("b".into(), QoS::AtMostOnce),
+            rumqttc::SubscribeFilter::new("a/".repeat(40) + "b", QoS::AtMostOnce),
+        ]);
+        r.handle(&slow.id, slow.conn, Packet::Subscribe(s));
+        let codes = slow
+            .drain()
+            .into_iter()
+            .find_map(|p| match p {
+                Packet::SubAck(a) => Some(a.return_codes),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(
+            codes,
+            [
+                SubscribeReasonCode::Success(QoS::AtMostOnce),
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Failure
+            ]
+        );
+    }
+
+    #[test]
+    fn idle_persistent_sessions_expire_and_are_forgotten_on_disk() {
+        let mut r = limited(BrokerLimits {
+            session_expiry: std::time::Duration::from_secs(100),
+            ..BrokerLimits::default()
+        });
+        r.persist_to(Arc::default());
+        let old = connect(&mut r, "old", false);
+        r.disconnected(&old.id, old.conn, true, 1_000);
+        let _live = connect(&mut r, "live", false);
+        let _ = r.take_pending();
+        assert_eq!(r.expire(1_099), 0);
+        assert_eq!(r.expire(1_100), 1);
+        let (deltas, _) = r.take_pending();
+        assert!(deltas.iter().any(|d| d.client == "old" && d.forget));
+        assert!(r.needs_persisting("old", false));
+        assert!(!r.needs_persisting("live", false));
+    }
 }

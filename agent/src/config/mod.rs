@@ -895,4 +895,23 @@ mod tests {
             }
         );
     }
+
+    #[test]
+    fn an_anonymous_listener_beyond_loopback_is_refused_unless_asked_for() {
+        let base = "node = \"edge-1\"\nnamespace = \"a\"\ndata_dir = \"/tmp/x\"\n[mqtt]\nembedded = true\nlisten = \"0.0.0.0:1883\"\n";
+        let err = parse(base).unwrap_err().to_string();
+        assert!(err.contains("beyond loopback"), "{err}");
+        assert!(parse(&format!("{base}[broker]\nallow_anonymous = true\n")).is_ok());
+        assert!(parse(&format!("{base}username = \"u\"\npassword = \"p\"\n")).is_ok());
+        let err = parse(&format!(
+            "{base}[broker]\nmax_connections = 0\nmax_topic_levels = 999\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("broker.max_connections must be > 0"), "{err}");
+        assert!(
+            err.contains("broker.max_topic_levels must be <= 256"),
+            "{err}"
+        );
+    }
 }
