@@ -337,7 +337,7 @@ async fn a_subscriber_that_never_reads_and_half_sent_connects_are_bounded() {
         }
         let mut closed = 0;
         for c in &mut half {
-            closed += usize::from(c.closed_within(Duration::from_secs(15)).await);
+            closed += usize::from(c.closed_within(Duration::from_secs(3)).await);
         }
         assert_eq!(
             closed, 500,

@@ -226,9 +226,21 @@ impl EmbeddedBroker {
         tasks.close();
         tasks.wait().await;
         let _ = housekeeping.await;
-        // The writer makes a last pass after `stop`, so changes of the closing connections
-        // are on disk before the store closes.
         let _ = writer.await;
+        // Connections closed after the writer's last pass: their changes (when each session
+        // was last seen) are written once more before the store closes.
+        let last = self
+            .shared
+            .router
+            .lock()
+            .map(|mut r| r.take_pending().0)
+            .ok();
+        if let Some(deltas) = last
+            && !deltas.is_empty()
+            && let Err(e) = self.store.save_broker_sessions(deltas).await
+        {
+            warn!(error = %e, "Could not record the MQTT sessions' last changes at shutdown");
+        }
         info!("Embedded MQTT broker stopped");
     }
 }
