@@ -52,7 +52,8 @@ pub struct Stack<'a> {
 }
 
 impl<'a> Stack<'a> {
-    /// Starts everything and waits until the controller is ready.
+    /// Starts everything and waits until the controller is ready and the agent answers
+    /// devices.
     pub async fn start(cp: &'a ControlPlane, hint: &str, opts: StackOptions) -> Stack<'a> {
         let ns = cp.namespace(hint);
         let node = "edge-1".to_owned();
@@ -82,6 +83,13 @@ impl<'a> Stack<'a> {
         agent_config.cloud = Some((proxy.http_url(), token_file));
         agent_config.extra = opts.agent_toml.clone();
         let agent = spawn_agent(&agent_config);
+        // The agent subscribes once it has started: a message published before that finds
+        // no subscriber on a fresh broker and is gone. Wait until it answers a device.
+        let probe_topic = "edgesync/stack-probe/shadow/#";
+        let mut probe =
+            crate::device::TestDevice::connect("stack-probe", broker.port(), probe_topic).await;
+        probe.wait_for_agent("edgesync", "stack-probe").await;
+        drop(probe);
         Stack {
             cp,
             ns,

@@ -170,10 +170,12 @@ async fn liveness_marks_offline_and_recovers_and_in_sync_follows_desired() {
         .then_some(())
     })
     .await;
-    assert_eq!(
-        cond(&devices.get("m1").await.unwrap(), "Online").as_deref(),
-        Some("True")
-    );
+    // The device's status is written by the status writer, after the node's heartbeat.
+    wait::until("Device m1 Online=True", STEP, || async {
+        let d = devices.get("m1").await.unwrap();
+        (cond(&d, "Online").as_deref() == Some("True")).then_some(())
+    })
+    .await;
 
     // Silence longer than the node's offline timeout: node and devices go offline.
     wait::until(
