@@ -103,7 +103,7 @@ pub enum BrokerLimit {
 }
 
 impl BrokerLimit {
-    /// Every limit, in label order.
+    /// Every limit, in declaration order (the index into the counters).
     pub const ALL: [BrokerLimit; 13] = [
         Self::Connections,
         Self::ConnectBytes,
@@ -155,7 +155,7 @@ pub enum BrokerDenial {
 }
 
 impl BrokerDenial {
-    /// Every action, in label order.
+    /// Every action, in declaration order (the index into the counters).
     pub const ALL: [BrokerDenial; 4] = [Self::Connect, Self::Publish, Self::Subscribe, Self::Will];
 
     /// The label value.
@@ -172,24 +172,17 @@ impl BrokerDenial {
 impl Metrics {
     /// Counts a hit of an embedded-broker limit.
     pub fn broker_limit(&self, limit: BrokerLimit) {
-        if let Some(i) = BrokerLimit::ALL.iter().position(|l| *l == limit) {
-            self.broker_limit_hits[i].fetch_add(1, Ordering::Relaxed);
-        }
+        self.broker_limit_hits[limit as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts an action the embedded broker refused.
     pub fn broker_denied(&self, action: BrokerDenial) {
-        if let Some(i) = BrokerDenial::ALL.iter().position(|a| *a == action) {
-            self.broker_denied[i].fetch_add(1, Ordering::Relaxed);
-        }
+        self.broker_denied[action as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Times `limit` was hit.
     pub fn broker_limit_count(&self, limit: BrokerLimit) -> u64 {
-        BrokerLimit::ALL
-            .iter()
-            .position(|l| *l == limit)
-            .map_or(0, |i| self.broker_limit_hits[i].load(Ordering::Relaxed))
+        self.broker_limit_hits[limit as usize].load(Ordering::Relaxed)
     }
 
     /// Counts a rejected update.
@@ -340,44 +333,36 @@ impl Metrics {
             "Embedded broker: PUBLISH packets received from clients.",
             &self.broker_messages_in,
         );
-        let _ = writeln!(
-            out,
-            "# HELP edgesync_agent_broker_messages_dropped_total Embedded broker: messages dropped, by reason (qos0_backlog: a subscriber not reading; queue_full: a session's or all sessions' queued bytes at their limit).\n# TYPE edgesync_agent_broker_messages_dropped_total counter"
+        labeled_counter(
+            &mut out,
+            "edgesync_agent_broker_messages_dropped_total",
+            "Embedded broker: messages dropped, by reason (qos0_backlog: a subscriber not reading; queue_full: a session's or all sessions' queued bytes at their limit).",
+            "reason",
+            [
+                ("qos0_backlog", &self.broker_dropped_qos0),
+                ("queue_full", &self.broker_dropped_queue),
+            ],
         );
-        for (reason, v) in [
-            ("qos0_backlog", &self.broker_dropped_qos0),
-            ("queue_full", &self.broker_dropped_queue),
-        ] {
-            let _ = writeln!(
-                out,
-                "edgesync_agent_broker_messages_dropped_total{{reason=\"{reason}\"}} {}",
-                v.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP edgesync_agent_broker_limit_hits_total Embedded broker: times a configured limit ([broker] max_*) refused, dropped or closed something, by limit.\n# TYPE edgesync_agent_broker_limit_hits_total counter"
+        labeled_counter(
+            &mut out,
+            "edgesync_agent_broker_limit_hits_total",
+            "Embedded broker: times a configured limit ([broker] max_*) refused, dropped or closed something, by limit.",
+            "limit",
+            BrokerLimit::ALL
+                .iter()
+                .map(|l| l.label())
+                .zip(&self.broker_limit_hits),
         );
-        for (limit, v) in BrokerLimit::ALL.iter().zip(&self.broker_limit_hits) {
-            let _ = writeln!(
-                out,
-                "edgesync_agent_broker_limit_hits_total{{limit=\"{}\"}} {}",
-                limit.label(),
-                v.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP edgesync_agent_broker_denied_total Embedded broker: client actions refused by authentication or the ACL, by action.\n# TYPE edgesync_agent_broker_denied_total counter"
+        labeled_counter(
+            &mut out,
+            "edgesync_agent_broker_denied_total",
+            "Embedded broker: client actions refused by authentication or the ACL, by action.",
+            "action",
+            BrokerDenial::ALL
+                .iter()
+                .map(|a| a.label())
+                .zip(&self.broker_denied),
         );
-        for (action, v) in BrokerDenial::ALL.iter().zip(&self.broker_denied) {
-            let _ = writeln!(
-                out,
-                "edgesync_agent_broker_denied_total{{action=\"{}\"}} {}",
-                action.label(),
-                v.load(Ordering::Relaxed)
-            );
-        }
         counter(
             &mut out,
             "edgesync_agent_broker_client_pauses_total",
@@ -393,10 +378,44 @@ impl Metrics {
     }
 }
 
+/// A counter with one label, one line per value.
+fn labeled_counter<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: impl IntoIterator<Item = (&'a str, &'a AtomicU64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, v) in values {
+        let _ = writeln!(
+            out,
+            "{name}{{{label}=\"{value}\"}} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn broker_labels_are_indexed_in_declaration_order() {
+        for (i, l) in BrokerLimit::ALL.iter().enumerate() {
+            assert_eq!(*l as usize, i);
+        }
+        for (i, a) in BrokerDenial::ALL.iter().enumerate() {
+            assert_eq!(*a as usize, i);
+        }
+        let m = Metrics::default();
+        m.broker_limit(BrokerLimit::Accept);
+        assert!(
+            m.render()
+                .contains("edgesync_agent_broker_limit_hits_total{limit=\"accept_error\"} 1")
+        );
+    }
 
     #[test]
     fn renders_prometheus_text() {

@@ -475,3 +475,63 @@ async fn devices_get_their_own_topics_only_with_a_mosquitto_password_file() {
     );
     agent.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_and_packets_beyond_their_limits_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[broker]\nmax_connections = 3\nmax_packet_bytes = 4096\n";
+    let (mut agent, port) = start(dir.path(), extra, None).await;
+    // Three sockets held (CONNECT or not, each counts): a fourth is closed at once. Retried
+    // until the start-up probe's own connection has been released.
+    let held = wait::until(
+        "a fourth connection refused",
+        Duration::from_secs(20),
+        || async {
+            let mut held = Vec::new();
+            for _ in 0..3 {
+                held.push(RawClient::open(port).await);
+            }
+            let mut fourth = RawClient::open(port).await;
+            if !fourth.closed_within(Duration::from_secs(1)).await {
+                return None;
+            }
+            for c in &mut held {
+                if c.closed_within(Duration::from_millis(200)).await {
+                    return None;
+                }
+            }
+            Some(held)
+        },
+    )
+    .await;
+    drop(held);
+    // Room again once they are gone; a packet beyond broker.max_packet_bytes closes its
+    // connection.
+    let mut c = wait::until(
+        "room for a client again",
+        Duration::from_secs(20),
+        || async {
+            let mut c = RawClient::open(port).await;
+            c.send(&connect_packet("big", true, None, None)).await;
+            matches!(
+                c.recv(Duration::from_secs(2)).await,
+                Some(Packet::ConnAck(_))
+            )
+            .then_some(c)
+        },
+    )
+    .await;
+    c.send(&publish(
+        "line/1",
+        QoS::AtMostOnce,
+        0,
+        vec![b'x'; 10 * 1024],
+    ))
+    .await;
+    assert!(
+        c.closed_within(Duration::from_secs(3)).await,
+        "a 10 KiB packet beyond a 4 KiB limit closes the connection"
+    );
+    assert!(agent.is_running());
+    agent.stop();
+}

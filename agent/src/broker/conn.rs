@@ -101,7 +101,7 @@ pub(super) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    _slot: ConnectionSlot,
+    slot: ConnectionSlot,
 ) {
     let limits = shared.limits;
     let _ = stream.set_nodelay(true);
@@ -147,7 +147,14 @@ pub(super) async fn serve(
     let client_id = connect.client_id.clone();
     let keep_alive = connect.keep_alive;
 
-    let accepted = match shared.access.authenticate(&connect) {
+    // Held until the connection ends, except by the agent's own connection, which does not
+    // count against broker.max_connections.
+    let mut slot = Some(slot);
+    let identified = shared.access.authenticate(&connect);
+    if identified.as_ref().is_ok_and(|who| who.is_agent) {
+        slot.take();
+    }
+    let accepted = match identified {
         Err(refusal) => {
             shared.metrics.broker_denied(BrokerDenial::Connect);
             Err((refusal.code(), refusal.describe()))

@@ -458,6 +458,16 @@ impl Router {
         if who.is_agent {
             return Ok(());
         }
+        if connect.client_id.starts_with('$') || *connect.client_id == *self.gate {
+            // Client ids starting with '$' are ours; the agent's id needs the agent's
+            // secret (checked by the caller, which sets `is_agent`).
+            self.deny(
+                BrokerDenial::Connect,
+                &connect.client_id,
+                "reserved client id",
+            );
+            return Err(ConnectReturnCode::NotAuthorized);
+        }
         if let Some(existing) = self.sessions.get(connect.client_id.as_str())
             && existing.identity.username.is_some()
             && existing.identity.username != who.username
@@ -508,14 +518,6 @@ impl Router {
         } else {
             Arc::from(connect.client_id.as_str())
         };
-        if !who.is_agent && (client.starts_with('$') || client == self.gate) {
-            // Client ids starting with '$' are ours; the agent's id needs the agent's
-            // secret (checked by the caller, which sets `is_agent`).
-            if !connect.client_id.is_empty() {
-                self.deny(BrokerDenial::Connect, &client, "reserved client id");
-                return Err(ConnectReturnCode::NotAuthorized);
-            }
-        }
         let conn = self.uid();
         if let Some(old) = self.sessions.get_mut(&client)
             && let Some((_, old_link)) = old.link.take()
@@ -680,10 +682,9 @@ impl Router {
             })
             .map(|(c, _)| c.clone())
             .collect();
+        // The agent's own session (is_agent, also when restored) never expires: it holds
+        // what devices wait on.
         for client in &expired {
-            if **client == *self.gate {
-                continue; // the agent's own session holds what devices wait on
-            }
             self.metrics.broker_limit(BrokerLimit::SessionExpiry);
             self.discard(client);
         }
@@ -710,7 +711,7 @@ impl Router {
         for filter in session.filters.keys() {
             self.trie.remove(filter, client);
         }
-        if !session.identity.is_agent && **client != *self.gate {
+        if !session.identity.is_agent {
             self.queued_bytes -= session.queued_bytes;
         }
         for d in session.inflight.iter().chain(&session.queue) {
@@ -899,11 +900,9 @@ impl Router {
                 }
                 continue;
             }
-            let gate = publish.qos != QoS::AtMostOnce
-                && is_agent
-                && *subscriber == self.gate
-                && *client != self.gate
-                && session != 0;
+            // Only the agent's session (proven, or restored under its id) gates.
+            let gate =
+                publish.qos != QoS::AtMostOnce && is_agent && *client != self.gate && session != 0;
             if !is_agent {
                 let limit =
                     if target.queued_bytes + message_cost > self.limits.max_session_queue_bytes {
