@@ -152,11 +152,20 @@ pub enum BrokerDenial {
     Subscribe,
     /// A will topic outside the client's ACL (CONNECT refused).
     Will,
+    /// A TLS handshake that failed (no, untrusted or expired client certificate, or not
+    /// TLS at all), or a client certificate that names nobody.
+    Tls,
 }
 
 impl BrokerDenial {
     /// Every action, in declaration order (the index into the counters).
-    pub const ALL: [BrokerDenial; 4] = [Self::Connect, Self::Publish, Self::Subscribe, Self::Will];
+    pub const ALL: [BrokerDenial; 5] = [
+        Self::Connect,
+        Self::Publish,
+        Self::Subscribe,
+        Self::Will,
+        Self::Tls,
+    ];
 
     /// The label value.
     pub fn label(self) -> &'static str {
@@ -165,6 +174,7 @@ impl BrokerDenial {
             Self::Publish => "publish",
             Self::Subscribe => "subscribe",
             Self::Will => "will",
+            Self::Tls => "tls",
         }
     }
 }

@@ -10,6 +10,7 @@
 //!   their logs, and print them when a test fails.
 //! - [`raw_mqtt`]: a raw MQTT 3.1.1 client over TCP that can lie, flood and stall, for
 //!   attacking the embedded broker.
+//! - [`pki`]: a throwaway CA (openssl CLI) issuing server and client certificates.
 //! - [`wait`]: waiting on conditions with deadlines, never on fixed sleeps.
 //! - [`contract`]: a server speaking the controller's HTTP contract, for agent tests.
 //! - [`agent`]: agent configs and the release agent binary as a process.
@@ -28,6 +29,7 @@ pub mod contract;
 pub mod controller;
 pub mod device;
 pub mod mosquitto;
+pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod raw_mqtt;

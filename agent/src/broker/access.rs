@@ -98,11 +98,16 @@ impl Refusal {
 }
 
 impl Access {
-    /// Authenticates `connect`.
+    /// Authenticates `connect`; `certificate` is the name in the client's verified TLS
+    /// certificate, on a listener that requires one.
     ///
     /// # Errors
     /// Why it is refused.
-    pub fn authenticate(&self, connect: &Connect) -> Result<Identity, Refusal> {
+    pub fn authenticate(
+        &self,
+        connect: &Connect,
+        certificate: Option<&str>,
+    ) -> Result<Identity, Refusal> {
         let login = connect.login.as_ref();
         if connect.client_id == self.agent_client_id
             || login.is_some_and(|l| l.username == AGENT_USERNAME)
@@ -119,6 +124,14 @@ impl Access {
             } else {
                 Err(Refusal::AgentIdentity)
             };
+        }
+        if let Some(name) = certificate {
+            // The certificate is the identity (Mosquitto's use_identity_as_username): the
+            // CONNECT's username and password are not consulted.
+            return Ok(Identity {
+                username: Some(Arc::from(name)),
+                is_agent: false,
+            });
         }
         if self.shared.is_none() && self.passwords.is_none() {
             // No authentication configured: only allowed on loopback or with
@@ -181,10 +194,10 @@ mod tests {
             let a = access(shared);
             let secret = a.agent_secret.expose().to_owned();
             let agent = a
-                .authenticate(&connect(
-                    "edgesync-agent-n1",
-                    Some((AGENT_USERNAME, &secret)),
-                ))
+                .authenticate(
+                    &connect("edgesync-agent-n1", Some((AGENT_USERNAME, &secret))),
+                    None,
+                )
                 .unwrap();
             assert!(agent.is_agent);
             for attempt in [
@@ -194,7 +207,12 @@ mod tests {
                 // The secret under another client id does not make an agent either.
                 connect("other", Some((AGENT_USERNAME, &secret))),
             ] {
-                assert_eq!(a.authenticate(&attempt), Err(Refusal::AgentIdentity));
+                assert_eq!(a.authenticate(&attempt, None), Err(Refusal::AgentIdentity));
+                // A client certificate does not make the agent either.
+                assert_eq!(
+                    a.authenticate(&attempt, Some("press-7")),
+                    Err(Refusal::AgentIdentity)
+                );
             }
         }
     }
@@ -202,18 +220,34 @@ mod tests {
     #[test]
     fn shared_credentials_name_the_client() {
         let a = access(Some(("dev", "pw")));
-        let ok = a.authenticate(&connect("m1", Some(("dev", "pw")))).unwrap();
+        let ok = a
+            .authenticate(&connect("m1", Some(("dev", "pw"))), None)
+            .unwrap();
         assert_eq!(ok.username.as_deref(), Some("dev"));
         assert!(!ok.is_agent);
         assert_eq!(
-            a.authenticate(&connect("m1", Some(("dev", "nope")))),
+            a.authenticate(&connect("m1", Some(("dev", "nope"))), None),
             Err(Refusal::Credentials)
         );
         assert_eq!(
-            a.authenticate(&connect("m1", None)),
+            a.authenticate(&connect("m1", None), None),
             Err(Refusal::Credentials)
         );
         // Without any configured authentication, anyone (loopback or allow_anonymous).
-        assert!(access(None).authenticate(&connect("m1", None)).is_ok());
+        assert!(
+            access(None)
+                .authenticate(&connect("m1", None), None)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_certificate_names_the_client_whatever_the_connect_says() {
+        let a = access(Some(("dev", "pw")));
+        let who = a
+            .authenticate(&connect("m1", Some(("other", "wrong"))), Some("press-7"))
+            .unwrap();
+        assert_eq!(who.username.as_deref(), Some("press-7"));
+        assert!(!who.is_agent);
     }
 }

@@ -9,15 +9,15 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::Error as CodecError;
 use rumqttc::{ConnAck, Connect, ConnectReturnCode, Packet};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::router::{Flow, Identity, Link, wire_cost};
-use super::{ConnectionSlot, Shared};
+use super::{ConnectionSlot, Shared, TlsAcceptor};
 use crate::metrics::{BrokerDenial, BrokerLimit};
 /// Outgoing bytes gathered into one write.
 const WRITE_CHUNK: usize = 64 * 1024;
@@ -96,19 +96,83 @@ fn connect_protocol_level(frame: &[u8]) -> Option<u8> {
     frame.get(name + 2 + name_len).copied()
 }
 
-/// Serves one client until it disconnects, fails, or `stop` is cancelled.
-pub(super) async fn serve(
+/// A plain TCP client.
+pub(super) async fn serve_tcp(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     slot: ConnectionSlot,
 ) {
-    let limits = shared.limits;
+    let deadline = Instant::now() + shared.limits.connect_timeout;
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
+    serve(rd, wr, peer, shared, slot, deadline, None).await;
+}
+
+/// A TLS client: the handshake and the CONNECT together must finish within
+/// `broker.connect_timeout_secs`. On a listener that requires client certificates, the
+/// certificate's name is the client's identity.
+pub(super) async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    slot: ConnectionSlot,
+    tls: Arc<TlsAcceptor>,
+) {
+    let deadline = Instant::now() + shared.limits.connect_timeout;
+    let _ = stream.set_nodelay(true);
+    let stream = match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let why = format!("TLS handshake failed: {e}");
+            deny(&shared, BrokerDenial::Tls, peer, &why);
+            return debug!(%peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            shared.metrics.broker_limit(BrokerLimit::ConnectTimeout);
+            return debug!(%peer, "No TLS handshake within broker.connect_timeout_secs; closing");
+        }
+    };
+    let identity = match tls.identity {
+        None => None,
+        Some(which) => {
+            let name = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| super::tls::identity(cert, which));
+            let Some(name) = name else {
+                let why = format!(
+                    "the client certificate names no client ({which:?} per broker.tls_identity; names starting with $ are reserved)"
+                );
+                deny(&shared, BrokerDenial::Tls, peer, &why);
+                return debug!(%peer, reason = why, "MQTT connection refused");
+            };
+            Some(name)
+        }
+    };
+    let (rd, wr) = tokio::io::split(stream);
+    serve(rd, wr, peer, shared, slot, deadline, identity).await;
+}
+
+/// Serves one client until it disconnects, fails, or `stop` is cancelled.
+async fn serve<R, W>(
+    mut rd: R,
+    mut wr: W,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    slot: ConnectionSlot,
+    connect_deadline: Instant,
+    certificate: Option<String>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = shared.limits;
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    let connect = match tokio::time::timeout(
-        limits.connect_timeout,
+    let connect = match tokio::time::timeout_at(
+        connect_deadline,
         read_connect(&mut rd, &mut buf, limits.max_connect_bytes),
     )
     .await
@@ -150,13 +214,13 @@ pub(super) async fn serve(
     // Held until the connection ends, except by the agent's own connection, which does not
     // count against broker.max_connections.
     let mut slot = Some(slot);
-    let identified = shared.access.authenticate(&connect);
+    let identified = shared.access.authenticate(&connect, certificate.as_deref());
     if identified.as_ref().is_ok_and(|who| who.is_agent) {
         slot.take();
     }
     let accepted = match identified {
         Err(refusal) => {
-            shared.metrics.broker_denied(BrokerDenial::Connect);
+            deny(&shared, BrokerDenial::Connect, peer, refusal.describe());
             Err((refusal.code(), refusal.describe()))
         }
         Ok(who) => match admit(&shared, &connect, &who).await {
@@ -183,7 +247,9 @@ pub(super) async fn serve(
     let (client, conn) = match accepted {
         Ok(ids) => ids,
         Err((code, why)) => {
-            warn!(%peer, client = client_id, ?code, reason = why, "MQTT connection refused");
+            // Logged at debug: a client retrying bad credentials must not flood the log;
+            // refusals are counted and summarised every 10 s.
+            debug!(%peer, client = client_id, ?code, reason = why, "MQTT connection refused");
             let _ = tx.send(Packet::ConnAck(ConnAck::new(code, false)));
             drop(tx);
             let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
@@ -273,6 +339,13 @@ pub(super) async fn serve(
     let _ = writer.await;
 }
 
+/// Counts a refusal for the rate-limited summary in the log.
+fn deny(shared: &Shared, action: BrokerDenial, peer: SocketAddr, why: &str) {
+    if let Ok(mut router) = shared.router.lock() {
+        router.deny(action, &peer.to_string(), why);
+    }
+}
+
 /// Seconds since the Unix epoch (for session expiry).
 pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -319,7 +392,7 @@ async fn admit(
 }
 
 async fn write_loop(
-    mut wr: OwnedWriteHalf,
+    mut wr: impl AsyncWrite + Unpin,
     mut rx: mpsc::UnboundedReceiver<Packet>,
     backlog: Arc<AtomicUsize>,
     closed: CancellationToken,

@@ -25,6 +25,7 @@ pub mod access;
 pub mod auth;
 mod conn;
 mod router;
+mod tls;
 mod trie;
 
 use std::net::SocketAddr;
@@ -39,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, CertIdentity};
 use crate::metrics::{BrokerLimit, Metrics};
 use crate::store::Store;
 use access::{Access, AgentSecret};
@@ -79,9 +80,17 @@ struct Shared {
     stop: CancellationToken,
 }
 
+/// What the TLS listener's connections need.
+pub(crate) struct TlsAcceptor {
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// Which certificate name identifies a client, when client certificates are required.
+    identity: Option<CertIdentity>,
+}
+
 /// A bound, not yet serving, embedded broker.
 pub struct EmbeddedBroker {
     listener: TcpListener,
+    tls: Option<(TcpListener, Arc<TlsAcceptor>)>,
     shared: Arc<Shared>,
     store: Store,
     persist_wake: Arc<Notify>,
@@ -148,6 +157,19 @@ impl EmbeddedBroker {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
+        let tls = match &settings.config.tls {
+            Some(t) => {
+                let acceptor = TlsAcceptor {
+                    acceptor: tokio_rustls::TlsAcceptor::from(tls::server_config(t)?),
+                    identity: t.client_ca_file.is_some().then_some(t.identity),
+                };
+                let listener = TcpListener::bind(t.listen)
+                    .await
+                    .with_context(|| format!("binding broker.tls_listen {}", t.listen))?;
+                Some((listener, Arc::new(acceptor)))
+            }
+            None => None,
+        };
         if !sessions.is_empty() {
             info!(
                 sessions = sessions.len(),
@@ -168,6 +190,7 @@ impl EmbeddedBroker {
         });
         Ok(Self {
             listener,
+            tls,
             shared,
             store,
             persist_wake,
@@ -182,11 +205,16 @@ impl EmbeddedBroker {
         self.listener.local_addr()
     }
 
+    /// The TLS listener's bound address, if there is one.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
     /// Accepts connections until the stop token is cancelled; then closes every connection,
     /// writes the last session changes and returns once every task it started has ended.
     pub async fn run(self) {
         let addr = self.listener.local_addr().ok();
-        info!(listen = ?addr, max_connections = self.shared.limits.max_connections, "Embedded MQTT broker listening");
+        info!(listen = ?addr, tls_listen = ?self.tls_local_addr(), max_connections = self.shared.limits.max_connections, "Embedded MQTT broker listening");
         let stop = self.shared.stop.clone();
         let tasks = TaskTracker::new();
         let writer = tokio::spawn(persist_sessions(
@@ -198,21 +226,34 @@ impl EmbeddedBroker {
         let open = Arc::new(AtomicUsize::new(0));
         let mut accept_errors = RateLimitedWarning::default();
         loop {
-            let accepted = tokio::select! {
+            let tls_accept = async {
+                match &self.tls {
+                    Some((listener, acceptor)) => (listener.accept().await, Some(acceptor)),
+                    None => std::future::pending().await,
+                }
+            };
+            let (accepted, tls) = tokio::select! {
                 _ = stop.cancelled() => break,
-                a = self.listener.accept() => a,
+                a = self.listener.accept() => (a, None),
+                t = tls_accept => t,
             };
             match accepted {
                 Ok((stream, peer)) => {
                     // Counted from accept, CONNECT or not: a half-open socket holds as much
-                    // as a connected client.
+                    // as a connected client. Both listeners share the cap.
                     if open.load(Ordering::Relaxed) >= self.shared.limits.max_connections {
                         self.shared.metrics.broker_limit(BrokerLimit::Connections);
                         drop(stream);
                         continue;
                     }
-                    let guard = ConnectionSlot::take(open.clone());
-                    tasks.spawn(conn::serve(stream, peer, self.shared.clone(), guard));
+                    let slot = ConnectionSlot::take(open.clone());
+                    let shared = self.shared.clone();
+                    match tls {
+                        None => tasks.spawn(conn::serve_tcp(stream, peer, shared, slot)),
+                        Some(t) => {
+                            tasks.spawn(conn::serve_tls(stream, peer, shared, slot, t.clone()))
+                        }
+                    };
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: keep serving existing clients,

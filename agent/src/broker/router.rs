@@ -373,7 +373,8 @@ impl Router {
         std::mem::take(&mut self.denials)
     }
 
-    fn deny(&mut self, action: BrokerDenial, client: &str, what: &str) {
+    /// Counts a refusal and keeps it for the next rate-limited log line.
+    pub fn deny(&mut self, action: BrokerDenial, client: &str, what: &str) {
         self.metrics.broker_denied(action);
         self.denials.count += 1;
         self.denials.last = Some(format!("{} by client {client}: {what}", action.label()));

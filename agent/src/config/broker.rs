@@ -6,6 +6,7 @@
 //! bound here with a safe default; the broker counts each refusal in
 //! `edgesync_agent_broker_limit_hits_total{limit=...}`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -57,6 +58,46 @@ pub struct RawBroker {
     pub max_sessions: usize,
     /// A persistent session disconnected for this long is removed (0: never).
     pub session_expiry_secs: u64,
+    /// A second listener speaking MQTT over TLS (e.g. `"0.0.0.0:8883"`); empty: none.
+    pub tls_listen: String,
+    /// PEM certificate chain the TLS listener presents.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates: when set, every TLS client must present a certificate they
+    /// signed, and that certificate names the client (see `tls_identity`).
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Which name of a client certificate is its username: `"common_name"` (the subject's
+    /// CN, as Mosquitto's `use_identity_as_username`) or `"dns_name"` (its first DNS
+    /// subject alternative name).
+    pub tls_identity: CertIdentity,
+}
+
+/// Which name of a client certificate identifies the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertIdentity {
+    /// The subject's common name (CN).
+    #[default]
+    CommonName,
+    /// The first DNS name in the subject alternative names.
+    DnsName,
+}
+
+/// The TLS listener, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListener {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Server certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// Server private key (PEM).
+    pub key_file: PathBuf,
+    /// CA for client certificates; `None`: clients need none (they authenticate as on the
+    /// plain listener).
+    pub client_ca_file: Option<PathBuf>,
+    /// Which certificate name is the username.
+    pub identity: CertIdentity,
 }
 
 impl Default for RawBroker {
@@ -81,6 +122,11 @@ impl Default for RawBroker {
             max_retained_bytes: l.max_retained_bytes,
             max_sessions: l.max_sessions,
             session_expiry_secs: l.session_expiry.as_secs(),
+            tls_listen: String::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            tls_identity: CertIdentity::default(),
         }
     }
 }
@@ -156,6 +202,8 @@ pub struct BrokerConfig {
     pub acl_file: Option<PathBuf>,
     /// See [`RawBroker::acl_own_topics`].
     pub acl_own_topics: bool,
+    /// The TLS listener, if any.
+    pub tls: Option<TlsListener>,
     /// Resource limits.
     pub limits: BrokerLimits,
 }
@@ -225,7 +273,9 @@ impl BrokerConfig {
                 raw.max_session_queue_bytes, raw.max_queued_bytes
             ));
         }
+        let tls = validate_tls(raw, errs);
         Self {
+            tls,
             allow_anonymous: raw.allow_anonymous,
             password_file: raw.password_file.clone(),
             acl_file: raw.acl_file.clone(),
@@ -249,9 +299,59 @@ impl BrokerConfig {
         }
     }
 
-    /// Whether any client authentication is configured (a password file, or the shared
-    /// `mqtt.username`/`password`).
+    /// Whether clients must prove who they are with a password (a password file, or the
+    /// shared `mqtt.username`/`password`).
     pub fn has_authentication(&self, shared_credentials: bool) -> bool {
         shared_credentials || self.password_file.is_some()
     }
+
+    /// Whether TLS clients must present a certificate signed by `broker.tls_client_ca_file`.
+    pub fn requires_client_certs(&self) -> bool {
+        self.tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some())
+    }
+}
+
+fn validate_tls(raw: &RawBroker, errs: &mut Vec<String>) -> Option<TlsListener> {
+    if raw.tls_listen.is_empty() {
+        for (key, set) in [
+            ("broker.tls_cert_file", raw.tls_cert_file.is_some()),
+            ("broker.tls_key_file", raw.tls_key_file.is_some()),
+            (
+                "broker.tls_client_ca_file",
+                raw.tls_client_ca_file.is_some(),
+            ),
+        ] {
+            if set {
+                errs.push(format!(
+                    "{key} only applies with broker.tls_listen (e.g. \"0.0.0.0:8883\")"
+                ));
+            }
+        }
+        return None;
+    }
+    let listen = match raw.tls_listen.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errs.push(format!(
+                "broker.tls_listen must be an address like 0.0.0.0:8883 (got \"{}\")",
+                raw.tls_listen
+            ));
+            None
+        }
+    };
+    let (Some(cert_file), Some(key_file)) = (&raw.tls_cert_file, &raw.tls_key_file) else {
+        errs.push(
+            "broker.tls_listen needs broker.tls_cert_file and broker.tls_key_file (PEM)".to_owned(),
+        );
+        return None;
+    };
+    Some(TlsListener {
+        listen: listen?,
+        cert_file: cert_file.clone(),
+        key_file: key_file.clone(),
+        client_ca_file: raw.tls_client_ca_file.clone(),
+        identity: raw.tls_identity,
+    })
 }

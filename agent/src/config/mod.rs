@@ -14,7 +14,7 @@ use edgesync_protocol::mqtt::IngestPattern;
 use serde::Deserialize;
 
 mod broker;
-pub use broker::{BrokerConfig, BrokerLimits, RawBroker};
+pub use broker::{BrokerConfig, BrokerLimits, CertIdentity, RawBroker, TlsListener};
 
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -715,9 +715,23 @@ fn mqtt_settings(raw: &RawConfig, errs: &mut Vec<String>) -> Option<MqttSettings
             "mqtt.listen {listen} is beyond loopback and no authentication is set: set broker.password_file (or mqtt.username/password), or broker.allow_anonymous = true to accept anyone on the network"
         ));
     }
-    if embedded.acl_own_topics && embedded.password_file.is_none() {
+    if let Some(tls) = &embedded.tls
+        && !tls.listen.ip().is_loopback()
+        && !embedded.allow_anonymous
+        && !embedded.requires_client_certs()
+        && !embedded.has_authentication(credentials.is_some())
+    {
+        errs.push(format!(
+            "broker.tls_listen {} is beyond loopback and no authentication is set: set broker.tls_client_ca_file or broker.password_file (or mqtt.username/password), or broker.allow_anonymous = true to accept anyone on the network",
+            tls.listen
+        ));
+    }
+    if embedded.acl_own_topics
+        && embedded.password_file.is_none()
+        && !embedded.requires_client_certs()
+    {
         errs.push(
-            "broker.acl_own_topics needs device identities: set broker.password_file".to_owned(),
+            "broker.acl_own_topics needs device identities: set broker.password_file or broker.tls_client_ca_file".to_owned(),
         );
     }
     Some(MqttSettings {
