@@ -376,7 +376,7 @@ async fn admit(
         if !router.needs_persisting(&connect.client_id, connect.clean_session) {
             return Ok(());
         }
-        router.persist_new(&connect.client_id)
+        router.persist_new(&connect.client_id, who.username.as_ref())
     };
     let written = match written {
         Some(rx) => rx.await == Ok(true),

@@ -235,6 +235,7 @@ struct PendingSession {
     forget: bool,
     record: bool,
     last_seen_s: Option<u64>,
+    owner: Option<Arc<str>>,
     filters: HashMap<String, Option<u8>>,
     written: Vec<oneshot::Sender<bool>>,
 }
@@ -244,6 +245,7 @@ impl PendingSession {
         self.forget = true;
         self.record = false;
         self.last_seen_s = None;
+        self.owner = None;
         self.filters.clear();
     }
 
@@ -253,6 +255,7 @@ impl PendingSession {
             forget: self.forget,
             record: self.record,
             last_seen_s: self.last_seen_s,
+            owner: self.owner.map(|o| o.to_string()),
             filters: self.filters.into_iter().collect(),
         };
         (delta, self.written)
@@ -266,6 +269,7 @@ impl PendingSession {
         self.forget = older.forget;
         self.record |= older.record;
         self.last_seen_s = self.last_seen_s.or(older.last_seen_s);
+        self.owner = self.owner.take().or(older.owner.map(Arc::from));
         for (f, q) in older.filters {
             self.filters.entry(f).or_insert(q);
         }
@@ -386,9 +390,10 @@ impl Router {
     pub fn restore(&mut self, stored: &StoredSession, now_s: u64) {
         let client: Arc<str> = Arc::from(stored.client.as_str());
         let uid = self.uid();
-        // Only the agent can connect under its id, so its restored session is the agent's.
+        // Only the agent can connect under its id, so its restored session is the agent's;
+        // any other stays reserved to the user that owned it.
         let identity = Identity {
-            username: None,
+            username: stored.owner.as_deref().map(Arc::from),
             is_agent: client == self.gate,
         };
         let mut session = Session::new(uid, true, identity);
@@ -432,11 +437,16 @@ impl Router {
     /// Queues the record of a new persistent session, behind any earlier change of the same
     /// client (a "forget" from its previous, clean, session is written first). The receiver
     /// says whether it was written.
-    pub fn persist_new(&mut self, client_id: &str) -> Option<oneshot::Receiver<bool>> {
+    pub fn persist_new(
+        &mut self,
+        client_id: &str,
+        owner: Option<&Arc<str>>,
+    ) -> Option<oneshot::Receiver<bool>> {
         let client: Arc<str> = Arc::from(client_id);
         let p = self.pending_mut(&client)?;
         let (written, rx) = oneshot::channel();
         p.record = true;
+        p.owner = owner.cloned();
         p.written.push(written);
         Some(rx)
     }
@@ -545,13 +555,24 @@ impl Router {
         let Some(session) = self.sessions.get_mut(&client) else {
             return Err(ConnectReturnCode::ServiceUnavailable);
         };
-        // A restored session learns its owner from its first connection.
+        // An anonymous session taken by an authenticated user becomes that user's, on disk
+        // too (admit refused any other change of owner).
+        let new_owner = (session.persistent
+            && who.username.is_some()
+            && session.identity.username != who.username)
+            .then(|| who.username.clone())
+            .flatten();
         session.identity = who;
         session.will = connect.last_will;
         session.link = Some((conn, link));
         if session.persistent {
             // The caller wrote it to disk before calling us (see `needs_persisting`).
             self.persisted.insert(client.clone());
+        }
+        if let Some(owner) = new_owner
+            && let Some(p) = self.pending_mut(&client)
+        {
+            p.owner = Some(owner);
         }
         let Some(session) = self.sessions.get_mut(&client) else {
             return Err(ConnectReturnCode::ServiceUnavailable);
@@ -1304,6 +1325,47 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_session_stays_reserved_to_its_owner() {
+        let mut r = router();
+        r.persist_to(Arc::default());
+        r.restore(
+            &StoredSession {
+                client: "press-1".into(),
+                last_seen_s: Some(5),
+                owner: Some("press-1".into()),
+                filters: Vec::new(),
+            },
+            10,
+        );
+        let user = |name: &str| Identity {
+            username: Some(Arc::from(name)),
+            is_agent: false,
+        };
+        let c = &connect_packet("press-1", false);
+        assert_eq!(
+            r.admit(c, &user("press-2")),
+            Err(ConnectReturnCode::NotAuthorized)
+        );
+        assert_eq!(
+            r.admit(c, &who("press-1")),
+            Err(ConnectReturnCode::NotAuthorized)
+        );
+        assert_eq!(r.admit(c, &user("press-1")), Ok(()));
+
+        // An anonymous session claimed by a user is recorded as that user's.
+        let mut anon = connect(&mut r, "m9", false);
+        r.disconnected(&anon.id, anon.conn, true, 11);
+        let _ = r.take_pending();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let link = Link::new(tx, Arc::default(), CancellationToken::new(), Arc::default());
+        r.connect(connect_packet("m9", false), user("op"), link)
+            .unwrap();
+        let (deltas, _) = r.take_pending();
+        assert_eq!(deltas[0].owner.as_deref(), Some("op"));
+        anon.drain();
+    }
+
+    #[test]
     fn a_restored_session_is_present_keeps_its_subscriptions_and_changes_are_persisted() {
         let mut r = router();
         r.persist_to(Arc::default());
@@ -1311,6 +1373,7 @@ mod tests {
             &StoredSession {
                 client: AGENT.into(),
                 last_seen_s: Some(5),
+                owner: None,
                 filters: vec![("factory/+/state".into(), 1)],
             },
             10,
@@ -1360,7 +1423,7 @@ mod tests {
             }]
         );
         // A forget that failed to be written goes back beneath a newer record.
-        let _written = r.persist_new("m1").unwrap();
+        let _written = r.persist_new("m1", None).unwrap();
         r.requeue(deltas);
         let (deltas, written) = r.take_pending();
         assert_eq!(written.len(), 1);

@@ -22,8 +22,14 @@ pub(super) const MIGRATION_V3: &str = "CREATE TABLE broker_subscriptions (
     ALTER TABLE broker_sessions DROP COLUMN filters;
     ALTER TABLE broker_sessions ADD COLUMN last_seen_s INTEGER";
 
-const UPSERT_SESSION: &str = "INSERT INTO broker_sessions (client_id, last_seen_s) VALUES (?1, ?2)
-     ON CONFLICT (client_id) DO UPDATE SET last_seen_s = coalesce(excluded.last_seen_s, last_seen_s)";
+/// v4 schema change: the username that owns each session, so that after a restart a
+/// session is still reserved to its owner (another user cannot take it over).
+pub(super) const MIGRATION_V4: &str = "ALTER TABLE broker_sessions ADD COLUMN owner TEXT";
+
+const UPSERT_SESSION: &str =
+    "INSERT INTO broker_sessions (client_id, last_seen_s, owner) VALUES (?1, ?2, ?3)
+     ON CONFLICT (client_id) DO UPDATE SET last_seen_s = coalesce(excluded.last_seen_s, last_seen_s),
+         owner = coalesce(excluded.owner, owner)";
 const DELETE_SESSION: &str = "DELETE FROM broker_sessions WHERE client_id = ?1";
 const DELETE_SUBSCRIPTIONS: &str = "DELETE FROM broker_subscriptions WHERE client_id = ?1";
 const UPSERT_SUBSCRIPTION: &str =
@@ -31,7 +37,7 @@ const UPSERT_SUBSCRIPTION: &str =
      ON CONFLICT (client_id, filter) DO UPDATE SET qos = excluded.qos";
 const DELETE_SUBSCRIPTION: &str =
     "DELETE FROM broker_subscriptions WHERE client_id = ?1 AND filter = ?2";
-const SELECT_SESSIONS: &str = "SELECT client_id, last_seen_s FROM broker_sessions";
+const SELECT_SESSIONS: &str = "SELECT client_id, last_seen_s, owner FROM broker_sessions";
 const SELECT_SUBSCRIPTIONS: &str = "SELECT client_id, filter, qos FROM broker_subscriptions";
 
 /// The changes to one persistent session since it was last written, applied in this order:
@@ -46,6 +52,8 @@ pub struct SessionDelta {
     pub record: bool,
     /// When it was last connected (Unix seconds), if that changed.
     pub last_seen_s: Option<u64>,
+    /// The authenticated username that owns it, if that changed.
+    pub owner: Option<String>,
     /// Subscriptions added or changed (`Some(qos)`) or removed (`None`).
     pub filters: Vec<(String, Option<u8>)>,
 }
@@ -57,6 +65,8 @@ pub struct StoredSession {
     pub client: String,
     /// Last connected (Unix seconds); `None` for sessions written before v3.
     pub last_seen_s: Option<u64>,
+    /// The username that owns it; `None` when anonymous or written before v4.
+    pub owner: Option<String>,
     /// Subscriptions and their QoS.
     pub filters: Vec<(String, u8)>,
 }
@@ -69,10 +79,10 @@ pub(super) fn write(conn: &Connection, deltas: &[SessionDelta]) -> rusqlite::Res
             conn.prepare_cached(DELETE_SESSION)?
                 .execute(params![d.client])?;
         }
-        if d.record || d.last_seen_s.is_some() {
+        if d.record || d.last_seen_s.is_some() || d.owner.is_some() {
             let seen = d.last_seen_s.map(|s| s as i64);
             conn.prepare_cached(UPSERT_SESSION)?
-                .execute(params![d.client, seen])?;
+                .execute(params![d.client, seen, d.owner])?;
         }
         for (filter, qos) in &d.filters {
             match qos {
@@ -94,15 +104,17 @@ pub(super) fn load(conn: &Connection) -> rusqlite::Result<Vec<StoredSession>> {
         .query_map([], |r| {
             let client: String = r.get(0)?;
             let seen: Option<i64> = r.get(1)?;
-            Ok((client, seen))
+            let owner: Option<String> = r.get(2)?;
+            Ok((client, seen, owner))
         })?
         .map(|row| {
-            row.map(|(client, seen)| {
+            row.map(|(client, seen, owner)| {
                 (
                     client.clone(),
                     StoredSession {
                         client,
                         last_seen_s: seen.and_then(|s| u64::try_from(s).ok()),
+                        owner,
                         filters: Vec::new(),
                     },
                 )

@@ -36,7 +36,7 @@ pub use broker_sessions::{SessionDelta, StoredSession};
 /// load; small enough that a stalled disk pushes back on MQTT intake within milliseconds.
 const COMMAND_CHANNEL_CAPACITY: usize = 4096;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 const MIGRATIONS: &[&str] = &[
     // v1
     "CREATE TABLE shadows (
@@ -63,6 +63,8 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;",
     // v3: one row per subscription, and when each session was last connected.
     broker_sessions::MIGRATION_V3,
+    // v4: the username owning each session.
+    broker_sessions::MIGRATION_V4,
 ];
 
 const UPSERT_SHADOW: &str = "INSERT INTO shadows (device, version, doc) VALUES (?1, ?2, ?3)
