@@ -535,3 +535,128 @@ async fn connections_and_packets_beyond_their_limits_are_closed() {
     assert!(agent.is_running());
     agent.stop();
 }
+
+/// Persistent sessions recorded in the agent's database (its own included).
+fn stored_sessions(dir: &Path) -> i64 {
+    let conn =
+        rusqlite::Connection::open_with_flags(db(dir), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    conn.query_row("SELECT count(*) FROM broker_sessions", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_flood_is_capped_and_idle_sessions_expire_with_their_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[broker]\nmax_sessions = 100\nsession_expiry_secs = 2\n";
+    let (mut agent, port) = start(dir.path(), extra, None).await;
+    // 150 persistent sessions subscribed to everything, each left behind.
+    let mut refused = 0;
+    for i in 0..150 {
+        let id = format!("flood-{i}");
+        let (mut c, code) = RawClient::connect(port, connect_packet(&id, false, None, None)).await;
+        if code != ConnectReturnCode::Success {
+            assert_eq!(code, ConnectReturnCode::ServiceUnavailable);
+            refused += 1;
+            continue;
+        }
+        c.send(&subscribe(1, "#")).await;
+        suback(&mut c).await;
+    }
+    // The agent's own session counts: at most 99 of the flood's fit.
+    assert!(refused >= 51, "only {refused} of 150 refused");
+    assert!(stored_sessions(dir.path()) <= 100);
+    // A device still gets through to the agent while they are held.
+    let (mut dev, code) =
+        RawClient::connect(port, connect_packet("press-1", true, None, None)).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    dev.send(&publish(
+        "factory/press-1/state",
+        QoS::AtLeastOnce,
+        7,
+        r#"{"n":1}"#,
+    ))
+    .await;
+    assert!(matches!(
+        dev.recv(Duration::from_secs(10)).await,
+        Some(Packet::PubAck(_))
+    ));
+    drop(dev);
+    // Disconnected sessions expire, rows and all, leaving the agent's own.
+    wait::until(
+        "idle sessions expired and their rows removed",
+        Duration::from_secs(40),
+        || async { (stored_sessions(dir.path()) == 1).then_some(()) },
+    )
+    .await;
+    let (_c, code) = RawClient::connect(port, connect_packet("after", false, None, None)).await;
+    assert_eq!(code, ConnectReturnCode::Success, "room again after expiry");
+    assert!(shadow(dir.path(), "press-1").is_some());
+    agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_stays_with_its_owner_across_an_agent_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    mosquitto_passwd(&passwd, "press-1", "pw-1");
+    mosquitto_passwd(&passwd, "press-2", "pw-2");
+    let extra = format!("[broker]\npassword_file = \"{}\"\n", passwd.display());
+    let owner = Some(("press-1", "pw-1"));
+    let (mut agent, port) = start(dir.path(), &extra, owner).await;
+    let (c, code) = RawClient::connect(port, connect_packet("line-1", false, owner, None)).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    drop(c);
+    agent.restart();
+    let other = connect_packet("line-1", false, Some(("press-2", "pw-2")), None);
+    let code = wait::until(
+        "the restarted broker answering",
+        Duration::from_secs(30),
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()?;
+            Some(RawClient::connect(port, other.clone()).await.1)
+        },
+    )
+    .await;
+    assert_eq!(
+        code,
+        ConnectReturnCode::NotAuthorized,
+        "another user may not take over press-1's session after a restart"
+    );
+    let (_c, code) = RawClient::connect(port, connect_packet("line-1", false, owner, None)).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_acknowledgements_is_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[broker]\nmax_write_backlog_bytes = 4096\nmax_session_queue_bytes = 4096\n";
+    let (mut agent, port) = start(dir.path(), extra, None).await;
+    let pid = agent.pid().unwrap();
+    let before = rss_kib(pid);
+    let (mut c, code) = RawClient::connect(port, connect_packet("pinger", true, None, None)).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    // PINGREQs, 2 bytes each, each answered by a PINGRESP this client never reads: once the
+    // socket buffers are full the answers pile up in the broker, until the limit closes it.
+    let chunk = [0xC0u8, 0x00].repeat(32 * 1024);
+    let mut sent = 0usize;
+    let mut closed = false;
+    while sent < 256 * 1024 * 1024 {
+        if !c.send_raw(&chunk).await {
+            closed = true;
+            break;
+        }
+        sent += chunk.len();
+    }
+    assert!(
+        closed || c.closed_within(Duration::from_secs(10)).await,
+        "still connected after {sent} bytes of unread PINGRESPs"
+    );
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(grown < 64 * 1024, "RSS grew {grown} KiB");
+    assert!(agent.is_running());
+    agent.stop();
+}

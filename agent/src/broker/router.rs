@@ -501,8 +501,14 @@ impl Router {
                 return Err(ConnectReturnCode::NotAuthorized);
             }
         }
-        if !self.sessions.contains_key(connect.client_id.as_str())
+        // Only persistent sessions count: a clean one lives no longer than its connection,
+        // which broker.max_connections bounds, so a flood of left-behind sessions cannot
+        // lock devices out. A returning session is always admitted (refusing it, or evicting
+        // an idle one, would make its device discard what it has not had acknowledged).
+        if !connect.clean_session
+            && !self.sessions.contains_key(connect.client_id.as_str())
             && self.sessions.len() >= self.limits.max_sessions
+            && self.sessions.values().filter(|s| s.persistent).count() >= self.limits.max_sessions
         {
             self.metrics.broker_limit(BrokerLimit::Sessions);
             return Err(ConnectReturnCode::ServiceUnavailable);

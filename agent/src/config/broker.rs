@@ -54,7 +54,8 @@ pub struct RawBroker {
     pub max_write_backlog_bytes: usize,
     /// Bytes of all retained messages together.
     pub max_retained_bytes: usize,
-    /// Sessions kept, connected or not.
+    /// Persistent sessions kept, connected or not (clean sessions are bounded by
+    /// `max_connections`).
     pub max_sessions: usize,
     /// A persistent session disconnected for this long is removed (0: never).
     pub session_expiry_secs: u64,
