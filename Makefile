@@ -13,9 +13,10 @@ demo: k8s
 test: deps fmt-check clippy
 	hack/run-tests.sh
 
-## bench: agent ingest vs the broker alone and SQLite alone; controller ingest vs a real kube-apiserver
+## bench: agent ingest vs the broker alone and SQLite alone; good devices' ingest under attacks on the embedded broker; controller ingest vs a real kube-apiserver
 bench: deps
 	$(CARGO) bench -p edgesync-e2e --bench agent_ingest
+	$(CARGO) bench -p edgesync-e2e --bench broker_attacks
 	$(CARGO) bench -p edgesync-e2e --bench controller_ingest
 
 ## deps: build/cache kube-apiserver, kubectl, etcd and install mosquitto if missing

@@ -100,11 +100,13 @@ pub enum BrokerLimit {
     SessionExpiry,
     /// Accept failed (out of file descriptors and the like).
     Accept,
+    /// `broker.max_client_bytes_per_sec`: reading from a client paused to hold it to its rate.
+    ReadRate,
 }
 
 impl BrokerLimit {
     /// Every limit, in declaration order (the index into the counters).
-    pub const ALL: [BrokerLimit; 13] = [
+    pub const ALL: [BrokerLimit; 14] = [
         Self::Connections,
         Self::ConnectBytes,
         Self::ConnectTimeout,
@@ -118,6 +120,7 @@ impl BrokerLimit {
         Self::Sessions,
         Self::SessionExpiry,
         Self::Accept,
+        Self::ReadRate,
     ];
 
     /// The label value.
@@ -136,6 +139,7 @@ impl BrokerLimit {
             Self::Sessions => "sessions",
             Self::SessionExpiry => "session_expiry",
             Self::Accept => "accept_error",
+            Self::ReadRate => "read_rate",
         }
     }
 }

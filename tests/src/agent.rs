@@ -25,6 +25,8 @@ pub struct AgentConfig {
     pub extra: String,
     /// `cloud.ca_file`, for an https:// controller with a private CA.
     pub cloud_ca: Option<PathBuf>,
+    /// Serve `/metrics` and the health endpoints on this loopback port (off by default).
+    pub http_port: Option<u16>,
 }
 
 impl AgentConfig {
@@ -39,6 +41,7 @@ impl AgentConfig {
             cloud: None,
             extra: String::new(),
             cloud_ca: None,
+            http_port: None,
         }
     }
 
@@ -57,10 +60,13 @@ impl AgentConfig {
             None => format!("url = \"{}\"", self.mqtt_url),
         };
         let mut s = format!(
-            "node = \"{}\"\nnamespace = \"{}\"\ndata_dir = \"{}\"\n\n[mqtt]\n{mqtt}\n\n[[ingest]]\ntopic = \"factory/{{device}}/state\"\n\n[http]\nlisten = \"\"\n\n",
+            "node = \"{}\"\nnamespace = \"{}\"\ndata_dir = \"{}\"\n\n[mqtt]\n{mqtt}\n\n[[ingest]]\ntopic = \"factory/{{device}}/state\"\n\n[http]\nlisten = \"{}\"\n\n",
             self.node,
             self.namespace,
             self.data_dir.display(),
+            self.http_port
+                .map(|p| format!("127.0.0.1:{p}"))
+                .unwrap_or_default(),
         );
         if let Some((url, token_file)) = &self.cloud {
             s.push_str(&format!(
@@ -105,4 +111,17 @@ pub fn spawn_agent(config: &AgentConfig) -> ManagedProcess {
         .arg(path.as_os_str())
         .env("RUST_LOG", "info");
     ManagedProcess::spawn(spec, &config.data_dir)
+}
+
+/// The agent's Prometheus text from `/metrics` on loopback `port` (empty when unreachable).
+pub fn metrics(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body
 }

@@ -250,7 +250,9 @@ async fn a_subscribe_flood_is_capped_per_client_and_persisted_row_by_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_and_pipelined_floods_stay_within_their_byte_limits() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut agent, port) = start(dir.path(), "", None).await;
+    // Unpaced, so the byte limits are what bounds memory.
+    let extra = "[broker]\nmax_client_bytes_per_sec = 0\n";
+    let (mut agent, port) = start(dir.path(), extra, None).await;
     let pid = agent.pid().unwrap();
     let before = rss_kib(pid);
     let big = vec![b'x'; 500 * 1024];
@@ -658,5 +660,56 @@ async fn a_client_that_never_reads_its_acknowledgements_is_disconnected() {
     let grown = rss_kib(pid).saturating_sub(before);
     assert!(grown < 64 * 1024, "RSS grew {grown} KiB");
     assert!(agent.is_running());
+    agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_is_read_at_its_rate_while_a_device_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = edgesync_e2e::free_port();
+    let port = edgesync_e2e::free_port();
+    let mut config = AgentConfig::embedded(dir.path(), port);
+    config.http_port = Some(http);
+    config.extra = "[broker]\nmax_client_bytes_per_sec = 1048576\n".into();
+    let mut agent = spawn_agent(&config);
+    let paced = "edgesync_agent_broker_limit_hits_total{limit=\"read_rate\"}";
+    let mut flood = wait::until("the broker up", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let (c, code) = RawClient::connect(port, connect_packet("flood", true, None, None)).await;
+        (code == ConnectReturnCode::Success).then_some(c)
+    })
+    .await;
+    // 100 KB QoS0 messages as fast as the socket takes them, in the background.
+    let packet = encode(&publish(
+        "noise/1",
+        QoS::AtMostOnce,
+        0,
+        vec![b'n'; 100 * 1024],
+    ));
+    let flooding = tokio::spawn(async move { while flood.send_raw(&packet).await {} });
+    wait::until("the flood paced", Duration::from_secs(30), || async {
+        let m = edgesync_e2e::agent::metrics(http);
+        (edgesync_e2e::controller::metric_value(&m, paced) > 0.0).then_some(())
+    })
+    .await;
+    // A device on its own connection is served meanwhile.
+    let (mut dev, code) =
+        RawClient::connect(port, connect_packet("press-1", true, None, None)).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    dev.send(&publish(
+        "factory/press-1/state",
+        QoS::AtLeastOnce,
+        1,
+        r#"{"n":1}"#,
+    ))
+    .await;
+    assert!(matches!(
+        dev.recv(Duration::from_secs(10)).await,
+        Some(Packet::PubAck(_))
+    ));
+    assert!(shadow(dir.path(), "press-1").is_some());
+    flooding.abort();
     agent.stop();
 }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::pace::ReadBudget;
 use super::router::{Flow, Identity, Link, wire_cost};
 use super::{ConnectionSlot, Shared, TlsAcceptor};
 use crate::metrics::{BrokerDenial, BrokerLimit};
@@ -215,9 +216,13 @@ async fn serve<R, W>(
     // count against broker.max_connections.
     let mut slot = Some(slot);
     let identified = shared.access.authenticate(&connect, certificate.as_deref());
-    if identified.as_ref().is_ok_and(|who| who.is_agent) {
+    let is_agent = identified.as_ref().is_ok_and(|who| who.is_agent);
+    if is_agent {
         slot.take();
     }
+    // The agent's own client is never paced: it drains what every device sent.
+    let mut budget = ReadBudget::new(limits.max_client_bytes_per_sec, std::time::Instant::now())
+        .filter(|_| !is_agent);
     let accepted = match identified {
         Err(refusal) => {
             deny(&shared, BrokerDenial::Connect, peer, refusal.describe());
@@ -319,7 +324,18 @@ async fn serve<R, W>(
             _ = closed.cancelled() => break "closed by the broker".into(),
             n = read => match n {
                 Ok(0) => break "connection closed".into(),
-                Ok(_) => {}
+                Ok(n) => {
+                    if let Some(wait) = budget
+                        .as_mut()
+                        .and_then(|b| b.spend(n, std::time::Instant::now()))
+                    {
+                        shared.metrics.broker_limit(BrokerLimit::ReadRate);
+                        tokio::select! {
+                            _ = closed.cancelled() => break "closed by the broker".into(),
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                     break format!("no packet within 1.5 x keep-alive ({keep_alive} s)");
                 }

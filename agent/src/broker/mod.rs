@@ -24,6 +24,7 @@
 pub mod access;
 pub mod auth;
 mod conn;
+mod pace;
 mod router;
 mod tls;
 mod trie;

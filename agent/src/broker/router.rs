@@ -163,6 +163,8 @@ struct Session {
     awaiting_bytes: usize,
     /// The reader was told to pause for the agent's commits.
     paused: bool,
+    /// Offline and out of queue room: its filters are out of the trie until it reconnects.
+    parked: bool,
     /// When it was last connected (Unix seconds; for expiry).
     last_seen_s: u64,
 }
@@ -184,6 +186,7 @@ impl Session {
             awaiting: HashMap::new(),
             awaiting_bytes: 0,
             paused: false,
+            parked: false,
             last_seen_s: 0,
         }
     }
@@ -570,6 +573,13 @@ impl Router {
             .flatten();
         session.identity = who;
         session.will = connect.last_will;
+        let unpark = std::mem::take(&mut session.parked).then(|| {
+            session
+                .filters
+                .iter()
+                .map(|(f, q)| (f.clone(), *q))
+                .collect::<Vec<_>>()
+        });
         session.link = Some((conn, link));
         if session.persistent {
             // The caller wrote it to disk before calling us (see `needs_persisting`).
@@ -579,6 +589,9 @@ impl Router {
             && let Some(p) = self.pending_mut(&client)
         {
             p.owner = Some(owner);
+        }
+        for (filter, qos) in unpark.into_iter().flatten() {
+            self.trie.insert(&filter, &client, qos);
         }
         let Some(session) = self.sessions.get_mut(&client) else {
             return Err(ConnectReturnCode::ServiceUnavailable);
@@ -902,6 +915,7 @@ impl Router {
         });
         let message_cost = cost(publish);
         let mut gated = false;
+        let mut parked = Vec::new();
         for (subscriber, granted) in &matched {
             let Some(target) = self.sessions.get_mut(subscriber) else {
                 continue;
@@ -945,6 +959,10 @@ impl Router {
                         .broker_dropped_queue
                         .fetch_add(1, Ordering::Relaxed);
                     self.metrics.broker_limit(limit);
+                    if target.link.is_none() && !target.parked {
+                        target.parked = true;
+                        parked.push(subscriber.clone());
+                    }
                     continue;
                 }
                 target.queued_bytes += message_cost;
@@ -970,7 +988,26 @@ impl Router {
             target.pump();
         }
         self.matched = matched;
+        // An offline session that is already losing messages for want of room stops being
+        // matched until it reconnects: thousands of abandoned sessions subscribed to `#`
+        // would otherwise cost every message a walk over all of them.
+        for client in parked {
+            self.park(&client);
+        }
         gated
+    }
+
+    fn park(&mut self, client: &Arc<str>) {
+        let Some(session) = self.sessions.get(client) else {
+            return;
+        };
+        for filter in session.filters.keys() {
+            self.trie.remove(filter, client);
+        }
+        debug!(
+            client = &**client,
+            "Offline session out of queue room: no more messages queued until it reconnects"
+        );
     }
 
     fn acknowledged(&mut self, client: &Arc<str>, pkid: u16) {
@@ -1634,6 +1671,41 @@ mod tests {
                 SubscribeReasonCode::Failure
             ]
         );
+    }
+
+    #[test]
+    fn an_offline_session_out_of_room_is_parked_until_it_reconnects() {
+        let mut r = limited(BrokerLimits {
+            max_session_queue_bytes: 2000,
+            ..BrokerLimits::default()
+        });
+        let mut ghost = connect(&mut r, "ghost", false);
+        subscribe(&mut r, &mut ghost, "t/#");
+        r.disconnected(&ghost.id, ghost.conn, true, 1);
+        let publisher = connect(&mut r, "p", true);
+        let body = "y".repeat(900);
+        let send = |r: &mut Router, pkid| {
+            let mut p = Publish::new("t/1", QoS::AtLeastOnce, body.clone());
+            p.pkid = pkid;
+            r.handle(&publisher.id, publisher.conn, Packet::Publish(p));
+        };
+        for pkid in 1..=5 {
+            send(&mut r, pkid);
+        }
+        // The third overflowed and parked it: the rest were not even matched.
+        assert_eq!(r.metrics.broker_limit_count(BrokerLimit::SessionQueue), 1);
+        let mut matched = 0;
+        r.trie.matches("t/1", |_| matched += 1);
+        assert_eq!(matched, 0);
+        // Back online: its two queued messages, and new ones again.
+        let mut back = connect(&mut r, "ghost", false);
+        let first = publishes(&back.drain());
+        assert_eq!(first.len(), 2);
+        for (_, pkid, _) in &first {
+            r.handle(&back.id, back.conn, Packet::PubAck(PubAck::new(*pkid)));
+        }
+        send(&mut r, 6);
+        assert_eq!(publishes(&back.drain()).len(), 1);
     }
 
     #[test]

@@ -1,0 +1,283 @@
+//! `make bench`: good devices' ingest through the embedded broker while an attacker on the
+//! plant network does its worst, one attack at a time.
+//!
+//! Four well-behaved devices publish QoS1 shadow reports (each PUBACK comes only after the
+//! agent's commit) for a fixed window; their acknowledged rate under each attack is reported
+//! as a ratio to their rate with no attack, with the agent's peak RSS. The attacks are those
+//! of `tests/tests/broker_hardening.rs` at bench scale, with default `[broker]` limits. The
+//! attackers run in this process, on the same two cores as the agent and the devices.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use edgesync_e2e::agent::{AgentConfig, spawn_agent};
+use edgesync_e2e::raw_mqtt::{RawClient, connect_packet, encode, rss_kib};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, Subscribe};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+const GOOD_DEVICES: usize = 4;
+const WARMUP: Duration = Duration::from_secs(1);
+const WINDOW: Duration = Duration::from_secs(5);
+const AGENT_ID: &str = "edgesync-agent-edge-1";
+
+/// The well-behaved devices: each publishes its reports at QoS1 with up to 100 in flight.
+/// Returns the acknowledged rate over [`WINDOW`], after [`WARMUP`].
+async fn good_rate(port: u16, round: usize) -> f64 {
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let mut devices = JoinSet::new();
+    for k in 0..GOOD_DEVICES {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        devices.spawn(async move {
+            let id = format!("good-{round}-{k}");
+            let mut o = MqttOptions::new(&id, "127.0.0.1", port);
+            o.set_keep_alive(Duration::from_secs(60)).set_inflight(100);
+            let (c, mut el) = AsyncClient::new(o, 1000);
+            let topic = format!("edgesync/{id}/shadow/update");
+            let publisher = tokio::spawn(async move {
+                for n in 0u64.. {
+                    let body =
+                        format!(r#"{{"state":{{"reported":{{"seq":{n},"temperatureC":21.5}}}}}}"#);
+                    if c.publish(&topic, QoS::AtLeastOnce, false, body)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    e = el.poll() => match e {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(e) => panic!("good device {k} lost its connection: {e}"),
+                    },
+                }
+            }
+            publisher.abort();
+        });
+    }
+    tokio::time::sleep(WARMUP).await;
+    let start = acked.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(WINDOW).await;
+    let rate = (acked.load(Ordering::Relaxed) - start) as f64 / t0.elapsed().as_secs_f64();
+    stop.cancel();
+    while devices.join_next().await.is_some() {}
+    rate
+}
+
+fn publish_packet(topic: &str, qos: QoS, pkid: u16, payload: Vec<u8>, retain: bool) -> Packet {
+    let mut p = Publish::new(topic, qos, payload);
+    p.pkid = pkid;
+    p.retain = retain;
+    Packet::Publish(p)
+}
+
+/// Starts one attack; it runs until `stop`. Returns once it is in effect.
+async fn start_attack(name: &str, port: u16, stop: CancellationToken, tasks: &mut JoinSet<()>) {
+    match name {
+        "none" => {}
+        "hijack: reconnects with the agent's client id" => {
+            tasks.spawn(async move {
+                while !stop.is_cancelled() {
+                    let login = Some(("$edgesync-agent", "guess"));
+                    let (_c, _code) =
+                        RawClient::connect(port, connect_packet(AGENT_ID, false, login, None))
+                            .await;
+                }
+            });
+        }
+        "subscribe flood: new filters on a persistent session" => {
+            tasks.spawn(async move {
+                let (mut c, _) =
+                    RawClient::connect(port, connect_packet("subflood", false, None, None)).await;
+                for i in 1u32.. {
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    let mut s = Subscribe::new(format!("sf/{i}/#"), QoS::AtLeastOnce);
+                    s.pkid = (i % 65_000 + 1) as u16;
+                    if !c.send_raw(&encode(&Packet::Subscribe(s))).await {
+                        return;
+                    }
+                    let _ = c.recv(Duration::from_secs(5)).await;
+                }
+            });
+        }
+        "retained flood: 500 KB retained messages" => {
+            tasks.spawn(async move {
+                let (mut c, _) =
+                    RawClient::connect(port, connect_packet("retainer", true, None, None)).await;
+                // Encoded once: the attacker's own cost is its socket writes.
+                let packets: Vec<_> = (0..64)
+                    .map(|i| {
+                        let body = vec![b'r'; 500 * 1024];
+                        encode(&publish_packet(
+                            &format!("ret/{i}"),
+                            QoS::AtMostOnce,
+                            0,
+                            body,
+                            true,
+                        ))
+                    })
+                    .collect();
+                for p in packets.iter().cycle() {
+                    if stop.is_cancelled() || !c.send_raw(p).await {
+                        return;
+                    }
+                }
+            });
+        }
+        "pipelining: 100 KB QoS1 messages, acks never read" => {
+            tasks.spawn(async move {
+                let (mut c, _) =
+                    RawClient::connect(port, connect_packet("piper", true, None, None)).await;
+                let packets: Vec<_> = (1..=64u16)
+                    .map(|i| {
+                        let body = vec![b'p'; 100 * 1024];
+                        encode(&publish_packet(
+                            &format!("pipe/{i}"),
+                            QoS::AtLeastOnce,
+                            i,
+                            body,
+                            false,
+                        ))
+                    })
+                    .collect();
+                for p in packets.iter().cycle() {
+                    // Blocks once the broker pauses this client; abort_all ends it.
+                    if stop.is_cancelled() || !c.send_raw(p).await {
+                        return;
+                    }
+                }
+            });
+        }
+        "slow subscriber: # at QoS1, never reads" => {
+            let (mut c, _) =
+                RawClient::connect(port, connect_packet("sloth", false, None, None)).await;
+            let mut s = Subscribe::new("#", QoS::AtLeastOnce);
+            s.pkid = 1;
+            c.send(&Packet::Subscribe(s)).await;
+            tasks.spawn(async move {
+                stop.cancelled().await;
+                drop(c);
+            });
+        }
+        "half-sent CONNECTs: 500 sockets, 60 KB each" => {
+            let mut held = Vec::new();
+            for _ in 0..500 {
+                let mut c = RawClient::open(port).await;
+                // A CONNECT announcing 63 KB (within broker.max_connect_bytes), of which
+                // 60 KB is sent; held until broker.connect_timeout_secs.
+                let mut head = vec![0x10u8, 0x80, 0xf8, 0x03];
+                head.extend(vec![0u8; 60 * 1024]);
+                let _ = c.send_raw(&head).await;
+                held.push(c);
+            }
+            tasks.spawn(async move {
+                stop.cancelled().await;
+                drop(held);
+            });
+        }
+        "session flood: 5,000 persistent sessions subscribed to #" => {
+            let mut set = JoinSet::new();
+            for w in 0..50 {
+                set.spawn(async move {
+                    for i in 0..100 {
+                        let id = format!("ghost-{w}-{i}");
+                        let (mut c, _) =
+                            RawClient::connect(port, connect_packet(&id, false, None, None)).await;
+                        let mut s = Subscribe::new("#", QoS::AtLeastOnce);
+                        s.pkid = 1;
+                        c.send(&Packet::Subscribe(s)).await;
+                        let _ = c.recv(Duration::from_secs(10)).await;
+                    }
+                });
+            }
+            while set.join_next().await.is_some() {}
+        }
+        other => unreachable!("{other}"),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    const ATTACKS: [&str; 8] = [
+        "none",
+        "hijack: reconnects with the agent's client id",
+        "subscribe flood: new filters on a persistent session",
+        "retained flood: 500 KB retained messages",
+        "pipelining: 100 KB QoS1 messages, acks never read",
+        "slow subscriber: # at QoS1, never reads",
+        "half-sent CONNECTs: 500 sockets, 60 KB each",
+        "session flood: 5,000 persistent sessions subscribed to #",
+    ];
+    println!(
+        "edgesync embedded broker under attack: {GOOD_DEVICES} good devices, QoS1 shadow reports, {} s per attack, default [broker] limits",
+        WINDOW.as_secs()
+    );
+    let mut rows = Vec::new();
+    let mut baseline = 0.0;
+    for (round, attack) in ATTACKS.iter().enumerate() {
+        // A fresh agent per attack, so none inherits another's sessions or retained bytes.
+        let dir = tempfile::tempdir().unwrap();
+        let port = edgesync_e2e::free_port();
+        let mut agent = spawn_agent(&AgentConfig::embedded(dir.path(), port));
+        let pid = agent.pid().unwrap();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let idle = rss_kib(pid);
+        let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        start_attack(attack, port, stop.clone(), &mut tasks).await;
+        let peak = Arc::new(AtomicU64::new(rss_kib(pid)));
+        let sampler = {
+            let (peak, stop) = (peak.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let rate = good_rate(port, round).await;
+        stop.cancel();
+        sampler.await.unwrap();
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        if round == 0 {
+            baseline = rate;
+        }
+        let peak = peak.load(Ordering::Relaxed);
+        eprintln!("{attack}: {rate:.0}/s, RSS {idle} -> {peak} KiB");
+        rows.push((attack, rate, idle, peak, agent.is_running()));
+        agent.stop();
+    }
+    println!();
+    println!(
+        "| attack | good devices' acknowledged msg/s | vs no attack | agent RSS idle -> peak, MiB |"
+    );
+    println!("|---|---|---|---|");
+    for (attack, rate, idle, peak, alive) in rows {
+        let alive = if alive { "" } else { " (agent died)" };
+        println!(
+            "| {attack}{alive} | {rate:.0} | {:.0}% | {:.1} -> {:.1} |",
+            100.0 * rate / baseline,
+            idle as f64 / 1024.0,
+            peak as f64 / 1024.0
+        );
+    }
+}
