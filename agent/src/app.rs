@@ -174,11 +174,8 @@ async fn start_embedded_broker(
     )
     .await
     .with_context(|| format!("starting the embedded broker on mqtt.listen {listen}"))?;
-    // The agent connects to the address actually bound (port 0 picks a free one).
-    let mut local = broker.local_addr()?;
-    if local.ip().is_unspecified() {
-        local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
+    // The agent connects to its own loopback listener, out of the devices' way.
+    let local = broker.agent_addr()?;
     let credentials = (AGENT_USERNAME.to_owned(), agent_secret.expose().to_owned());
     Ok((local, credentials, tokio::spawn(broker.run())))
 }

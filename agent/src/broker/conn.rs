@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::access::Refusal;
 use super::pace::ReadBudget;
 use super::router::{Flow, Identity, Link, wire_cost};
 use super::{ConnectionSlot, Shared, TlsAcceptor};
@@ -103,11 +104,26 @@ pub(super) async fn serve_tcp(
     peer: SocketAddr,
     shared: Arc<Shared>,
     slot: ConnectionSlot,
+    agent_only: bool,
 ) {
     let deadline = Instant::now() + shared.limits.connect_timeout;
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    serve(rd, wr, peer, shared, slot, deadline, None).await;
+    let peer = Peer {
+        addr: peer,
+        certificate: None,
+        agent_only,
+    };
+    serve(rd, wr, peer, shared, slot, deadline).await;
+}
+
+/// Who is at the other end, as far as the transport tells.
+struct Peer {
+    addr: SocketAddr,
+    /// The name in a verified client certificate.
+    certificate: Option<String>,
+    /// On the agent's own listener: only the agent is admitted.
+    agent_only: bool,
 }
 
 /// A TLS client: the handshake and the CONNECT together must finish within
@@ -154,23 +170,28 @@ pub(super) async fn serve_tls(
         }
     };
     let (rd, wr) = tokio::io::split(stream);
-    serve(rd, wr, peer, shared, slot, deadline, identity).await;
+    let peer = Peer {
+        addr: peer,
+        certificate: identity,
+        agent_only: false,
+    };
+    serve(rd, wr, peer, shared, slot, deadline).await;
 }
 
 /// Serves one client until it disconnects, fails, or `stop` is cancelled.
 async fn serve<R, W>(
     mut rd: R,
     mut wr: W,
-    peer: SocketAddr,
+    from: Peer,
     shared: Arc<Shared>,
     slot: ConnectionSlot,
     connect_deadline: Instant,
-    certificate: Option<String>,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let limits = shared.limits;
+    let peer = from.addr;
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let connect = match tokio::time::timeout_at(
         connect_deadline,
@@ -215,7 +236,16 @@ async fn serve<R, W>(
     // Held until the connection ends, except by the agent's own connection, which does not
     // count against broker.max_connections.
     let mut slot = Some(slot);
-    let identified = shared.access.authenticate(&connect, certificate.as_deref());
+    let identified = shared
+        .access
+        .authenticate(&connect, from.certificate.as_deref())
+        .and_then(|who| {
+            if from.agent_only && !who.is_agent {
+                Err(Refusal::AgentIdentity)
+            } else {
+                Ok(who)
+            }
+        });
     let is_agent = identified.as_ref().is_ok_and(|who| who.is_agent);
     if is_agent {
         slot.take();

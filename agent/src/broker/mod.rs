@@ -88,9 +88,16 @@ pub(crate) struct TlsAcceptor {
     identity: Option<CertIdentity>,
 }
 
+/// Connections the agent's own listener holds before they prove to be the agent: enough for
+/// a reconnect overlapping a stale socket, too few to matter if a local process squats them.
+const AGENT_LISTENER_CONNECTIONS: usize = 4;
+
 /// A bound, not yet serving, embedded broker.
 pub struct EmbeddedBroker {
     listener: TcpListener,
+    /// Loopback, ephemeral port, for the agent's own client only: it never competes with
+    /// devices for `broker.max_connections`, so a full broker cannot lock the agent out.
+    agent_listener: TcpListener,
     tls: Option<(TcpListener, Arc<TlsAcceptor>)>,
     shared: Arc<Shared>,
     store: Store,
@@ -158,6 +165,9 @@ impl EmbeddedBroker {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
+        let agent_listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .await
+            .context("binding the agent's own loopback listener")?;
         let tls = match &settings.config.tls {
             Some(t) => {
                 let acceptor = TlsAcceptor {
@@ -191,6 +201,7 @@ impl EmbeddedBroker {
         });
         Ok(Self {
             listener,
+            agent_listener,
             tls,
             shared,
             store,
@@ -204,6 +215,15 @@ impl EmbeddedBroker {
     /// When the socket has no local address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The address the agent's own client connects to (loopback, devices' limits do not
+    /// apply; only the agent's secret is accepted there).
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn agent_addr(&self) -> std::io::Result<SocketAddr> {
+        self.agent_listener.local_addr()
     }
 
     /// The TLS listener's bound address, if there is one.
@@ -225,6 +245,7 @@ impl EmbeddedBroker {
         ));
         let housekeeping = tokio::spawn(housekeeping(self.shared.clone()));
         let open = Arc::new(AtomicUsize::new(0));
+        let agent_open = Arc::new(AtomicUsize::new(0));
         let mut accept_errors = RateLimitedWarning::default();
         loop {
             let tls_accept = async {
@@ -233,27 +254,35 @@ impl EmbeddedBroker {
                     None => std::future::pending().await,
                 }
             };
-            let (accepted, tls) = tokio::select! {
+            let (accepted, via) = tokio::select! {
                 _ = stop.cancelled() => break,
-                a = self.listener.accept() => (a, None),
-                t = tls_accept => t,
+                a = self.listener.accept() => (a, Via::Devices),
+                a = self.agent_listener.accept() => (a, Via::Agent),
+                (a, t) = tls_accept => (a, t.map_or(Via::Devices, |t| Via::Tls(t.clone()))),
             };
             match accepted {
                 Ok((stream, peer)) => {
                     // Counted from accept, CONNECT or not: a half-open socket holds as much
-                    // as a connected client. Both listeners share the cap.
-                    if open.load(Ordering::Relaxed) >= self.shared.limits.max_connections {
+                    // as a connected client. The device listeners share the cap.
+                    let (counter, cap) = match via {
+                        Via::Agent => (&agent_open, AGENT_LISTENER_CONNECTIONS),
+                        _ => (&open, self.shared.limits.max_connections),
+                    };
+                    if counter.load(Ordering::Relaxed) >= cap {
                         self.shared.metrics.broker_limit(BrokerLimit::Connections);
                         drop(stream);
                         continue;
                     }
-                    let slot = ConnectionSlot::take(open.clone());
+                    let slot = ConnectionSlot::take(counter.clone());
                     let shared = self.shared.clone();
-                    match tls {
-                        None => tasks.spawn(conn::serve_tcp(stream, peer, shared, slot)),
-                        Some(t) => {
-                            tasks.spawn(conn::serve_tls(stream, peer, shared, slot, t.clone()))
+                    match via {
+                        Via::Devices => {
+                            tasks.spawn(conn::serve_tcp(stream, peer, shared, slot, false))
                         }
+                        Via::Agent => {
+                            tasks.spawn(conn::serve_tcp(stream, peer, shared, slot, true))
+                        }
+                        Via::Tls(t) => tasks.spawn(conn::serve_tls(stream, peer, shared, slot, t)),
                     };
                 }
                 Err(e) => {
@@ -285,6 +314,13 @@ impl EmbeddedBroker {
         }
         info!("Embedded MQTT broker stopped");
     }
+}
+
+/// Which listener a connection came in on.
+enum Via {
+    Devices,
+    Tls(Arc<TlsAcceptor>),
+    Agent,
 }
 
 /// Counts an open connection until dropped.
