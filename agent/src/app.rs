@@ -109,6 +109,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         tasks.spawn(crate::http::run(
             listener,
             metrics.clone(),
+            store.health(),
             shutdown.child_token(),
         ));
     }

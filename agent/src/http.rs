@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::store::StoreHealth;
 
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,7 +28,12 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves until `shutdown`.
-pub async fn run(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+pub async fn run(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    store: Arc<StoreHealth>,
+    shutdown: CancellationToken,
+) {
     // Connections are short-lived (bounded by REQUEST_TIMEOUT); they are tracked so none
     // outlives shutdown and a panic in one is seen.
     let mut connections = tokio::task::JoinSet::new();
@@ -43,15 +49,19 @@ pub async fn run(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cancell
             c = listener.accept() => c,
         };
         let Ok((stream, _)) = conn else { continue };
-        let metrics = metrics.clone();
+        let (metrics, store) = (metrics.clone(), store.clone());
         connections.spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, serve(stream, &metrics)).await;
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, serve(stream, &metrics, &store)).await;
         });
     }
     connections.shutdown().await;
 }
 
-async fn serve(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+async fn serve(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    store: &StoreHealth,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -69,7 +79,15 @@ async fn serve(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> 
     let (status, ctype, body) = match (method, path) {
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
         ("GET", "/readyz") => {
-            if metrics.mqtt_connected.load(Ordering::Relaxed) {
+            if let Some(problem) = store.problem() {
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    format!(
+                        "the database cannot commit ({problem}): nothing is acknowledged until it can; free space on the data_dir's filesystem\n"
+                    ),
+                )
+            } else if metrics.mqtt_connected.load(Ordering::Relaxed) {
                 ("200 OK", "text/plain", "ok\n".to_owned())
             } else {
                 (
@@ -79,7 +97,11 @@ async fn serve(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> 
                 )
             }
         }
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+        ("GET", "/metrics") => {
+            let mut text = metrics.render();
+            store.render(&mut text);
+            ("200 OK", "text/plain; version=0.0.4", text)
+        }
         ("GET", _) => (
             "404 Not Found",
             "text/plain",
@@ -120,7 +142,13 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::default());
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(run(listener, metrics.clone(), shutdown.clone()));
+        let store = Arc::new(StoreHealth::default());
+        let server = tokio::spawn(run(
+            listener,
+            metrics.clone(),
+            store.clone(),
+            shutdown.clone(),
+        ));
 
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub acks_deferred: AtomicU64,
     /// Store commits that failed.
     pub store_errors: AtomicU64,
+    /// Reconnects made so the broker resends messages whose commit had failed.
+    pub mqtt_redeliveries: AtomicU64,
     /// Batch round-trip latency.
     pub batch_latency: Histogram,
     /// Embedded broker: connected clients (the agent's own connection included).
@@ -334,6 +336,12 @@ impl Metrics {
             "edgesync_agent_store_errors_total",
             "SQLite transactions that failed (nothing in them was acknowledged).",
             &self.store_errors,
+        );
+        counter(
+            &mut out,
+            "edgesync_agent_mqtt_redeliveries_total",
+            "Reconnects to the broker made so it resends messages whose commit had failed.",
+            &self.mqtt_redeliveries,
         );
         gauge(
             &mut out,

@@ -54,6 +54,9 @@ const MAX_INCOMING_PACKET: usize = 268_435_455;
 /// Reconnect backoff bounds (full jitter in between).
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// How often a store that failed to commit is probed (backoff bounds).
+const PROBE_MIN: Duration = Duration::from_millis(200);
+const PROBE_MAX: Duration = Duration::from_secs(5);
 
 /// What a message is.
 #[derive(Debug)]
@@ -203,11 +206,12 @@ impl Mqtt {
             format!("{prefix}/+/shadow/get"),
         ];
         filters.extend(self.ingest.iter().map(IngestPattern::filter));
+        let redeliver = Arc::new(tokio::sync::Notify::new());
         let processor = Processor {
             prefix: prefix.clone(),
             ingest: self.ingest,
             limits: self.limits,
-            store,
+            store: store.clone(),
             metrics: metrics.clone(),
         };
         let responder = Responder {
@@ -215,6 +219,7 @@ impl Mqtt {
             prefix,
             metrics: metrics.clone(),
             on_change,
+            redeliver: redeliver.clone(),
         };
         let client = self.client.clone();
         // Three tasks, not one joined future: parsing, committing replies and polling the
@@ -227,6 +232,7 @@ impl Mqtt {
             client,
             filters,
             intake_tx,
+            Recovery { store, redeliver },
             metrics,
             shutdown.clone(),
         )
@@ -242,18 +248,77 @@ impl Mqtt {
     }
 }
 
+/// Getting messages that were not committed delivered again.
+///
+/// MQTT 3.1.1 resends an unacknowledged message only when the client reconnects, so a
+/// message whose commit failed (disk full) would hold a slot of the broker's in-flight window
+/// for good, and after a window's worth of them nothing would flow even with space back.
+/// When the responder reports one, the driver probes the store with backoff and, once it
+/// commits again, reconnects: the broker then resends every unacknowledged message.
+struct Recovery {
+    store: Store,
+    redeliver: Arc<tokio::sync::Notify>,
+}
+
 async fn drive(
     mut eventloop: EventLoop,
     client: AsyncClient,
     filters: Vec<String>,
     intake: mpsc::Sender<Publish>,
+    recovery: Recovery,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut reconnect = Reconnect::new(RECONNECT_MIN, RECONNECT_MAX);
+    // Set while messages wait for the store to commit again: when to probe it next.
+    let mut probe_at: Option<tokio::time::Instant> = None;
+    let mut probe_backoff = Reconnect::new(PROBE_MIN, PROBE_MAX);
+    // Subscriptions still to be queued after a (re)connect.
+    let mut subscribe_pending = false;
     loop {
+        // Only this loop drains the client's request channel, so it must never wait for room
+        // in it: when the channel is full (acks queued by the responder), try again after
+        // the next event has made room.
+        if subscribe_pending {
+            let subs = filters
+                .iter()
+                .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+            match client.try_subscribe_many(subs) {
+                Ok(()) => subscribe_pending = false,
+                Err(rumqttc::ClientError::TryRequest(_)) => {
+                    debug!("MQTT request channel full; subscribing after the next event");
+                }
+                Err(e) => {
+                    warn!(error = %e, "Cannot queue MQTT subscriptions");
+                    subscribe_pending = false;
+                }
+            }
+        }
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = recovery.redeliver.notified(), if probe_at.is_none() => {
+                probe_at = Some(tokio::time::Instant::now() + probe_backoff.failed());
+                continue;
+            }
+            _ = tokio::time::sleep_until(probe_at.unwrap_or_else(tokio::time::Instant::now)), if probe_at.is_some() => {
+                match recovery.store.probe().await {
+                    Ok(()) => {
+                        probe_at = None;
+                        probe_backoff.reset();
+                        metrics.mqtt_redeliveries.fetch_add(1, Ordering::Relaxed);
+                        info!("The store commits again; reconnecting so the broker resends the messages not yet committed");
+                        if client.try_disconnect().is_err() {
+                            warn!("Cannot queue the MQTT disconnect; unacknowledged messages come back at the next reconnect");
+                        }
+                    }
+                    Err(e) => {
+                        let delay = probe_backoff.failed();
+                        debug!(error = %e, retry_in_ms = delay.as_millis() as u64, "The store still cannot commit");
+                        probe_at = Some(tokio::time::Instant::now() + delay);
+                    }
+                }
+                continue;
+            }
             ev = eventloop.poll() => ev,
         };
         match event {
@@ -272,12 +337,7 @@ async fn drive(
                     session_present = ack.session_present,
                     "Connected to MQTT broker"
                 );
-                let subs = filters
-                    .iter()
-                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-                if let Err(e) = client.subscribe_many(subs).await {
-                    warn!(error = %e, "Cannot queue MQTT subscriptions");
-                }
+                subscribe_pending = true;
             }
             Ok(_) => {}
             Err(e) => {
@@ -404,6 +464,8 @@ struct Responder {
     prefix: String,
     metrics: Arc<Metrics>,
     on_change: Arc<tokio::sync::Notify>,
+    /// Told when a message was left unacknowledged because its commit failed.
+    redeliver: Arc<tokio::sync::Notify>,
 }
 
 impl Responder {
@@ -593,8 +655,10 @@ impl Responder {
                 true
             }
             Ok(Err(e)) => {
-                // Not committed: do not ack, so the broker redelivers after a reconnect.
+                // Not committed: do not ack; the driver reconnects once the store commits
+                // again, and the broker resends it.
                 self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.redeliver.notify_one();
                 warn!(device, error = %e, "Update not committed; leaving it unacknowledged for redelivery");
                 if op.is_some() {
                     self.reply(
@@ -608,7 +672,12 @@ impl Responder {
                 }
                 false
             }
-            Err(_) => false,
+            Err(_) => {
+                // The store dropped the reply (its transaction failed before this one was
+                // applied): the same as not committed.
+                self.redeliver.notify_one();
+                false
+            }
         }
     }
 }

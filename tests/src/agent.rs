@@ -115,12 +115,18 @@ pub fn spawn_agent(config: &AgentConfig) -> ManagedProcess {
 
 /// The agent's Prometheus text from `/metrics` on loopback `port` (empty when unreachable).
 pub fn metrics(port: u16) -> String {
+    http_get(port, "/metrics")
+}
+
+/// The whole HTTP response (status line, headers, body) of `GET path` on the agent's loopback
+/// `port`; empty when unreachable.
+pub fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read as _, Write as _};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return String::new();
     };
     let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
     body

@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use edgesync_protocol::Limits;
@@ -30,7 +31,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{Durability, StoreSettings};
 
 mod broker_sessions;
+mod health;
 pub use broker_sessions::{SessionDelta, StoredSession};
+pub use health::StoreHealth;
 
 /// Commands waiting for the writer thread. Large enough to form big commit groups under
 /// load; small enough that a stalled disk pushes back on MQTT intake within milliseconds.
@@ -83,6 +86,8 @@ const OUTBOX_STATS: &str = "SELECT count(*), min(enqueued_at_ms) FROM outbox";
 
 const META_SEQ: &str = "seq";
 const META_ACKED_SEQ: &str = "acked_seq";
+/// Written by [`Store::probe`]: when the database last accepted a write after a failure.
+const META_PROBE: &str = "last_write_probe_ms";
 /// Metadata key of the desired-stream resume cursor.
 pub const META_DESIRED_CURSOR: &str = "desired_cursor";
 
@@ -218,6 +223,9 @@ enum Command {
     Stats {
         reply: Reply<OutboxStats>,
     },
+    Probe {
+        reply: Reply<()>,
+    },
     GetMeta {
         key: &'static str,
         reply: Reply<Option<String>>,
@@ -240,6 +248,7 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct Store {
     tx: mpsc::Sender<Command>,
+    health: Arc<StoreHealth>,
 }
 
 impl Store {
@@ -256,13 +265,28 @@ impl Store {
             let _ = std::fs::create_dir_all(dir);
         }
         let conn = open_rw(&settings.path, settings.durability)?;
-        let mut writer = Writer::load(conn, settings, limits)?;
+        let health = Arc::new(StoreHealth::default());
+        let mut writer = Writer::load(conn, settings, limits, health.clone())?;
         let (tx, rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
         let handle = std::thread::Builder::new()
             .name("edgesync-store".into())
             .spawn(move || writer.run(rx))
             .map_err(StoreError::Thread)?;
-        Ok((Store { tx }, handle))
+        Ok((Store { tx, health }, handle))
+    }
+
+    /// Whether the store can commit (shared with the writer thread).
+    pub fn health(&self) -> Arc<StoreHealth> {
+        self.health.clone()
+    }
+
+    /// Commits a one-row write, to learn whether the database accepts writes again after
+    /// a failure.
+    ///
+    /// # Errors
+    /// [`StoreError`] while it does not.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.call(|reply| Command::Probe { reply }).await
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
@@ -649,6 +673,7 @@ struct Writer {
     /// updated many times in one group costs one serialization and two row writes.
     dirty: HashSet<String>,
     seq: u64,
+    health: Arc<StoreHealth>,
 }
 
 /// A reply to send once the group's transaction has committed.
@@ -668,6 +693,7 @@ impl Writer {
         conn: Connection,
         settings: &StoreSettings,
         limits: Limits,
+        health: Arc<StoreHealth>,
     ) -> Result<Self, StoreError> {
         let path = settings.path.clone();
         let err = sqlite_err(&path);
@@ -682,6 +708,7 @@ impl Writer {
             shadows,
             dirty: HashSet::new(),
             seq,
+            health,
         })
     }
 
@@ -715,6 +742,10 @@ impl Writer {
                 .execute_batch("COMMIT")
                 .map_err(sqlite_err(&self.path))
         })();
+        match &result {
+            Ok(()) => self.health.committed(),
+            Err(e) => self.health.failed(&e.to_string()),
+        }
         if let Err(e) = &result {
             tracing::error!(error = %e, "store transaction failed; nothing in it was acknowledged");
             let _ = self.conn.execute_batch("ROLLBACK");
@@ -930,6 +961,13 @@ impl Writer {
                 defer(reply, ())
             }
             Command::Stats { reply } => defer(reply, outbox_stats(&self.conn, &self.path)?),
+            Command::Probe { reply } => {
+                self.conn
+                    .prepare_cached(SET_META)
+                    .and_then(|mut s| s.execute(params![META_PROBE, now_ms().to_string()]))
+                    .map_err(&err)?;
+                defer(reply, ())
+            }
             Command::GetMeta { key, reply } => {
                 let v: Option<String> = self
                     .conn

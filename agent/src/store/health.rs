@@ -1,0 +1,79 @@
+//! Whether the store can commit, for `/readyz`, the metrics and the MQTT driver's recovery.
+//!
+//! Set by the writer thread after every transaction: a failed one (disk full, I/O error)
+//! marks the store failing with its error; the next successful one clears it.
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// The store's ability to commit.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    failing: AtomicBool,
+    failed_commits: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl StoreHealth {
+    pub(super) fn failed(&self, error: &str) {
+        self.failed_commits.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(error.to_owned());
+        }
+        self.failing.store(true, Ordering::Release);
+    }
+
+    pub(super) fn committed(&self) {
+        if self.failing.swap(false, Ordering::AcqRel) {
+            tracing::info!("The store commits again");
+        }
+    }
+
+    /// Whether the last transaction failed.
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Acquire)
+    }
+
+    /// Why the store cannot commit, while it cannot.
+    pub fn problem(&self) -> Option<String> {
+        if !self.is_failing() {
+            return None;
+        }
+        let last = self.last_error.lock().ok().and_then(|l| l.clone());
+        Some(last.unwrap_or_else(|| "unknown error".to_owned()))
+    }
+
+    /// Appends the store's health in Prometheus text.
+    pub fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP edgesync_agent_store_commit_failing 1 while the database cannot commit (disk full, I/O error): ingest is paused, nothing is acknowledged\n# TYPE edgesync_agent_store_commit_failing gauge\nedgesync_agent_store_commit_failing {}",
+            u8::from(self.is_failing())
+        );
+        let _ = writeln!(
+            out,
+            "# HELP edgesync_agent_store_failed_commits_total Transactions the database refused\n# TYPE edgesync_agent_store_failed_commits_total counter\nedgesync_agent_store_failed_commits_total {}",
+            self.failed_commits.load(Ordering::Relaxed)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_is_reported_until_the_next_commit() {
+        let h = StoreHealth::default();
+        assert_eq!(h.problem(), None);
+        h.failed("database or disk is full");
+        assert_eq!(h.problem().as_deref(), Some("database or disk is full"));
+        let mut text = String::new();
+        h.render(&mut text);
+        assert!(text.contains("edgesync_agent_store_commit_failing 1"));
+        assert!(text.contains("edgesync_agent_store_failed_commits_total 1"));
+        h.committed();
+        assert_eq!(h.problem(), None);
+    }
+}

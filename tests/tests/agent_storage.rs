@@ -1,0 +1,190 @@
+//! The agent's storage on a bad day: the data_dir's filesystem fills up while devices
+//! publish, then space comes back. Real agent process with its embedded broker, a real
+//! (small) tmpfs, raw MQTT devices counting their PUBACKs.
+
+// Integration tests: a failed unwrap is a failed test with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use edgesync_e2e::agent::{AgentConfig, http_get, spawn_agent};
+use edgesync_e2e::raw_mqtt::{RawClient, connect_packet};
+use edgesync_e2e::wait;
+use rumqttc::{ConnectReturnCode, Packet, Publish, QoS};
+
+/// A tmpfs of `size` mounted for the test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mount ({e})"));
+        assert!(
+            out.status.success(),
+            "mounting a {size} tmpfs failed ({}): this test fills a real filesystem and needs root (or CAP_SYS_ADMIN); run it as root or in a container with --privileged",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Self(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the filesystem holding `path` with one file until it refuses more.
+fn fill(path: &Path) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while f.write_all(&block).is_ok() {}
+    let small = [0u8; 512];
+    while f.write_all(&small).is_ok() {}
+    let _ = f.sync_all();
+}
+
+fn publish(device: &str, pkid: u16, n: u64) -> Packet {
+    // About 1 KB per new device, so the database grows quickly.
+    let body = format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(1000));
+    let mut p = Publish::new(format!("factory/{device}/state"), QoS::AtLeastOnce, body);
+    p.pkid = pkid;
+    Packet::Publish(p)
+}
+
+async fn acked(c: &mut RawClient, pkid: u16, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match c.recv(left).await {
+            Some(Packet::PubAck(a)) if a.pkid == pkid => return true,
+            Some(_) => {}
+            None => return false,
+        }
+    }
+    false
+}
+
+fn stored_n(db: &Path, device: &str) -> Option<u64> {
+    edgesync_agent::cli::shadow_get(db, device)
+        .unwrap()
+        .and_then(|s| s["state"]["reported"]["n"].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_acknowledgements_and_ingest_resumes_by_itself_when_space_returns() {
+    let root = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&root.path().join("fs"), "12m");
+    let data = fs.0.join("data");
+    let http = edgesync_e2e::free_port();
+    let port = edgesync_e2e::free_port();
+    let mut config = AgentConfig::embedded(&data, port);
+    config.http_port = Some(http);
+    let mut agent = spawn_agent(&config);
+    let db = data.join(edgesync_agent::config::DB_FILE);
+    let mut dev = wait::until("the agent's broker", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let (c, code) = RawClient::connect(port, connect_packet("line-1", false, None, None)).await;
+        (code == ConnectReturnCode::Success).then_some(c)
+    })
+    .await;
+
+    // Healthy: every message acknowledged.
+    let mut acknowledged: Vec<(String, u64)> = Vec::new();
+    let mut pkid = 0u16;
+    let next = |pkid: &mut u16| {
+        *pkid = pkid.wrapping_add(1).max(1);
+        *pkid
+    };
+    for i in 0..100 {
+        let device = format!("dev-{i}");
+        let id = next(&mut pkid);
+        dev.send(&publish(&device, id, 1)).await;
+        assert!(
+            acked(&mut dev, id, Duration::from_secs(10)).await,
+            "healthy publish {i}"
+        );
+        acknowledged.push((device, 1));
+    }
+
+    // The filesystem fills up: publishing goes on until a message is not acknowledged.
+    fill(&fs.0.join("filler"));
+    let mut stuck = None;
+    for i in 100..2000 {
+        let device = format!("dev-{i}");
+        let id = next(&mut pkid);
+        dev.send(&publish(&device, id, 1)).await;
+        if acked(&mut dev, id, Duration::from_secs(3)).await {
+            acknowledged.push((device, 1));
+        } else {
+            stuck = Some((device, id));
+            break;
+        }
+    }
+    let (stuck_device, stuck_id) = stuck.expect("a full disk must stop acknowledgements");
+    let ready = wait::until(
+        "/readyz failing with the reason",
+        Duration::from_secs(20),
+        || async {
+            let r = http_get(http, "/readyz");
+            (r.starts_with("HTTP/1.1 503") && r.contains("cannot commit")).then_some(r)
+        },
+    )
+    .await;
+    assert!(ready.contains("free space"), "{ready}");
+    assert!(
+        edgesync_e2e::controller::metric_value(
+            &edgesync_e2e::agent::metrics(http),
+            "edgesync_agent_store_commit_failing"
+        ) == 1.0
+    );
+
+    // Space returns: the stuck message is acknowledged without any restart or reconnect by
+    // the device, and new ones flow again.
+    std::fs::remove_file(fs.0.join("filler")).unwrap();
+    let freed = Instant::now();
+    assert!(
+        acked(&mut dev, stuck_id, Duration::from_secs(60)).await,
+        "the message held while the disk was full is acknowledged once space is back"
+    );
+    eprintln!(
+        "ingest resumed {} ms after space returned",
+        freed.elapsed().as_millis()
+    );
+    acknowledged.push((stuck_device, 1));
+    for i in 0..100 {
+        let device = format!("after-{i}");
+        let id = next(&mut pkid);
+        dev.send(&publish(&device, id, 2)).await;
+        assert!(
+            acked(&mut dev, id, Duration::from_secs(10)).await,
+            "publish {i} after recovery"
+        );
+        acknowledged.push((device, 2));
+    }
+    wait::until("/readyz ok again", Duration::from_secs(20), || async {
+        http_get(http, "/readyz")
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    })
+    .await;
+    // Every acknowledged message is stored.
+    let missing: Vec<_> = acknowledged
+        .iter()
+        .filter(|(d, n)| stored_n(&db, d) != Some(*n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not stored: {missing:?}"
+    );
+    assert!(agent.is_running());
+    agent.stop();
+}
