@@ -38,6 +38,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         env!("CARGO_PKG_VERSION")
     );
     raise_open_files_limit(&settings);
+    let _lock = crate::lock::acquire(&settings.data_dir)?;
     let (store, store_thread) = Store::open(&settings.store, settings.limits)
         .with_context(|| format!("opening the database {}", settings.store.path.display()))?;
     let metrics = Arc::new(Metrics::default());

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod downlink;
 pub mod http;
+pub mod lock;
 pub mod metrics;
 pub mod mqtt;
 pub mod store;

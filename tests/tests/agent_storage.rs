@@ -188,3 +188,54 @@ async fn a_full_disk_stops_acknowledgements_and_ingest_resumes_by_itself_when_sp
     assert!(agent.is_running());
     agent.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_the_same_data_dir_refuses_to_start_and_names_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = edgesync_e2e::free_port();
+    let config = AgentConfig::embedded(dir.path(), port);
+    let mut first = spawn_agent(&config);
+    wait::until(
+        "the first agent's broker",
+        Duration::from_secs(30),
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(drop)
+        },
+    )
+    .await;
+    // Same data_dir, another port.
+    let mut second = AgentConfig::embedded(dir.path(), edgesync_e2e::free_port());
+    second.data_dir = dir.path().to_owned();
+    let path = dir.path().join("second.toml");
+    std::fs::write(&path, second.to_toml()).unwrap();
+    let out = Command::new("timeout")
+        .arg("30")
+        .arg(edgesync_e2e::agent::agent_binary())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second agent must not run");
+    let pid = first.pid().unwrap();
+    assert!(
+        stderr.contains("in use by") && stderr.contains(&format!("pid {pid}")),
+        "the error must name the agent holding the data_dir: {stderr}"
+    );
+    // The read-only CLI still works while the first agent runs.
+    let list = Command::new(edgesync_e2e::agent::agent_binary())
+        .args(["shadow", "list", "--config"])
+        .arg(dir.path().join("agent.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    assert!(first.is_running());
+    first.stop();
+}
