@@ -239,3 +239,38 @@ async fn a_second_agent_on_the_same_data_dir_refuses_to_start_and_names_the_firs
     assert!(first.is_running());
     first.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_durability_mode_runs_with_its_sqlite_settings() {
+    for (mode, synchronous) in [("power-loss-safe", "full"), ("crash-safe", "normal")] {
+        let dir = tempfile::tempdir().unwrap();
+        let http = edgesync_e2e::free_port();
+        let mut config = AgentConfig::embedded(dir.path(), edgesync_e2e::free_port());
+        config.http_port = Some(http);
+        config.extra = format!("[store]\ndurability = \"{mode}\"\n");
+        let mut agent = spawn_agent(&config);
+        // Read back by the agent from its own connection (synchronous is per connection).
+        let expected = format!(
+            "edgesync_agent_store_info{{journal_mode=\"wal\",synchronous=\"{synchronous}\"}}"
+        );
+        wait::until(
+            &format!("{mode}: {expected}"),
+            Duration::from_secs(30),
+            || async {
+                let m = edgesync_e2e::agent::metrics(http);
+                (edgesync_e2e::controller::metric_value(&m, &expected) == 1.0).then_some(())
+            },
+        )
+        .await;
+        // The journal mode is also in the file itself.
+        let db = dir.path().join(edgesync_agent::config::DB_FILE);
+        let conn =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
+        let journal: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(journal, "wal", "{mode}");
+        agent.stop();
+    }
+}

@@ -4,8 +4,8 @@
 //! marks the store failing with its error; the next successful one clears it.
 
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// The store's ability to commit.
 #[derive(Debug, Default)]
@@ -13,6 +13,8 @@ pub struct StoreHealth {
     failing: AtomicBool,
     failed_commits: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// `journal_mode` and `synchronous` as read back from the writer's connection.
+    pragmas: OnceLock<(String, i64)>,
 }
 
 impl StoreHealth {
@@ -22,6 +24,10 @@ impl StoreHealth {
             *last = Some(error.to_owned());
         }
         self.failing.store(true, Ordering::Release);
+    }
+
+    pub(super) fn set_pragmas(&self, journal: String, synchronous: i64) {
+        let _ = self.pragmas.set((journal, synchronous));
     }
 
     pub(super) fn committed(&self) {
@@ -56,6 +62,19 @@ impl StoreHealth {
             "# HELP edgesync_agent_store_failed_commits_total Transactions the database refused\n# TYPE edgesync_agent_store_failed_commits_total counter\nedgesync_agent_store_failed_commits_total {}",
             self.failed_commits.load(Ordering::Relaxed)
         );
+        if let Some((journal, synchronous)) = self.pragmas.get() {
+            let level = match synchronous {
+                0 => "off",
+                1 => "normal",
+                2 => "full",
+                3 => "extra",
+                _ => "unknown",
+            };
+            let _ = writeln!(
+                out,
+                "# HELP edgesync_agent_store_info The database's durability settings, as read back from the agent's own connection\n# TYPE edgesync_agent_store_info gauge\nedgesync_agent_store_info{{journal_mode=\"{journal}\",synchronous=\"{level}\"}} 1"
+            );
+        }
     }
 }
 

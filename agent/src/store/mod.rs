@@ -94,6 +94,18 @@ pub const META_DESIRED_CURSOR: &str = "desired_cursor";
 /// Store failures. All of them mean "not committed": callers must not ack or drop anything.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// WAL or the configured `synchronous` level could not be set.
+    #[error(
+        "{path}: SQLite runs with journal_mode={journal} and synchronous={synchronous}, not WAL with the level store.durability asks for; put data_dir on a local filesystem that supports WAL"
+    )]
+    Pragmas {
+        /// Database file.
+        path: PathBuf,
+        /// The journal mode in effect.
+        journal: String,
+        /// The synchronous level in effect.
+        synchronous: i64,
+    },
     /// SQLite failed.
     #[error("database error on {path}: {source}")]
     Sqlite {
@@ -266,6 +278,9 @@ impl Store {
         }
         let conn = open_rw(&settings.path, settings.durability)?;
         let health = Arc::new(StoreHealth::default());
+        if let Ok((journal, synchronous)) = effective_pragmas(&conn) {
+            health.set_pragmas(journal, synchronous);
+        }
         let mut writer = Writer::load(conn, settings, limits, health.clone())?;
         let (tx, rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
         let handle = std::thread::Builder::new()
@@ -474,8 +489,29 @@ fn open_rw(path: &Path, durability: Durability) -> Result<Connection, StoreError
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;"
     ))
     .map_err(&err)?;
+    // Read back: SQLite keeps the old journal mode without an error where WAL is impossible
+    // (some network and FUSE filesystems), and the durability promise rests on both.
+    let (journal, synchronous) = effective_pragmas(&conn).map_err(&err)?;
+    let wanted_sync = match durability {
+        Durability::PowerLossSafe => 2,
+        Durability::CrashSafe => 1,
+    };
+    if journal != "wal" || synchronous != wanted_sync {
+        return Err(StoreError::Pragmas {
+            path: path.to_owned(),
+            journal,
+            synchronous,
+        });
+    }
     migrate(&conn, path)?;
     Ok(conn)
+}
+
+/// The connection's `journal_mode` and `synchronous` (0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA).
+fn effective_pragmas(conn: &Connection) -> rusqlite::Result<(String, i64)> {
+    let journal: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+    let synchronous: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+    Ok((journal.to_ascii_lowercase(), synchronous))
 }
 
 fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
