@@ -78,6 +78,14 @@ const UPSERT_OUTBOX: &str =
     "INSERT INTO outbox (device, version, enqueued_at_ms) VALUES (?1, ?2, ?3)
      ON CONFLICT (device) DO UPDATE SET version = excluded.version";
 const DELETE_ACKED: &str = "DELETE FROM outbox WHERE device = ?1 AND version <= ?2";
+// A device changed again while its report was in flight: its oldest unacknowledged change
+// is newer than the moment the batch was read, so its age restarts there (overstated by at
+// most one round trip) instead of at its first change ever.
+const RESTART_PENDING_AGE: &str =
+    "UPDATE outbox SET enqueued_at_ms = max(enqueued_at_ms, ?3) WHERE device = ?1 AND version > ?2";
+/// Batches whose read time is remembered for the age restart (older ones fall back to the
+/// ack time).
+const MAX_BATCHES_TIMED: usize = 256;
 const SELECT_PENDING: &str = "SELECT device, version FROM outbox ORDER BY enqueued_at_ms, device";
 const SET_META: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2)
      ON CONFLICT (key) DO UPDATE SET value = excluded.value";
@@ -710,6 +718,8 @@ struct Writer {
     dirty: HashSet<String>,
     seq: u64,
     health: Arc<StoreHealth>,
+    /// When each batch in flight was read from the outbox (ms since the epoch), by seq.
+    batch_read_ms: std::collections::BTreeMap<u64, i64>,
 }
 
 /// A reply to send once the group's transaction has committed.
@@ -745,6 +755,7 @@ impl Writer {
             dirty: HashSet::new(),
             seq,
             health,
+            batch_read_ms: std::collections::BTreeMap::new(),
         })
     }
 
@@ -966,6 +977,10 @@ impl Writer {
                         .prepare_cached(SET_META)
                         .and_then(|mut s| s.execute(params![META_SEQ, self.seq.to_string()]))
                         .map_err(&err)?;
+                    self.batch_read_ms.insert(self.seq, now_ms());
+                    if self.batch_read_ms.len() > MAX_BATCHES_TIMED {
+                        self.batch_read_ms.pop_first();
+                    }
                     defer(
                         reply,
                         Some(PendingBatch {
@@ -980,10 +995,19 @@ impl Writer {
                 covered,
                 reply,
             } => {
+                let read_ms = self.batch_read_ms.remove(&seq).unwrap_or_else(now_ms);
                 {
-                    let mut stmt = self.conn.prepare_cached(DELETE_ACKED).map_err(&err)?;
+                    let mut delete = self.conn.prepare_cached(DELETE_ACKED).map_err(&err)?;
+                    let mut restart = self
+                        .conn
+                        .prepare_cached(RESTART_PENDING_AGE)
+                        .map_err(&err)?;
                     for (device, version) in &covered {
-                        stmt.execute(params![device, *version as i64])
+                        delete
+                            .execute(params![device, *version as i64])
+                            .map_err(&err)?;
+                        restart
+                            .execute(params![device, *version as i64, read_ms])
                             .map_err(&err)?;
                     }
                 }
@@ -1050,6 +1074,51 @@ mod tests {
             client_token: None,
             version: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_device_changing_while_its_report_is_in_flight_restarts_its_pending_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
+        store
+            .update("busy".into(), req(json!({"n": 1})))
+            .await
+            .unwrap();
+        let batch = store
+            .next_batch(10, 1 << 20, HashSet::new())
+            .await
+            .unwrap()
+            .unwrap();
+        // Its first change, long ago (as if the link had been busy with it for an hour).
+        let side = Connection::open(dir.path().join("t.db")).unwrap();
+        side.execute(
+            "UPDATE outbox SET enqueued_at_ms = enqueued_at_ms - 3600000",
+            [],
+        )
+        .unwrap();
+        drop(side);
+        assert!(store.stats().await.unwrap().oldest_pending_age_seconds >= 3600);
+        // It changes again before the report is acknowledged.
+        store
+            .update("busy".into(), req(json!({"n": 2})))
+            .await
+            .unwrap();
+        let covered = batch
+            .reports
+            .iter()
+            .map(|r| (r.device.clone(), r.version))
+            .collect();
+        store.ack(batch.seq, covered).await.unwrap();
+        let stats = store.stats().await.unwrap();
+        assert_eq!(
+            stats.pending_devices, 1,
+            "the newer change is still pending"
+        );
+        assert!(
+            stats.oldest_pending_age_seconds < 60,
+            "age {} s: it restarts when the batch was read",
+            stats.oldest_pending_age_seconds
+        );
     }
 
     #[test]
