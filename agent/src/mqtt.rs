@@ -54,6 +54,8 @@ const MAX_INCOMING_PACKET: usize = 268_435_455;
 /// Reconnect backoff bounds (full jitter in between).
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// At most one device-cap warning per this interval.
+const DEVICE_CAP_WARN_INTERVAL_MS: u64 = 10_000;
 /// How often a store that failed to commit is probed (backoff bounds).
 const PROBE_MIN: Duration = Duration::from_millis(200);
 const PROBE_MAX: Duration = Duration::from_secs(5);
@@ -220,6 +222,8 @@ impl Mqtt {
             metrics: metrics.clone(),
             on_change,
             redeliver: redeliver.clone(),
+            started: std::time::Instant::now(),
+            device_cap_warned_ms: std::sync::atomic::AtomicU64::new(0),
         };
         let client = self.client.clone();
         // Three tasks, not one joined future: parsing, committing replies and polling the
@@ -466,6 +470,10 @@ struct Responder {
     on_change: Arc<tokio::sync::Notify>,
     /// Told when a message was left unacknowledged because its commit failed.
     redeliver: Arc<tokio::sync::Notify>,
+    /// For rate-limited warnings.
+    started: std::time::Instant,
+    /// When the device-cap warning was last logged (ms since `started`; 0: never).
+    device_cap_warned_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Responder {
@@ -639,10 +647,16 @@ impl Responder {
             }
             Ok(Ok(UpdateOutcome::DeviceLimit)) => {
                 self.metrics.reject("device_limit");
-                warn!(
-                    device,
-                    "Device limit reached (store.max_devices); update rejected"
-                );
+                // Once per interval, not per message: a plant past the cap sends many.
+                let now_ms = self.started.elapsed().as_millis() as u64;
+                let last = self.device_cap_warned_ms.load(Ordering::Relaxed);
+                if last == 0 || now_ms.saturating_sub(last) >= DEVICE_CAP_WARN_INTERVAL_MS {
+                    self.device_cap_warned_ms.store(now_ms.max(1), Ordering::Relaxed);
+                    warn!(
+                        device,
+                        "Device limit reached (store.max_devices): updates for new devices are rejected and not stored; raise store.max_devices (see edgesync_agent_updates_rejected_total{{reason=\"device_limit\"}})"
+                    );
+                }
                 if op.is_some() {
                     let r = Rejected {
                         code: 503,
