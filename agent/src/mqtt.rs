@@ -651,7 +651,8 @@ impl Responder {
                 let now_ms = self.started.elapsed().as_millis() as u64;
                 let last = self.device_cap_warned_ms.load(Ordering::Relaxed);
                 if last == 0 || now_ms.saturating_sub(last) >= DEVICE_CAP_WARN_INTERVAL_MS {
-                    self.device_cap_warned_ms.store(now_ms.max(1), Ordering::Relaxed);
+                    self.device_cap_warned_ms
+                        .store(now_ms.max(1), Ordering::Relaxed);
                     warn!(
                         device,
                         "Device limit reached (store.max_devices): updates for new devices are rejected and not stored; raise store.max_devices (see edgesync_agent_updates_rejected_total{{reason=\"device_limit\"}})"
