@@ -415,18 +415,7 @@ current-context: edgesync-test
 
 /// The service-account signing key kube-apiserver insists on, made with the openssl CLI.
 fn generate_sa_key(dir: &Path) {
-    let run = |args: &[&str]| {
-        let status = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .status()
-            .unwrap_or_else(|e| {
-                panic!("cannot run openssl ({e}); install it with: apt-get install openssl")
-            });
-        assert!(status.success(), "openssl {} failed", args.join(" "));
-    };
+    let run = |args: &[&str]| crate::pki::openssl(dir, args);
     run(&[
         "ecparam",
         "-name",

@@ -374,8 +374,9 @@ impl DesiredStream {
 /// # Panics
 /// When openssl is missing or fails.
 pub fn self_signed_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
-    let status = std::process::Command::new("openssl")
-        .args([
+    crate::pki::openssl(
+        dir,
+        &[
             "req",
             "-x509",
             "-newkey",
@@ -383,8 +384,6 @@ pub fn self_signed_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
             "-pkeyopt",
             "ec_paramgen_curve:prime256v1",
             "-nodes",
-        ])
-        .args([
             "-keyout",
             "key.pem",
             "-out",
@@ -393,20 +392,15 @@ pub fn self_signed_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
             "1",
             "-subj",
             "/CN=localhost",
-        ])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        // A self-signed end-entity certificate (rustls refuses a CA certificate as a server's).
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-addext", "extendedKeyUsage=serverAuth"])
-        .current_dir(dir)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap_or_else(|e| {
-            panic!("cannot run openssl ({e}); install it with: apt-get install openssl")
-        });
-    assert!(
-        status.success(),
-        "openssl could not make a test certificate"
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            // A self-signed end-entity certificate (rustls refuses a CA certificate as a
+            // server's).
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+        ],
     );
     (dir.join("cert.pem"), dir.join("key.pem"))
 }

@@ -18,7 +18,8 @@ pub struct Issued {
     pub key: PathBuf,
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
+/// Runs the openssl CLI in `dir`; panics with its stderr (or how to install it) on failure.
+pub fn openssl(dir: &Path, args: &[&str]) {
     let status = Command::new("openssl")
         .args(args)
         .current_dir(dir)

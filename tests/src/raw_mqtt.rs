@@ -36,6 +36,21 @@ pub fn connect_packet(
     })
 }
 
+/// Connects with `connect` once the broker on loopback `port` accepts it, retrying while
+/// the broker starts; panics after `deadline`.
+pub async fn connect_when_up(port: u16, connect: Packet, deadline: Duration) -> RawClient {
+    crate::wait::until(
+        &format!("the broker on port {port} accepting a client"),
+        deadline,
+        || async {
+            crate::wait::accepts(port).await.then_some(())?;
+            let (c, code) = RawClient::connect(port, connect.clone()).await;
+            (code == ConnectReturnCode::Success).then_some(c)
+        },
+    )
+    .await
+}
+
 /// Encodes `packet`.
 ///
 /// # Panics

@@ -25,6 +25,21 @@ where
     }
 }
 
+/// Whether something accepts TCP connections on loopback `port` now.
+pub async fn accepts(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+}
+
+/// Waits until something accepts TCP connections on loopback `port`.
+pub async fn port_open(what: &str, port: u16, deadline: Duration) {
+    until(what, deadline, || async {
+        accepts(port).await.then_some(())
+    })
+    .await;
+}
+
 /// Blocking variant of [`until`] for code outside a runtime (process start-up).
 pub fn until_blocking<T>(
     what: &str,

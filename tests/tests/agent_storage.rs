@@ -11,9 +11,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgesync_e2e::agent::{AgentConfig, http_get, spawn_agent};
-use edgesync_e2e::raw_mqtt::{RawClient, connect_packet};
+use edgesync_e2e::raw_mqtt::{RawClient, connect_packet, connect_when_up};
 use edgesync_e2e::wait;
-use rumqttc::{ConnectReturnCode, Packet, Publish, QoS};
+use rumqttc::{Packet, Publish, QoS};
 
 /// A tmpfs of `size` mounted for the test, unmounted when dropped.
 struct Tmpfs(PathBuf);
@@ -88,13 +88,11 @@ async fn a_full_disk_stops_acknowledgements_and_ingest_resumes_by_itself_when_sp
     config.http_port = Some(http);
     let mut agent = spawn_agent(&config);
     let db = data.join(edgesync_agent::config::DB_FILE);
-    let mut dev = wait::until("the agent's broker", Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        let (c, code) = RawClient::connect(port, connect_packet("line-1", false, None, None)).await;
-        (code == ConnectReturnCode::Success).then_some(c)
-    })
+    let mut dev = connect_when_up(
+        port,
+        connect_packet("line-1", false, None, None),
+        Duration::from_secs(30),
+    )
     .await;
 
     // Healthy: every message acknowledged.
@@ -195,17 +193,7 @@ async fn a_second_agent_on_the_same_data_dir_refuses_to_start_and_names_the_firs
     let port = edgesync_e2e::free_port();
     let config = AgentConfig::embedded(dir.path(), port);
     let mut first = spawn_agent(&config);
-    wait::until(
-        "the first agent's broker",
-        Duration::from_secs(30),
-        || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(drop)
-        },
-    )
-    .await;
+    wait::port_open("the first agent's broker", port, Duration::from_secs(30)).await;
     // Same data_dir, another port.
     let mut second = AgentConfig::embedded(dir.path(), edgesync_e2e::free_port());
     second.data_dir = dir.path().to_owned();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use edgesync_e2e::agent::{AgentConfig, spawn_agent};
 use edgesync_e2e::process::ManagedProcess;
-use edgesync_e2e::raw_mqtt::{RawClient, connect_packet, encode, rss_kib};
+use edgesync_e2e::raw_mqtt::{RawClient, connect_packet, connect_when_up, encode, rss_kib};
 use edgesync_e2e::wait;
 use rumqttc::{
     ConnectReturnCode, LastWill, Packet, Publish, QoS, Subscribe, SubscribeFilter,
@@ -29,20 +29,8 @@ async fn start(dir: &Path, extra: &str, login: Option<(&str, &str)>) -> (Managed
     let mut config = AgentConfig::embedded(dir, port);
     config.extra = extra.to_owned();
     let agent = spawn_agent(&config);
-    wait::until(
-        "the embedded broker accepting clients",
-        Duration::from_secs(30),
-        || async {
-            let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()?;
-            drop(stream);
-            let (_c, code) =
-                RawClient::connect(port, connect_packet("probe", true, login, None)).await;
-            (code == ConnectReturnCode::Success).then_some(())
-        },
-    )
-    .await;
+    let probe = connect_packet("probe", true, login, None);
+    drop(connect_when_up(port, probe, Duration::from_secs(30)).await);
     (agent, port)
 }
 
@@ -173,14 +161,14 @@ async fn a_deep_filter_is_refused_and_one_stored_by_an_older_agent_does_not_stop
         .unwrap();
     }
     agent.restart();
-    wait::until("the agent restarted", Duration::from_secs(30), || async {
-        let _ = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        let (_c, code) = RawClient::connect(port, connect_packet("probe2", true, None, None)).await;
-        (code == ConnectReturnCode::Success).then_some(())
-    })
-    .await;
+    drop(
+        connect_when_up(
+            port,
+            connect_packet("probe2", true, None, None),
+            Duration::from_secs(30),
+        )
+        .await,
+    );
     wait::until(
         "the deep filter removed from disk",
         Duration::from_secs(20),
@@ -538,6 +526,27 @@ async fn connections_and_packets_beyond_their_limits_are_closed() {
     agent.stop();
 }
 
+/// Device press-1 connects and has a report acknowledged (so stored) by the agent.
+async fn device_is_served(port: u16) {
+    let (mut dev, code) =
+        RawClient::connect(port, connect_packet("press-1", true, None, None)).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    dev.send(&publish(
+        "factory/press-1/state",
+        QoS::AtLeastOnce,
+        1,
+        r#"{"n":1}"#,
+    ))
+    .await;
+    assert!(
+        matches!(
+            dev.recv(Duration::from_secs(10)).await,
+            Some(Packet::PubAck(_))
+        ),
+        "a device must be served"
+    );
+}
+
 /// Persistent sessions recorded in the agent's database (its own included).
 fn stored_sessions(dir: &Path) -> i64 {
     let conn =
@@ -569,21 +578,7 @@ async fn a_session_flood_is_capped_and_idle_sessions_expire_with_their_rows() {
     assert!(refused >= 51, "only {refused} of 150 refused");
     assert!(stored_sessions(dir.path()) <= 100);
     // A device still gets through to the agent while they are held.
-    let (mut dev, code) =
-        RawClient::connect(port, connect_packet("press-1", true, None, None)).await;
-    assert_eq!(code, ConnectReturnCode::Success);
-    dev.send(&publish(
-        "factory/press-1/state",
-        QoS::AtLeastOnce,
-        7,
-        r#"{"n":1}"#,
-    ))
-    .await;
-    assert!(matches!(
-        dev.recv(Duration::from_secs(10)).await,
-        Some(Packet::PubAck(_))
-    ));
-    drop(dev);
+    device_is_served(port).await;
     // Disconnected sessions expire, rows and all, leaving the agent's own.
     wait::until(
         "idle sessions expired and their rows removed",
@@ -673,13 +668,11 @@ async fn a_flooding_client_is_read_at_its_rate_while_a_device_is_served() {
     config.extra = "[broker]\nmax_client_bytes_per_sec = 1048576\n".into();
     let mut agent = spawn_agent(&config);
     let paced = "edgesync_agent_broker_limit_hits_total{limit=\"read_rate\"}";
-    let mut flood = wait::until("the broker up", Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        let (c, code) = RawClient::connect(port, connect_packet("flood", true, None, None)).await;
-        (code == ConnectReturnCode::Success).then_some(c)
-    })
+    let mut flood = connect_when_up(
+        port,
+        connect_packet("flood", true, None, None),
+        Duration::from_secs(30),
+    )
     .await;
     // 100 KB QoS0 messages as fast as the socket takes them, in the background.
     let packet = encode(&publish(
@@ -695,20 +688,7 @@ async fn a_flooding_client_is_read_at_its_rate_while_a_device_is_served() {
     })
     .await;
     // A device on its own connection is served meanwhile.
-    let (mut dev, code) =
-        RawClient::connect(port, connect_packet("press-1", true, None, None)).await;
-    assert_eq!(code, ConnectReturnCode::Success);
-    dev.send(&publish(
-        "factory/press-1/state",
-        QoS::AtLeastOnce,
-        1,
-        r#"{"n":1}"#,
-    ))
-    .await;
-    assert!(matches!(
-        dev.recv(Duration::from_secs(10)).await,
-        Some(Packet::PubAck(_))
-    ));
+    device_is_served(port).await;
     assert!(shadow(dir.path(), "press-1").is_some());
     flooding.abort();
     agent.stop();

@@ -22,15 +22,10 @@ async fn start(dir: &Path, broker: &str) -> (ManagedProcess, u16) {
     let mut config = AgentConfig::embedded(dir, edgesync_e2e::free_port());
     config.extra = format!("[broker]\ntls_listen = \"127.0.0.1:{tls_port}\"\n{broker}");
     let agent = spawn_agent(&config);
-    wait::until(
+    wait::port_open(
         "the embedded broker's TLS listener",
+        tls_port,
         Duration::from_secs(30),
-        || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
-                .await
-                .ok()
-                .map(drop)
-        },
     )
     .await;
     (agent, tls_port)
