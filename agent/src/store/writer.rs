@@ -1,0 +1,387 @@
+//! The writer thread: owns the read-write connection and the in-memory shadow cache, and
+//! applies every queued command of a group in one transaction (group commit).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use edgesync_protocol::Limits;
+use edgesync_protocol::shadow::ShadowDocument;
+use edgesync_protocol::wire::Report;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::mpsc;
+
+use super::{
+    Command, DesiredOutcome, GET_META, META_ACKED_SEQ, META_PROBE, META_SEQ, PendingBatch, Reply,
+    SELECT_PENDING, StoreError, StoreHealth, UpdateOutcome, broker_sessions, get_meta_u64, now_ms,
+    now_secs, outbox_stats, read_shadows, rfc3339, sqlite_err,
+};
+use crate::config::StoreSettings;
+
+const UPSERT_SHADOW: &str = "INSERT INTO shadows (device, version, doc) VALUES (?1, ?2, ?3)
+     ON CONFLICT (device) DO UPDATE SET version = excluded.version, doc = excluded.doc";
+// Keeps the first enqueue time while a device stays pending, so the oldest pending age
+// measures how long the uplink has been behind, not how recently the device changed.
+const UPSERT_OUTBOX: &str =
+    "INSERT INTO outbox (device, version, enqueued_at_ms) VALUES (?1, ?2, ?3)
+     ON CONFLICT (device) DO UPDATE SET version = excluded.version";
+const DELETE_ACKED: &str = "DELETE FROM outbox WHERE device = ?1 AND version <= ?2";
+// A device changed again while its report was in flight: its oldest unacknowledged change
+// is newer than the moment the batch was read, so its age restarts there (overstated by at
+// most one round trip) instead of at its first change ever.
+const RESTART_PENDING_AGE: &str =
+    "UPDATE outbox SET enqueued_at_ms = max(enqueued_at_ms, ?3) WHERE device = ?1 AND version > ?2";
+/// Batches whose read time is remembered for the age restart (older ones fall back to the
+/// ack time).
+const MAX_BATCHES_TIMED: usize = 256;
+const SET_META: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2)
+     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+
+/// The writer thread's state.
+pub(super) struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    limits: Limits,
+    max_batch: usize,
+    max_devices: usize,
+    shadows: HashMap<String, ShadowDocument>,
+    /// Devices updated in the current group, written once each before the commit: a device
+    /// updated many times in one group costs one serialization and two row writes.
+    dirty: HashSet<String>,
+    seq: u64,
+    health: Arc<StoreHealth>,
+    /// When each batch in flight was read from the outbox (ms since the epoch), by seq.
+    batch_read_ms: BTreeMap<u64, i64>,
+}
+
+/// A reply to send once the group's transaction has committed.
+type Deferred = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
+
+fn defer<T: Send + 'static>(reply: Reply<T>, value: T) -> Deferred {
+    Box::new(move |commit| {
+        let _ = reply.send(match commit {
+            Ok(()) => Ok(value),
+            Err(e) => Err(StoreError::NotCommitted(e.to_string())),
+        });
+    })
+}
+
+impl Writer {
+    pub(super) fn load(
+        conn: Connection,
+        settings: &StoreSettings,
+        limits: Limits,
+        health: Arc<StoreHealth>,
+    ) -> Result<Self, StoreError> {
+        let path = settings.path.clone();
+        let err = sqlite_err(&path);
+        let shadows = read_shadows(&conn, &path)?;
+        let seq = get_meta_u64(&conn, META_SEQ).map_err(&err)?;
+        Ok(Self {
+            conn,
+            path: settings.path.clone(),
+            limits,
+            max_batch: settings.max_commit_batch,
+            max_devices: settings.max_devices,
+            shadows,
+            dirty: HashSet::new(),
+            seq,
+            health,
+            batch_read_ms: BTreeMap::new(),
+        })
+    }
+
+    pub(super) fn run(&mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut group = Vec::with_capacity(self.max_batch);
+        while let Some(first) = rx.blocking_recv() {
+            group.push(first);
+            while group.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(cmd) => group.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            self.apply_group(&mut group);
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    fn apply_group(&mut self, group: &mut Vec<Command>) {
+        let mut deferred: Vec<Deferred> = Vec::with_capacity(group.len());
+        let seq_before = self.seq;
+        let result = (|| -> Result<(), StoreError> {
+            self.conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .map_err(sqlite_err(&self.path))?;
+            for cmd in group.drain(..) {
+                deferred.push(self.apply(cmd)?);
+            }
+            self.flush_dirty()?;
+            self.conn
+                .execute_batch("COMMIT")
+                .map_err(sqlite_err(&self.path))
+        })();
+        match &result {
+            Ok(()) => self.health.committed(),
+            Err(e) => self.health.failed(&e.to_string()),
+        }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "store transaction failed; nothing in it was acknowledged");
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.seq = seq_before;
+            self.dirty.clear();
+            if let Err(reload) = self.reload() {
+                tracing::error!(error = %reload, "cannot reload shadows after a failed transaction");
+            }
+            // Commands not yet applied get dropped replies, which callers see as Closed.
+            group.clear();
+        }
+        let outcome = result.as_ref().map(|_| ());
+        for d in deferred {
+            d(outcome);
+        }
+    }
+
+    fn reload(&mut self) -> Result<(), StoreError> {
+        self.shadows = read_shadows(&self.conn, &self.path)?;
+        self.seq = get_meta_u64(&self.conn, META_SEQ).map_err(sqlite_err(&self.path))?;
+        Ok(())
+    }
+
+    fn write_shadow(
+        &self,
+        device: &str,
+        doc: &ShadowDocument,
+        enqueue: bool,
+    ) -> Result<(), StoreError> {
+        let err = sqlite_err(&self.path);
+        let text = serde_json::to_string(doc).map_err(|source| StoreError::Corrupt {
+            device: device.to_owned(),
+            source,
+        })?;
+        self.conn
+            .prepare_cached(UPSERT_SHADOW)
+            .and_then(|mut s| s.execute(params![device, doc.version as i64, text]))
+            .map_err(&err)?;
+        if enqueue {
+            self.conn
+                .prepare_cached(UPSERT_OUTBOX)
+                .and_then(|mut s| s.execute(params![device, doc.version as i64, now_ms()]))
+                .map_err(&err)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the devices updated since the last flush.
+    fn flush_dirty(&mut self) -> Result<(), StoreError> {
+        // Taken and put back so the set keeps its capacity from group to group.
+        let mut dirty = std::mem::take(&mut self.dirty);
+        let result = dirty
+            .drain()
+            .try_for_each(|device| match self.shadows.get(&device) {
+                Some(doc) => self.write_shadow(&device, doc, true),
+                None => Ok(()),
+            });
+        self.dirty = dirty;
+        result
+    }
+
+    fn apply(&mut self, cmd: Command) -> Result<Deferred, StoreError> {
+        if !matches!(cmd, Command::Update { .. } | Command::Get { .. }) {
+            // Everything else reads or writes rows: bring them up to date first.
+            self.flush_dirty()?;
+        }
+        let err = sqlite_err(&self.path);
+        Ok(match cmd {
+            Command::Update {
+                device,
+                request,
+                full_reply,
+                reply,
+            } => {
+                let is_new = !self.shadows.contains_key(&device);
+                if is_new && self.shadows.len() >= self.max_devices {
+                    return Ok(defer(reply, UpdateOutcome::DeviceLimit));
+                }
+                // Applied to the cached document in place: apply_reported leaves it untouched
+                // on error, and a failed commit reloads the cache from disk, so the cache never
+                // holds anything uncommitted. Documents are the hot allocation on this path:
+                // they are copied only when a reply needs them.
+                if is_new {
+                    self.shadows
+                        .insert(device.clone(), ShadowDocument::default());
+                }
+                let Some(doc) = self.shadows.get_mut(&device) else {
+                    return Ok(defer(reply, UpdateOutcome::DeviceLimit));
+                };
+                let result =
+                    doc.apply_reported_with(&request, &self.limits, now_secs(), full_reply);
+                let outcome = match result {
+                    Ok(applied) => {
+                        let current =
+                            (full_reply || !doc.state.desired.is_empty()).then(|| doc.clone());
+                        if applied.changed {
+                            self.dirty.insert(device);
+                        } else if is_new {
+                            self.shadows.remove(&device);
+                        }
+                        UpdateOutcome::Accepted { applied, current }
+                    }
+                    Err(e) => {
+                        if is_new {
+                            self.shadows.remove(&device);
+                        }
+                        UpdateOutcome::Rejected(e)
+                    }
+                };
+                defer(reply, outcome)
+            }
+            Command::SetDesired {
+                device,
+                desired,
+                generation,
+                reply,
+            } => {
+                let mut doc = self.shadows.get(&device).cloned().unwrap_or_default();
+                let before_version = doc.version;
+                let outcome = match doc.set_desired(desired, generation, &self.limits, now_secs()) {
+                    Ok(changed) => {
+                        // A new generation bumps the version even when the document is
+                        // unchanged, so it is reported and the controller learns it was observed.
+                        if doc.version != before_version {
+                            self.write_shadow(&device, &doc, true)?;
+                            self.shadows.insert(device, doc.clone());
+                        }
+                        Ok(DesiredOutcome {
+                            changed,
+                            current: doc,
+                        })
+                    }
+                    Err(e) => Err(e),
+                };
+                defer(reply, outcome)
+            }
+            Command::Get { device, reply } => defer(reply, self.shadows.get(&device).cloned()),
+            Command::NextBatch {
+                max_reports,
+                max_bytes,
+                skip,
+                reply,
+            } => {
+                let mut reports = Vec::new();
+                let mut bytes = 0usize;
+                if max_reports > 0 {
+                    let mut stmt = self.conn.prepare_cached(SELECT_PENDING).map_err(&err)?;
+                    let mut rows = stmt.query([]).map_err(&err)?;
+                    while let Some(row) = rows.next().map_err(&err)? {
+                        let device: String = row.get(0).map_err(&err)?;
+                        if skip.contains(&device) {
+                            continue;
+                        }
+                        let Some(doc) = self.shadows.get(&device) else {
+                            continue;
+                        };
+                        let size =
+                            edgesync_protocol::shadow::encoded_object_len(&doc.state.reported)
+                                + device.len()
+                                + 128;
+                        if !reports.is_empty() && bytes + size > max_bytes {
+                            break;
+                        }
+                        bytes += size;
+                        reports.push(Report {
+                            device,
+                            version: doc.version,
+                            reported: doc.state.reported.clone(),
+                            reported_at: rfc3339(doc.timestamp),
+                            observed_desired_version: doc.desired_generation,
+                        });
+                        if reports.len() >= max_reports {
+                            break;
+                        }
+                    }
+                }
+                if max_reports > 0 && reports.is_empty() {
+                    defer(reply, None)
+                } else {
+                    self.seq += 1;
+                    self.conn
+                        .prepare_cached(SET_META)
+                        .and_then(|mut s| s.execute(params![META_SEQ, self.seq.to_string()]))
+                        .map_err(&err)?;
+                    self.batch_read_ms.insert(self.seq, now_ms());
+                    if self.batch_read_ms.len() > MAX_BATCHES_TIMED {
+                        self.batch_read_ms.pop_first();
+                    }
+                    defer(
+                        reply,
+                        Some(PendingBatch {
+                            seq: self.seq,
+                            reports,
+                        }),
+                    )
+                }
+            }
+            Command::Ack {
+                seq,
+                covered,
+                reply,
+            } => {
+                let read_ms = self.batch_read_ms.remove(&seq).unwrap_or_else(now_ms);
+                {
+                    let mut delete = self.conn.prepare_cached(DELETE_ACKED).map_err(&err)?;
+                    let mut restart = self
+                        .conn
+                        .prepare_cached(RESTART_PENDING_AGE)
+                        .map_err(&err)?;
+                    for (device, version) in &covered {
+                        delete
+                            .execute(params![device, *version as i64])
+                            .map_err(&err)?;
+                        restart
+                            .execute(params![device, *version as i64, read_ms])
+                            .map_err(&err)?;
+                    }
+                }
+                let acked = get_meta_u64(&self.conn, META_ACKED_SEQ).map_err(&err)?;
+                if seq > acked {
+                    self.conn
+                        .prepare_cached(SET_META)
+                        .and_then(|mut s| s.execute(params![META_ACKED_SEQ, seq.to_string()]))
+                        .map_err(&err)?;
+                }
+                defer(reply, ())
+            }
+            Command::Stats { reply } => defer(reply, outbox_stats(&self.conn, &self.path)?),
+            Command::Probe { reply } => {
+                self.conn
+                    .prepare_cached(SET_META)
+                    .and_then(|mut s| s.execute(params![META_PROBE, now_ms().to_string()]))
+                    .map_err(&err)?;
+                defer(reply, ())
+            }
+            Command::GetMeta { key, reply } => {
+                let v: Option<String> = self
+                    .conn
+                    .query_row(GET_META, [key], |r| r.get(0))
+                    .optional()
+                    .map_err(&err)?;
+                defer(reply, v)
+            }
+            Command::SetMeta { key, value, reply } => {
+                self.conn
+                    .prepare_cached(SET_META)
+                    .and_then(|mut s| s.execute(params![key, value]))
+                    .map_err(&err)?;
+                defer(reply, ())
+            }
+            Command::SaveBrokerSessions { deltas, reply } => {
+                broker_sessions::write(&self.conn, &deltas).map_err(&err)?;
+                defer(reply, ())
+            }
+            Command::LoadBrokerSessions { reply } => {
+                defer(reply, broker_sessions::load(&self.conn).map_err(&err)?)
+            }
+        })
+    }
+}
