@@ -40,6 +40,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Maintenance of the database (the agent must be stopped).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Clear the lost-commits alarm (edgesync_agent_store_lost_commits, the EdgeNode's
+    /// StoreIntact condition) after checking what the database lost.
+    ClearLostCommits {
+        /// Agent config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -82,6 +98,9 @@ fn main() -> ExitCode {
             command: ShadowCommand::List { config },
         } => read_only(&config, |db| Ok(edgesync_agent::cli::shadow_list(db)?)),
         Command::Outbox { config } => read_only(&config, |db| Ok(edgesync_agent::cli::outbox(db)?)),
+        Command::Store {
+            command: StoreCommand::ClearLostCommits { config },
+        } => clear_lost_commits(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -99,6 +118,15 @@ fn read_only(
 ) -> anyhow::Result<()> {
     let db = Settings::load_store_only(config)?;
     print_json(&command(&db)?);
+    Ok(())
+}
+
+fn clear_lost_commits(config: &std::path::Path) -> anyhow::Result<()> {
+    let db = Settings::load_store_only(config)?;
+    let data_dir = db.parent().unwrap_or(std::path::Path::new("."));
+    let _lock = edgesync_agent::lock::acquire(data_dir)?;
+    let cleared = edgesync_agent::store::clear_lost_commits(&db)?;
+    print_json(&serde_json::json!({ "clearedLostCommits": cleared.unwrap_or(0) }));
     Ok(())
 }
 

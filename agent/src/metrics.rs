@@ -208,6 +208,13 @@ impl Metrics {
         }
     }
 
+    /// Updates rejected so far for `reason`.
+    pub fn rejections(&self, reason: &str) -> u64 {
+        self.updates_rejected
+            .lock()
+            .map_or(0, |m| m.get(reason).copied().unwrap_or(0))
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);

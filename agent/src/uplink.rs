@@ -123,23 +123,26 @@ impl Uplink {
                     .await
                 {
                     Ok(Some(b)) => b,
-                    Ok(None) => {
-                        if last_activity.elapsed() >= this.settings.heartbeat
-                            && in_flight.is_empty()
-                        {
-                            match this.store.heartbeat_seq().await {
-                                Ok(seq) => PendingBatch {
-                                    seq,
-                                    reports: Vec::new(),
-                                },
-                                Err(e) => {
-                                    warn!(error = %e, "Cannot allocate heartbeat seq");
-                                    break;
-                                }
+                    Ok(None)
+                        if heartbeat_due(last_activity, this.settings.heartbeat, &in_flight) =>
+                    {
+                        match this.store.heartbeat_seq().await {
+                            Ok(seq) => PendingBatch {
+                                seq,
+                                reports: Vec::new(),
+                            },
+                            Err(e) => {
+                                warn!(error = %e, "Cannot allocate a heartbeat seq; sending a health-only heartbeat");
+                                PendingBatch::health_only()
                             }
-                        } else {
-                            break;
                         }
+                    }
+                    Ok(None) => break,
+                    Err(e) if heartbeat_due(last_activity, this.settings.heartbeat, &in_flight) => {
+                        // The store cannot commit (a seq is allocated with a write): the
+                        // heartbeat still goes out, so the EdgeNode shows why.
+                        warn!(error = %e, "Cannot read the outbox; sending a health-only heartbeat");
+                        PendingBatch::health_only()
                     }
                     Err(e) => {
                         error!(error = %e, "Cannot read the outbox");
@@ -297,6 +300,11 @@ impl Uplink {
         covered: Vec<(String, u64)>,
     ) -> (Vec<(String, u64)>, Outcome) {
         let stats = self.store.stats().await.unwrap_or_default();
+        let store = self.store.health();
+        let (lost_commits, lost_commits_detail) = store
+            .lost_commits()
+            .map_or((0, None), |(n, detail)| (n, Some(detail)));
+        let (devices, max_devices) = store.devices();
         let body = ReportBatch {
             seq: batch.seq,
             agent: AgentHealth {
@@ -305,6 +313,12 @@ impl Uplink {
                 oldest_pending_age_seconds: stats.oldest_pending_age_seconds,
                 mqtt_connected: self.metrics.mqtt_connected.load(Ordering::Relaxed),
                 uptime_seconds: self.started.elapsed().as_secs(),
+                store_error: store.problem(),
+                lost_commits,
+                lost_commits_detail,
+                devices,
+                max_devices,
+                device_limit_rejections: self.metrics.rejections("device_limit"),
             },
             reports: batch.reports,
         };
@@ -415,6 +429,9 @@ impl Uplink {
             done.push((r.device, version));
         }
         let covered = done.len();
+        if seq == PendingBatch::HEALTH_ONLY_SEQ && done.is_empty() {
+            return Outcome::Acked { covered };
+        }
         match self.store.ack(seq, done).await {
             Ok(()) => Outcome::Acked { covered },
             Err(e) => Outcome::Retry {
@@ -423,6 +440,15 @@ impl Uplink {
             },
         }
     }
+}
+
+/// Whether a heartbeat is due: nothing sent for a heartbeat interval and nothing in flight.
+fn heartbeat_due<T: 'static>(
+    last_activity: Instant,
+    interval: Duration,
+    in_flight: &JoinSet<T>,
+) -> bool {
+    last_activity.elapsed() >= interval && in_flight.is_empty()
 }
 
 /// A fresh W3C trace context for one batch.

@@ -1,13 +1,18 @@
 //! Node heartbeats: every authorised batch refreshes the EdgeNode's status (last heartbeat,
-//! agent version, pending devices, oldest pending age, `Ready=True`), written at most once per
-//! `--heartbeat-write-seconds` per node, on its own task so it never waits behind device writes.
+//! agent version, pending devices, oldest pending age, `Ready=True`, and the store's
+//! conditions: `StoreWritable`, `StoreIntact`, `DeviceCapacity`), written at most once per
+//! `--heartbeat-write-seconds` per node, on its own task so it never waits behind device
+//! writes. A node coming back, or a condition changing status, is written within a second.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgesync_crds::{CONDITION_READY, EdgeNode, EdgeNodeStatus, set_condition};
+use edgesync_crds::{
+    CONDITION_DEVICE_CAPACITY, CONDITION_READY, CONDITION_STORE_INTACT, CONDITION_STORE_WRITABLE,
+    EdgeNode, EdgeNodeStatus, condition_status, set_condition,
+};
 use edgesync_protocol::wire::AgentHealth;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -40,28 +45,10 @@ impl Heartbeats {
     pub fn beat(&self, node: &EdgeNode, health: &AgentHealth) {
         let namespace = node.metadata.namespace.clone().unwrap_or_default();
         let name = node.metadata.name.clone().unwrap_or_default();
-        let was_ready = node
-            .status
-            .as_ref()
-            .and_then(|s| edgesync_crds::condition_status(&s.conditions, CONDITION_READY))
-            == Some("True");
-        {
-            let mut last = self.last_write.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            let key = (namespace.clone(), name.clone());
-            // A node coming back is written within a second; a healthy one at the interval.
-            let gap = if was_ready {
-                self.interval
-            } else {
-                Duration::from_secs(1)
-            };
-            if last.get(&key).is_some_and(|t| now.duration_since(*t) < gap) {
-                return;
-            }
-            last.insert(key, now);
-        }
-        let mut status = node.status.clone().unwrap_or_default();
+        let old = node.status.clone().unwrap_or_default();
+        let was_ready = condition_status(&old.conditions, CONDITION_READY) == Some("True");
         let now = Time(Timestamp::now());
+        let mut status = old.clone();
         status.last_heartbeat_time = Some(now.clone());
         status.agent_version = Some(health.version.clone());
         status.pending_devices = Some(health.pending_devices);
@@ -78,10 +65,65 @@ impl Heartbeats {
             "Heartbeat",
             &message,
             None,
-            now,
+            now.clone(),
         );
+        store_conditions(&mut status.conditions, health, &now);
+        let flipped = [
+            CONDITION_READY,
+            CONDITION_STORE_WRITABLE,
+            CONDITION_STORE_INTACT,
+            CONDITION_DEVICE_CAPACITY,
+        ]
+        .iter()
+        .any(|c| condition_status(&old.conditions, c) != condition_status(&status.conditions, c));
+        {
+            let mut last = self.last_write.lock().unwrap_or_else(|e| e.into_inner());
+            let at = Instant::now();
+            let key = (namespace.clone(), name.clone());
+            // A node coming back, or a condition changing, is written within a second; a
+            // steady one at the interval.
+            let gap = if flipped {
+                Duration::from_secs(1)
+            } else {
+                self.interval
+            };
+            if last.get(&key).is_some_and(|t| at.duration_since(*t) < gap) {
+                return;
+            }
+            last.insert(key, at);
+        }
         if !was_ready {
             info!(namespace, node = name, "Edge node is reporting (Ready)");
+        }
+        for (type_, what) in [
+            (CONDITION_STORE_WRITABLE, "its database cannot commit"),
+            (CONDITION_STORE_INTACT, "its database has lost commits"),
+            (CONDITION_DEVICE_CAPACITY, "it is at its device limit"),
+        ] {
+            let before = condition_status(&old.conditions, type_);
+            let after = condition_status(&status.conditions, type_);
+            if after == Some("False") && before != Some("False") {
+                let message = status
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == type_)
+                    .map(|c| c.message.clone())
+                    .unwrap_or_default();
+                warn!(
+                    namespace,
+                    node = name,
+                    condition = type_,
+                    message,
+                    "Edge node reports that {what}"
+                );
+            } else if before == Some("False") && after == Some("True") {
+                info!(
+                    namespace,
+                    node = name,
+                    condition = type_,
+                    "Edge node recovered"
+                );
+            }
         }
         let api: Api<EdgeNode> = Api::namespaced(self.client.clone(), &namespace);
         let metrics = Arc::clone(&self.metrics);
@@ -93,6 +135,106 @@ impl Heartbeats {
             }
         });
     }
+}
+
+/// Longest condition message taken from an agent (the rest is cut).
+const MAX_MESSAGE: usize = 1024;
+
+/// Sets the store's conditions from the agent's health. Agents too old to report a field
+/// leave its condition untouched.
+fn store_conditions(
+    conditions: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    health: &AgentHealth,
+    now: &Time,
+) {
+    let (writable, reason, message) = match &health.store_error {
+        None => (
+            true,
+            "Committing",
+            "The agent's database commits".to_owned(),
+        ),
+        Some(e) => (
+            false,
+            "CommitFailing",
+            format!(
+                "The agent's database cannot commit, so device messages are not acknowledged and wait in the broker; free space or fix the disk under data_dir and ingest resumes by itself: {}",
+                cut(e)
+            ),
+        ),
+    };
+    set_condition(
+        conditions,
+        CONDITION_STORE_WRITABLE,
+        writable,
+        reason,
+        &message,
+        None,
+        now.clone(),
+    );
+    let (intact, reason, message) = if health.lost_commits == 0 {
+        (
+            true,
+            "NoLossDetected",
+            "No lost commits detected".to_owned(),
+        )
+    } else {
+        (
+            false,
+            "CommitsLost",
+            format!(
+                "{} commits lost: {}",
+                health.lost_commits,
+                cut(health.lost_commits_detail.as_deref().unwrap_or(""))
+            ),
+        )
+    };
+    set_condition(
+        conditions,
+        CONDITION_STORE_INTACT,
+        intact,
+        reason,
+        &message,
+        None,
+        now.clone(),
+    );
+    if health.max_devices > 0 {
+        let room = health.devices < health.max_devices;
+        let (reason, message) = if room {
+            (
+                "BelowLimit",
+                format!(
+                    "{} of at most {} devices",
+                    health.devices, health.max_devices
+                ),
+            )
+        } else {
+            (
+                "LimitReached",
+                format!(
+                    "{} of at most {} devices (store.max_devices): updates from new devices are rejected ({} since the agent started); raise store.max_devices",
+                    health.devices, health.max_devices, health.device_limit_rejections
+                ),
+            )
+        };
+        set_condition(
+            conditions,
+            CONDITION_DEVICE_CAPACITY,
+            room,
+            reason,
+            &message,
+            None,
+            now.clone(),
+        );
+    }
+}
+
+/// `s` cut to [`MAX_MESSAGE`] bytes at a character boundary.
+fn cut(s: &str) -> &str {
+    let mut end = s.len().min(MAX_MESSAGE);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Replaces the EdgeNode's status fields with `status` (a merge patch: the conditions list is

@@ -29,6 +29,15 @@ pub const CONDITION_ONLINE: &str = "Online";
 pub const CONDITION_IN_SYNC: &str = "InSync";
 /// Condition type on an EdgeNode: the agent is sending heartbeats.
 pub const CONDITION_READY: &str = "Ready";
+/// Condition type on an EdgeNode: the agent's database commits (False: disk full or I/O
+/// errors; the agent has stopped acknowledging device messages).
+pub const CONDITION_STORE_WRITABLE: &str = "StoreWritable";
+/// Condition type on an EdgeNode: the agent's database has not lost commits it had made
+/// (False: a deleted `-wal` file or a restored older copy; cleared on the node).
+pub const CONDITION_STORE_INTACT: &str = "StoreIntact";
+/// Condition type on an EdgeNode: the agent has room for new devices (False: at
+/// `store.max_devices`, updates from new devices are rejected).
+pub const CONDITION_DEVICE_CAPACITY: &str = "DeviceCapacity";
 
 /// The CRD YAML files and their contents, as `kubectl apply -f crds/` expects them.
 ///

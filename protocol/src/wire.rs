@@ -46,6 +46,31 @@ pub struct AgentHealth {
     /// Seconds since the agent started.
     #[serde(default)]
     pub uptime_seconds: u64,
+    /// Set while the agent's database cannot commit (disk full, I/O error): why. Ingest is
+    /// paused and nothing is acknowledged to devices until it commits again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
+    /// Commits the agent's database was found to have lost at start (0: none); stays set
+    /// until the operator clears the alarm on the node.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost_commits: u64,
+    /// What the lost-commit detection found, for the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_commits_detail: Option<String>,
+    /// Devices with a shadow on the agent (0 when not reported).
+    #[serde(default)]
+    pub devices: u64,
+    /// The agent's device cap, `store.max_devices` (0 when not reported).
+    #[serde(default)]
+    pub max_devices: u64,
+    /// Updates refused because the device cap was reached, since the agent started.
+    #[serde(default)]
+    pub device_limit_rejections: u64,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The full reported state of one device at one shadow version.

@@ -319,3 +319,78 @@ async fn two_replicas_never_regress_a_device() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_store_health_becomes_edgenode_conditions() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("storecond");
+    create_node(cp, &ns.name, "edge-1", "t1", "");
+    let c = Controller::start(cp, &["--heartbeat-write-seconds", "60"]);
+    let url = c.url();
+    let nodes: Api<EdgeNode> = Api::namespaced(cp.client().await, &ns.name);
+    let condition = |n: &EdgeNode, t: &str| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == t).cloned())
+            .map(|c| (c.status, c.reason, c.message))
+    };
+
+    let mut sick = batch(0, vec![]);
+    sick.agent.store_error = Some("database or disk is full".into());
+    sick.agent.lost_commits = 40;
+    sick.agent.lost_commits_detail = Some("edgesync-agent.db is 40 commits behind".into());
+    sick.agent.devices = 50;
+    sick.agent.max_devices = 50;
+    sick.agent.device_limit_rejections = 7;
+    assert_eq!(
+        post_batch(&url, &ns.name, "edge-1", "t1", &sick)
+            .await
+            .status,
+        200
+    );
+    let n = wait::until("the store's conditions False", STEP, || async {
+        let n = nodes.get("edge-1").await.unwrap();
+        (condition(&n, "StoreWritable").is_some_and(|c| c.0 == "False")
+            && condition(&n, "StoreIntact").is_some_and(|c| c.0 == "False")
+            && condition(&n, "DeviceCapacity").is_some_and(|c| c.0 == "False"))
+        .then_some(n)
+    })
+    .await;
+    let (_, reason, message) = condition(&n, "StoreWritable").unwrap();
+    assert_eq!(reason, "CommitFailing");
+    assert!(message.contains("database or disk is full"), "{message}");
+    let (_, reason, message) = condition(&n, "StoreIntact").unwrap();
+    assert_eq!(reason, "CommitsLost");
+    assert!(message.contains("40 commits lost"), "{message}");
+    let (_, reason, message) = condition(&n, "DeviceCapacity").unwrap();
+    assert_eq!(reason, "LimitReached");
+    assert!(
+        message.contains("50 of at most 50") && message.contains("(7 since"),
+        "{message}"
+    );
+    assert_eq!(
+        condition(&n, "Ready").map(|c| c.0).as_deref(),
+        Some("True"),
+        "a node whose store fails still reports"
+    );
+
+    // Recovery is written within a second (a status change), not at the heartbeat
+    // interval (a minute here), as the agent keeps sending heartbeats.
+    let mut well = batch(1, vec![]);
+    well.agent.devices = 49;
+    well.agent.max_devices = 50;
+    wait::until("the store's conditions True again", STEP, || async {
+        assert_eq!(
+            post_batch(&url, &ns.name, "edge-1", "t1", &well)
+                .await
+                .status,
+            200
+        );
+        let n = nodes.get("edge-1").await.unwrap();
+        (condition(&n, "StoreWritable").is_some_and(|c| c.0 == "True")
+            && condition(&n, "StoreIntact").is_some_and(|c| c.0 == "True")
+            && condition(&n, "DeviceCapacity").is_some_and(|c| c.0 == "True"))
+        .then_some(())
+    })
+    .await;
+}

@@ -1,7 +1,9 @@
 //! Whether the store can commit, for `/readyz`, the metrics and the MQTT driver's recovery.
 //!
 //! Set by the writer thread after every transaction: a failed one (disk full, I/O error)
-//! marks the store failing with its error; the next successful one clears it.
+//! marks the store failing with its error; the next successful one clears it. Also carries
+//! what the heartbeat reports about the store: lost commits found at start (see `witness`)
+//! and how close the device count is to `store.max_devices`.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +17,11 @@ pub struct StoreHealth {
     last_error: Mutex<Option<String>>,
     /// `journal_mode` and `synchronous` as read back from the writer's connection.
     pragmas: OnceLock<(String, i64)>,
+    /// Commits found lost at start (0: none), until the alarm is cleared.
+    lost_commits: AtomicU64,
+    lost_detail: Mutex<Option<String>>,
+    devices: AtomicU64,
+    max_devices: AtomicU64,
 }
 
 impl StoreHealth {
@@ -28,6 +35,36 @@ impl StoreHealth {
 
     pub(super) fn set_pragmas(&self, journal: String, synchronous: i64) {
         let _ = self.pragmas.set((journal, synchronous));
+    }
+
+    pub(super) fn set_lost_commits(&self, lost: u64, detail: String) {
+        self.lost_commits.store(lost, Ordering::Relaxed);
+        if let Ok(mut d) = self.lost_detail.lock() {
+            *d = Some(detail);
+        }
+    }
+
+    pub(super) fn set_devices(&self, devices: usize, max: usize) {
+        self.devices.store(devices as u64, Ordering::Relaxed);
+        self.max_devices.store(max as u64, Ordering::Relaxed);
+    }
+
+    /// Commits the database was found to have lost, with what the detection found; `None`
+    /// while no loss was ever detected (or the alarm was cleared).
+    pub fn lost_commits(&self) -> Option<(u64, String)> {
+        let lost = self.lost_commits.load(Ordering::Relaxed);
+        (lost > 0).then(|| {
+            let detail = self.lost_detail.lock().ok().and_then(|d| d.clone());
+            (lost, detail.unwrap_or_default())
+        })
+    }
+
+    /// Devices with a shadow, and `store.max_devices`.
+    pub fn devices(&self) -> (u64, u64) {
+        (
+            self.devices.load(Ordering::Relaxed),
+            self.max_devices.load(Ordering::Relaxed),
+        )
     }
 
     pub(super) fn committed(&self) {
@@ -61,6 +98,16 @@ impl StoreHealth {
             out,
             "# HELP edgesync_agent_store_failed_commits_total Transactions the database refused\n# TYPE edgesync_agent_store_failed_commits_total counter\nedgesync_agent_store_failed_commits_total {}",
             self.failed_commits.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP edgesync_agent_store_lost_commits Commits the database was found to have lost at start (its -wal deleted, an older copy restored); stays until `edgesync-agent store clear-lost-commits`\n# TYPE edgesync_agent_store_lost_commits gauge\nedgesync_agent_store_lost_commits {}",
+            self.lost_commits.load(Ordering::Relaxed)
+        );
+        let (devices, max) = self.devices();
+        let _ = writeln!(
+            out,
+            "# HELP edgesync_agent_store_devices Devices with a shadow\n# TYPE edgesync_agent_store_devices gauge\nedgesync_agent_store_devices {devices}\n# HELP edgesync_agent_store_max_devices store.max_devices: updates from further new devices are rejected\n# TYPE edgesync_agent_store_max_devices gauge\nedgesync_agent_store_max_devices {max}"
         );
         if let Some((journal, synchronous)) = self.pragmas.get() {
             let level = match synchronous {

@@ -34,6 +34,7 @@ mod broker_sessions;
 mod health;
 mod read_only;
 mod schema;
+mod witness;
 mod writer;
 pub use broker_sessions::{SessionDelta, StoredSession};
 pub use health::StoreHealth;
@@ -53,6 +54,12 @@ const META_SEQ: &str = "seq";
 const META_ACKED_SEQ: &str = "acked_seq";
 /// Written by [`Store::probe`]: when the database last accepted a write after a failure.
 const META_PROBE: &str = "last_write_probe_ms";
+/// Transactions committed over the database's life (see `witness`).
+const META_COMMITS: &str = "commits";
+/// Commits found lost at start, summed over every detection until the alarm is cleared.
+const META_LOST_COMMITS: &str = "lost_commits";
+/// What the last detection found, for the operator.
+const META_LOST_COMMITS_DETAIL: &str = "lost_commits_detail";
 /// Metadata key of the desired-stream resume cursor.
 pub const META_DESIRED_CURSOR: &str = "desired_cursor";
 
@@ -148,6 +155,20 @@ pub struct PendingBatch {
     pub seq: u64,
     /// Latest state of each selected device.
     pub reports: Vec<Report>,
+}
+
+impl PendingBatch {
+    /// The `seq` of a heartbeat sent while the store cannot commit (no seq can be allocated
+    /// without a write). Allocated seqs start at 1; the controller orders nothing by seq.
+    pub const HEALTH_ONLY_SEQ: u64 = 0;
+
+    /// A heartbeat without reports or an allocated seq.
+    pub fn health_only() -> Self {
+        Self {
+            seq: Self::HEALTH_ONLY_SEQ,
+            reports: Vec::new(),
+        }
+    }
 }
 
 /// Outbox statistics for metrics, heartbeats and `edgesync-agent outbox`.
@@ -433,6 +454,24 @@ impl Store {
     }
 }
 
+/// Clears the lost-commits alarm (`edgesync-agent store clear-lost-commits`), once the
+/// operator has checked what was lost. The caller holds the data_dir lock: the agent is not
+/// running. Returns the count the alarm held, or `None` when there was none.
+///
+/// # Errors
+/// [`StoreError`] when the database cannot be opened or written.
+pub fn clear_lost_commits(db: &Path) -> Result<Option<u64>, StoreError> {
+    let conn = open_rw(db, crate::config::Durability::PowerLossSafe)?;
+    let err = sqlite_err(db);
+    let lost = get_meta_u64(&conn, META_LOST_COMMITS).map_err(&err)?;
+    conn.execute(
+        "DELETE FROM meta WHERE key IN (?1, ?2)",
+        [META_LOST_COMMITS, META_LOST_COMMITS_DETAIL],
+    )
+    .map_err(&err)?;
+    Ok((lost > 0).then_some(lost))
+}
+
 fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     move |source| StoreError::Sqlite {
         path: path.to_owned(),
@@ -541,6 +580,45 @@ mod tests {
             client_token: None,
             version: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_database_behind_its_witness_raises_a_lost_commits_alarm_until_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path());
+        let (store, h) = Store::open(&s, Limits::default()).unwrap();
+        for n in 0..3 {
+            store
+                .update("d".into(), req(json!({ "n": n })))
+                .await
+                .unwrap();
+        }
+        assert!(store.health().lost_commits().is_none());
+        drop(store);
+        h.join().unwrap();
+        let witness = witness::path_for(&s.path);
+        let recorded: u64 = std::fs::read_to_string(&witness)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(recorded >= 3, "every commit is witnessed: {recorded}");
+        // As if the last 40 commits had been in a deleted -wal file.
+        std::fs::write(&witness, format!("{}\n", recorded + 40)).unwrap();
+        let (store, h) = Store::open(&s, Limits::default()).unwrap();
+        let (lost, detail) = store.health().lost_commits().unwrap();
+        assert_eq!(lost, 40);
+        assert!(detail.contains("40 commits behind"), "{detail}");
+        drop(store);
+        h.join().unwrap();
+        // Sticky: a restart does not hide it.
+        let (store, h) = Store::open(&s, Limits::default()).unwrap();
+        assert_eq!(store.health().lost_commits().unwrap().0, 40);
+        drop(store);
+        h.join().unwrap();
+        assert_eq!(clear_lost_commits(&s.path).unwrap(), Some(40));
+        let (store, _h) = Store::open(&s, Limits::default()).unwrap();
+        assert!(store.health().lost_commits().is_none());
     }
 
     #[tokio::test]

@@ -11,10 +11,12 @@ use edgesync_protocol::wire::Report;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::mpsc;
 
+use super::witness::{self, Witness};
 use super::{
-    Command, DesiredOutcome, GET_META, META_ACKED_SEQ, META_PROBE, META_SEQ, PendingBatch, Reply,
-    SELECT_PENDING, StoreError, StoreHealth, UpdateOutcome, broker_sessions, get_meta_u64, now_ms,
-    now_secs, outbox_stats, read_shadows, rfc3339, sqlite_err,
+    Command, DesiredOutcome, GET_META, META_ACKED_SEQ, META_COMMITS, META_LOST_COMMITS,
+    META_LOST_COMMITS_DETAIL, META_PROBE, META_SEQ, PendingBatch, Reply, SELECT_PENDING,
+    StoreError, StoreHealth, UpdateOutcome, broker_sessions, get_meta_u64, now_ms, now_secs,
+    outbox_stats, read_shadows, rfc3339, sqlite_err,
 };
 use crate::config::StoreSettings;
 
@@ -52,6 +54,9 @@ pub(super) struct Writer {
     health: Arc<StoreHealth>,
     /// When each batch in flight was read from the outbox (ms since the epoch), by seq.
     batch_read_ms: BTreeMap<u64, i64>,
+    /// Transactions committed over the database's life (`meta.commits`).
+    commits: u64,
+    witness: Witness,
 }
 
 /// A reply to send once the group's transaction has committed.
@@ -77,6 +82,36 @@ impl Writer {
         let err = sqlite_err(&path);
         let shadows = read_shadows(&conn, &path)?;
         let seq = get_meta_u64(&conn, META_SEQ).map_err(&err)?;
+        let commits = get_meta_u64(&conn, META_COMMITS).map_err(&err)?;
+        let (witness, recorded) = Witness::open(&path);
+        if let Some(lost) = witness::lost_commits(recorded, commits) {
+            let detail = format!(
+                "{} is {lost} commits behind {} (at commit {commits} of {}): device updates acknowledged and reports sent since then are gone. Was the -wal file deleted after a crash, or an older copy restored? Check the devices and the Device objects, then clear this alarm with `edgesync-agent store clear-lost-commits`",
+                path.display(),
+                witness.path().display(),
+                commits + lost,
+            );
+            tracing::error!("The database has lost commits: {detail}");
+            conn.execute_batch("BEGIN IMMEDIATE").map_err(&err)?;
+            let total = get_meta_u64(&conn, META_LOST_COMMITS).map_err(&err)? + lost;
+            for (key, value) in [
+                (META_LOST_COMMITS, total.to_string()),
+                (META_LOST_COMMITS_DETAIL, detail),
+            ] {
+                conn.execute(SET_META, params![key, value]).map_err(&err)?;
+            }
+            conn.execute_batch("COMMIT").map_err(&err)?;
+        }
+        witness.record(commits);
+        let lost = get_meta_u64(&conn, META_LOST_COMMITS).map_err(&err)?;
+        if lost > 0 {
+            let detail: Option<String> = conn
+                .query_row(GET_META, [META_LOST_COMMITS_DETAIL], |r| r.get(0))
+                .optional()
+                .map_err(&err)?;
+            health.set_lost_commits(lost, detail.unwrap_or_default());
+        }
+        health.set_devices(shadows.len(), settings.max_devices);
         Ok(Self {
             conn,
             path: settings.path.clone(),
@@ -88,6 +123,8 @@ impl Writer {
             seq,
             health,
             batch_read_ms: BTreeMap::new(),
+            commits,
+            witness,
         })
     }
 
@@ -117,12 +154,23 @@ impl Writer {
                 deferred.push(self.apply(cmd)?);
             }
             self.flush_dirty()?;
+            // In the same transaction: the lost-commit witness counts what is durable.
+            self.conn
+                .prepare_cached(SET_META)
+                .and_then(|mut s| s.execute(params![META_COMMITS, (self.commits + 1).to_string()]))
+                .map_err(sqlite_err(&self.path))?;
             self.conn
                 .execute_batch("COMMIT")
                 .map_err(sqlite_err(&self.path))
         })();
         match &result {
-            Ok(()) => self.health.committed(),
+            Ok(()) => {
+                self.commits += 1;
+                self.witness.record(self.commits);
+                self.health.committed();
+                self.health
+                    .set_devices(self.shadows.len(), self.max_devices);
+            }
             Err(e) => self.health.failed(&e.to_string()),
         }
         if let Err(e) = &result {
@@ -145,6 +193,7 @@ impl Writer {
     fn reload(&mut self) -> Result<(), StoreError> {
         self.shadows = read_shadows(&self.conn, &self.path)?;
         self.seq = get_meta_u64(&self.conn, META_SEQ).map_err(sqlite_err(&self.path))?;
+        self.commits = get_meta_u64(&self.conn, META_COMMITS).map_err(sqlite_err(&self.path))?;
         Ok(())
     }
 
