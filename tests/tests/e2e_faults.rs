@@ -336,3 +336,96 @@ async fn two_replicas_behind_a_service_one_killed_and_restarted() {
             .await;
     assert!(both <= 40.0, "{both} registrations for 40 devices");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_wal_is_detected_reported_on_the_edgenode_and_cleared_by_the_operator() {
+    let cp = ControlPlane::shared();
+    let mut stack = Stack::start(cp, "e2e-wal", auto_register()).await;
+    let devices = stack.devices().await;
+    let nodes: Api<EdgeNode> = Api::namespaced(cp.client().await, &stack.ns.name);
+    let intact = |n: EdgeNode| {
+        n.status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "StoreIntact")
+            .map(|c| (c.status, c.message))
+    };
+    // Few enough commits that SQLite has not checkpointed them into the main file yet
+    // (autocheckpoint at 1,000 WAL pages): they live only in the -wal file.
+    let (msgs, last) = workload(10, 5, 0);
+    publish_acked(stack.broker.port(), "wal-publisher", msgs).await;
+    wait_reported(&devices, "n", &last, CONVERGE).await;
+    wait::until("StoreIntact=True", CONVERGE, || async {
+        let (status, _) = intact(nodes.get("edge-1").await.ok()?)?;
+        (status == "True").then_some(())
+    })
+    .await;
+
+    // A crash, then someone "cleans up" the -wal file before the restart.
+    stack.agent.kill9();
+    let wal = stack.agent_db().with_extension("db-wal");
+    assert!(wal.exists(), "{} after kill -9", wal.display());
+    std::fs::remove_file(&wal).unwrap();
+    let http = edgesync_e2e::free_port();
+    stack.agent_config.http_port = Some(http);
+    stack.agent = edgesync_e2e::agent::spawn_agent(&stack.agent_config);
+
+    let metric = wait::until("the agent to export its lost commits", CONVERGE, || async {
+        let text = edgesync_e2e::agent::metrics(http);
+        let v = edgesync_e2e::controller::metric_value(&text, "edgesync_agent_store_lost_commits");
+        (v > 0.0).then_some(v)
+    })
+    .await;
+    assert!(
+        stack
+            .agent
+            .log_tail(200)
+            .contains("The database has lost commits"),
+        "{}",
+        stack.agent.log_tail(50)
+    );
+    let message = wait::until("StoreIntact=False on the EdgeNode", CONVERGE, || async {
+        let (status, message) = intact(nodes.get("edge-1").await.ok()?)?;
+        (status == "False").then_some(message)
+    })
+    .await;
+    assert!(
+        message.contains(&format!("{metric} commits lost"))
+            && message.contains("clear-lost-commits"),
+        "{message}"
+    );
+
+    // Clearing needs the agent stopped (it takes the data_dir lock), then the alarm is gone.
+    let config = stack.agent_config.write();
+    let clear = || {
+        std::process::Command::new(edgesync_e2e::agent::agent_binary())
+            .args(["store", "clear-lost-commits", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = clear();
+    assert!(
+        !out.status.success(),
+        "clearing while the agent runs must fail"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pid"),
+        "{out:?}"
+    );
+    stack.agent.stop();
+    let out = clear();
+    assert!(out.status.success(), "{out:?}");
+    let cleared: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        cleared["clearedLostCommits"].as_f64(),
+        Some(metric),
+        "{cleared}"
+    );
+    stack.agent.restart();
+    wait::until("StoreIntact=True after clearing", CONVERGE, || async {
+        let (status, _) = intact(nodes.get("edge-1").await.ok()?)?;
+        (status == "True").then_some(())
+    })
+    .await;
+}
