@@ -1,0 +1,116 @@
+//! The processor: routes each message, validates it against the limits, and queues it to
+//! the store without waiting for the commit, so many messages share one commit.
+
+use std::sync::Arc;
+
+use edgesync_protocol::Limits;
+use edgesync_protocol::limits::validate_device_id;
+use edgesync_protocol::mqtt::{IngestPattern, Rejected, ShadowOp, parse_shadow_topic};
+use edgesync_protocol::shadow::{ShadowError, UpdateRequest};
+use rumqttc::Publish;
+use tokio::sync::mpsc;
+
+use super::{Job, Pending, Route};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+pub(super) struct Processor {
+    pub(super) prefix: String,
+    pub(super) ingest: Vec<IngestPattern>,
+    pub(super) limits: Limits,
+    pub(super) store: Store,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+impl Processor {
+    fn route(&self, topic: &str) -> Route {
+        if let Some((device, op)) = parse_shadow_topic(&self.prefix, topic) {
+            return Route::Shadow {
+                device: device.to_owned(),
+                op,
+            };
+        }
+        for p in &self.ingest {
+            if let Some(device) = p.device(topic) {
+                return Route::Ingest {
+                    device: device.to_owned(),
+                };
+            }
+        }
+        Route::Unknown
+    }
+
+    pub(super) async fn run(self, mut intake: mpsc::Receiver<Publish>, jobs: mpsc::Sender<Job>) {
+        while let Some(publish) = intake.recv().await {
+            let route = self.route(&publish.topic);
+            let (pending, client_token) = self.process(&route, &publish).await;
+            if jobs
+                .send(Job {
+                    publish,
+                    route,
+                    client_token,
+                    pending,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+
+    async fn process(&self, route: &Route, publish: &Publish) -> (Pending, Option<String>) {
+        let (device, parsed) = match route {
+            Route::Unknown => return (Pending::Done, None),
+            Route::Shadow {
+                device,
+                op: ShadowOp::Get,
+            } => {
+                if let Err(e) = validate_device_id(device) {
+                    return (self.reject(&ShadowError::from(e), None), None);
+                }
+                return (Pending::Get(self.store.get(device.clone()).await), None);
+            }
+            Route::Shadow {
+                device,
+                op: ShadowOp::Update,
+            } => (device, UpdateRequest::parse(&publish.payload, &self.limits)),
+            Route::Ingest { device } => (
+                device,
+                UpdateRequest::parse_plain(&publish.payload, &self.limits),
+            ),
+        };
+        if let Err(e) = validate_device_id(device) {
+            let token = parsed.ok().and_then(|r| r.client_token);
+            return (self.reject(&ShadowError::from(e), token.clone()), token);
+        }
+        match parsed {
+            Err(e) => (self.reject(&e, None), None),
+            Ok(req) => {
+                let token = req.client_token.clone();
+                let full_reply = matches!(route, Route::Shadow { .. });
+                match self
+                    .store
+                    .submit_update(device.clone(), req, full_reply)
+                    .await
+                {
+                    Ok(rx) => (Pending::Update(rx), token),
+                    Err(_) => (Pending::Reject(store_unavailable(token.clone())), token),
+                }
+            }
+        }
+    }
+
+    fn reject(&self, err: &ShadowError, client_token: Option<String>) -> Pending {
+        self.metrics.reject(err.reason());
+        Pending::Reject(Rejected::from_error(err, client_token))
+    }
+}
+
+pub(super) fn store_unavailable(client_token: Option<String>) -> Rejected {
+    Rejected {
+        code: 503,
+        message: "shadow store unavailable; retry later".to_owned(),
+        client_token,
+    }
+}
