@@ -282,3 +282,112 @@ async fn desired_state_becomes_a_delta_and_is_kept_while_offline() {
     assert!(doc["state"].get("delta").is_none(), "{doc}");
     agent.stop().await;
 }
+
+/// A device looping on `shadow/get` (100 requests in flight, nonstop) while another device
+/// publishes: every one of the other device's messages is acknowledged after its commit and
+/// stored, and the looping device keeps getting committed documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_looping_on_get_does_not_hold_up_other_devices() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = edgesync_e2e::free_port();
+    let config = AgentConfig::embedded(dir.path(), port);
+    let mut agent = edgesync_e2e::agent::spawn_agent(&config);
+    edgesync_e2e::wait::port_open("the embedded broker", port, Duration::from_secs(30)).await;
+
+    let stop = CancellationToken::new();
+    let answers = Arc::new(AtomicU64::new(0));
+    let getter = {
+        let (stop, answers) = (stop.clone(), answers.clone());
+        let mut o = MqttOptions::new("getter", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(60)).set_inflight(100);
+        let (c, mut el) = AsyncClient::new(o, 1000);
+        c.subscribe("edgesync/getter/shadow/get/accepted", QoS::AtMostOnce)
+            .await
+            .unwrap();
+        c.publish(
+            "edgesync/getter/shadow/update",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"state":{"reported":{"mode":"auto"}}}"#,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(async move {
+            let asker = tokio::spawn(async move {
+                while c
+                    .publish("edgesync/getter/shadow/get", QoS::AtLeastOnce, false, "")
+                    .await
+                    .is_ok()
+                {}
+            });
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    e = el.poll() => if let Event::Incoming(Packet::Publish(p)) = e.unwrap() {
+                        let doc: Value = serde_json::from_slice(&p.payload).unwrap();
+                        assert_eq!(doc["state"]["reported"]["mode"], "auto", "{doc}");
+                        answers.fetch_add(1, Ordering::Relaxed);
+                    },
+                }
+            }
+            asker.abort();
+        })
+    };
+    wait::until(
+        "the getter to be answered",
+        Duration::from_secs(30),
+        || async { (answers.load(Ordering::Relaxed) >= 100).then_some(()) },
+    )
+    .await;
+
+    // Meanwhile another device publishes 2,000 QoS1 messages, 100 in flight.
+    const N: u64 = 2000;
+    let mut o = MqttOptions::new("line-1", "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(60)).set_inflight(100);
+    let (c, mut el) = AsyncClient::new(o, 1000);
+    let publisher = tokio::spawn(async move {
+        for n in 1..=N {
+            c.publish(
+                format!("factory/press-{}/state", n % 20),
+                QoS::AtLeastOnce,
+                false,
+                json!({ "n": n }).to_string(),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    let before = answers.load(Ordering::Relaxed);
+    let mut acked = 0;
+    let all = tokio::time::timeout(Duration::from_secs(60), async {
+        while acked < N {
+            if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
+                acked += 1;
+            }
+        }
+    })
+    .await;
+    assert!(all.is_ok(), "only {acked} of {N} acknowledged within 60 s");
+    publisher.await.unwrap();
+    let during = answers.load(Ordering::Relaxed) - before;
+    stop.cancel();
+    getter.await.unwrap();
+    assert_eq!(acked, N);
+    assert!(
+        during > 0,
+        "the getter was answered while the other device published"
+    );
+    let db = dir.path().join(edgesync_agent::config::DB_FILE);
+    for d in 0..20 {
+        let last = (1..=N).filter(|n| n % 20 == d).max().unwrap();
+        let doc = edgesync_agent::cli::shadow_get(&db, &format!("press-{d}"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(doc["state"]["reported"]["n"], last, "press-{d}: {doc}");
+    }
+    agent.stop();
+}

@@ -69,8 +69,10 @@ enum Pending {
     Reject(Rejected),
     /// A committed (or failed) update.
     Update(oneshot::Receiver<Result<UpdateOutcome, StoreError>>),
-    /// A shadow read.
-    Get(Result<Option<ShadowDocument>, StoreError>),
+    /// A shadow read, answered once the group it was read in has committed.
+    Get(oneshot::Receiver<Result<Option<ShadowDocument>, StoreError>>),
+    /// A shadow read's answer.
+    Got(Result<Option<ShadowDocument>, StoreError>),
 }
 
 struct Job {

@@ -69,7 +69,12 @@ impl Processor {
                 if let Err(e) = validate_device_id(device) {
                     return (self.reject(&ShadowError::from(e), None), None);
                 }
-                return (Pending::Get(self.store.get(device.clone()).await), None);
+                // Not awaited here: the responder waits for it in order, while this stage
+                // goes on queuing other devices' updates into the same commit.
+                return match self.store.submit_get(device.clone()).await {
+                    Ok(rx) => (Pending::Get(rx), None),
+                    Err(e) => (Pending::Got(Err(e)), None),
+                };
             }
             Route::Shadow {
                 device,

@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 use super::processor::store_unavailable;
 use super::{DevicePublisher, Job, Pending, Route};
 use crate::metrics::Metrics;
-use crate::store::UpdateOutcome;
+use crate::store::{StoreError, UpdateOutcome};
 
 /// At most one device-cap warning per this interval.
 const DEVICE_CAP_WARN_INTERVAL_MS: u64 = 10_000;
@@ -62,7 +62,7 @@ impl Responder {
                 }
                 true
             }
-            Pending::Get(Ok(Some(doc))) => {
+            Pending::Got(Ok(Some(doc))) => {
                 self.reply(
                     device,
                     ShadowOp::Get,
@@ -73,7 +73,7 @@ impl Responder {
                 .await;
                 true
             }
-            Pending::Get(Ok(None)) => {
+            Pending::Got(Ok(None)) => {
                 let r = Rejected {
                     code: 404,
                     message: format!("no shadow for device {device}"),
@@ -83,7 +83,7 @@ impl Responder {
                     .await;
                 true
             }
-            Pending::Get(Err(_)) => {
+            Pending::Got(Err(_)) => {
                 self.reply(
                     device,
                     ShadowOp::Get,
@@ -94,7 +94,9 @@ impl Responder {
                 .await;
                 true
             }
-            Pending::Update(_) => unreachable!("updates are resolved by the caller"),
+            Pending::Update(_) | Pending::Get(_) => {
+                unreachable!("updates and reads are resolved by the caller")
+            }
         }
     }
 
@@ -120,6 +122,11 @@ impl Responder {
     async fn run_job(&self, job: &mut Job) -> bool {
         let rx = match std::mem::replace(&mut job.pending, Pending::Done) {
             Pending::Update(rx) => rx,
+            Pending::Get(rx) => {
+                // A read is acked whatever its outcome: there is nothing to redeliver.
+                job.pending = Pending::Got(rx.await.unwrap_or(Err(StoreError::Closed)));
+                return self.respond(job).await;
+            }
             other => {
                 job.pending = other;
                 return self.respond(job).await;

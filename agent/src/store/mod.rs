@@ -366,6 +366,25 @@ impl Store {
         self.call(|reply| Command::Get { device, reply }).await
     }
 
+    /// Queues a read of the device's document and returns a receiver for it. The answer comes
+    /// once the group it was read in has committed, so it never shows an uncommitted update;
+    /// queuing separately from awaiting keeps a device looping on `shadow/get` from holding
+    /// up other devices' updates behind each read's commit.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] if the writer has stopped.
+    pub async fn submit_get(
+        &self,
+        device: String,
+    ) -> Result<oneshot::Receiver<Result<Option<ShadowDocument>, StoreError>>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Get { device, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
     /// Allocates the next batch: up to `max_reports` pending devices (oldest first, skipping
     /// `skip`) with their latest state, within `max_bytes` of reported JSON. `None` when
     /// nothing is pending outside `skip`.
