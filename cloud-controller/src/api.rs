@@ -1,9 +1,11 @@
 //! The HTTP API: agent reports and desired-state streams, plus health and metrics.
 //!
-//! A report batch goes through, in order: node lookup and token check (401), body size and
-//! gzip decoding (413), JSON parsing (400), batch size (413), the node's token bucket (429),
-//! then each report is checked on its own (id, size, depth, ownership, existence; a bad report
-//! is `rejected` with a reason and never stops its neighbours), queued for the status writer,
+//! A report batch goes through, in order: node lookup and token check (401), an empty node
+//! token bucket (429) and the global budget of bodies in memory (503), both before the body is
+//! read; the body within its deadline (408), its size and gzip decoding (413), JSON parsing
+//! (400), batch size (413), the node's token bucket for every report (429), then each report is
+//! checked on its own (id, version, size, depth, ownership, existence; a bad report is
+//! `rejected` with a reason and never stops its neighbours), queued for the status writer,
 //! and the batch is answered once every accepted report is durable.
 
 use std::collections::HashMap;
@@ -28,11 +30,13 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use serde::Deserialize;
 use serde_json::Map;
-use tokio::sync::oneshot;
+use edgesync_protocol::rate::LogThrottle;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::auth::{AuthError, TokenVerifier};
+use crate::auth::{AuthError, NodeLookups, TokenVerifier};
 use crate::cache::Caches;
 use crate::cli::RunOptions;
 use crate::desired::{DesiredHub, Poll};
@@ -63,15 +67,36 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Ends desired streams on shutdown.
     pub shutdown: CancellationToken,
+    /// Lookups of EdgeNodes missing from the cache.
+    pub lookups: NodeLookups,
+    /// Bytes of request bodies that may be held at once (`--max-body-bytes-in-flight`).
+    pub bodies: Arc<Semaphore>,
+    /// Desired-stream tasks, joined at shutdown.
+    pub tasks: TaskTracker,
+    /// Authentication failures are logged at most once per interval.
+    pub auth_log: std::sync::Mutex<LogThrottle>,
 }
 
 type Shared = Arc<AppState>;
 
-/// The router.
-pub fn router(state: Shared) -> Router {
-    Router::new()
+/// The agent API with `/healthz` and `/readyz`, and `/metrics` when `with_metrics`.
+pub fn router(state: Shared, with_metrics: bool) -> Router {
+    let api = Router::new()
         .route("/v1/namespaces/{ns}/nodes/{node}/reports", post(reports))
         .route("/v1/namespaces/{ns}/nodes/{node}/desired", get(desired))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz));
+    let api = if with_metrics {
+        api.route("/metrics", get(metrics))
+    } else {
+        api
+    };
+    api.with_state(state)
+}
+
+/// The operations listener (`--metrics-listen`): `/metrics`, `/healthz` and `/readyz`.
+pub fn ops_router(state: Shared) -> Router {
+    Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -118,6 +143,42 @@ impl IntoResponse for ApiError {
     }
 }
 
+fn rate_limited(ns: &str, node: &str, rate: u32, burst: u32, wait: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("node {ns}/{node} exceeds its {rate} reports/s (burst {burst}); retry later"),
+    )
+    .retry_after(wait)
+}
+
+/// Reserves room for the request's body in the global budget: its Content-Length, or the
+/// largest body allowed when it is not declared. Released when the request is answered.
+fn reserve_body(
+    s: &AppState,
+    headers: &HeaderMap,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    let max = s.opts.max_body_bytes.min(s.opts.max_body_bytes_in_flight);
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    // A declared length over the limit is refused by the read itself (413); reserve the cap.
+    let bytes = declared.map_or(max, |n| n.min(max)).max(1);
+    let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+    Arc::clone(&s.bodies)
+        .try_acquire_many_owned(bytes)
+        .map_err(|_| {
+            s.metrics.shed("body_budget");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "the controller holds as many request bodies as --max-body-bytes-in-flight allows; retry later",
+            )
+            .retry_after(Duration::from_secs(1))
+        })
+}
+
 fn unavailable(message: impl Into<String>) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -158,19 +219,39 @@ async fn authenticate(
 ) -> Result<Arc<EdgeNode>, ApiError> {
     let unauthorized = |message: String| {
         s.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        // A flood of bad requests costs one log line per interval, with the count held back.
+        let allowed = s
+            .auth_log
+            .lock()
+            .map_or(None, |mut t| t.allow(Instant::now()));
+        if let Some(repeated) = allowed {
+            warn!(namespace = ns, node, reason = %message, repeated, "Refused a request: authentication failed (see edgesync_controller_auth_failures_total)");
+        }
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    };
+    let unknown = || {
+        format!(
+            "no EdgeNode {node} in namespace {ns}: create it (with a tokenSecretRef) before its \
+             agent connects"
+        )
     };
     let edge_node = match s.caches.node(ns, node) {
         Some(n) => n,
+        // Not cached: almost always a node that does not exist. The API server is asked only
+        // for one created a moment ago, once per name and interval and within a budget.
+        None if !s.lookups.may_look_up(ns, node) => {
+            s.metrics
+                .unknown_node_lookups_skipped
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(unauthorized(unknown()));
+        }
         None => {
             let api: Api<EdgeNode> = Api::namespaced(s.client.clone(), ns);
             match api.get_opt(node).await {
                 Ok(Some(n)) => Arc::new(n),
                 Ok(None) => {
-                    return Err(unauthorized(format!(
-                        "no EdgeNode {node} in namespace {ns}: create it (with a tokenSecretRef) \
-                         before its agent connects"
-                    )));
+                    s.lookups.missing(ns, node);
+                    return Err(unauthorized(unknown()));
                 }
                 Err(e) => {
                     return Err(unavailable(format!(
@@ -185,16 +266,19 @@ async fn authenticate(
         .and_then(|v| v.to_str().ok());
     match s.verifier.verify(&edge_node, presented).await {
         Ok(()) => Ok(edge_node),
-        Err(AuthError::Unauthorized(m)) => {
-            warn!(namespace = ns, node, reason = %m, "Refused a request: authentication failed");
-            Err(unauthorized(m))
-        }
+        Err(AuthError::Unauthorized(m)) => Err(unauthorized(m)),
         Err(AuthError::Unavailable(m)) => Err(unavailable(m)),
     }
 }
 
-/// Reads the body (gzip-decoded when so marked), refusing more than `max` bytes either way.
-async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8>, ApiError> {
+/// Reads the body (gzip-decoded when so marked) within `deadline`, refusing more than `max`
+/// bytes either way.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    max: usize,
+    deadline: Duration,
+) -> Result<Vec<u8>, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -202,9 +286,19 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8
             format!("request body is larger than {max} bytes: send fewer reports per batch"),
         )
     };
-    let raw = axum::body::to_bytes(body, max)
-        .await
-        .map_err(|_| too_large())?;
+    let raw = match tokio::time::timeout(deadline, axum::body::to_bytes(body, max)).await {
+        Ok(read) => read.map_err(|_| too_large())?,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    deadline.as_secs()
+                ),
+            ));
+        }
+    };
     let gzip = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -258,7 +352,31 @@ async fn handle_reports(
     body: Body,
 ) -> Result<ReportBatchResponse, ApiError> {
     let edge_node = authenticate(s, ns, node, headers).await?;
-    let raw = read_body(body, headers, s.opts.max_body_bytes).await?;
+    let limits = edge_node.spec.limits.clone().unwrap_or_default();
+    let rate = limits
+        .reports_per_second
+        .unwrap_or(s.opts.node_reports_per_second);
+    let burst = limits.burst.unwrap_or(s.opts.node_burst);
+    // Refusals that cost nothing to send come before the body is read: 8 concurrent 14.7 MiB
+    // batches used to be read and parsed (295 MB) only to be answered 429.
+    if let Err(wait) = s.limiter.precheck((ns, node), rate, burst) {
+        s.metrics.node_rate_limited.fetch_add(1, Ordering::Relaxed);
+        s.metrics.shed("node_rate");
+        return Err(rate_limited(ns, node, rate, burst, wait));
+    }
+    let _body_budget = reserve_body(s, headers)?;
+    let raw = read_body(
+        body,
+        headers,
+        s.opts.max_body_bytes,
+        Duration::from_secs(s.opts.http_body_timeout_seconds),
+    )
+    .await
+    .inspect_err(|e| {
+        if e.code == "body_timeout" {
+            s.metrics.body_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+    })?;
     let batch: ReportBatch = serde_json::from_slice(&raw).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -271,7 +389,6 @@ async fn handle_reports(
     span.record("seq", batch.seq);
     span.record("reports", batch.reports.len());
 
-    let limits = edge_node.spec.limits.clone().unwrap_or_default();
     let max_reports = limits
         .max_reports_per_batch
         .unwrap_or(s.opts.max_reports_per_batch);
@@ -285,21 +402,12 @@ async fn handle_reports(
             ),
         ));
     }
-    let rate = limits
-        .reports_per_second
-        .unwrap_or(s.opts.node_reports_per_second);
-    let burst = limits.burst.unwrap_or(s.opts.node_burst);
     if let Err(wait) = s
         .limiter
         .admit((ns, node), rate, burst, batch.reports.len() as u32)
     {
         s.metrics.node_rate_limited.fetch_add(1, Ordering::Relaxed);
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!("node {ns}/{node} exceeds its {rate} reports/s (burst {burst}); retry later"),
-        )
-        .retry_after(wait));
+        return Err(rate_limited(ns, node, rate, burst, wait));
     }
     s.heartbeats.beat(&edge_node, &batch.agent);
     s.metrics
@@ -336,6 +444,20 @@ async fn handle_reports(
             results.push(result(
                 ReportStatus::Stale,
                 Some("a newer version of this device is in the same batch".into()),
+            ));
+            continue;
+        }
+        if report.version == 0 || report.version > i64::MAX as u64 {
+            // Checked before auto-registration: a report that can never be written must not
+            // create its Device either.
+            s.metrics.reject("invalid_version");
+            results.push(result(
+                ReportStatus::Rejected,
+                Some(format!(
+                    "invalid_version: {} is outside 1..={} (a Kubernetes int64)",
+                    report.version,
+                    i64::MAX
+                )),
             ));
             continue;
         }
@@ -543,7 +665,7 @@ async fn desired(
     info!(namespace = %ns, node = %node, resumed = q.since.is_some(), initial = sub.initial.len(), "Desired-state stream opened");
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let state = Arc::clone(&s);
-    tokio::spawn(async move {
+    s.tasks.spawn(async move {
         state
             .metrics
             .desired_streams

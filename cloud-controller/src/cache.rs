@@ -26,7 +26,12 @@ pub struct Caches {
 impl Caches {
     /// Starts the watches. Device events also feed the desired-state hub, so the hub and the
     /// cache see the same sequence of changes.
-    pub fn start(client: &Client, hub: Arc<DesiredHub>, shutdown: &CancellationToken) -> Self {
+    pub fn start(
+        client: &Client,
+        hub: Arc<DesiredHub>,
+        shutdown: &CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Self {
         let (devices, device_writer) = reflector::store();
         let (nodes, node_writer) = reflector::store();
 
@@ -42,7 +47,7 @@ impl Caches {
             .modify(|d: &mut Device| d.metadata.managed_fields = None),
         );
         let token = shutdown.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut stream = std::pin::pin!(device_stream);
             loop {
                 let next = tokio::select! {
@@ -67,7 +72,7 @@ impl Caches {
             .modify(|n: &mut EdgeNode| n.metadata.managed_fields = None),
         );
         let token = shutdown.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut stream = std::pin::pin!(node_stream);
             loop {
                 let next = tokio::select! {

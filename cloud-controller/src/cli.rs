@@ -43,9 +43,41 @@ pub enum Command {
 /// Options of `run`.
 #[derive(Debug, Clone, Args)]
 pub struct RunOptions {
-    /// Address for the agent API, `/healthz`, `/readyz` and `/metrics`.
+    /// Address for the agent API and `/healthz`, `/readyz` (and `/metrics`, unless
+    /// `--metrics-listen` is set).
     #[arg(long, default_value = "0.0.0.0:8080", env = "EDGESYNC_LISTEN")]
     pub listen: SocketAddr,
+
+    /// Serve `/metrics` (and `/healthz`, `/readyz`) on this address only, plain HTTP, off the
+    /// port agents use: scrapers and probes then need no route to the agent API, and agents
+    /// cannot read the controller's metrics.
+    #[arg(long, env = "EDGESYNC_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Connections served at once on each listener; one more is accepted and closed at once
+    /// (counted in edgesync_controller_connections_refused_total). Keep it below the
+    /// open-files limit, which the controller raises to its hard limit at start.
+    #[arg(long, default_value_t = 4096, env = "EDGESYNC_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Seconds a client has for a TLS handshake and for each request's headers; an HTTP/1
+    /// connection idle between requests is closed after the same time.
+    #[arg(long, default_value_t = 10, env = "EDGESYNC_HTTP_HEADER_TIMEOUT_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_header_timeout_seconds: u64,
+
+    /// Seconds a client has to send a report batch's whole body (more: 408).
+    #[arg(long, default_value_t = 30, env = "EDGESYNC_HTTP_BODY_TIMEOUT_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_body_timeout_seconds: u64,
+
+    /// Seconds a connection may go without a byte moving either way before it is closed
+    /// (desired-state streams send a bookmark every --bookmark-seconds, well within it).
+    #[arg(long, default_value_t = 120, env = "EDGESYNC_HTTP_IDLE_TIMEOUT_SECONDS", value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    pub http_idle_timeout_seconds: u64,
+
+    /// Request bodies held in memory at once, all nodes together, in bytes. A batch that would
+    /// go over it is answered 503 with Retry-After before its body is read.
+    #[arg(long, default_value_t = 64 * 1024 * 1024, env = "EDGESYNC_MAX_BODY_BYTES_IN_FLIGHT")]
+    pub max_body_bytes_in_flight: usize,
 
     /// Serve the agent API over TLS with this PEM certificate chain (needs `--tls-key`).
     #[arg(long, env = "EDGESYNC_TLS_CERT", requires = "tls_key")]
@@ -110,6 +142,11 @@ pub struct RunOptions {
     /// as a dead stream).
     #[arg(long, default_value_t = 15, env = "EDGESYNC_BOOKMARK_SECONDS", value_parser = clap::value_parser!(u64).range(1..=40))]
     pub bookmark_seconds: u64,
+
+    /// Seconds an EdgeNode found missing (a request naming an unknown node) is remembered, so
+    /// requests for it are answered 401 without asking the API server again.
+    #[arg(long, default_value_t = 10, env = "EDGESYNC_UNKNOWN_NODE_CACHE_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub unknown_node_cache_seconds: u64,
 
     /// How long a node token read from its Secret is trusted before it is read again. A token
     /// that does not match is re-checked against the Secret at once (at most once a second), so

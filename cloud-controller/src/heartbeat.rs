@@ -28,16 +28,23 @@ pub struct Heartbeats {
     interval: Duration,
     last_write: Mutex<HashMap<(String, String), Instant>>,
     metrics: Arc<Metrics>,
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl Heartbeats {
     /// Writes at most once per `interval` per node.
-    pub fn new(client: Client, interval: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        interval: Duration,
+        metrics: Arc<Metrics>,
+        tasks: tokio_util::task::TaskTracker,
+    ) -> Self {
         Self {
             client,
             interval,
             last_write: Mutex::new(HashMap::new()),
             metrics,
+            tasks,
         }
     }
 
@@ -127,7 +134,7 @@ impl Heartbeats {
         }
         let api: Api<EdgeNode> = Api::namespaced(self.client.clone(), &namespace);
         let metrics = Arc::clone(&self.metrics);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = write_status(&api, &name, &status).await {
                 warn!(namespace, node = name, error = %e, "EdgeNode heartbeat write failed");
             } else {

@@ -12,7 +12,8 @@
 //! | [`desired`] | per-node desired-state fan-out with resumable cursors |
 //! | [`liveness`] | leader-only loop: offline nodes, Online/InSync conditions |
 //! | [`lease`] | Lease-based leader election |
-//! | [`tls`] | optional TLS for the agent API |
+//! | [`server`] | connections: cap, header and idle timeouts, graceful drain |
+//! | [`tls`] | TLS server configuration for the agent API |
 
 pub mod api;
 pub mod auth;
@@ -24,6 +25,7 @@ pub mod lease;
 pub mod liveness;
 pub mod metrics;
 pub mod ratelimit;
+pub mod server;
 pub mod telemetry;
 pub mod tls;
 pub mod writer;
@@ -34,6 +36,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::cli::RunOptions;
@@ -56,10 +59,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     call_config.write_timeout = Some(Duration::from_secs(10));
     let client = kube::Client::try_from(call_config).context("building the Kubernetes client")?;
 
+    raise_open_files_limit(&opts);
     let shutdown = CancellationToken::new();
+    // Every task the controller starts, so shutdown can wait for all of them.
+    let tasks = TaskTracker::new();
     let metrics = Arc::new(metrics::Metrics::default());
     let hub = Arc::new(desired::DesiredHub::new());
-    let caches = cache::Caches::start(&watch_client, Arc::clone(&hub), &shutdown);
+    let caches = cache::Caches::start(&watch_client, Arc::clone(&hub), &shutdown, &tasks);
     let budget = Arc::new(writer::WriteBudget::new(opts.write_qps, opts.write_burst));
     let status_writer = writer::StatusWriter::new(
         client.clone(),
@@ -67,7 +73,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Arc::clone(&budget),
         Arc::clone(&metrics),
     );
-    status_writer.spawn_workers(opts.write_concurrency, &shutdown);
+    status_writer.spawn_workers(opts.write_concurrency, &shutdown, &tasks);
 
     let leader = Arc::new(AtomicBool::new(false));
     let identity = opts.identity.clone().unwrap_or_else(default_identity);
@@ -76,7 +82,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .clone()
         .or_else(|| std::env::var("POD_NAMESPACE").ok())
         .unwrap_or_else(|| "default".to_owned());
-    tokio::spawn(lease::run(
+    tasks.spawn(lease::run(
         client.clone(),
         lease_namespace,
         opts.lease_name.clone(),
@@ -92,13 +98,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         offline_after: Duration::from_secs(opts.offline_after_seconds),
         metrics: Arc::clone(&metrics),
     };
-    tokio::spawn(liveness.run(shutdown.clone()));
+    tasks.spawn(liveness.run(shutdown.clone()));
     // The leader flag lives in the metrics too.
     {
         let leader = Arc::clone(&leader);
         let metrics = Arc::clone(&metrics);
         let token = shutdown.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 metrics.leader.store(
                     leader.load(std::sync::atomic::Ordering::Relaxed),
@@ -122,7 +128,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             client.clone(),
             Duration::from_secs(opts.heartbeat_write_seconds),
             Arc::clone(&metrics),
+            tasks.clone(),
         ),
+        lookups: auth::NodeLookups::new(Duration::from_secs(opts.unknown_node_cache_seconds)),
+        bodies: Arc::new(tokio::sync::Semaphore::new(opts.max_body_bytes_in_flight)),
+        tasks: tasks.clone(),
+        auth_log: std::sync::Mutex::new(edgesync_protocol::rate::LogThrottle::new(
+            Duration::from_secs(10),
+        )),
         writer: status_writer,
         hub,
         caches,
@@ -139,8 +152,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", opts.listen))?;
+    let metrics_listener = match opts.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?,
+        ),
+        None => None,
+    };
     info!(
         listen = %listener.local_addr()?,
+        metrics_listen = ?opts.metrics_listen,
         tls = tls.is_some(),
         identity,
         write_qps = opts.write_qps,
@@ -149,25 +171,73 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         "edgesync-controller serving"
     );
     let token = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        info!("Shutting down");
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = wait_for_signal() => info!("Shutting down"),
+            _ = token.cancelled() => {}
+        }
         token.cancel();
     });
-    let router = api::router(state);
-    match tls {
-        Some(config) => axum::serve(tls::TlsListener::new(listener, config)?, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await
-            .context("HTTPS server failed")?,
-        None => axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await
-            .context("HTTP server failed")?,
+    let limits = server::Limits {
+        max_connections: opts.max_connections as usize,
+        header_timeout: Duration::from_secs(opts.http_header_timeout_seconds),
+        idle_timeout: Duration::from_secs(opts.http_idle_timeout_seconds),
+        drain: SHUTDOWN_DRAIN,
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(l) = metrics_listener {
+        servers.spawn(server::serve(
+            l,
+            None,
+            api::ops_router(Arc::clone(&state)),
+            limits.clone(),
+            Arc::clone(&state.metrics),
+            shutdown.clone(),
+        ));
     }
-    // Give the Lease release a moment.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let router = api::router(Arc::clone(&state), opts.metrics_listen.is_none());
+    servers.spawn(server::serve(
+        listener,
+        tls,
+        router,
+        limits,
+        Arc::clone(&state.metrics),
+        shutdown.clone(),
+    ));
+    // A server that stops on its own (it should not) takes the controller down with it.
+    if servers.join_next().await.is_some() {
+        shutdown.cancel();
+    }
+    while servers.join_next().await.is_some() {}
+    drop(state);
+    // The Lease is released, watches and writers stop, heartbeat writes finish.
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_DRAIN, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            remaining = tasks.len(),
+            "Some tasks did not stop within the shutdown deadline"
+        );
+    }
+    info!("Stopped");
     Ok(())
+}
+
+/// How long open connections, then the remaining tasks, get to finish at shutdown.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+
+/// Raises the soft open-files limit to the hard one: systemd and containerd start services at
+/// 1,024, fewer than the default --max-connections.
+fn raise_open_files_limit(opts: &RunOptions) {
+    let wanted = u64::from(opts.max_connections) * if opts.metrics_listen.is_some() { 2 } else { 1 } + 256;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(soft) if soft < wanted => tracing::warn!(
+            open_files = soft,
+            wanted,
+            "The open-files limit is below --max-connections + 256: raise it (LimitNOFILE, ulimit -n) or lower --max-connections, or connections beyond it fail to be accepted"
+        ),
+        Ok(soft) => tracing::debug!(open_files = soft, "Open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "Could not raise the open-files limit"),
+    }
 }
 
 fn default_identity() -> String {

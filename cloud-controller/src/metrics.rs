@@ -21,6 +21,21 @@ pub struct Metrics {
     pub reports_rejected: Mutex<BTreeMap<&'static str, u64>>,
     /// Requests refused with 401.
     pub auth_failures: AtomicU64,
+    /// Lookups of EdgeNodes missing from the cache that were answered without asking the API
+    /// server (negative cache or lookup budget).
+    pub unknown_node_lookups_skipped: AtomicU64,
+    /// Connections being served.
+    pub connections_open: AtomicU64,
+    /// Connections closed at once because `--max-connections` were open.
+    pub connections_refused: AtomicU64,
+    /// Connections closed for a slow TLS handshake, slow headers or idleness.
+    pub connections_timed_out: AtomicU64,
+    /// `accept` failures (out of file descriptors).
+    pub accept_errors: AtomicU64,
+    /// Requests shed before reading their body, by reason (`node_rate`, `body_budget`).
+    pub requests_shed: Mutex<BTreeMap<&'static str, u64>>,
+    /// Requests whose body did not arrive within `--http-body-timeout-seconds`.
+    pub body_timeouts: AtomicU64,
     /// Requests refused with 429 by a node's token bucket.
     pub node_rate_limited: AtomicU64,
     /// Batches answered 429 because their writes did not finish within the durable wait.
@@ -57,6 +72,13 @@ impl Metrics {
     /// Counts a rejected report.
     pub fn reject(&self, reason: &'static str) {
         if let Ok(mut m) = self.reports_rejected.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// Counts a request shed before its body was read.
+    pub fn shed(&self, reason: &'static str) {
+        if let Ok(mut m) = self.requests_shed.lock() {
             *m.entry(reason).or_default() += 1;
         }
     }
@@ -129,6 +151,31 @@ impl Metrics {
                 &self.auth_failures,
             ),
             (
+                "edgesync_controller_unknown_node_lookups_skipped_total",
+                "Requests for EdgeNodes missing from the cache answered 401 without an API call (recently looked up, or over the lookup budget).",
+                &self.unknown_node_lookups_skipped,
+            ),
+            (
+                "edgesync_controller_connections_refused_total",
+                "Connections closed at once because --max-connections were open.",
+                &self.connections_refused,
+            ),
+            (
+                "edgesync_controller_connections_timed_out_total",
+                "Connections closed for a slow TLS handshake, slow request headers, or no traffic for --http-idle-timeout-seconds.",
+                &self.connections_timed_out,
+            ),
+            (
+                "edgesync_controller_accept_errors_total",
+                "Failed accepts (out of file descriptors: raise the open-files limit or lower --max-connections).",
+                &self.accept_errors,
+            ),
+            (
+                "edgesync_controller_body_timeouts_total",
+                "Requests answered 408 because their body did not arrive within --http-body-timeout-seconds.",
+                &self.body_timeouts,
+            ),
+            (
                 "edgesync_controller_node_rate_limited_total",
                 "Requests refused with 429 by a node's token bucket.",
                 &self.node_rate_limited,
@@ -176,6 +223,25 @@ impl Metrics {
         ] {
             prom::counter(&mut out, name, help, load(v));
         }
+        let shed: Vec<(&str, u64)> = self
+            .requests_shed
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default();
+        prom::family(
+            &mut out,
+            "edgesync_controller_requests_shed_total",
+            "counter",
+            "Report batches answered before their body was read, by reason: node_rate (the node's token bucket is empty), body_budget (--max-body-bytes-in-flight reached).",
+            "reason",
+            shed,
+        );
+        prom::gauge(
+            &mut out,
+            "edgesync_controller_connections_open",
+            "Connections being served.",
+            load(&self.connections_open),
+        );
         prom::gauge(
             &mut out,
             "edgesync_controller_writer_pending_devices",

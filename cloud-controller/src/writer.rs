@@ -129,11 +129,16 @@ impl StatusWriter {
     }
 
     /// Starts `n` workers (the bound on writes in flight).
-    pub fn spawn_workers(self: &Arc<Self>, n: u32, shutdown: &CancellationToken) {
+    pub fn spawn_workers(
+        self: &Arc<Self>,
+        n: u32,
+        shutdown: &CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+    ) {
         for _ in 0..n {
             let me = Arc::clone(self);
             let token = shutdown.clone();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 tokio::select! {
                     _ = token.cancelled() => {}
                     _ = me.work() => {}

@@ -50,6 +50,18 @@ impl TokenBucket {
         }
     }
 
+    /// How long until `n` tokens (at most the burst) are available; takes nothing. Lets a
+    /// server refuse work before paying for it (reading a request body).
+    pub fn wait_for(&mut self, n: f64, now: Instant) -> Duration {
+        self.refill(now);
+        let need = n.min(self.burst);
+        if self.tokens >= need {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((need - self.tokens) / self.rate)
+        }
+    }
+
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
@@ -57,9 +69,54 @@ impl TokenBucket {
     }
 }
 
+/// Lets a repeated log line through at most once per interval and counts the ones held back,
+/// so a flood of bad requests costs one line per interval, not one per request.
+#[derive(Debug, Clone)]
+pub struct LogThrottle {
+    interval: Duration,
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl LogThrottle {
+    /// At most one line per `interval`.
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: None,
+            held_back: 0,
+        }
+    }
+
+    /// `Some(held back since the last line)` when a line may be logged now; `None` (and one
+    /// more held back) otherwise.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < self.interval)
+        {
+            self.held_back += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held_back))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_throttle_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let t0 = Instant::now();
+        let mut t = LogThrottle::new(Duration::from_secs(10));
+        assert_eq!(t.allow(t0), Some(0));
+        assert_eq!(t.allow(t0 + Duration::from_secs(1)), None);
+        assert_eq!(t.allow(t0 + Duration::from_secs(9)), None);
+        assert_eq!(t.allow(t0 + Duration::from_secs(10)), Some(2));
+        assert_eq!(t.allow(t0 + Duration::from_secs(11)), None);
+    }
 
     #[test]
     fn token_bucket_allows_burst_then_paces() {
@@ -88,5 +145,7 @@ mod tests {
         assert_eq!(b.try_take(100.0, full), Ok(()));
         // ...and the requests after it pay its debt.
         assert_eq!(b.try_take(1.0, full), Err(Duration::from_millis(8100)));
+        assert_eq!(b.wait_for(1.0, full), Duration::from_millis(8100));
+        assert_eq!(b.wait_for(1.0, full + Duration::from_millis(8100)), Duration::ZERO);
     }
 }

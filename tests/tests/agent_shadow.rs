@@ -391,3 +391,39 @@ async fn a_device_looping_on_get_does_not_hold_up_other_devices() {
     }
     agent.stop();
 }
+
+/// Many ingest mappings: the agent's subscriptions are queued without waiting on the MQTT
+/// request channel only its own driver drains (one SUBSCRIBE carrying every filter), and a
+/// message on the last mapping is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_ingest_mappings_are_all_subscribed() {
+    const MAPPINGS: usize = 500;
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(dir.path(), &broker.url());
+    for i in 0..MAPPINGS {
+        config.extra.push_str(&format!(
+            "[[ingest]]\ntopic = \"line-{i}/{{device}}/state\"\n"
+        ));
+    }
+    let agent = start(&config);
+    let mut probe = TestDevice::connect("probe", broker.port(), "edgesync/probe/shadow/#").await;
+    probe.wait_for_agent("edgesync", "probe").await;
+    let dev = TestDevice::connect("plc", broker.port(), "unused/#").await;
+    let db = dir.path().join(edgesync_agent::config::DB_FILE);
+    for i in [0, MAPPINGS / 2, MAPPINGS - 1] {
+        dev.publish(
+            &format!("line-{i}/press-{i}/state"),
+            json!({ "line": i }).to_string(),
+        )
+        .await;
+        let doc = wait::until(
+            &format!("a message on mapping {i} stored"),
+            Duration::from_secs(20),
+            || async { edgesync_agent::cli::shadow_get(&db, &format!("press-{i}")).ok()? },
+        )
+        .await;
+        assert_eq!(doc["state"]["reported"]["line"], i, "{doc}");
+    }
+    agent.stop().await;
+}

@@ -340,28 +340,25 @@ impl Drop for ConnectionSlot {
 }
 
 /// A warning logged at most once per [`HOUSEKEEPING_INTERVAL`], with how many were held back.
-#[derive(Default)]
-struct RateLimitedWarning {
-    last: Option<Instant>,
-    suppressed: u64,
+struct RateLimitedWarning(edgesync_protocol::rate::LogThrottle);
+
+impl Default for RateLimitedWarning {
+    fn default() -> Self {
+        Self(edgesync_protocol::rate::LogThrottle::new(
+            HOUSEKEEPING_INTERVAL,
+        ))
+    }
 }
 
 impl RateLimitedWarning {
     fn warn(&mut self, error: &std::io::Error) {
-        let due = self
-            .last
-            .is_none_or(|t| t.elapsed() >= HOUSEKEEPING_INTERVAL);
-        if !due {
-            self.suppressed += 1;
-            return;
+        if let Some(repeated) = self.0.allow(Instant::now()) {
+            warn!(
+                error = %error,
+                repeated,
+                "Embedded broker could not accept connections (out of file descriptors? raise LimitNOFILE, or lower broker.max_connections)"
+            );
         }
-        warn!(
-            error = %error,
-            repeated = self.suppressed,
-            "Embedded broker could not accept connections (out of file descriptors? raise LimitNOFILE, or lower broker.max_connections)"
-        );
-        self.last = Some(Instant::now());
-        self.suppressed = 0;
     }
 }
 

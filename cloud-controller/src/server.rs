@@ -1,0 +1,282 @@
+//! The HTTP(S) server: accepts connections within a cap and serves the router on each with
+//! hyper-util, closing sockets that are slow or idle.
+//!
+//! axum's `serve` runs hyper without a timer, so hyper's header timeout is off and nothing
+//! ever closes a socket: 5,000 idle connections were held for good, and under the usual
+//! 1,024 open-files limit 1,100 of them took the controller off the air. Here:
+//! - at most `max_connections` connections are served; one more is accepted and closed at once
+//!   (counted), so accepting never stops and the listen queue never fills with them;
+//! - a TLS handshake, and each request's headers, must arrive within `header_timeout`; on
+//!   HTTP/1 the same timer closes a keep-alive connection idle between requests (hyper starts
+//!   it again after each response);
+//! - any connection with no byte moving either way for `idle_timeout` is closed (HTTP/2 has
+//!   no per-request header timer; desired streams send bookmarks well within it);
+//! - request bodies and whole requests have their own deadlines in the handlers.
+//!
+//! On shutdown the listener closes, every connection is asked to finish (HTTP/1 after its
+//! current response, HTTP/2 with GOAWAY), and those still open after `drain` are dropped.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use edgesync_protocol::rate::LogThrottle;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+
+/// Connection limits and timeouts.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// TLS handshake, and each request's headers (HTTP/1: also idle time between requests).
+    pub header_timeout: Duration,
+    /// No byte moving either way for this long closes the connection.
+    pub idle_timeout: Duration,
+    /// How long open connections may take to finish at shutdown.
+    pub drain: Duration,
+}
+
+/// Serves `router` on `listener` until `shutdown`, then drains the connections.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: Router,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let tls = tls.map(TlsAcceptor::from);
+    let mut connections = JoinSet::new();
+    let mut accept_errors = LogThrottle::new(Duration::from_secs(10));
+    let mut refusals = LogThrottle::new(Duration::from_secs(10));
+    let epoch = Instant::now();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            // Reap finished connections as we go, so the set holds only live ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors, most likely: back off instead of spinning.
+                metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(repeated) = accept_errors.allow(Instant::now()) {
+                    warn!(error = %e, repeated, "Cannot accept connections (out of file descriptors? raise the open-files limit, or lower --max-connections)");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(repeated) = refusals.allow(Instant::now()) {
+                warn!(%peer, repeated, max_connections = limits.max_connections, "Connection refused: --max-connections reached");
+            }
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (router, limits, tls, metrics) = (
+            router.clone(),
+            limits.clone(),
+            tls.clone(),
+            Arc::clone(&metrics),
+        );
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+            serve_connection(stream, tls, router, &limits, &metrics, epoch, stop).await;
+            metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
+            debug!(%peer, "Connection closed");
+        });
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(limits.drain, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        debug!(
+            open = connections.len(),
+            "Dropping connections still open at the end of the drain"
+        );
+        connections.shutdown().await;
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+    limits: &Limits,
+    metrics: &Metrics,
+    epoch: Instant,
+    shutdown: CancellationToken,
+) {
+    let activity = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
+    let io = Tracked {
+        inner: stream,
+        activity: Arc::clone(&activity),
+        epoch,
+    };
+    match tls {
+        None => run_http(io, router, limits, metrics, &activity, epoch, shutdown).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await {
+                Ok(Ok(tls)) => {
+                    run_http(tls, router, limits, metrics, &activity, epoch, shutdown).await;
+                }
+                Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                Err(_) => {
+                    metrics.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+                    debug!("TLS handshake timed out");
+                }
+            }
+        }
+    }
+}
+
+async fn run_http<I>(
+    io: I,
+    router: Router,
+    limits: &Limits,
+    metrics: &Metrics,
+    activity: &AtomicU64,
+    epoch: Instant,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.idle_timeout / 2))
+        .keep_alive_timeout(limits.header_timeout);
+    let service = TowerToHyperService::new(router);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let tick = (limits.idle_timeout / 4).max(Duration::from_millis(100));
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    if is_timeout(e.as_ref()) {
+                        metrics.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+                    }
+                    debug!(error = %e, "Connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep(tick) => {
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if epoch.elapsed().saturating_sub(last) >= limits.idle_timeout {
+                    metrics.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+                    debug!("Closing an idle connection");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Whether hyper ended the connection because of its header timer.
+fn is_timeout(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    e.downcast_ref::<hyper::Error>()
+        .is_some_and(hyper::Error::is_timeout)
+}
+
+/// An I/O stream that records when bytes last moved (ms since `epoch`), for the idle check.
+struct Tracked<T> {
+    inner: T,
+    activity: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl<T> Tracked<T> {
+    fn touch(&self) {
+        self.activity
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
