@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use edgesync_crds::{Device, DeviceSpec, EdgeNode};
 use edgesync_protocol::limits::{self, Limits};
+use edgesync_protocol::rate::LogThrottle;
 use edgesync_protocol::wire::{
     DesiredEvent, ErrorBody, ReportBatch, ReportBatchResponse, ReportResult, ReportStatus,
 };
@@ -30,7 +31,6 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use serde::Deserialize;
 use serde_json::Map;
-use edgesync_protocol::rate::LogThrottle;
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -59,7 +59,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     call_config.write_timeout = Some(Duration::from_secs(10));
     let client = kube::Client::try_from(call_config).context("building the Kubernetes client")?;
 
-    raise_open_files_limit(&opts);
+    let max_connections = connection_cap(&opts, raise_open_files_limit());
     let shutdown = CancellationToken::new();
     // Every task the controller starts, so shutdown can wait for all of them.
     let tasks = TaskTracker::new();
@@ -179,7 +179,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         token.cancel();
     });
     let limits = server::Limits {
-        max_connections: opts.max_connections as usize,
+        max_connections,
         header_timeout: Duration::from_secs(opts.http_header_timeout_seconds),
         idle_timeout: Duration::from_secs(opts.http_idle_timeout_seconds),
         drain: SHUTDOWN_DRAIN,
@@ -212,7 +212,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     drop(state);
     // The Lease is released, watches and writers stop, heartbeat writes finish.
     tasks.close();
-    if tokio::time::timeout(SHUTDOWN_DRAIN, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_DRAIN, tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             remaining = tasks.len(),
             "Some tasks did not stop within the shutdown deadline"
@@ -225,19 +228,45 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 /// How long open connections, then the remaining tasks, get to finish at shutdown.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 
-/// Raises the soft open-files limit to the hard one: systemd and containerd start services at
-/// 1,024, fewer than the default --max-connections.
-fn raise_open_files_limit(opts: &RunOptions) {
-    let wanted = u64::from(opts.max_connections) * if opts.metrics_listen.is_some() { 2 } else { 1 } + 256;
+/// Raises the soft open-files limit to the hard one (systemd and containerd start services
+/// at 1,024); returns the limit in effect.
+fn raise_open_files_limit() -> Option<u64> {
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(soft) if soft < wanted => tracing::warn!(
-            open_files = soft,
-            wanted,
-            "The open-files limit is below --max-connections + 256: raise it (LimitNOFILE, ulimit -n) or lower --max-connections, or connections beyond it fail to be accepted"
-        ),
-        Ok(soft) => tracing::debug!(open_files = soft, "Open-files limit"),
-        Err(e) => tracing::warn!(error = %e, "Could not raise the open-files limit"),
+        Ok(soft) => Some(soft),
+        Err(e) => {
+            tracing::warn!(error = %e, "Could not raise the open-files limit");
+            None
+        }
     }
+}
+
+/// Files kept free of connections: the API client, watches, logs, the listeners.
+const RESERVED_FILES: u64 = 256;
+
+/// `--max-connections`, lowered to fit the open-files limit: past that limit `accept` fails
+/// and every client waits, instead of one more being closed at once and counted.
+fn connection_cap(opts: &RunOptions, open_files: Option<u64>) -> usize {
+    let listeners: u64 = if opts.metrics_listen.is_some() { 2 } else { 1 };
+    let wanted = u64::from(opts.max_connections);
+    let Some(files) = open_files else {
+        return wanted as usize;
+    };
+    let fits = files.saturating_sub(RESERVED_FILES) / listeners;
+    if fits < wanted {
+        tracing::warn!(
+            open_files = files,
+            max_connections = wanted,
+            using = fits.max(1),
+            "The open-files limit is too low for --max-connections: serving fewer connections; raise LimitNOFILE (or ulimit -n) to serve more"
+        );
+        return fits.max(1) as usize;
+    }
+    tracing::debug!(
+        open_files = files,
+        max_connections = wanted,
+        "Open-files limit"
+    );
+    wanted as usize
 }
 
 fn default_identity() -> String {

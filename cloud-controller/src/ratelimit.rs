@@ -75,7 +75,10 @@ mod tests {
         assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1));
         assert!(l.admit(("ns", "b"), 1, 10, 10).is_ok());
         assert!(l.precheck(("ns", "a"), 1, 10).is_err(), "empty bucket");
-        assert!(l.precheck(("ns", "b"), 1, 10).is_err(), "b spent its burst too");
+        assert!(
+            l.precheck(("ns", "b"), 1, 10).is_err(),
+            "b spent its burst too"
+        );
         // Raising the node's limits takes effect at once.
         assert!(l.admit(("ns", "a"), 1, 20, 15).is_ok());
     }

@@ -6,11 +6,12 @@
 //! 1,024 open-files limit 1,100 of them took the controller off the air. Here:
 //! - at most `max_connections` connections are served; one more is accepted and closed at once
 //!   (counted), so accepting never stops and the listen queue never fills with them;
-//! - a TLS handshake, and each request's headers, must arrive within `header_timeout`; on
-//!   HTTP/1 the same timer closes a keep-alive connection idle between requests (hyper starts
-//!   it again after each response);
-//! - any connection with no byte moving either way for `idle_timeout` is closed (HTTP/2 has
-//!   no per-request header timer; desired streams send bookmarks well within it);
+//! - a TLS handshake must finish, and a request head must arrive, within `header_timeout` of
+//!   the connection's start or of its last response: a socket that sends nothing, a slowloris
+//!   client and an idle keep-alive connection are closed alike (hyper's own header timer,
+//!   also set, starts only with the first byte);
+//! - a connection serving a request (until its response body is finished, so desired streams
+//!   count) is closed when no byte has moved either way for `idle_timeout`;
 //! - request bodies and whole requests have their own deadlines in the handlers.
 //!
 //! On shutdown the listener closes, every connection is asked to finish (HTTP/1 after its
@@ -19,7 +20,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -106,7 +107,7 @@ pub async fn serve(
             serve_connection(stream, tls, router, &limits, &metrics, epoch, stop).await;
             metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
-            debug!(%peer, "Connection closed");
+            tracing::trace!(%peer, "Connection closed");
         });
     }
     drop(listener);
@@ -132,26 +133,112 @@ async fn serve_connection(
     epoch: Instant,
     shutdown: CancellationToken,
 ) {
-    let activity = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
+    let state = Arc::new(ConnState::new(epoch));
     let io = Tracked {
         inner: stream,
-        activity: Arc::clone(&activity),
-        epoch,
+        state: Arc::clone(&state),
     };
     match tls {
-        None => run_http(io, router, limits, metrics, &activity, epoch, shutdown).await,
+        None => run_http(io, router, limits, metrics, &state, shutdown).await,
         Some(acceptor) => {
             match tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await {
-                Ok(Ok(tls)) => {
-                    run_http(tls, router, limits, metrics, &activity, epoch, shutdown).await;
-                }
+                Ok(Ok(tls)) => run_http(tls, router, limits, metrics, &state, shutdown).await,
                 Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                 Err(_) => {
-                    metrics.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+                    metrics
+                        .connections_timed_out
+                        .fetch_add(1, Ordering::Relaxed);
                     debug!("TLS handshake timed out");
                 }
             }
         }
+    }
+}
+
+/// What the watchdog of one connection knows: when bytes last moved, how many requests are
+/// being served (until their response body is finished), and since when none is.
+struct ConnState {
+    epoch: Instant,
+    last_activity_ms: AtomicU64,
+    in_flight: AtomicUsize,
+    idle_since_ms: AtomicU64,
+}
+
+impl ConnState {
+    fn new(epoch: Instant) -> Self {
+        let now = epoch.elapsed().as_millis() as u64;
+        Self {
+            epoch,
+            last_activity_ms: AtomicU64::new(now),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(now),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Why the connection should be closed now, if it should.
+    fn expired(&self, limits: &Limits) -> Option<&'static str> {
+        let now = self.now_ms();
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            // No request being served: a client that has not sent a whole request head
+            // within the header timeout (nothing at all, slowloris, idle keep-alive) goes.
+            let since = self.idle_since_ms.load(Ordering::Acquire);
+            if now.saturating_sub(since) >= limits.header_timeout.as_millis() as u64 {
+                return Some("no request within the header timeout");
+            }
+        }
+        let last = self.last_activity_ms.load(Ordering::Relaxed);
+        (now.saturating_sub(last) >= limits.idle_timeout.as_millis() as u64)
+            .then_some("no traffic within the idle timeout")
+    }
+}
+
+/// Counts a request as in flight until its response body is finished (or dropped).
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn start(state: &Arc<ConnState>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(state))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0
+                .idle_since_ms
+                .store(self.0.now_ms(), Ordering::Release);
+        }
+    }
+}
+
+/// A response body that keeps its request counted while it is being sent.
+struct Guarded {
+    inner: axum::body::Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -160,8 +247,7 @@ async fn run_http<I>(
     router: Router,
     limits: &Limits,
     metrics: &Metrics,
-    activity: &AtomicU64,
-    epoch: Instant,
+    state: &Arc<ConnState>,
     shutdown: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -176,10 +262,22 @@ async fn run_http<I>(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(limits.idle_timeout / 2))
         .keep_alive_timeout(limits.header_timeout);
-    let service = TowerToHyperService::new(router);
+    let inner = TowerToHyperService::new(router);
+    let counted = Arc::clone(state);
+    let service = hyper::service::service_fn(move |req| {
+        let in_flight = InFlight::start(&counted);
+        let answer = hyper::service::Service::call(&inner, req);
+        async move {
+            let response = answer.await?;
+            Ok::<_, std::convert::Infallible>(response.map(|inner| Guarded {
+                inner,
+                _in_flight: in_flight,
+            }))
+        }
+    });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let tick = (limits.idle_timeout / 4).max(Duration::from_millis(100));
+    let tick = (limits.header_timeout.min(limits.idle_timeout) / 4).max(Duration::from_millis(100));
     let mut draining = false;
     loop {
         tokio::select! {
@@ -197,10 +295,9 @@ async fn run_http<I>(
                 conn.as_mut().graceful_shutdown();
             }
             _ = tokio::time::sleep(tick) => {
-                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-                if epoch.elapsed().saturating_sub(last) >= limits.idle_timeout {
+                if let Some(why) = state.expired(limits) {
                     metrics.connections_timed_out.fetch_add(1, Ordering::Relaxed);
-                    debug!("Closing an idle connection");
+                    tracing::trace!(why, "Closing a connection");
                     return;
                 }
             }
@@ -214,17 +311,17 @@ fn is_timeout(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
         .is_some_and(hyper::Error::is_timeout)
 }
 
-/// An I/O stream that records when bytes last moved (ms since `epoch`), for the idle check.
+/// An I/O stream that records when bytes last moved, for the idle check.
 struct Tracked<T> {
     inner: T,
-    activity: Arc<AtomicU64>,
-    epoch: Instant,
+    state: Arc<ConnState>,
 }
 
 impl<T> Tracked<T> {
     fn touch(&self) {
-        self.activity
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.state
+            .last_activity_ms
+            .store(self.state.now_ms(), Ordering::Relaxed);
     }
 }
 

@@ -146,6 +146,9 @@ mod tests {
         // ...and the requests after it pay its debt.
         assert_eq!(b.try_take(1.0, full), Err(Duration::from_millis(8100)));
         assert_eq!(b.wait_for(1.0, full), Duration::from_millis(8100));
-        assert_eq!(b.wait_for(1.0, full + Duration::from_millis(8100)), Duration::ZERO);
+        assert_eq!(
+            b.wait_for(1.0, full + Duration::from_millis(8100)),
+            Duration::ZERO
+        );
     }
 }

@@ -48,9 +48,29 @@ impl Controller {
     /// Starts a controller without waiting for it (for TLS, where readiness is checked over
     /// HTTPS by the caller, or to see it refuse to start).
     pub fn spawn(cp: &ControlPlane, extra: &[&str]) -> Controller {
+        Self::spawn_with_open_files(cp, extra, None)
+    }
+
+    /// Starts a controller whose open-files limit (soft and hard) is `limit`, as under
+    /// systemd's or containerd's default of 1,024, and waits until it is ready.
+    pub fn start_with_open_files(cp: &ControlPlane, extra: &[&str], limit: u64) -> Controller {
+        let c = Self::spawn_with_open_files(cp, extra, Some(limit));
+        c.wait_ready();
+        c
+    }
+
+    fn spawn_with_open_files(cp: &ControlPlane, extra: &[&str], limit: Option<u64>) -> Controller {
         let dir = tempfile::tempdir().expect("controller temp dir");
         let addr = loopback(free_port());
-        let mut spec = ProcessSpec::new("edgesync-controller", controller_binary())
+        // prlimit (util-linux) sets the limit and then runs the controller in its place.
+        let spec = match limit {
+            Some(n) => ProcessSpec::new("edgesync-controller", "prlimit")
+                .arg(format!("--nofile={n}:{n}"))
+                .arg("--")
+                .arg(controller_binary()),
+            None => ProcessSpec::new("edgesync-controller", controller_binary()),
+        };
+        let mut spec = spec
             .arg("run")
             .arg("--listen")
             .arg(addr.to_string())
