@@ -373,6 +373,23 @@ async fn auto_registration_and_node_limits() {
     assert!(a.retry_after.is_some_and(|s| (1..=2).contains(&s)), "{a:?}");
     // Without auto-registration, those unknown devices were rejected, not created.
     assert!(api.get_opt("s-0").await.unwrap().is_none());
+
+    // Versions a Kubernetes int64 cannot hold are rejected before auto-registration: no
+    // Device is created for a report that can never be written.
+    for (i, version) in [1u64 << 63, u64::MAX].into_iter().enumerate() {
+        let name = format!("huge-{i}");
+        let a = post_batch(
+            &url,
+            &ns.name,
+            "edge-auto",
+            "ta",
+            &batch(10 + i as u64, vec![report(&name, version, json!({}))]),
+        )
+        .await;
+        assert_eq!((a.status, a.result(0)), (200, "rejected"), "{a:?}");
+        assert!(a.body.to_string().contains("invalid_version"), "{a:?}");
+        assert!(api.get_opt(&name).await.unwrap().is_none(), "{name} created");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
