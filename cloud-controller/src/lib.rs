@@ -31,7 +31,6 @@ pub mod tls;
 pub mod writer;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -75,7 +74,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     );
     status_writer.spawn_workers(opts.write_concurrency, &shutdown, &tasks);
 
-    let leader = Arc::new(AtomicBool::new(false));
+    let leader = Arc::new(lease::Leadership::default());
     let identity = opts.identity.clone().unwrap_or_else(default_identity);
     let lease_namespace = opts
         .lease_namespace
@@ -99,24 +98,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         metrics: Arc::clone(&metrics),
     };
     tasks.spawn(liveness.run(shutdown.clone()));
-    // The leader flag lives in the metrics too.
-    {
-        let leader = Arc::clone(&leader);
-        let metrics = Arc::clone(&metrics);
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            loop {
-                metrics.leader.store(
-                    leader.load(std::sync::atomic::Ordering::Relaxed),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        });
-    }
+    let _ = metrics.leader.set(Arc::clone(&leader));
 
     let state = Arc::new(api::AppState {
         verifier: auth::TokenVerifier::new(

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use edgesync_crds::{
@@ -42,7 +42,7 @@ pub struct Liveness {
     /// Shared write budget.
     pub budget: Arc<WriteBudget>,
     /// Whether this replica is the leader.
-    pub leader: Arc<AtomicBool>,
+    pub leader: Arc<crate::lease::Leadership>,
     /// Default offline timeout.
     pub offline_after: Duration,
     /// Metrics.
@@ -55,7 +55,7 @@ impl Liveness {
         self.caches.wait_ready().await;
         debug!("Liveness loop started");
         loop {
-            if self.leader.load(Ordering::Relaxed) {
+            if self.leader.is_leader() {
                 self.round().await;
             }
             tokio::select! {
@@ -92,13 +92,14 @@ impl Liveness {
             );
             online.insert((ns.clone(), name.clone()), is_online);
             let ready = condition_status(&status.conditions, CONDITION_READY);
-            if !is_online && ready != Some("False") {
+            // Leadership can end mid-round (its deadline passes): stop writing at once.
+            if !is_online && ready != Some("False") && self.leader.is_leader() {
                 self.mark_node_offline(&node, silent_for, timeout).await;
             }
         }
         let mut writes = 0;
         for device in self.caches.devices.state() {
-            if writes >= MAX_WRITES_PER_ROUND {
+            if writes >= MAX_WRITES_PER_ROUND || !self.leader.is_leader() {
                 break;
             }
             let ns = device.namespace().unwrap_or_default();

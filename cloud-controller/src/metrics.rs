@@ -58,8 +58,8 @@ pub struct Metrics {
     pub desired_streams: AtomicU64,
     /// Desired-state events sent.
     pub desired_events: AtomicU64,
-    /// Whether this replica holds the leader Lease.
-    pub leader: AtomicBool,
+    /// This replica's leadership, read when rendered (no stale copy after a pause).
+    pub leader: std::sync::OnceLock<std::sync::Arc<crate::lease::Leadership>>,
     /// Whether the last Kubernetes call succeeded.
     pub kubernetes_up: AtomicBool,
     /// Time from a report's arrival to its durable write (or supersession).
@@ -258,7 +258,7 @@ impl Metrics {
             &mut out,
             "edgesync_controller_leader",
             "1 when this replica runs the singleton loops.",
-            u64::from(self.leader.load(Ordering::Relaxed)),
+            u64::from(self.leader.get().is_some_and(|l| l.is_leader())),
         );
         prom::gauge(
             &mut out,

@@ -388,7 +388,10 @@ async fn auto_registration_and_node_limits() {
         .await;
         assert_eq!((a.status, a.result(0)), (200, "rejected"), "{a:?}");
         assert!(a.body.to_string().contains("invalid_version"), "{a:?}");
-        assert!(api.get_opt(&name).await.unwrap().is_none(), "{name} created");
+        assert!(
+            api.get_opt(&name).await.unwrap().is_none(),
+            "{name} created"
+        );
     }
 }
 

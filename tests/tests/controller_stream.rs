@@ -394,3 +394,86 @@ async fn the_agents_store_health_becomes_edgenode_conditions() {
     })
     .await;
 }
+
+/// Two replicas on one Lease; the leader is frozen (SIGSTOP) longer than the Lease: the other
+/// takes over, and the frozen one, thawed, no longer counts itself leader from its very first
+/// moment back, without needing an API call to find out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_is_replaced_and_stops_leading_the_moment_it_thaws() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("frozen");
+    let args = ["--lease-name", "frozen", "--lease-namespace", &ns.name];
+    let mut a = Controller::start(cp, &args);
+    let mut b = Controller::start(cp, &args);
+    let leads = |c: &Controller| {
+        let c = c.url();
+        async move {
+            let text = edgesync_e2e::controller::client()
+                .get(format!("{c}/metrics"))
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            Some(edgesync_e2e::controller::metric_value(&text, "edgesync_controller_leader") == 1.0)
+        }
+    };
+    let first_is_a = wait::until("one leader", STEP, || async {
+        match (leads(&a).await?, leads(&b).await?) {
+            (true, false) => Some(true),
+            (false, true) => Some(false),
+            _ => None,
+        }
+    })
+    .await;
+    let (leader, other) = if first_is_a {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    let pid = leader.process.pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    let frozen_at = std::time::Instant::now();
+    wait::until(
+        "the other replica to take over",
+        Duration::from_secs(40),
+        || async { leads(other).await?.then_some(()) },
+    )
+    .await;
+    let took_over = frozen_at.elapsed();
+    signal("-CONT");
+    // Its very first answer after thawing already says it does not lead.
+    assert_eq!(
+        leads(leader).await,
+        Some(false),
+        "the thawed replica still claims leadership"
+    );
+    assert_eq!(leads(other).await, Some(true));
+    wait::until("the thawed replica to log it", STEP, || async {
+        leader
+            .process
+            .log_tail(50)
+            .contains("No longer leader")
+            .then_some(())
+    })
+    .await;
+    eprintln!(
+        "takeover {} ms after the leader froze",
+        took_over.as_millis()
+    );
+    assert!(
+        took_over >= Duration::from_secs(10),
+        "took over before the Lease could expire: {took_over:?}"
+    );
+}
