@@ -476,4 +476,14 @@ async fn a_frozen_leader_is_replaced_and_stops_leading_the_moment_it_thaws() {
         took_over >= Duration::from_secs(10),
         "took over before the Lease could expire: {took_over:?}"
     );
+
+    // A clean stop (SIGTERM) drains, releases the Lease and ends every task.
+    let stopping = std::time::Instant::now();
+    other.process.stop();
+    let log = other.process.log_tail(40);
+    assert!(
+        log.contains("Leader Lease released") && log.contains("Stopped"),
+        "{log}"
+    );
+    assert!(stopping.elapsed() < Duration::from_secs(10), "{log}");
 }
