@@ -154,7 +154,7 @@ async fn start_embedded_broker(
     stop: CancellationToken,
 ) -> anyhow::Result<(
     std::net::SocketAddr,
-    (String, String),
+    (String, edgesync_protocol::secret::Secret),
     tokio::task::JoinHandle<()>,
 )> {
     use crate::broker::access::{AGENT_USERNAME, AgentSecret};
@@ -178,7 +178,10 @@ async fn start_embedded_broker(
     .with_context(|| format!("starting the embedded broker on mqtt.listen {listen}"))?;
     // The agent connects to its own loopback listener, out of the devices' way.
     let local = broker.agent_addr()?;
-    let credentials = (AGENT_USERNAME.to_owned(), agent_secret.expose().to_owned());
+    let credentials = (
+        AGENT_USERNAME.to_owned(),
+        edgesync_protocol::secret::Secret::new(agent_secret.expose()),
+    );
     Ok((local, credentials, tokio::spawn(broker.run())))
 }
 
@@ -191,7 +194,7 @@ async fn start_embedded_broker(
     _: CancellationToken,
 ) -> anyhow::Result<(
     std::net::SocketAddr,
-    (String, String),
+    (String, edgesync_protocol::secret::Secret),
     tokio::task::JoinHandle<()>,
 )> {
     anyhow::bail!(

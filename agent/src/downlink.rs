@@ -34,7 +34,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(10);
 /// The downlink task.
 pub struct Downlink {
     url: String,
-    token: String,
+    token: edgesync_protocol::secret::Secret,
     http: reqwest::Client,
     store: Store,
     publisher: DevicePublisher,
@@ -131,7 +131,12 @@ impl Downlink {
         } else {
             format!("{}?since={}", self.url, percent_encode(&cursor))
         };
-        let resp = self.http.get(url).bearer_auth(&self.token).send().await?;
+        let resp = self
+            .http
+            .get(url)
+            .bearer_auth(self.token.expose())
+            .send()
+            .await?;
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
             let body = resp.text().await.unwrap_or_default();

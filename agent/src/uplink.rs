@@ -341,7 +341,7 @@ impl Uplink {
         let mut req = self
             .http
             .post(&self.reports_url)
-            .bearer_auth(&self.cloud.token)
+            .bearer_auth(self.cloud.token.expose())
             .header("content-type", "application/json")
             .header("traceparent", traceparent());
         req = if self.settings.gzip {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use edgesync_crds::EdgeNode;
 use edgesync_protocol::rate::TokenBucket;
-use edgesync_protocol::wire::constant_time_eq;
+use edgesync_protocol::secret::Secret as Token;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use tracing::warn;
@@ -33,7 +33,7 @@ pub enum AuthError {
 }
 
 struct Entry {
-    token: Option<Vec<u8>>,
+    token: Option<Token>,
     fetched: Instant,
 }
 
@@ -84,8 +84,8 @@ impl TokenVerifier {
             match cache.get(&key) {
                 Some(e) if now.duration_since(e.fetched) < self.ttl => {
                     if e.token
-                        .as_deref()
-                        .is_some_and(|t| constant_time_eq(t, token.as_bytes()))
+                        .as_ref()
+                        .is_some_and(|t| t.matches(token.as_bytes()))
                     {
                         return Ok(());
                     }
@@ -120,8 +120,8 @@ impl TokenVerifier {
             }
         }
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        match cache.get(&key).and_then(|e| e.token.as_deref()) {
-            Some(t) if constant_time_eq(t, token.as_bytes()) => Ok(()),
+        match cache.get(&key).and_then(|e| e.token.as_ref()) {
+            Some(t) if t.matches(token.as_bytes()) => Ok(()),
             Some(_) => Err(AuthError::Unauthorized(
                 "wrong token for this node: it does not match the node's Secret".into(),
             )),
@@ -136,7 +136,7 @@ impl TokenVerifier {
     async fn read_secret(
         &self,
         (namespace, name, key): &(String, String, String),
-    ) -> Result<Option<Vec<u8>>, AuthError> {
+    ) -> Result<Option<Token>, AuthError> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         match api.get_opt(name).await {
             Ok(Some(secret)) => {
@@ -144,13 +144,13 @@ impl TokenVerifier {
                     .data
                     .as_ref()
                     .and_then(|d| d.get(key))
-                    .map(|b| trim_newline(&b.0).to_vec())
+                    .map(|b| token_of(trim_newline(&b.0)))
                     .or_else(|| {
                         secret
                             .string_data
                             .as_ref()
                             .and_then(|d| d.get(key))
-                            .map(|s| trim_newline(s.as_bytes()).to_vec())
+                            .map(|s| token_of(trim_newline(s.as_bytes())))
                     });
                 if value.is_none() {
                     warn!(
@@ -235,6 +235,12 @@ impl NodeLookups {
         }
         misses.insert((namespace.to_owned(), node.to_owned()), now);
     }
+}
+
+/// A token read from a Secret. A value that is not UTF-8 cannot equal any bearer token (HTTP
+/// header values are visible ASCII), so the lossy conversion never makes one match.
+fn token_of(bytes: &[u8]) -> Token {
+    Token::new(String::from_utf8_lossy(bytes))
 }
 
 /// Secrets written from files often end in a newline that is not part of the token.

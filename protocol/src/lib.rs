@@ -16,6 +16,7 @@ pub mod merge;
 pub mod mqtt;
 pub mod prom;
 pub mod rate;
+pub mod secret;
 pub mod shadow;
 pub mod wire;
 

@@ -177,11 +177,7 @@ impl DesiredEvent {
     }
 }
 
-/// Equality of secrets (tokens, passwords) in time independent of where they differ; the
-/// length is not treated as secret.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub use crate::secret::constant_time_eq;
 
 /// The JSON error body of every non-2xx answer: `{"error":{"code":"..","message":".."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,14 +212,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
-
-    #[test]
-    fn constant_time_equality_is_equality() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(constant_time_eq(b"", b""));
-    }
 
     #[test]
     fn report_batch_matches_design_example() {

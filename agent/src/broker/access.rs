@@ -61,7 +61,7 @@ pub struct Access {
     /// The agent's secret.
     pub agent_secret: AgentSecret,
     /// One username/password shared by all devices (`mqtt.username`/`password`).
-    pub shared: Option<(String, String)>,
+    pub shared: Option<(String, edgesync_protocol::secret::Secret)>,
     /// Per-device identities (`broker.password_file`).
     pub passwords: Option<PasswordFile>,
 }
@@ -148,7 +148,7 @@ impl Access {
             .is_some_and(|p| p.verify(&login.username, login.password.as_bytes()));
         let by_shared = self.shared.as_ref().is_some_and(|(user, pass)| {
             constant_time_eq(login.username.as_bytes(), user.as_bytes())
-                & constant_time_eq(login.password.as_bytes(), pass.as_bytes())
+                & pass.matches(login.password.as_bytes())
         });
         if by_file || by_shared {
             Ok(Identity {
@@ -183,7 +183,7 @@ mod tests {
         Access {
             agent_client_id: "edgesync-agent-n1".into(),
             agent_secret: AgentSecret::generate().unwrap(),
-            shared: shared.map(|(u, p)| (u.into(), p.into())),
+            shared: shared.map(|(u, p)| (u.into(), edgesync_protocol::secret::Secret::new(p))),
             passwords: None,
         }
     }

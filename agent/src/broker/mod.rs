@@ -59,7 +59,7 @@ pub struct BrokerSettings {
     /// Listen address.
     pub listen: SocketAddr,
     /// Username and password shared by all devices (`mqtt.username`/`password`), if any.
-    pub credentials: Option<(String, String)>,
+    pub credentials: Option<(String, edgesync_protocol::secret::Secret)>,
     /// The agent's client id: its acknowledgements gate the devices'.
     pub agent_client_id: String,
     /// The agent's proof of identity (its client presents it).

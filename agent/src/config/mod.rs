@@ -11,6 +11,7 @@ use std::time::Duration;
 use edgesync_protocol::Limits;
 use edgesync_protocol::limits::validate_device_id;
 use edgesync_protocol::mqtt::IngestPattern;
+use edgesync_protocol::secret::Secret;
 use serde::Deserialize;
 
 mod broker;
@@ -93,7 +94,7 @@ pub struct RawMqtt {
     /// Username for the broker.
     pub username: Option<String>,
     /// Password for the broker (prefer `password_file`).
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// File holding the broker password.
     pub password_file: Option<PathBuf>,
     /// MQTT client id (default `edgesync-agent-<node>`). Must be stable: the broker keeps
@@ -306,7 +307,7 @@ pub struct MqttSettings {
     /// Broker location.
     pub broker: Broker,
     /// Credentials.
-    pub credentials: Option<(String, String)>,
+    pub credentials: Option<(String, Secret)>,
     /// Client id.
     pub client_id: String,
     /// Shadow topic prefix.
@@ -325,7 +326,7 @@ pub struct CloudSettings {
     /// Controller base URL, without trailing slash.
     pub url: String,
     /// Bearer token (never logged).
-    pub token: String,
+    pub token: Secret,
     /// Per-request timeout.
     pub request_timeout: Duration,
     /// Extra trusted CA certificates (PEM), from `cloud.ca_file`.
@@ -660,7 +661,7 @@ fn mqtt_settings(raw: &RawConfig, errs: &mut Vec<String>) -> Option<MqttSettings
         }
         (Some(p), None) => Some(p.clone()),
         (None, Some(f)) => match std::fs::read_to_string(f) {
-            Ok(p) => Some(p.trim_end().to_owned()),
+            Ok(p) => Some(Secret::new(p.trim_end())),
             Err(e) => {
                 errs.push(format!(
                     "mqtt.password_file: cannot read {}: {e}",
@@ -782,7 +783,7 @@ fn cloud_settings(c: &RawCloud, errs: &mut Vec<String>) -> Option<CloudSettings>
         errs.push("cloud.request_timeout_secs must be > 0 (got 0)".to_owned());
     }
     let token = match std::fs::read_to_string(&c.token_file) {
-        Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+        Ok(t) if !t.trim().is_empty() => Secret::new(t.trim()),
         Ok(_) => {
             errs.push(format!(
                 "cloud.token_file {} is empty",
@@ -858,6 +859,26 @@ mod tests {
         assert_eq!(s.limits, Limits::default());
         assert_eq!(s.uplink.batch_window, Duration::from_millis(200));
         assert!(s.cloud.is_none());
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "cloud-t0ken\n").unwrap();
+        let text = format!(
+            "node = \"edge-1\"\nnamespace = \"plant-a\"\ndata_dir = \"/tmp/x\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\nusername = \"agent\"\npassword = \"hunter2\"\n[cloud]\nurl = \"http://c:8080\"\ntoken_file = \"{}\"\n",
+            token.display()
+        );
+        let raw: RawConfig = toml::from_str(&text).unwrap();
+        assert!(!format!("{raw:?}").contains("hunter2"));
+        let s = Settings::try_from(raw).unwrap();
+        let shown = format!("{s:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("cloud-t0ken"),
+            "{shown}"
+        );
+        assert_eq!(s.cloud.unwrap().token.expose(), "cloud-t0ken");
     }
 
     #[test]

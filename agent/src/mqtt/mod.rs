@@ -157,7 +157,7 @@ impl Mqtt {
             .set_request_channel_capacity(REQUEST_CHANNEL_CAPACITY)
             .set_inflight(1000);
         if let Some((user, pass)) = &settings.credentials {
-            opts.set_credentials(user.clone(), pass.clone());
+            opts.set_credentials(user.clone(), pass.expose().to_owned());
         }
         if tls {
             let transport = match &settings.ca_file {
