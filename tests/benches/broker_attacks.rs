@@ -97,35 +97,10 @@ async fn start_attack(name: &str, port: u16, stop: CancellationToken, tasks: &mu
             });
         }
         "get loop: one device asks shadow/get nonstop, 100 in flight" => {
-            let mut o = MqttOptions::new("getter", "127.0.0.1", port);
-            o.set_keep_alive(Duration::from_secs(60)).set_inflight(100);
-            let (c, mut el) = AsyncClient::new(o, 1000);
-            c.subscribe("edgesync/getter/shadow/get/accepted", QoS::AtMostOnce)
-                .await
-                .unwrap();
-            c.publish(
-                "edgesync/getter/shadow/update",
-                QoS::AtLeastOnce,
-                false,
-                r#"{"state":{"reported":{"mode":"auto","setpoint":21.5}}}"#,
-            )
-            .await
-            .unwrap();
+            let reported = serde_json::json!({"mode": "auto", "setpoint": 21.5});
+            let getter = edgesync_e2e::device::GetLoop::start(port, "getter", reported, stop).await;
             tasks.spawn(async move {
-                let asker = tokio::spawn(async move {
-                    while c
-                        .publish("edgesync/getter/shadow/get", QoS::AtLeastOnce, false, "")
-                        .await
-                        .is_ok()
-                    {}
-                });
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        e = el.poll() => if e.is_err() { break },
-                    }
-                }
-                asker.abort();
+                let _ = getter.task.await;
             });
         }
         "subscribe flood: new filters on a persistent session" => {

@@ -112,3 +112,67 @@ impl Drop for TestDevice {
         self.pump.abort();
     }
 }
+
+/// A device that reports `reported` once, then asks for its shadow nonstop at QoS1 with 100
+/// requests in flight, until `stop`. Every `get/accepted` document must show `reported`
+/// (the task panics otherwise, or when it loses its connection); `answers` counts them.
+#[derive(Debug)]
+pub struct GetLoop {
+    /// `get/accepted` documents received so far.
+    pub answers: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The device's task; it ends after `stop`.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl GetLoop {
+    /// Connects device `id` to the broker on `port` and starts asking.
+    pub async fn start(
+        port: u16,
+        id: &str,
+        reported: Value,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> GetLoop {
+        use std::sync::atomic::Ordering;
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(60)).set_inflight(100);
+        let (c, mut el) = AsyncClient::new(o, 1000);
+        c.subscribe(
+            format!("edgesync/{id}/shadow/get/accepted"),
+            QoS::AtMostOnce,
+        )
+        .await
+        .expect("queue SUBSCRIBE");
+        let update = serde_json::json!({ "state": { "reported": reported } });
+        c.publish(
+            format!("edgesync/{id}/shadow/update"),
+            QoS::AtLeastOnce,
+            false,
+            update.to_string(),
+        )
+        .await
+        .expect("queue PUBLISH");
+        let answers = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = answers.clone();
+        let get = format!("edgesync/{id}/shadow/get");
+        let task = tokio::spawn(async move {
+            let asker = tokio::spawn(async move {
+                while c.publish(&get, QoS::AtLeastOnce, false, "").await.is_ok() {}
+            });
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    e = el.poll() => {
+                        let e = e.expect("the looping device lost its connection");
+                        if let Event::Incoming(Packet::Publish(p)) = e {
+                            let doc: Value = serde_json::from_slice(&p.payload).expect("JSON document");
+                            assert_eq!(doc["state"]["reported"], reported, "{doc}");
+                            counted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    },
+                }
+            }
+            asker.abort();
+        });
+        GetLoop { answers, task }
+    }
+}

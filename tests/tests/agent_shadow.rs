@@ -289,8 +289,7 @@ async fn desired_state_becomes_a_delta_and_is_kept_while_offline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_looping_on_get_does_not_hold_up_other_devices() {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::Ordering;
 
     let dir = tempfile::tempdir().unwrap();
     let port = edgesync_e2e::free_port();
@@ -299,44 +298,10 @@ async fn a_device_looping_on_get_does_not_hold_up_other_devices() {
     edgesync_e2e::wait::port_open("the embedded broker", port, Duration::from_secs(30)).await;
 
     let stop = CancellationToken::new();
-    let answers = Arc::new(AtomicU64::new(0));
-    let getter = {
-        let (stop, answers) = (stop.clone(), answers.clone());
-        let mut o = MqttOptions::new("getter", "127.0.0.1", port);
-        o.set_keep_alive(Duration::from_secs(60)).set_inflight(100);
-        let (c, mut el) = AsyncClient::new(o, 1000);
-        c.subscribe("edgesync/getter/shadow/get/accepted", QoS::AtMostOnce)
-            .await
-            .unwrap();
-        c.publish(
-            "edgesync/getter/shadow/update",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"state":{"reported":{"mode":"auto"}}}"#,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(async move {
-            let asker = tokio::spawn(async move {
-                while c
-                    .publish("edgesync/getter/shadow/get", QoS::AtLeastOnce, false, "")
-                    .await
-                    .is_ok()
-                {}
-            });
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    e = el.poll() => if let Event::Incoming(Packet::Publish(p)) = e.unwrap() {
-                        let doc: Value = serde_json::from_slice(&p.payload).unwrap();
-                        assert_eq!(doc["state"]["reported"]["mode"], "auto", "{doc}");
-                        answers.fetch_add(1, Ordering::Relaxed);
-                    },
-                }
-            }
-            asker.abort();
-        })
-    };
+    let getter =
+        edgesync_e2e::device::GetLoop::start(port, "getter", json!({"mode": "auto"}), stop.clone())
+            .await;
+    let answers = getter.answers.clone();
     wait::until(
         "the getter to be answered",
         Duration::from_secs(30),
@@ -375,7 +340,7 @@ async fn a_device_looping_on_get_does_not_hold_up_other_devices() {
     publisher.await.unwrap();
     let during = answers.load(Ordering::Relaxed) - before;
     stop.cancel();
-    getter.await.unwrap();
+    getter.task.await.unwrap();
     assert_eq!(acked, N);
     assert!(
         during > 0,
