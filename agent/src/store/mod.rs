@@ -40,6 +40,7 @@ pub use broker_sessions::{SessionDelta, StoredSession};
 pub use health::StoreHealth;
 pub use read_only::{ReadOnlyStore, open_read_only};
 use schema::{effective_pragmas, open_rw};
+pub use witness::clear_lost_commits;
 use writer::Writer;
 
 /// Commands waiting for the writer thread. Large enough to form big commit groups under
@@ -47,6 +48,8 @@ use writer::Writer;
 const COMMAND_CHANNEL_CAPACITY: usize = 4096;
 
 const SELECT_PENDING: &str = "SELECT device, version FROM outbox ORDER BY enqueued_at_ms, device";
+const SET_META: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2)
+     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 const GET_META: &str = "SELECT value FROM meta WHERE key = ?1";
 const OUTBOX_STATS: &str = "SELECT count(*), min(enqueued_at_ms) FROM outbox";
 
@@ -471,24 +474,6 @@ impl Store {
         self.call(|reply| Command::LoadBrokerSessions { reply })
             .await
     }
-}
-
-/// Clears the lost-commits alarm (`edgesync-agent store clear-lost-commits`), once the
-/// operator has checked what was lost. The caller holds the data_dir lock: the agent is not
-/// running. Returns the count the alarm held, or `None` when there was none.
-///
-/// # Errors
-/// [`StoreError`] when the database cannot be opened or written.
-pub fn clear_lost_commits(db: &Path) -> Result<Option<u64>, StoreError> {
-    let conn = open_rw(db, crate::config::Durability::PowerLossSafe)?;
-    let err = sqlite_err(db);
-    let lost = get_meta_u64(&conn, META_LOST_COMMITS).map_err(&err)?;
-    conn.execute(
-        "DELETE FROM meta WHERE key IN (?1, ?2)",
-        [META_LOST_COMMITS, META_LOST_COMMITS_DETAIL],
-    )
-    .map_err(&err)?;
-    Ok((lost > 0).then_some(lost))
 }
 
 fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {

@@ -1,4 +1,5 @@
-//! Lost-commit detection: a database that is behind what it had already committed.
+//! Lost-commit detection: a database that is behind what it had already committed, and the
+//! sticky alarm it raises.
 //!
 //! Every transaction increments a counter in `meta`, in the same transaction. After each
 //! commit the writer records the counter in a small file next to the database
@@ -23,8 +24,16 @@ use std::io::Read as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::schema::open_rw;
+use super::{
+    GET_META, META_LOST_COMMITS, META_LOST_COMMITS_DETAIL, SET_META, StoreError, StoreHealth,
+    get_meta_u64, sqlite_err,
+};
+
 /// The witness file for the database at `db`.
-pub fn path_for(db: &Path) -> PathBuf {
+pub(super) fn path_for(db: &Path) -> PathBuf {
     db.with_extension("commits")
 }
 
@@ -90,6 +99,68 @@ impl Witness {
             tracing::debug!(path = %self.path.display(), error = %e, "Cannot update the commit witness");
         }
     }
+}
+
+/// At start: compares the database's commit count with the witness, raises the sticky alarm
+/// (in `meta`, so a restart does not hide it) when commits were lost, loads the alarm into
+/// `health`, and brings the witness up to date. Returns the open witness for the writer.
+///
+/// # Errors
+/// [`StoreError`] when the alarm cannot be read or written.
+pub(super) fn check_at_start(
+    conn: &Connection,
+    path: &Path,
+    commits: u64,
+    health: &StoreHealth,
+) -> Result<Witness, StoreError> {
+    let err = sqlite_err(path);
+    let (witness, recorded) = Witness::open(path);
+    if let Some(lost) = lost_commits(recorded, commits) {
+        let detail = format!(
+            "{} is {lost} commits behind {} (at commit {commits} of {}): device updates acknowledged and reports sent since then are gone. Was the -wal file deleted after a crash, or an older copy restored? Check the devices and the Device objects, then clear this alarm with `edgesync-agent store clear-lost-commits`",
+            path.display(),
+            witness.path().display(),
+            commits + lost,
+        );
+        tracing::error!("The database has lost commits: {detail}");
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(&err)?;
+        let total = get_meta_u64(conn, META_LOST_COMMITS).map_err(&err)? + lost;
+        for (key, value) in [
+            (META_LOST_COMMITS, total.to_string()),
+            (META_LOST_COMMITS_DETAIL, detail),
+        ] {
+            conn.execute(SET_META, params![key, value]).map_err(&err)?;
+        }
+        conn.execute_batch("COMMIT").map_err(&err)?;
+    }
+    witness.record(commits);
+    let lost = get_meta_u64(conn, META_LOST_COMMITS).map_err(&err)?;
+    if lost > 0 {
+        let detail: Option<String> = conn
+            .query_row(GET_META, [META_LOST_COMMITS_DETAIL], |r| r.get(0))
+            .optional()
+            .map_err(&err)?;
+        health.set_lost_commits(lost, detail.unwrap_or_default());
+    }
+    Ok(witness)
+}
+
+/// Clears the lost-commits alarm (`edgesync-agent store clear-lost-commits`), once the
+/// operator has checked what was lost. The caller holds the data_dir lock: the agent is not
+/// running. Returns the count the alarm held, or `None` when there was none.
+///
+/// # Errors
+/// [`StoreError`] when the database cannot be opened or written.
+pub fn clear_lost_commits(db: &Path) -> Result<Option<u64>, StoreError> {
+    let conn = open_rw(db, crate::config::Durability::PowerLossSafe)?;
+    let err = sqlite_err(db);
+    let lost = get_meta_u64(&conn, META_LOST_COMMITS).map_err(&err)?;
+    conn.execute(
+        "DELETE FROM meta WHERE key IN (?1, ?2)",
+        [META_LOST_COMMITS, META_LOST_COMMITS_DETAIL],
+    )
+    .map_err(&err)?;
+    Ok((lost > 0).then_some(lost))
 }
 
 /// What the start-up comparison found.

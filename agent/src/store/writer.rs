@@ -13,10 +13,10 @@ use tokio::sync::mpsc;
 
 use super::witness::{self, Witness};
 use super::{
-    Command, DesiredOutcome, GET_META, META_ACKED_SEQ, META_COMMITS, META_LOST_COMMITS,
-    META_LOST_COMMITS_DETAIL, META_PROBE, META_SEQ, PendingBatch, Reply, SELECT_PENDING,
-    StoreError, StoreHealth, UpdateOutcome, broker_sessions, get_meta_u64, now_ms, now_secs,
-    outbox_stats, read_shadows, rfc3339, sqlite_err,
+    Command, DesiredOutcome, GET_META, META_ACKED_SEQ, META_COMMITS, META_PROBE, META_SEQ,
+    PendingBatch, Reply, SELECT_PENDING, SET_META, StoreError, StoreHealth, UpdateOutcome,
+    broker_sessions, get_meta_u64, now_ms, now_secs, outbox_stats, read_shadows, rfc3339,
+    sqlite_err,
 };
 use crate::config::StoreSettings;
 
@@ -36,8 +36,6 @@ const RESTART_PENDING_AGE: &str =
 /// Batches whose read time is remembered for the age restart (older ones fall back to the
 /// ack time).
 const MAX_BATCHES_TIMED: usize = 256;
-const SET_META: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2)
-     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 
 /// The writer thread's state.
 pub(super) struct Writer {
@@ -83,34 +81,7 @@ impl Writer {
         let shadows = read_shadows(&conn, &path)?;
         let seq = get_meta_u64(&conn, META_SEQ).map_err(&err)?;
         let commits = get_meta_u64(&conn, META_COMMITS).map_err(&err)?;
-        let (witness, recorded) = Witness::open(&path);
-        if let Some(lost) = witness::lost_commits(recorded, commits) {
-            let detail = format!(
-                "{} is {lost} commits behind {} (at commit {commits} of {}): device updates acknowledged and reports sent since then are gone. Was the -wal file deleted after a crash, or an older copy restored? Check the devices and the Device objects, then clear this alarm with `edgesync-agent store clear-lost-commits`",
-                path.display(),
-                witness.path().display(),
-                commits + lost,
-            );
-            tracing::error!("The database has lost commits: {detail}");
-            conn.execute_batch("BEGIN IMMEDIATE").map_err(&err)?;
-            let total = get_meta_u64(&conn, META_LOST_COMMITS).map_err(&err)? + lost;
-            for (key, value) in [
-                (META_LOST_COMMITS, total.to_string()),
-                (META_LOST_COMMITS_DETAIL, detail),
-            ] {
-                conn.execute(SET_META, params![key, value]).map_err(&err)?;
-            }
-            conn.execute_batch("COMMIT").map_err(&err)?;
-        }
-        witness.record(commits);
-        let lost = get_meta_u64(&conn, META_LOST_COMMITS).map_err(&err)?;
-        if lost > 0 {
-            let detail: Option<String> = conn
-                .query_row(GET_META, [META_LOST_COMMITS_DETAIL], |r| r.get(0))
-                .optional()
-                .map_err(&err)?;
-            health.set_lost_commits(lost, detail.unwrap_or_default());
-        }
+        let witness = witness::check_at_start(&conn, &path, commits, &health)?;
         health.set_devices(shadows.len(), settings.max_devices);
         Ok(Self {
             conn,
