@@ -36,11 +36,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::auth::{AuthError, NodeLookups, TokenVerifier};
+use crate::auth::{AuthError, TokenVerifier};
 use crate::cache::Caches;
 use crate::cli::RunOptions;
 use crate::desired::{DesiredHub, Poll};
 use crate::heartbeat::Heartbeats;
+use crate::lookups::NodeLookups;
 use crate::metrics::Metrics;
 use crate::ratelimit::NodeLimiter;
 use crate::writer::{Outcome, StatusWriter};

@@ -5,6 +5,7 @@
 //! | [`cli`] | command line options |
 //! | [`api`] | HTTP API: report batches, desired streams, health, metrics |
 //! | [`auth`] | node tokens checked against the EdgeNode's Secret |
+//! | [`lookups`] | negative cache and budget for EdgeNodes missing from the cache |
 //! | [`ratelimit`] | per-node token buckets (429) |
 //! | [`cache`] | Device and EdgeNode reflectors |
 //! | [`writer`] | coalescing, budgeted, never-regressing Device status writer |
@@ -23,6 +24,7 @@ pub mod desired;
 pub mod heartbeat;
 pub mod lease;
 pub mod liveness;
+pub mod lookups;
 pub mod metrics;
 pub mod ratelimit;
 pub mod server;
@@ -112,7 +114,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             Arc::clone(&metrics),
             tasks.clone(),
         ),
-        lookups: auth::NodeLookups::new(Duration::from_secs(opts.unknown_node_cache_seconds)),
+        lookups: lookups::NodeLookups::new(Duration::from_secs(opts.unknown_node_cache_seconds)),
         bodies: Arc::new(tokio::sync::Semaphore::new(opts.max_body_bytes_in_flight)),
         tasks: tasks.clone(),
         auth_log: std::sync::Mutex::new(edgesync_protocol::rate::LogThrottle::new(
