@@ -177,8 +177,6 @@ impl DesiredEvent {
     }
 }
 
-pub use crate::secret::constant_time_eq;
-
 /// The JSON error body of every non-2xx answer: `{"error":{"code":"..","message":".."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use rumqttc::{Connect, ConnectReturnCode};
 
-use edgesync_protocol::wire::constant_time_eq;
+use edgesync_protocol::secret::constant_time_eq;
 
 use super::auth::PasswordFile;
 use super::router::Identity;
