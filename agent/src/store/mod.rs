@@ -366,7 +366,10 @@ impl Store {
     /// # Errors
     /// [`StoreError::Closed`].
     pub async fn get(&self, device: String) -> Result<Option<ShadowDocument>, StoreError> {
-        self.call(|reply| Command::Get { device, reply }).await
+        self.submit_get(device)
+            .await?
+            .await
+            .map_err(|_| StoreError::Closed)?
     }
 
     /// Queues a read of the device's document and returns a receiver for it. The answer comes
