@@ -274,7 +274,15 @@ async fn credentials_are_enforced_and_devices_talk_to_each_other_with_retained_m
     let (panel, mut panel_el) = connect(port, "panel", good).await.unwrap();
     subscribed(&panel, &mut panel_el, "line/+/alarm").await;
     let (press, mut press_el) = connect(port, "press", good).await.unwrap();
-    let press_pump = tokio::spawn(async move { while press_el.poll().await.is_ok() {} });
+    // The pump reports each PUBACK: the broker has routed (and retained) that message.
+    let (acked_tx, mut acked) = tokio::sync::mpsc::unbounded_channel();
+    let press_pump = tokio::spawn(async move {
+        while let Ok(e) = press_el.poll().await {
+            if let Event::Incoming(Packet::PubAck(_)) = e {
+                let _ = acked_tx.send(());
+            }
+        }
+    });
     press
         .publish("line/1/alarm", QoS::AtLeastOnce, false, "overheat")
         .await
@@ -289,7 +297,13 @@ async fn credentials_are_enforced_and_devices_talk_to_each_other_with_retained_m
         (&b"overheat"[..], false)
     );
 
-    // A subscriber arriving later gets the retained configuration, flagged as retained.
+    // A subscriber arriving later (once the configuration is retained) gets it, flagged as
+    // retained.
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(20), acked.recv())
+            .await
+            .expect("the press's messages acknowledged within 20 s");
+    }
     let (late, mut late_el) = connect(port, "late", good).await.unwrap();
     subscribed(&late, &mut late_el, "line/#").await;
     let cfg = next_publish(&mut late_el, "line/1/config").await;
