@@ -32,7 +32,8 @@ pub fn shadow_list(db: &Path) -> Result<serde_json::Value, StoreError> {
     Ok(json!({ "devices": devices }))
 }
 
-/// `edgesync-agent outbox`: pending devices, oldest pending age, last acknowledged seq.
+/// `edgesync-agent outbox`: pending devices, oldest pending age, last acknowledged seq, and
+/// the database's epoch.
 ///
 /// # Errors
 /// When the database cannot be read.
@@ -45,5 +46,8 @@ pub fn outbox(db: &Path) -> Result<serde_json::Value, StoreError> {
         .collect();
     let mut v = serde_json::to_value(stats).unwrap_or_default();
     v["pending"] = serde_json::Value::Array(pending);
+    v["epoch"] = store
+        .epoch()?
+        .map_or(serde_json::Value::Null, serde_json::Value::String);
     Ok(v)
 }

@@ -34,7 +34,8 @@ enum Command {
         #[command(subcommand)]
         command: ShadowCommand,
     },
-    /// Print the outbox as JSON: pending devices, oldest pending age, last acknowledged seq.
+    /// Print the outbox as JSON: pending devices, oldest pending age, last acknowledged seq,
+    /// and the database's epoch.
     Outbox {
         /// Agent config file (TOML).
         #[arg(long, short)]

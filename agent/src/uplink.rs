@@ -38,7 +38,8 @@ enum Outcome {
     },
     /// 413: the batch was too large; send smaller ones.
     TooLarge,
-    /// 401/403/other 4xx: a person must fix something; retry slowly.
+    /// 401/403, 409 (a superseded epoch), other 4xx: a person must fix something; retry
+    /// slowly.
     Refused { status: u16, body: String },
 }
 
@@ -227,7 +228,12 @@ impl Uplink {
                             }
                             Outcome::Refused { status, body } => {
                                 let delay = full_jitter(this.settings.retry_max);
-                                error!(status, body, retry_in_ms = delay.as_millis() as u64, "Controller refused the batch; check cloud.url, cloud.token_file and the EdgeNode's tokenSecretRef");
+                                let hint = match status {
+                                    401 | 403 => "check cloud.url, cloud.token_file and the EdgeNode's tokenSecretRef",
+                                    409 => "another agent database reports for this node now (the message says what to do); nothing pending here is dropped",
+                                    _ => "the message says why",
+                                };
+                                error!(status, body, hint, retry_in_ms = delay.as_millis() as u64, "Controller refused the batch");
                                 this.metrics.batches_retried.fetch_add(1, Ordering::Relaxed);
                                 not_before = Instant::now() + delay;
                             }
@@ -307,6 +313,7 @@ impl Uplink {
         let (devices, max_devices) = store.devices();
         let body = ReportBatch {
             seq: batch.seq,
+            epoch: self.store.epoch().to_owned(),
             agent: AgentHealth {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 pending_devices: stats.pending_devices,
@@ -389,7 +396,7 @@ impl Uplink {
             413 => Err(Outcome::TooLarge),
             _ => Err(Outcome::Refused {
                 status,
-                body: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
+                body: String::from_utf8_lossy(&bytes[..bytes.len().min(1024)]).into_owned(),
             }),
         }
     }

@@ -245,12 +245,20 @@ fn cut(s: &str) -> &str {
 }
 
 /// Replaces the EdgeNode's status fields with `status` (a merge patch: the conditions list is
-/// replaced as a whole, which is intended: the controller owns all of it).
+/// replaced as a whole, which is intended: the controller owns all of it). The agent epoch
+/// fields are left out: `status` is a copy of a cached object, and only `epoch` writes them,
+/// with a precondition, so a lagging cache cannot bring a superseded epoch back.
 pub async fn write_status(
     api: &Api<EdgeNode>,
     name: &str,
     status: &EdgeNodeStatus,
 ) -> Result<(), kube::Error> {
+    let status = EdgeNodeStatus {
+        agent_epoch: None,
+        agent_epoch_generation: None,
+        retired_agent_epochs: Vec::new(),
+        ..status.clone()
+    };
     let patch = serde_json::json!({ "status": status });
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await

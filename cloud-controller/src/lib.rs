@@ -9,6 +9,9 @@
 //! | [`ratelimit`] | per-node token buckets (429) |
 //! | [`cache`] | Device and EdgeNode reflectors |
 //! | [`writer`] | coalescing, budgeted, never-regressing Device status writer |
+//! | [`stamp`] | a report's `(epoch generation, version)` and how it compares with a status |
+//! | [`epoch`] | a node's agent epochs: the current one, retired ones, the switch |
+//! | [`device_status`] | what a report writes into a Device's status and conditions |
 //! | [`heartbeat`] | EdgeNode status from agent heartbeats |
 //! | [`desired`] | per-node desired-state fan-out with resumable cursors |
 //! | [`liveness`] | leader-only loop: offline nodes, Online/InSync conditions |
@@ -21,6 +24,8 @@ pub mod auth;
 pub mod cache;
 pub mod cli;
 pub mod desired;
+pub mod device_status;
+pub mod epoch;
 pub mod heartbeat;
 pub mod lease;
 pub mod liveness;
@@ -28,6 +33,7 @@ pub mod lookups;
 pub mod metrics;
 pub mod ratelimit;
 pub mod server;
+pub mod stamp;
 pub mod telemetry;
 pub mod tls;
 pub mod writer;
@@ -115,6 +121,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             tasks.clone(),
         ),
         lookups: lookups::NodeLookups::new(Duration::from_secs(opts.unknown_node_cache_seconds)),
+        epochs: epoch::NodeEpochs::new(client.clone(), Arc::clone(&metrics)),
         bodies: Arc::new(tokio::sync::Semaphore::new(opts.max_body_bytes_in_flight)),
         tasks: tasks.clone(),
         auth_log: std::sync::Mutex::new(edgesync_protocol::rate::LogThrottle::new(

@@ -182,7 +182,7 @@ impl Liveness {
             && condition_status(&status.conditions, CONDITION_IN_SYNC) != Some("False")
             || condition_status(&status.conditions, CONDITION_IN_SYNC).is_none()
         {
-            let (ok, reason, message) = crate::writer::in_sync(
+            let (ok, reason, message) = crate::device_status::in_sync(
                 generation,
                 observed,
                 &device.spec.desired.clone().unwrap_or_default(),

@@ -50,6 +50,10 @@ pub struct Metrics {
     pub writer_pending: AtomicU64,
     /// Devices created by auto-registration.
     pub devices_registered: AtomicU64,
+    /// Nodes that started reporting with a new agent epoch (a reinstall or a new database).
+    pub agent_epoch_changes: AtomicU64,
+    /// Batches refused with 409 because they carried a node's retired agent epoch.
+    pub superseded_epoch_batches: AtomicU64,
     /// EdgeNode status writes (heartbeats, Ready transitions).
     pub node_status_writes: AtomicU64,
     /// Device condition writes by the liveness loop (Online/InSync).
@@ -204,6 +208,16 @@ impl Metrics {
                 "edgesync_controller_devices_registered_total",
                 "Devices created by auto-registration.",
                 &self.devices_registered,
+            ),
+            (
+                "edgesync_controller_agent_epoch_changes_total",
+                "Nodes whose agent started reporting with a new epoch (reinstalled, or its database recreated); its reports supersede the old epoch's.",
+                &self.agent_epoch_changes,
+            ),
+            (
+                "edgesync_controller_superseded_epoch_batches_total",
+                "Batches refused with 409 because they carried a retired agent epoch: a second agent runs with the node's identity, or one restored from an old backup.",
+                &self.superseded_epoch_batches,
             ),
             (
                 "edgesync_controller_node_status_writes_total",

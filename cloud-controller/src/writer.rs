@@ -1,12 +1,13 @@
 //! The Device status writer: latest-wins coalescing per device, a global write budget toward
-//! the API server, bounded concurrency, and never an older `reportedVersion` over a newer one.
+//! the API server, bounded concurrency, and never an older report over a newer one.
 //!
-//! A report waits in `pending` (one entry per device, the newest version wins) until a worker
-//! picks the device up, pays one token of the write budget and writes the status with the
-//! object's `resourceVersion` as precondition. A conflict re-reads the object and re-checks its
-//! version, so two replicas writing the same device cannot regress it. Every report submitted
-//! has a waiter that learns when a version at least as new is durable: that is what lets a
-//! batch be answered 2xx only once its reports are in the API server.
+//! Reports are ordered by their stamp, `(epoch generation, version)` (see `stamp`). A report
+//! waits in `pending` (one entry per device, the newest stamp wins) until a worker picks the
+//! device up, pays one token of the write budget and writes the status with the object's
+//! `resourceVersion` as precondition. A conflict re-reads the object and re-checks its stamp,
+//! so two replicas writing the same device cannot regress it. Every report submitted has a
+//! waiter that learns when a stamp at least as new is durable: that is what lets a batch be
+//! answered 2xx only once its reports are in the API server.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -14,12 +15,8 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use edgesync_crds::{CONDITION_IN_SYNC, CONDITION_ONLINE, Device, DeviceStatus, set_condition};
-use edgesync_protocol::merge::delta;
+use edgesync_crds::Device;
 use edgesync_protocol::rate::TokenBucket;
-use edgesync_protocol::wire::Report;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::{Api, Client};
 use tokio::sync::{Notify, oneshot};
@@ -27,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::cache::Caches;
+use crate::device_status::apply_report;
 use crate::metrics::Metrics;
+use crate::stamp::{CONFLICT, Stamp, Stamped, Verdict, conflict_message, judge};
 
 /// Re-reads after resourceVersion conflicts before a write is given up (and retried by the
 /// agent's next batch).
@@ -66,8 +65,8 @@ impl WriteBudget {
 /// What became of a submitted report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// This version, or the newer one given, is durable.
-    Durable(u64),
+    /// This report, or the newer one stamped as given, is durable.
+    Durable(Stamp),
     /// The report can never be written (reason code, message).
     Rejected(&'static str, String),
     /// The API server could not be reached or refused for a transient reason.
@@ -76,11 +75,11 @@ pub enum Outcome {
 
 struct Pending {
     node: String,
-    report: Report,
+    report: Stamped,
 }
 
 struct Waiter {
-    version: u64,
+    stamp: Stamp,
     arrived: Instant,
     tx: oneshot::Sender<Outcome>,
 }
@@ -92,8 +91,8 @@ struct State {
     queue: VecDeque<DeviceKey>,
     queued: HashSet<DeviceKey>,
     busy: HashSet<DeviceKey>,
-    /// Newest version this replica knows to be durable, per device.
-    durable: HashMap<DeviceKey, u64>,
+    /// Newest stamp this replica knows to be durable, per device.
+    durable: HashMap<DeviceKey, Stamp>,
 }
 
 /// The coalescing status writer.
@@ -148,36 +147,44 @@ impl StatusWriter {
     }
 
     /// Queues `report` for the device `key` of `node`; the receiver learns its fate.
-    /// `known_durable` is the version the cache shows as written, if any.
+    /// `known_durable` is the stamp the cache shows as written, if any.
     pub fn submit(
         &self,
         key: DeviceKey,
         node: &str,
-        report: Report,
-        known_durable: Option<u64>,
+        report: Stamped,
+        known_durable: Option<Stamp>,
     ) -> oneshot::Receiver<Outcome> {
         let (tx, rx) = oneshot::channel();
-        let version = report.version;
+        let stamp = report.stamp;
         let mut st = self.lock();
         let durable = st
             .durable
             .get(&key)
             .copied()
             .max(known_durable)
-            .unwrap_or(0);
-        if durable >= version {
+            .unwrap_or_default();
+        // An equal stamp goes on to the write, which compares the bodies.
+        if durable > stamp {
             let _ = tx.send(Outcome::Durable(durable));
             return rx;
         }
+        if let Some(p) = st.pending.get(&key)
+            && p.report.stamp == stamp
+            && p.report.report.reported != report.report.reported
+        {
+            let _ = tx.send(conflict(&key, &report));
+            return rx;
+        }
         st.waiters.entry(key.clone()).or_default().push(Waiter {
-            version,
+            stamp,
             arrived: Instant::now(),
             tx,
         });
         let newer_pending = st
             .pending
             .get(&key)
-            .is_some_and(|p| p.report.version >= version);
+            .is_some_and(|p| p.report.stamp >= stamp);
         if !newer_pending {
             st.pending.insert(
                 key.clone(),
@@ -220,15 +227,15 @@ impl StatusWriter {
                 self.wake.notified().await;
                 continue;
             };
-            let version = pending.report.version;
+            let stamp = pending.report.stamp;
             let outcome = self.write(&key, pending).await;
-            self.finish(key, version, outcome);
+            self.finish(key, stamp, outcome);
         }
     }
 
     /// Completes the waiters a write settled and re-queues the device if a newer report
     /// arrived while it was being written.
-    fn finish(&self, key: DeviceKey, attempted: u64, outcome: Outcome) {
+    fn finish(&self, key: DeviceKey, attempted: Stamp, outcome: Outcome) {
         let mut st = self.lock();
         st.busy.remove(&key);
         let settled_up_to = match &outcome {
@@ -242,7 +249,7 @@ impl StatusWriter {
         if let Some(waiters) = st.waiters.get_mut(&key) {
             let mut keep = Vec::with_capacity(waiters.len());
             for w in waiters.drain(..) {
-                if w.version <= settled_up_to {
+                if w.stamp <= settled_up_to {
                     if matches!(outcome, Outcome::Durable(_)) {
                         self.metrics
                             .report_durable_latency
@@ -278,14 +285,16 @@ impl StatusWriter {
                     Err(e) => return self.unavailable(e),
                 },
             };
-            let current = device
-                .status
-                .as_ref()
-                .and_then(|s| s.reported_version)
-                .unwrap_or(0);
-            if current >= report.version {
+            match judge(
+                device.status.as_ref(),
+                report.stamp,
+                &report.report.reported,
+            ) {
+                Verdict::Newer => {}
                 // Written already (a duplicate batch, another replica, or a newer report).
-                return Outcome::Durable(current);
+                Verdict::Same => return Outcome::Durable(report.stamp),
+                Verdict::Older(current) => return Outcome::Durable(current),
+                Verdict::Conflict => return conflict(key, &report),
             }
             if device.spec.node_name != node {
                 return Outcome::Rejected(
@@ -308,7 +317,7 @@ impl StatusWriter {
                 Ok(_) => {
                     self.metrics.status_writes.fetch_add(1, Ordering::Relaxed);
                     self.metrics.kubernetes_up.store(true, Ordering::Relaxed);
-                    return Outcome::Durable(report.version);
+                    return Outcome::Durable(report.stamp);
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     self.metrics
@@ -342,136 +351,17 @@ impl StatusWriter {
     }
 }
 
+/// The answer to a report whose stamp already holds another state.
+fn conflict((namespace, name): &DeviceKey, report: &Stamped) -> Outcome {
+    Outcome::Rejected(
+        CONFLICT,
+        conflict_message(namespace, name, report.report.version, &report.epoch),
+    )
+}
+
 fn gone(namespace: &str, name: &str) -> Outcome {
     Outcome::Rejected(
         "unknown_device",
         format!("device {namespace}/{name} was deleted"),
     )
-}
-
-/// Writes a report into a Device's status: reported state and version, report time, observed
-/// desired generation, `Online=True` and `InSync` from the delta between desired and reported.
-pub fn apply_report(device: &mut Device, report: &Report) {
-    let now = Time(Timestamp::now());
-    let generation = device.metadata.generation.unwrap_or(0);
-    let desired = device.spec.desired.clone().unwrap_or_default();
-    let status = device.status.get_or_insert_with(DeviceStatus::default);
-    status.reported = Some(report.reported.clone());
-    status.reported_version = Some(report.version);
-    status.last_report_time = Some(
-        report
-            .reported_at
-            .parse::<Timestamp>()
-            .map(Time)
-            .unwrap_or_else(|_| now.clone()),
-    );
-    status.observed_desired_generation = Some(report.observed_desired_version);
-    set_condition(
-        &mut status.conditions,
-        CONDITION_ONLINE,
-        true,
-        "Reporting",
-        "The device's edge node is reporting it",
-        None,
-        now.clone(),
-    );
-    let (in_sync, reason, message) = in_sync(
-        generation,
-        report.observed_desired_version,
-        &desired,
-        &report.reported,
-    );
-    set_condition(
-        &mut status.conditions,
-        CONDITION_IN_SYNC,
-        in_sync,
-        reason,
-        &message,
-        Some(generation),
-        now,
-    );
-}
-
-/// `InSync`: the agent has applied the current desired generation and the device reports
-/// every desired value.
-pub fn in_sync(
-    generation: i64,
-    observed: i64,
-    desired: &serde_json::Map<String, serde_json::Value>,
-    reported: &serde_json::Map<String, serde_json::Value>,
-) -> (bool, &'static str, String) {
-    if observed < generation {
-        return (
-            false,
-            "DesiredNotObserved",
-            format!(
-                "The edge node has applied desired generation {observed}, not yet {generation}"
-            ),
-        );
-    }
-    let d = delta(desired, reported);
-    if d.is_empty() {
-        (
-            true,
-            "InSync",
-            "The device reports every desired value".into(),
-        )
-    } else {
-        let mut keys: Vec<&str> = d.keys().map(String::as_str).collect();
-        keys.truncate(5);
-        (
-            false,
-            "ReportedDiffers",
-            format!(
-                "Reported state differs from desired at: {}",
-                keys.join(", ")
-            ),
-        )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use edgesync_crds::{DeviceSpec, condition_status};
-    use serde_json::json;
-
-    fn report(version: u64, reported: serde_json::Value, observed: i64) -> Report {
-        Report {
-            device: "d".into(),
-            version,
-            reported: reported.as_object().cloned().unwrap_or_default(),
-            reported_at: "2026-11-28T10:00:00Z".into(),
-            observed_desired_version: observed,
-        }
-    }
-
-    #[test]
-    fn report_sets_status_and_conditions() {
-        let mut d = Device::new(
-            "d",
-            DeviceSpec {
-                node_name: "n".into(),
-                desired: json!({"speed": 5}).as_object().cloned(),
-                reporting: None,
-            },
-        );
-        d.metadata.generation = Some(2);
-        apply_report(&mut d, &report(7, json!({"speed": 3}), 2));
-        let s = d.status.as_ref().unwrap();
-        assert_eq!(s.reported_version, Some(7));
-        assert_eq!(condition_status(&s.conditions, "Online"), Some("True"));
-        assert_eq!(condition_status(&s.conditions, "InSync"), Some("False"));
-        apply_report(&mut d, &report(8, json!({"speed": 5, "temp": 1}), 2));
-        let s = d.status.as_ref().unwrap();
-        assert_eq!(condition_status(&s.conditions, "InSync"), Some("True"));
-        assert_eq!(
-            s.last_report_time.as_ref().unwrap().0.to_string(),
-            "2026-11-28T10:00:00Z"
-        );
-        // A newer desired generation not yet observed is not in sync, whatever is reported.
-        let (ok, reason, _) = in_sync(3, 2, &serde_json::Map::new(), &serde_json::Map::new());
-        assert!(!ok);
-        assert_eq!(reason, "DesiredNotObserved");
-    }
 }

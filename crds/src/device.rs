@@ -85,9 +85,18 @@ pub struct DeviceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::preserve_unknown_object")]
     pub reported: Option<Map<String, Value>>,
-    /// Shadow version of `reported`; never decreases.
+    /// Shadow version of `reported`. Never decreases within one agent epoch; a node's newer
+    /// epoch (a reinstalled agent) starts again from its own versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported_version: Option<u64>,
+    /// Epoch of the agent database that sent `reported` (absent from agents that predate
+    /// epochs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_epoch: Option<String>,
+    /// The place of `reportedEpoch` among its node's epochs (see the EdgeNode's
+    /// `agentEpochGeneration`): reports are ordered by this, then by version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_epoch_generation: Option<u64>,
     /// When the device last reported, as stamped by the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_report_time: Option<Time>,

@@ -112,6 +112,19 @@ pub struct EdgeNodeStatus {
     /// Age of the oldest undelivered report, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_pending_age_seconds: Option<u64>,
+    /// Epoch of the agent database now reporting for this node. A batch with another epoch
+    /// means the agent was reinstalled or its database recreated: it becomes the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_epoch: Option<String>,
+    /// How many epochs this node has had (1 for its first); orders a device's reports across
+    /// reinstalls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_epoch_generation: Option<u64>,
+    /// Epochs superseded by a later one, newest first (at most 16). Batches carrying one are
+    /// refused with 409: an agent still running with a retired epoch is a second agent using
+    /// this node's identity, or one restored from an old backup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_agent_epochs: Vec<String>,
     /// `Ready`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

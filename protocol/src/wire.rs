@@ -24,10 +24,43 @@ pub fn desired_path(namespace: &str, node: &str) -> String {
 pub struct ReportBatch {
     /// Increases per node with every batch and survives agent restarts.
     pub seq: u64,
+    /// The agent instance's epoch: chosen when its database is created, so it changes when
+    /// the agent is reinstalled or its database recreated, which restarts its versions at 1.
+    /// The controller orders a device's reports by `(epoch, version)` and lets a node's new
+    /// epoch supersede the old one. Empty from agents that predate epochs (versions alone
+    /// then order the reports).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub epoch: String,
     /// The agent's health, used as the node heartbeat.
     pub agent: AgentHealth,
     /// At most one report per device.
     pub reports: Vec<Report>,
+}
+
+/// Longest epoch a batch may carry.
+pub const MAX_EPOCH_BYTES: usize = 64;
+
+/// An epoch for a new agent database, from 128 random bits the caller draws.
+pub fn epoch_from_random(bits: u128) -> String {
+    format!("{bits:032x}")
+}
+
+/// Checks a batch's epoch: at most [`MAX_EPOCH_BYTES`] of ASCII letters, digits, `-`, `_`
+/// and `.` (empty means an agent that predates epochs).
+///
+/// # Errors
+/// Which rule the epoch breaks.
+pub fn check_epoch(epoch: &str) -> Result<(), &'static str> {
+    if epoch.len() > MAX_EPOCH_BYTES {
+        return Err("must be at most 64 characters");
+    }
+    if !epoch
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err("may contain only ASCII letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
 }
 
 /// Agent health carried by every batch (an empty batch is a heartbeat).
@@ -274,11 +307,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn epochs_are_checked_and_optional() {
+        let e = epoch_from_random(u128::MAX);
+        assert_eq!(e.len(), 32);
+        assert_eq!(check_epoch(&e), Ok(()));
+        assert_eq!(check_epoch(""), Ok(()));
+        assert!(check_epoch(&"a".repeat(65)).is_err());
+        assert!(check_epoch("a b").is_err());
+        assert!(check_epoch("é").is_err());
+        // Older agents send no epoch; an empty one is not sent.
+        let b: ReportBatch =
+            serde_json::from_str(r#"{"seq":1,"agent":{"version":"0.1.0","pendingDevices":0,"oldestPendingAgeSeconds":0},"reports":[]}"#)
+                .unwrap();
+        assert_eq!(b.epoch, "");
+        assert!(!serde_json::to_string(&b).unwrap().contains("epoch"));
+    }
+
     proptest! {
         #[test]
         fn report_round_trips(device in "[a-z0-9-]{1,20}", version in any::<u64>(), seq in any::<u64>(), g in any::<i64>()) {
             let batch = ReportBatch {
                 seq,
+                epoch: epoch_from_random(u128::from(seq)),
                 agent: AgentHealth::default(),
                 reports: vec![Report { device, version, reported: Map::new(), reported_at: "2026-01-01T00:00:00Z".into(), observed_desired_version: g }],
             };

@@ -226,10 +226,11 @@ pub fn report(device: &str, version: u64, reported: Value) -> Report {
     }
 }
 
-/// A batch of `reports` with a default agent health.
+/// A batch of `reports` with a default agent health, from an agent that predates epochs.
 pub fn batch(seq: u64, reports: Vec<Report>) -> ReportBatch {
     ReportBatch {
         seq,
+        epoch: String::new(),
         agent: AgentHealth {
             version: "test".into(),
             mqtt_connected: true,

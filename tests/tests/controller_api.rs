@@ -8,7 +8,7 @@
 use std::io::Write as _;
 use std::time::Duration;
 
-use edgesync_crds::Device;
+use edgesync_crds::{Device, EdgeNode};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::{
     Controller, batch, create_devices, create_node, post_batch, post_raw, report,
@@ -460,4 +460,181 @@ async fn tls_serves_the_agent_api_and_bad_certificates_stop_start_up() {
     .await;
     let log = std::fs::read_to_string(bad.process.log_path()).unwrap();
     assert!(log.contains("--tls-key"), "{log}");
+}
+
+/// `batch` from an agent database with epoch `epoch`.
+fn batch_from(
+    epoch: &str,
+    seq: u64,
+    reports: Vec<edgesync_protocol::wire::Report>,
+) -> edgesync_protocol::wire::ReportBatch {
+    let mut b = batch(seq, reports);
+    b.epoch = epoch.to_owned();
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_epochs_order_reports_across_reinstalls_and_refuse_conflicts() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("epochs");
+    create_node(cp, &ns.name, "edge-1", "t1", "");
+    create_devices(cp, &ns.name, "edge-1", &["press".into(), "oven".into()]);
+    let c = Controller::start(cp, &[]);
+    let url = c.url();
+    let client = cp.client().await;
+    let devices: Api<Device> = Api::namespaced(client.clone(), &ns.name);
+    let nodes: Api<EdgeNode> = Api::namespaced(client, &ns.name);
+    let post = |b: edgesync_protocol::wire::ReportBatch| {
+        let url = url.clone();
+        let ns = ns.name.clone();
+        async move { post_batch(&url, &ns, "edge-1", "t1", &b).await }
+    };
+    let status = |name: &'static str| {
+        let devices = devices.clone();
+        async move { devices.get(name).await.unwrap().status.unwrap() }
+    };
+
+    // An agent that predates epochs wrote version 40.
+    let a = post(batch(1, vec![report("press", 40, json!({"n": 40}))])).await;
+    assert_eq!((a.status, a.result(0)), (200, "accepted"), "{a:?}");
+    assert_eq!(status("press").await.reported_epoch, None);
+
+    // Upgraded in place: the same database now has an epoch and carries on at version 41.
+    let first = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
+    let a = post(batch_from(
+        first,
+        2,
+        vec![report("press", 41, json!({"n": 41}))],
+    ))
+    .await;
+    assert_eq!((a.status, a.result(0)), (200, "accepted"), "{a:?}");
+    let st = status("press").await;
+    assert_eq!(
+        (
+            st.reported_version,
+            st.reported_epoch.as_deref(),
+            st.reported_epoch_generation
+        ),
+        (Some(41), Some(first), Some(1))
+    );
+    let en = nodes.get("edge-1").await.unwrap().status.unwrap();
+    assert_eq!(
+        (en.agent_epoch.as_deref(), en.agent_epoch_generation),
+        (Some(first), Some(1))
+    );
+
+    // The same epoch and version with another body is a conflict: refused, counted, unwritten.
+    let a = post(batch_from(
+        first,
+        3,
+        vec![report("press", 41, json!({"n": -1}))],
+    ))
+    .await;
+    assert_eq!((a.status, a.result(0)), (200, "rejected"), "{a:?}");
+    assert!(
+        a.body["results"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("conflict:"),
+        "{a:?}"
+    );
+    assert_eq!(status("press").await.reported.unwrap()["n"], json!(41));
+    assert_eq!(
+        c.metric("edgesync_controller_reports_rejected_total{reason=\"conflict\"}")
+            .await,
+        1.0
+    );
+    // The same body again is a retry: accepted, nothing written.
+    let writes = c.metric("edgesync_controller_status_writes_total").await;
+    let a = post(batch_from(
+        first,
+        4,
+        vec![report("press", 41, json!({"n": 41}))],
+    ))
+    .await;
+    assert_eq!((a.status, a.result(0)), (200, "accepted"), "{a:?}");
+    assert_eq!(
+        c.metric("edgesync_controller_status_writes_total").await,
+        writes
+    );
+
+    // Reinstalled: a new database starts again at version 1 and is written at once, where a
+    // version-only order would answer `stale` until it passed 41.
+    let second = "ffeeddccbbaa99887766554433221100";
+    let a = post(batch_from(
+        second,
+        1,
+        vec![
+            report("press", 1, json!({"n": 1001})),
+            report("oven", 1, json!({"t": 180})),
+        ],
+    ))
+    .await;
+    assert_eq!(
+        (a.status, a.result(0), a.result(1)),
+        (200, "accepted", "accepted"),
+        "{a:?}"
+    );
+    let st = status("press").await;
+    assert_eq!(
+        (
+            st.reported_version,
+            st.reported_epoch.as_deref(),
+            st.reported_epoch_generation
+        ),
+        (Some(1), Some(second), Some(2))
+    );
+    assert_eq!(st.reported.unwrap()["n"], json!(1001));
+    let en = nodes.get("edge-1").await.unwrap().status.unwrap();
+    assert_eq!(
+        (
+            en.agent_epoch.as_deref(),
+            en.agent_epoch_generation,
+            en.retired_agent_epochs
+        ),
+        (Some(second), Some(2), vec![first.to_owned()])
+    );
+    assert_eq!(
+        c.metric("edgesync_controller_agent_epoch_changes_total")
+            .await,
+        2.0
+    );
+
+    // The old database, still running somewhere, is refused as a whole (409) and changes
+    // nothing: neither its reports nor the node's heartbeat.
+    let mut old = batch_from(first, 5, vec![report("press", 42, json!({"n": 42}))]);
+    old.agent.version = "old-install".into();
+    let a = post(old).await;
+    assert_eq!((a.status, a.code()), (409, "epoch_superseded"), "{a:?}");
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("retiredAgentEpochs"),
+        "{a:?}"
+    );
+    assert_eq!(status("press").await.reported.unwrap()["n"], json!(1001));
+    assert_eq!(
+        c.metric("edgesync_controller_superseded_epoch_batches_total")
+            .await,
+        1.0
+    );
+    // An agent without epochs cannot come back over the new epoch either.
+    let a = post(batch(6, vec![report("press", 500, json!({"n": 500}))])).await;
+    assert_eq!((a.status, a.result(0)), (200, "stale"), "{a:?}");
+    // Heartbeats never rewrote the epoch record (they patch the rest of the status).
+    let a = post(batch_from(
+        second,
+        2,
+        vec![report("press", 2, json!({"n": 1002}))],
+    ))
+    .await;
+    assert_eq!((a.status, a.result(0)), (200, "accepted"), "{a:?}");
+    let en = nodes.get("edge-1").await.unwrap().status.unwrap();
+    assert_eq!(en.agent_epoch.as_deref(), Some(second));
+    assert_ne!(en.agent_version.as_deref(), Some("old-install"));
+
+    // A malformed epoch is a malformed batch.
+    let a = post(batch_from("no spaces", 7, vec![])).await;
+    assert_eq!((a.status, a.code()), (400, "malformed"), "{a:?}");
 }

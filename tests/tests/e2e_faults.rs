@@ -429,3 +429,59 @@ async fn a_deleted_wal_is_detected_reported_on_the_edgenode_and_cleared_by_the_o
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reinstalled_agent_supersedes_its_old_reports_at_once() {
+    let cp = ControlPlane::shared();
+    let mut stack = Stack::start(cp, "e2e-reinstall", auto_register()).await;
+    let devices = stack.devices().await;
+    let nodes: Api<EdgeNode> = Api::namespaced(cp.client().await, &stack.ns.name);
+    let (msgs, last) = workload(5, 20, 0);
+    publish_acked(stack.broker.port(), "old-install", msgs).await;
+    wait_reported(&devices, "n", &last, CONVERGE).await;
+    let old = devices.get("dev-0").await.unwrap().status.unwrap();
+    let old_epoch = old
+        .reported_epoch
+        .clone()
+        .expect("the agent sends its epoch");
+    assert_eq!(old.reported_version, Some(20));
+    let outbox = |config: &std::path::Path| -> Value {
+        let out = std::process::Command::new(edgesync_e2e::agent::agent_binary())
+            .args(["outbox", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let config = stack.agent_config.write();
+    assert_eq!(outbox(&config)["epoch"], json!(old_epoch));
+
+    // Reinstalled: the agent's files in data_dir are gone (its config stays), so versions
+    // start again at 1 under a new epoch.
+    stack.agent.stop();
+    for entry in std::fs::read_dir(&stack.agent_config.data_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("edgesync-agent.") {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    stack.agent.restart();
+    let (msgs, last) = workload(5, 1, 1000);
+    publish_acked(stack.broker.port(), "new-install", msgs).await;
+    wait_reported(&devices, "n", &last, CONVERGE).await;
+    let new = devices.get("dev-0").await.unwrap().status.unwrap();
+    let new_epoch = new.reported_epoch.clone().unwrap();
+    assert_ne!(new_epoch, old_epoch);
+    // Written although its version is far below the old database's.
+    assert!(new.reported_version.unwrap() < 5, "{new:?}");
+    assert_eq!(
+        new.reported_epoch_generation,
+        Some(old.reported_epoch_generation.unwrap() + 1)
+    );
+    assert_eq!(outbox(&config)["epoch"], json!(new_epoch));
+    let en = nodes.get("edge-1").await.unwrap().status.unwrap();
+    assert_eq!(en.agent_epoch, Some(new_epoch));
+    assert_eq!(en.retired_agent_epochs, vec![old_epoch]);
+}

@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::StoreSettings;
 
 mod broker_sessions;
+mod epoch;
 mod health;
 mod read_only;
 mod schema;
@@ -250,6 +251,7 @@ enum Command {
 pub struct Store {
     tx: mpsc::Sender<Command>,
     health: Arc<StoreHealth>,
+    epoch: Arc<str>,
 }
 
 impl Store {
@@ -266,6 +268,7 @@ impl Store {
             let _ = std::fs::create_dir_all(dir);
         }
         let conn = open_rw(&settings.path, settings.durability)?;
+        let epoch = epoch::load_or_create(&conn, &settings.path)?;
         let health = Arc::new(StoreHealth::default());
         if let Ok((journal, synchronous)) = effective_pragmas(&conn) {
             health.set_pragmas(journal, synchronous);
@@ -276,7 +279,19 @@ impl Store {
             .name("edgesync-store".into())
             .spawn(move || writer.run(rx))
             .map_err(StoreError::Thread)?;
-        Ok((Store { tx, health }, handle))
+        Ok((
+            Store {
+                tx,
+                health,
+                epoch: epoch.into(),
+            },
+            handle,
+        ))
+    }
+
+    /// The database's epoch, sent with every report batch (see `epoch`).
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     /// Whether the store can commit (shared with the writer thread).

@@ -67,6 +67,14 @@ impl ReadOnlyStore {
             .map_err(sqlite_err(&self.path))
     }
 
+    /// The database's epoch (none before the agent first opened it).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn epoch(&self) -> Result<Option<String>, StoreError> {
+        super::epoch::read(&self.conn).map_err(sqlite_err(&self.path))
+    }
+
     /// Outbox statistics and the pending devices (oldest first).
     ///
     /// # Errors
