@@ -27,6 +27,10 @@ pub struct AgentConfig {
     pub cloud_ca: Option<PathBuf>,
     /// Serve `/metrics` and the health endpoints on this loopback port (off by default).
     pub http_port: Option<u16>,
+    /// Extra keys for the `[mqtt]` section.
+    pub mqtt_extra: String,
+    /// `RUST_LOG` for the agent process.
+    pub log_filter: String,
 }
 
 impl AgentConfig {
@@ -42,6 +46,8 @@ impl AgentConfig {
             extra: String::new(),
             cloud_ca: None,
             http_port: None,
+            mqtt_extra: String::new(),
+            log_filter: "info".into(),
         }
     }
 
@@ -59,6 +65,7 @@ impl AgentConfig {
             Some(port) => format!("embedded = true\nlisten = \"127.0.0.1:{port}\""),
             None => format!("url = \"{}\"", self.mqtt_url),
         };
+        let mqtt = format!("{mqtt}\n{}", self.mqtt_extra);
         let mut s = format!(
             "node = \"{}\"\nnamespace = \"{}\"\ndata_dir = \"{}\"\n\n[mqtt]\n{mqtt}\n\n[[ingest]]\ntopic = \"factory/{{device}}/state\"\n\n[http]\nlisten = \"{}\"\n\n",
             self.node,
@@ -109,7 +116,7 @@ pub fn spawn_agent(config: &AgentConfig) -> ManagedProcess {
         .arg("run")
         .arg("--config")
         .arg(path.as_os_str())
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", &config.log_filter);
     ManagedProcess::spawn(spec, &config.data_dir)
 }
 

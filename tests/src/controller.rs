@@ -15,6 +15,10 @@ use crate::process::{ManagedProcess, ProcessSpec};
 use crate::wait::until_blocking;
 use crate::{free_port, loopback};
 
+/// The controller's usual `RUST_LOG` in tests. The harness API server has a self-signed
+/// certificate the kubeconfig skips verifying; kube warns about that on every connection.
+pub const DEFAULT_LOG: &str = "info,edgesync_controller=debug,kube_client::client::tls=error";
+
 /// Path of the release controller binary, building it once per test binary if needed.
 pub fn controller_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -48,18 +52,26 @@ impl Controller {
     /// Starts a controller without waiting for it (for TLS, where readiness is checked over
     /// HTTPS by the caller, or to see it refuse to start).
     pub fn spawn(cp: &ControlPlane, extra: &[&str]) -> Controller {
-        Self::spawn_with_open_files(cp, extra, None)
+        Self::spawn_with(cp, extra, None, DEFAULT_LOG)
+    }
+
+    /// Starts a controller logging with the `RUST_LOG` filter `log`, and waits until it is
+    /// ready.
+    pub fn start_with_log(cp: &ControlPlane, extra: &[&str], log: &str) -> Controller {
+        let c = Self::spawn_with(cp, extra, None, log);
+        c.wait_ready();
+        c
     }
 
     /// Starts a controller whose open-files limit (soft and hard) is `limit`, as under
     /// systemd's or containerd's default of 1,024, and waits until it is ready.
     pub fn start_with_open_files(cp: &ControlPlane, extra: &[&str], limit: u64) -> Controller {
-        let c = Self::spawn_with_open_files(cp, extra, Some(limit));
+        let c = Self::spawn_with(cp, extra, Some(limit), DEFAULT_LOG);
         c.wait_ready();
         c
     }
 
-    fn spawn_with_open_files(cp: &ControlPlane, extra: &[&str], limit: Option<u64>) -> Controller {
+    fn spawn_with(cp: &ControlPlane, extra: &[&str], limit: Option<u64>, log: &str) -> Controller {
         let dir = tempfile::tempdir().expect("controller temp dir");
         let addr = loopback(free_port());
         // prlimit (util-linux) sets the limit and then runs the controller in its place.
@@ -75,12 +87,7 @@ impl Controller {
             .arg("--listen")
             .arg(addr.to_string())
             .env("KUBECONFIG", &cp.kubeconfig().display().to_string())
-            // The harness API server has a self-signed certificate the kubeconfig skips
-            // verifying; kube warns about that on every connection.
-            .env(
-                "RUST_LOG",
-                "info,edgesync_controller=debug,kube_client::client::tls=error",
-            );
+            .env("RUST_LOG", log);
         for a in extra {
             spec = spec.arg(*a);
         }
