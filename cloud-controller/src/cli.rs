@@ -79,6 +79,13 @@ pub struct RunOptions {
     #[arg(long, default_value_t = 64 * 1024 * 1024, env = "EDGESYNC_MAX_BODY_BYTES_IN_FLIGHT")]
     pub max_body_bytes_in_flight: usize,
 
+    /// Request bodies held in memory at once for one node, in bytes (part of
+    /// `--max-body-bytes-in-flight`), so one node's slow or large bodies cannot hold the whole
+    /// budget and have other nodes' batches refused. Over it, that node gets 503 with
+    /// Retry-After before its body is read. Bodies larger than this are never admitted.
+    #[arg(long, default_value_t = 16 * 1024 * 1024, env = "EDGESYNC_MAX_BODY_BYTES_IN_FLIGHT_PER_NODE", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_body_bytes_in_flight_per_node: usize,
+
     /// Serve the agent API over TLS with this PEM certificate chain (needs `--tls-key`).
     #[arg(long, env = "EDGESYNC_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,

@@ -122,7 +122,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         ),
         lookups: lookups::NodeLookups::new(Duration::from_secs(opts.unknown_node_cache_seconds)),
         epochs: epoch::NodeEpochs::new(client.clone(), Arc::clone(&metrics)),
-        bodies: Arc::new(tokio::sync::Semaphore::new(opts.max_body_bytes_in_flight)),
+        bodies: api::BodyBudget::new(
+            opts.max_body_bytes_in_flight,
+            opts.max_body_bytes_in_flight_per_node,
+        ),
         tasks: tasks.clone(),
         auth_log: std::sync::Mutex::new(edgesync_protocol::rate::LogThrottle::new(
             Duration::from_secs(10),

@@ -328,8 +328,18 @@ async fn over_rate_and_over_budget_batches_are_refused_before_their_body_is_read
         "ts",
         "  autoRegisterDevices: true\n  limits:\n    reportsPerSecond: 1\n    burst: 1",
     );
-    create_node(cp, &ns.name, "fast", "tf", "  autoRegisterDevices: true");
-    let c = Controller::start(cp, &["--max-body-bytes-in-flight", "1048576"]);
+    for (node, token) in [("fast", "tf"), ("other", "to"), ("third", "t3")] {
+        create_node(cp, &ns.name, node, token, "  autoRegisterDevices: true");
+    }
+    let c = Controller::start(
+        cp,
+        &[
+            "--max-body-bytes-in-flight",
+            "2097152",
+            "--max-body-bytes-in-flight-per-node",
+            "1048576",
+        ],
+    );
     let a = post_batch(
         &c.url(),
         &ns.name,
@@ -352,26 +362,29 @@ async fn over_rate_and_over_budget_batches_are_refused_before_their_body_is_read
         "{answer}"
     );
 
-    // One request declaring 1 MiB, whose body never comes, holds the whole body budget...
-    let mut holder = TcpStream::connect(c.addr).await.unwrap();
-    holder
-        .write_all(post_head(&ns.name, "fast", "tf", 1_048_576).as_bytes())
-        .await
-        .unwrap();
-    // ...so the next one is answered 503 before its body is read (until the holder's
-    // reservation is in, the probes go through and are answered 400 for their garbage body).
-    let busy = wait::until("a 503 while the budget is held", STEP, || {
-        let (addr, head) = (c.addr, post_head(&ns.name, "fast", "tf", 10));
-        async move {
-            let mut s = TcpStream::connect(addr).await.ok()?;
-            s.write_all(head.as_bytes()).await.ok()?;
-            s.write_all(b"0123456789").await.ok()?;
-            let answer = closed_or_answered(&mut s).await;
-            answer.starts_with("HTTP/1.1 503").then_some(answer)
-        }
-    })
+    // A request declaring 1 MiB, whose body never comes, holds its node's whole body budget,
+    // so that node's next batch is answered 503 before its body is read.
+    let holder = hold_body_budget(c.addr, &ns.name, "fast", "tf").await;
+    let busy = refused_before_body(c.addr, &ns.name, "fast", "tf").await;
+    assert!(
+        busy.contains("--max-body-bytes-in-flight-per-node"),
+        "{busy}"
+    );
+    // One node holding its share does not starve the others.
+    let a = post_batch(
+        &c.url(),
+        &ns.name,
+        "other",
+        "to",
+        &batch(1, vec![report("o-1", 1, json!({}))]),
+    )
     .await;
-    assert!(busy.contains("max-body-bytes-in-flight"), "{busy}");
+    assert_eq!(a.status, 200, "{a:?}");
+    // Two nodes' shares make the whole budget: a third node is refused too.
+    let second_holder = hold_body_budget(c.addr, &ns.name, "other", "to").await;
+    let busy = refused_before_body(c.addr, &ns.name, "third", "t3").await;
+    assert!(busy.contains("--max-body-bytes-in-flight allows"), "{busy}");
+    drop(second_holder);
     drop(holder);
     let text = c.metrics().await;
     assert!(
@@ -386,6 +399,37 @@ async fn over_rate_and_over_budget_batches_are_refused_before_their_body_is_read
             "edgesync_controller_requests_shed_total{reason=\"body_budget\"}"
         ) >= 1.0
     );
+    assert!(
+        metric_value(
+            &text,
+            "edgesync_controller_requests_shed_total{reason=\"node_body_budget\"}"
+        ) >= 1.0
+    );
+}
+
+/// A request for `node` declaring a 1 MiB body that never comes.
+async fn hold_body_budget(addr: SocketAddr, ns: &str, node: &str, token: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(post_head(ns, node, token, 1_048_576).as_bytes())
+        .await
+        .unwrap();
+    s
+}
+
+/// Waits until a small batch for `node` is answered 503 (until a holder's reservation is in,
+/// probes go through and are answered 400 for their garbage body); returns the answer.
+async fn refused_before_body(addr: SocketAddr, ns: &str, node: &str, token: &str) -> String {
+    wait::until("a 503 while the budget is held", STEP, || {
+        let head = post_head(ns, node, token, 10);
+        async move {
+            let mut s = TcpStream::connect(addr).await.ok()?;
+            s.write_all(head.as_bytes()).await.ok()?;
+            s.write_all(b"0123456789").await.ok()?;
+            let answer = closed_or_answered(&mut s).await;
+            answer.starts_with("HTTP/1.1 503").then_some(answer)
+        }
+    })
+    .await
 }
 
 /// Reads the start of an answer (waiting at most 5 s).

@@ -1,22 +1,69 @@
-//! Request bodies: the global budget of bytes held at once (reserved before reading), and the
-//! read itself with its deadline, size limit and gzip decoding.
+//! Request bodies: the budgets of bytes held at once, overall and per node (reserved before
+//! reading), and the read itself with its deadline, size limit and gzip decoding.
 
+use std::collections::HashMap;
 use std::io::Read as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, header};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{ApiError, AppState};
 
-/// Reserves room for the request's body in the global budget: its Content-Length, or the
-/// largest body allowed when it is not declared. Released when the request is answered.
+/// Bytes of request bodies held at once: all nodes together (`--max-body-bytes-in-flight`),
+/// and each node on its own (`--max-body-bytes-in-flight-per-node`), so that one node, with
+/// slow or large bodies, cannot hold the whole budget and have every other node's batches
+/// refused.
+pub struct BodyBudget {
+    all: Arc<Semaphore>,
+    per_node: usize,
+    nodes: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
+}
+
+/// Room reserved for one body, given back when dropped.
+pub(super) struct BodyPermit {
+    _all: OwnedSemaphorePermit,
+    _node: OwnedSemaphorePermit,
+}
+
+impl BodyBudget {
+    /// A budget of `all` bytes, `per_node` of them at most for one node.
+    pub fn new(all: usize, per_node: usize) -> Self {
+        Self {
+            all: Arc::new(Semaphore::new(all.min(Semaphore::MAX_PERMITS))),
+            per_node: per_node.min(Semaphore::MAX_PERMITS),
+            nodes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The node's own budget (nodes are authenticated before this, so the map holds only
+    /// existing nodes).
+    fn node(&self, ns: &str, node: &str) -> Arc<Semaphore> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            nodes
+                .entry((ns.to_owned(), node.to_owned()))
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_node))),
+        )
+    }
+}
+
+/// Reserves room for the request's body in the node's and the global budget: its
+/// Content-Length, or the largest body allowed when it is not declared. Released when the
+/// request is answered.
 pub(super) fn reserve_body(
     s: &AppState,
+    ns: &str,
+    node: &str,
     headers: &HeaderMap,
-) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    let max = s.opts.max_body_bytes.min(s.opts.max_body_bytes_in_flight);
+) -> Result<BodyPermit, ApiError> {
+    let max = s
+        .opts
+        .max_body_bytes
+        .min(s.opts.max_body_bytes_in_flight)
+        .min(s.opts.max_body_bytes_in_flight_per_node);
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -24,17 +71,27 @@ pub(super) fn reserve_body(
     // A declared length over the limit is refused by the read itself (413); reserve the cap.
     let bytes = declared.map_or(max, |n| n.min(max)).max(1);
     let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
-    Arc::clone(&s.bodies)
+    let busy = |reason: &'static str, option: &str| {
+        s.metrics.shed(reason);
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("the controller holds as many request bodies as {option} allows; retry later"),
+        )
+        .retry_after(Duration::from_secs(1))
+    };
+    let node_permit = s
+        .bodies
+        .node(ns, node)
         .try_acquire_many_owned(bytes)
-        .map_err(|_| {
-            s.metrics.shed("body_budget");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "busy",
-                "the controller holds as many request bodies as --max-body-bytes-in-flight allows; retry later",
-            )
-            .retry_after(Duration::from_secs(1))
-        })
+        .map_err(|_| busy("node_body_budget", "--max-body-bytes-in-flight-per-node"))?;
+    let all_permit = Arc::clone(&s.bodies.all)
+        .try_acquire_many_owned(bytes)
+        .map_err(|_| busy("body_budget", "--max-body-bytes-in-flight"))?;
+    Ok(BodyPermit {
+        _all: all_permit,
+        _node: node_permit,
+    })
 }
 
 /// Reads the body (gzip-decoded when so marked) within `deadline`, refusing more than `max`

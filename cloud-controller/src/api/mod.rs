@@ -28,7 +28,6 @@ use edgesync_crds::EdgeNode;
 use edgesync_protocol::rate::LogThrottle;
 use edgesync_protocol::wire::ErrorBody;
 use kube::{Api, Client};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
@@ -70,8 +69,8 @@ pub struct AppState {
     pub lookups: NodeLookups,
     /// Each node's agent epochs.
     pub epochs: NodeEpochs,
-    /// Bytes of request bodies that may be held at once (`--max-body-bytes-in-flight`).
-    pub bodies: Arc<Semaphore>,
+    /// Bytes of request bodies that may be held at once, overall and per node.
+    pub bodies: BodyBudget,
     /// Desired-stream tasks, joined at shutdown.
     pub tasks: TaskTracker,
     /// Authentication failures are logged at most once per interval.
@@ -80,6 +79,8 @@ pub struct AppState {
 
 mod body;
 mod desired;
+
+pub use body::BodyBudget;
 mod reports;
 
 type Shared = Arc<AppState>;

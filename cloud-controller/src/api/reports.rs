@@ -75,7 +75,7 @@ async fn handle_reports(
         s.metrics.shed("node_rate");
         return Err(rate_limited(ns, node, rate, burst, wait));
     }
-    let _body_budget = reserve_body(s, headers)?;
+    let _body_budget = reserve_body(s, ns, node, headers)?;
     let raw = read_body(
         body,
         headers,

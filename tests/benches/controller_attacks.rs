@@ -1,0 +1,351 @@
+//! `make bench` (controller under attack): a good agent's batches while hostile clients on the
+//! agents' network do their worst, one attack at a time, against a real kube-apiserver.
+//!
+//! The good agent posts batches of 10 reports of new versions back to back, each answered
+//! once durable. For each attack: its batches/s, p50 and p99 latency against the same with no
+//! attack, answers other than 200, and the controller's RSS and open file descriptors (idle,
+//! then peak). A fresh controller with default options runs each attack; the attackers run in
+//! this process, on the same two cores as the controller and the API server.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use edgesync_e2e::cluster::ControlPlane;
+use edgesync_e2e::controller::{Controller, batch, client, create_devices, create_node, report};
+use edgesync_e2e::raw_mqtt::rss_kib;
+use edgesync_protocol::wire;
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+const WARMUP: Duration = Duration::from_secs(1);
+const WINDOW: Duration = Duration::from_secs(6);
+const GOOD_DEVICES: usize = 10;
+/// Devices of the compromised node, each reported with ~30 KB: a 14.7 MB batch.
+const BIG_DEVICES: usize = 500;
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+struct Good {
+    latencies: Vec<Duration>,
+    others: Vec<u16>,
+}
+
+/// The good agent: batches of [`GOOD_DEVICES`] new versions, back to back, for [`WINDOW`]
+/// after [`WARMUP`].
+async fn good_agent(url: &str, ns: &str, seq: &AtomicU64) -> Good {
+    let http = client();
+    let started = Instant::now();
+    let mut good = Good {
+        latencies: Vec::new(),
+        others: Vec::new(),
+    };
+    while started.elapsed() < WARMUP + WINDOW {
+        let n = seq.fetch_add(1, Ordering::Relaxed);
+        let reports = (0..GOOD_DEVICES)
+            .map(|d| {
+                report(
+                    &format!("good-{d}"),
+                    n,
+                    json!({"n": n, "temperatureC": 21.5}),
+                )
+            })
+            .collect();
+        let body = serde_json::to_vec(&batch(n, reports)).unwrap();
+        let t = Instant::now();
+        let status = http
+            .post(format!("{url}{}", wire::reports_path(ns, "edge-1")))
+            .bearer_auth("good-token")
+            .header("content-type", "application/json")
+            .body(body)
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16());
+        if started.elapsed() < WARMUP {
+            continue;
+        }
+        if status == 200 {
+            good.latencies.push(t.elapsed());
+        } else {
+            good.others.push(status);
+            // As an agent would: back off a little before retrying.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    good.latencies.sort();
+    good
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// Connects, sends `prefix`, then one byte of `drip` every `every` until the server closes
+/// the socket; then again, until `stop`.
+async fn dripper(
+    addr: std::net::SocketAddr,
+    prefix: Vec<u8>,
+    drip: u8,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    while !stop.is_cancelled() {
+        let Ok(mut s) = TcpStream::connect(addr).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if s.write_all(&prefix).await.is_err() {
+            continue;
+        }
+        let mut buf = [0u8; 1024];
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = s.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) { break },
+                _ = tokio::time::sleep(every) => {
+                    if drip != 0 && s.write_all(&[drip]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn head(ns: &str, node: &str, token: &str, content_length: usize) -> Vec<u8> {
+    format!(
+        "POST {} HTTP/1.1\r\nHost: controller\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n",
+        wire::reports_path(ns, node)
+    )
+    .into_bytes()
+}
+
+/// Starts one attack; it runs until `stop`.
+async fn start_attack(
+    name: &str,
+    url: &str,
+    addr: std::net::SocketAddr,
+    ns: &str,
+    big: &Arc<Vec<u8>>,
+    stop: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) {
+    match name {
+        "none" => {}
+        "idle sockets: 3,000 connections that send nothing" => {
+            for _ in 0..3000 {
+                tasks.spawn(dripper(
+                    addr,
+                    Vec::new(),
+                    0,
+                    Duration::from_secs(1),
+                    stop.clone(),
+                ));
+            }
+        }
+        "slowloris: 500 clients sending a header byte a second" => {
+            let prefix = b"POST /v1/namespaces/x/nodes/y/reports HTTP/1.1\r\nX-Slow: ".to_vec();
+            for _ in 0..500 {
+                tasks.spawn(dripper(
+                    addr,
+                    prefix.clone(),
+                    b'a',
+                    Duration::from_secs(1),
+                    stop.clone(),
+                ));
+            }
+        }
+        "slow bodies: 100 authenticated 1 MiB bodies at a byte a second" => {
+            let prefix = head(ns, "edge-evil", "evil-token", 1 << 20);
+            for _ in 0..100 {
+                tasks.spawn(dripper(
+                    addr,
+                    prefix.clone(),
+                    b' ',
+                    Duration::from_secs(1),
+                    stop.clone(),
+                ));
+            }
+        }
+        "large batches: 8 authenticated 14.7 MB batches at a time" => {
+            for _ in 0..8 {
+                let (url, ns, big, stop) =
+                    (url.to_owned(), ns.to_owned(), big.clone(), stop.clone());
+                tasks.spawn(async move {
+                    let http = client();
+                    while !stop.is_cancelled() {
+                        let _ = http
+                            .post(format!("{url}{}", wire::reports_path(&ns, "edge-evil")))
+                            .bearer_auth("evil-token")
+                            .header("content-type", "application/json")
+                            .body(big.to_vec())
+                            .timeout(Duration::from_secs(30))
+                            .send()
+                            .await;
+                    }
+                });
+            }
+        }
+        "unknown nodes: 50 concurrent requests for random node names" => {
+            for w in 0..50 {
+                let (url, ns, stop) = (url.to_owned(), ns.to_owned(), stop.clone());
+                tasks.spawn(async move {
+                    let http = client();
+                    for i in 0u64.. {
+                        if stop.is_cancelled() {
+                            return;
+                        }
+                        let _ = http
+                            .post(format!(
+                                "{url}{}",
+                                wire::reports_path(&ns, &format!("ghost-{w}-{i}"))
+                            ))
+                            .bearer_auth("x")
+                            .body("{}")
+                            .send()
+                            .await;
+                    }
+                });
+            }
+        }
+        "wrong tokens: 50 concurrent requests for the good node" => {
+            for _ in 0..50 {
+                let (url, ns, stop) = (url.to_owned(), ns.to_owned(), stop.clone());
+                tasks.spawn(async move {
+                    let http = client();
+                    while !stop.is_cancelled() {
+                        let _ = http
+                            .post(format!("{url}{}", wire::reports_path(&ns, "edge-1")))
+                            .bearer_auth("wrong")
+                            .body("{}")
+                            .send()
+                            .await;
+                    }
+                });
+            }
+        }
+        other => unreachable!("{other}"),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    const ATTACKS: [&str; 7] = [
+        "none",
+        "idle sockets: 3,000 connections that send nothing",
+        "slowloris: 500 clients sending a header byte a second",
+        "slow bodies: 100 authenticated 1 MiB bodies at a byte a second",
+        "large batches: 8 authenticated 14.7 MB batches at a time",
+        "unknown nodes: 50 concurrent requests for random node names",
+        "wrong tokens: 50 concurrent requests for the good node",
+    ];
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("bench-attacks");
+    create_node(cp, &ns.name, "edge-1", "good-token", "");
+    create_node(cp, &ns.name, "edge-evil", "evil-token", "");
+    let good: Vec<String> = (0..GOOD_DEVICES).map(|d| format!("good-{d}")).collect();
+    create_devices(cp, &ns.name, "edge-1", &good);
+    let bigs: Vec<String> = (0..BIG_DEVICES).map(|d| format!("big-{d}")).collect();
+    create_devices(cp, &ns.name, "edge-evil", &bigs);
+    let pad = "x".repeat(30 * 1000);
+    let reports = bigs
+        .iter()
+        .map(|d| report(d, 1, json!({ "pad": pad })))
+        .collect();
+    let big = Arc::new(serde_json::to_vec(&batch(1, reports)).unwrap());
+    println!(
+        "edgesync controller under attack: a good agent posting {GOOD_DEVICES}-report batches back to back, {} s per attack, default options; the large batch is {:.1} MB",
+        WINDOW.as_secs(),
+        big.len() as f64 / 1e6
+    );
+    let seq = AtomicU64::new(1);
+    let mut rows = Vec::new();
+    for attack in ATTACKS {
+        let c = Controller::start_with_log(cp, &[], "info");
+        let (url, addr) = (c.url(), c.addr);
+        let pid = c.process.pid().unwrap();
+        // The compromised node's devices are written once, so its batches are retries that
+        // cost parsing, not writes.
+        let first = client()
+            .post(format!(
+                "{url}{}",
+                wire::reports_path(&ns.name, "edge-evil")
+            ))
+            .bearer_auth("evil-token")
+            .body(big.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(first.status().as_u16(), 200);
+        let (idle_rss, idle_fds) = (rss_kib(pid), open_fds(pid));
+        let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        start_attack(attack, &url, addr, &ns.name, &big, &stop, &mut tasks).await;
+        let (peak_rss, peak_fds) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let sampler = {
+            let (peak_rss, peak_fds, stop) = (peak_rss.clone(), peak_fds.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    peak_rss.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                    peak_fds.fetch_max(open_fds(pid) as u64, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let g = good_agent(&url, &ns.name, &seq).await;
+        stop.cancel();
+        sampler.await.unwrap();
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        eprintln!(
+            "{attack}: {} batches, p99 {:.1} ms, others {:?}",
+            g.latencies.len(),
+            percentile(&g.latencies, 0.99),
+            g.others
+        );
+        rows.push((
+            attack,
+            g,
+            idle_rss,
+            peak_rss.load(Ordering::Relaxed),
+            idle_fds,
+            peak_fds.load(Ordering::Relaxed),
+        ));
+        drop(c);
+    }
+    let base = &rows[0].1;
+    let (base_rate, base_p99) = (
+        base.latencies.len() as f64 / WINDOW.as_secs_f64(),
+        percentile(&base.latencies, 0.99),
+    );
+    println!();
+    println!(
+        "| attack | good batches/s | p50 ms | p99 ms | p99 vs none | not 200 | controller RSS idle -> peak, MiB | open fds idle -> peak |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (attack, g, idle_rss, peak_rss, idle_fds, peak_fds) in rows {
+        let rate = g.latencies.len() as f64 / WINDOW.as_secs_f64();
+        let p99 = percentile(&g.latencies, 0.99);
+        println!(
+            "| {attack} | {rate:.0} ({:.0}%) | {:.1} | {p99:.1} | {:.1}x | {} | {:.1} -> {:.1} | {idle_fds} -> {peak_fds} |",
+            100.0 * rate / base_rate,
+            percentile(&g.latencies, 0.5),
+            p99 / base_p99,
+            g.others.len(),
+            idle_rss as f64 / 1024.0,
+            peak_rss as f64 / 1024.0,
+        );
+    }
+}
