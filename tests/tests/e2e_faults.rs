@@ -444,7 +444,8 @@ async fn a_reinstalled_agent_supersedes_its_old_reports_at_once() {
         .reported_epoch
         .clone()
         .expect("the agent sends its epoch");
-    assert_eq!(old.reported_version, Some(20));
+    // 20 updates, plus the version the desired snapshot may add.
+    assert!(old.reported_version.unwrap() >= 20, "{old:?}");
     let outbox = |config: &std::path::Path| -> Value {
         let out = std::process::Command::new(edgesync_e2e::agent::agent_binary())
             .args(["outbox", "--config"])
@@ -475,7 +476,7 @@ async fn a_reinstalled_agent_supersedes_its_old_reports_at_once() {
     let new_epoch = new.reported_epoch.clone().unwrap();
     assert_ne!(new_epoch, old_epoch);
     // Written although its version is far below the old database's.
-    assert!(new.reported_version.unwrap() < 5, "{new:?}");
+    assert!(new.reported_version.unwrap() < 5, "{new:?} after {old:?}");
     assert_eq!(
         new.reported_epoch_generation,
         Some(old.reported_epoch_generation.unwrap() + 1)

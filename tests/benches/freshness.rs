@@ -1,0 +1,211 @@
+//! `make bench` (freshness): publish -> Device status time, end to end through separate real
+//! processes (Mosquitto, the agent, the controller, kube-apiserver), measured the way an
+//! outside probe would: devices publish plain JSON over MQTT at a paced rate, and a watch on
+//! the Devices sees each state arrive.
+//!
+//! Fleets: 100 devices x 1 Hz and 1,000 devices x 1 Hz (`FRESHNESS_FLEETS` overrides, e.g.
+//! `100,1000`). A publish counts as fresh once the status shows it or a later state of the
+//! same device (a coalesced state is superseded, not lost). Reported: p50 and p99, API writes
+//! per update, and the agent's CPU.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgesync_e2e::cluster::ControlPlane;
+use edgesync_e2e::stack::{Stack, StackOptions};
+use futures_util::StreamExt as _;
+use kube::runtime::{WatchStreamExt as _, watcher};
+use rumqttc::{AsyncClient, Event, MqttOptions, QoS};
+use serde_json::json;
+
+const RUN: Duration = Duration::from_secs(20);
+const WARMUP: Duration = Duration::from_secs(3);
+
+/// Publish times per device, by sequence number, and the latencies measured so far.
+#[derive(Default)]
+struct Ledger {
+    published: HashMap<String, Vec<(u64, Instant)>>,
+    latencies: Vec<Duration>,
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+async fn fleet(cp: &ControlPlane, devices: usize) -> String {
+    let stack = Stack::start(
+        cp,
+        &format!("fresh-{devices}"),
+        StackOptions {
+            node_spec: "  autoRegisterDevices: true".into(),
+            ..StackOptions::default()
+        },
+    )
+    .await;
+    let api = stack.devices().await;
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let started = Instant::now();
+    let watch = {
+        let ledger = ledger.clone();
+        tokio::spawn(async move {
+            let stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(d)) = stream.next().await {
+                let seen = Instant::now();
+                let Some(n) = d
+                    .status
+                    .and_then(|s| s.reported)
+                    .and_then(|r| r.get("n").and_then(serde_json::Value::as_u64))
+                else {
+                    continue;
+                };
+                let name = d.metadata.name.unwrap_or_default();
+                let mut l = ledger.lock().unwrap();
+                let Ledger {
+                    published,
+                    latencies,
+                } = &mut *l;
+                if let Some(list) = published.get_mut(&name) {
+                    // Every publish up to n is now fresh; count those after the warm-up.
+                    let fresh: Vec<_> = list.iter().filter(|(k, _)| *k <= n).copied().collect();
+                    list.retain(|(k, _)| *k > n);
+                    for (_, at) in fresh {
+                        if at.duration_since(started) >= WARMUP {
+                            latencies.push(seen - at);
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let agent_pid = stack.agent.pid().unwrap();
+    let writes_before = stack
+        .controller
+        .metric("edgesync_controller_status_writes_total")
+        .await;
+    let cpu_before = cpu_ticks(agent_pid);
+    // One MQTT client per 100 devices; each device publishes once a second, spread evenly.
+    let mut publishers = Vec::new();
+    let mut updates = 0u64;
+    for c in 0..devices.div_ceil(100) {
+        let names: Vec<String> = (c * 100..((c + 1) * 100).min(devices))
+            .map(|d| format!("dev-{d}"))
+            .collect();
+        let mut o = MqttOptions::new(
+            format!("fleet-{devices}-{c}"),
+            "127.0.0.1",
+            stack.broker.port(),
+        );
+        o.set_keep_alive(Duration::from_secs(30)).set_inflight(200);
+        let (client, mut el) = AsyncClient::new(o, 1000);
+        publishers.push(tokio::spawn(
+            async move { while el.poll().await.is_ok() {} },
+        ));
+        let ledger = ledger.clone();
+        publishers.push(tokio::spawn(async move {
+            let gap = Duration::from_secs(1) / names.len() as u32;
+            let mut tick = tokio::time::interval(gap);
+            for n in 1u64.. {
+                for name in &names {
+                    tick.tick().await;
+                    if started.elapsed() >= RUN {
+                        return;
+                    }
+                    ledger
+                        .lock()
+                        .unwrap()
+                        .published
+                        .entry(name.clone())
+                        .or_default()
+                        .push((n, Instant::now()));
+                    let body = json!({"n": n, "temperatureC": 21.5}).to_string();
+                    if client
+                        .publish(
+                            format!("factory/{name}/state"),
+                            QoS::AtLeastOnce,
+                            false,
+                            body,
+                        )
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }));
+        updates += (RUN - WARMUP).as_secs() * names.len() as u64;
+    }
+    tokio::time::sleep(RUN).await;
+    let cpu = (cpu_ticks(agent_pid) - cpu_before) as f64 / 100.0 / RUN.as_secs_f64();
+    // Let the last states land, then stop.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let writes = stack
+        .controller
+        .metric("edgesync_controller_status_writes_total")
+        .await
+        - writes_before;
+    for p in publishers {
+        p.abort();
+    }
+    watch.abort();
+    let mut l = ledger.lock().unwrap();
+    let unseen: usize = l.published.values().map(Vec::len).sum();
+    l.latencies.sort();
+    format!(
+        "| {devices} devices x 1 Hz | {:.0} | {:.0} | {} | {:.2} | {:.1}% |",
+        percentile(&l.latencies, 0.5),
+        percentile(&l.latencies, 0.99),
+        if unseen == 0 {
+            "yes".to_owned()
+        } else {
+            format!("no ({unseen} never seen)")
+        },
+        writes / updates.max(1) as f64,
+        100.0 * cpu
+    )
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let fleets: Vec<usize> = std::env::var("FRESHNESS_FLEETS")
+        .unwrap_or_else(|_| "100,1000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let cp = ControlPlane::shared();
+    println!(
+        "edgesync freshness: MQTT publish -> Device status seen by a watch, {} s per fleet ({} s warm-up), default options",
+        RUN.as_secs(),
+        WARMUP.as_secs()
+    );
+    let mut rows = Vec::new();
+    for devices in fleets {
+        rows.push(fleet(cp, devices).await);
+    }
+    println!();
+    println!(
+        "| load | p50 ms | p99 ms | converged | API writes per update | agent CPU (one core) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+}
