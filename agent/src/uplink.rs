@@ -1,7 +1,9 @@
 //! The uplink: turns the outbox into report batches for the controller.
 //!
-//! Outermost first: batch window and size limits, token buckets on reports/s and bytes/s, a
-//! bound on batches in flight, then one HTTP request per batch (gzip, bearer token, W3C
+//! Outermost first: a change goes out at once on an idle link, and gathers into the next
+//! batch while one is in flight (for at most the batch window); batch size limits, token
+//! buckets on reports/s and bytes/s, a bound on batches in flight, then one HTTP request per
+//! batch (gzip, bearer token, W3C
 //! `traceparent`). A failed batch is not retried as-is: its devices stay pending and the next
 //! batch, after an exponential backoff with full jitter (schedule from `backon`, `Retry-After`
 //! honoured), carries their *latest* state. Rows leave the outbox only when a 2xx answer
@@ -25,6 +27,9 @@ use crate::config::{CloudSettings, UplinkSettings};
 use crate::metrics::Metrics;
 use crate::store::{PendingBatch, Store};
 use edgesync_protocol::rate::TokenBucket;
+
+/// Bodies up to this size are sent uncompressed.
+const GZIP_MIN_BYTES: usize = 1024;
 
 /// What became of one batch.
 #[derive(Debug)]
@@ -191,6 +196,7 @@ impl Uplink {
             }
 
             let window = this.settings.batch_window;
+            let idle = in_flight.is_empty();
             let heartbeat_in = this
                 .settings
                 .heartbeat
@@ -241,7 +247,14 @@ impl Uplink {
                     }
                     this.refresh_gauges().await;
                 }
-                _ = async { this.notify.notified().await; tokio::time::sleep(window).await; }, if in_flight.len() < this.settings.max_in_flight && !shutdown.is_cancelled() => {}
+                // An idle link sends a change at once (after `linger`, 0 by default). While a
+                // batch is in flight, changes gather (as in group commit) until it is
+                // answered, which fills the next batch, or until the window has passed,
+                // which sends them alongside.
+                _ = async {
+                    this.notify.notified().await;
+                    tokio::time::sleep(if idle { this.settings.linger } else { window }).await;
+                }, if in_flight.len() < this.settings.max_in_flight && !shutdown.is_cancelled() => {}
                 _ = tokio::time::sleep(heartbeat_in.max(Duration::from_millis(10))) => {}
                 _ = tokio::time::sleep(retry_in), if !retry_in.is_zero() => {}
                 _ = tokio::time::sleep(interval_tick) => {}
@@ -351,7 +364,9 @@ impl Uplink {
             .bearer_auth(self.cloud.token.expose())
             .header("content-type", "application/json")
             .header("traceparent", traceparent());
-        req = if self.settings.gzip {
+        // A small body (a change sent at once on an idle link) costs more to compress than
+        // it saves on the wire.
+        req = if self.settings.gzip && json.len() > GZIP_MIN_BYTES {
             let mut enc = flate2::write::GzEncoder::new(
                 Vec::with_capacity(json.len() / 4),
                 flate2::Compression::fast(),

@@ -18,7 +18,7 @@ use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::stack::{Stack, StackOptions};
 use futures_util::StreamExt as _;
 use kube::runtime::{WatchStreamExt as _, watcher};
-use rumqttc::{AsyncClient, Event, MqttOptions, QoS};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::json;
 
 const RUN: Duration = Duration::from_secs(20);
@@ -29,6 +29,8 @@ const WARMUP: Duration = Duration::from_secs(3);
 struct Ledger {
     published: HashMap<String, Vec<(u64, Instant)>>,
     latencies: Vec<Duration>,
+    /// Every publish, warm-up included.
+    count: u64,
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -81,6 +83,7 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> String {
                 let Ledger {
                     published,
                     latencies,
+                    ..
                 } = &mut *l;
                 if let Some(list) = published.get_mut(&name) {
                     // Every publish up to n is now fresh; count those after the warm-up.
@@ -103,7 +106,6 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> String {
     let cpu_before = cpu_ticks(agent_pid);
     // One MQTT client per 100 devices; each device publishes once a second, spread evenly.
     let mut publishers = Vec::new();
-    let mut updates = 0u64;
     for c in 0..devices.div_ceil(100) {
         let names: Vec<String> = (c * 100..((c + 1) * 100).min(devices))
             .map(|d| format!("dev-{d}"))
@@ -128,13 +130,14 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> String {
                     if started.elapsed() >= RUN {
                         return;
                     }
-                    ledger
-                        .lock()
-                        .unwrap()
-                        .published
-                        .entry(name.clone())
-                        .or_default()
-                        .push((n, Instant::now()));
+                    {
+                        let mut l = ledger.lock().unwrap();
+                        l.count += 1;
+                        l.published
+                            .entry(name.clone())
+                            .or_default()
+                            .push((n, Instant::now()));
+                    }
                     let body = json!({"n": n, "temperatureC": 21.5}).to_string();
                     if client
                         .publish(
@@ -151,7 +154,6 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> String {
                 }
             }
         }));
-        updates += (RUN - WARMUP).as_secs() * names.len() as u64;
     }
     tokio::time::sleep(RUN).await;
     let cpu = (cpu_ticks(agent_pid) - cpu_before) as f64 / 100.0 / RUN.as_secs_f64();
@@ -167,6 +169,7 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> String {
     }
     watch.abort();
     let mut l = ledger.lock().unwrap();
+    let updates = l.count;
     let unseen: usize = l.published.values().map(Vec::len).sum();
     l.latencies.sort();
     format!(

@@ -186,8 +186,12 @@ impl Default for RawLimits {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawUplink {
-    /// How long to gather changes before sending a batch.
+    /// How long changes gather while a batch is in flight before they go out in another one
+    /// (an idle link sends after `linger_ms`).
     pub batch_window_ms: u64,
+    /// How long an idle link waits for more changes before sending (0: at once). Raising it
+    /// trades freshness for fewer, larger requests on a light load.
+    pub linger_ms: u64,
     /// Maximum reports per batch.
     pub batch_max_reports: usize,
     /// Maximum uncompressed batch size.
@@ -206,7 +210,7 @@ pub struct RawUplink {
     pub retry_max_ms: u64,
     /// An empty batch is sent as a heartbeat when nothing else was sent for this long.
     pub heartbeat_secs: u64,
-    /// Compress request bodies with gzip.
+    /// Compress request bodies with gzip (those over 1 KiB).
     pub gzip: bool,
 }
 
@@ -214,6 +218,7 @@ impl Default for RawUplink {
     fn default() -> Self {
         Self {
             batch_window_ms: 200,
+            linger_ms: 0,
             batch_max_reports: 500,
             batch_max_bytes: 1024 * 1024,
             reports_per_second: 2000,
@@ -351,8 +356,10 @@ impl CloudSettings {
 /// Validated uplink settings.
 #[derive(Debug, Clone)]
 pub struct UplinkSettings {
-    /// Gathering window.
+    /// Gathering window while a batch is in flight.
     pub batch_window: Duration,
+    /// Wait before sending on an idle link.
+    pub linger: Duration,
     /// Reports per batch.
     pub batch_max_reports: usize,
     /// Bytes per batch.
@@ -548,6 +555,7 @@ impl TryFrom<RawConfig> for Settings {
         }
         let uplink = UplinkSettings {
             batch_window: Duration::from_millis(u.batch_window_ms),
+            linger: Duration::from_millis(u.linger_ms),
             batch_max_reports: u.batch_max_reports,
             batch_max_bytes: u.batch_max_bytes,
             reports_per_second: (u.reports_per_second > 0).then_some(u.reports_per_second),
