@@ -13,13 +13,14 @@ demo: k8s
 test: deps fmt-check clippy
 	hack/run-tests.sh
 
-## bench: agent ingest vs the broker alone and SQLite alone; good devices' ingest under attacks on the embedded broker; controller ingest vs a real kube-apiserver; a good agent's batches under attacks on the controller; publish -> status freshness end to end
+## bench: agent ingest vs the broker alone and SQLite alone; good devices' ingest under attacks on the embedded broker; controller ingest vs a real kube-apiserver; a good agent's batches under attacks on the controller; publish -> status freshness end to end; the API server's write ceiling per write form
 bench: deps
 	$(CARGO) bench -p edgesync-e2e --bench agent_ingest
 	$(CARGO) bench -p edgesync-e2e --bench broker_attacks
 	$(CARGO) bench -p edgesync-e2e --bench controller_ingest
 	$(CARGO) bench -p edgesync-e2e --bench controller_attacks
 	$(CARGO) bench -p edgesync-e2e --bench freshness
+	$(CARGO) bench -p edgesync-e2e --bench apiserver_ceiling
 
 ## deps: build/cache kube-apiserver, kubectl, etcd and install mosquitto if missing
 deps: k8s mosquitto

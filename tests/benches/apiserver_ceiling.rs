@@ -1,0 +1,178 @@
+//! `make bench` (API server write ceiling): how many Device status writes per second this
+//! machine's kube-apiserver takes, for each write form the controller could use, each one
+//! conditional on the object's `resourceVersion` (what "never regress" rests on):
+//!
+//! - `PUT .../status` with the whole object;
+//! - a merge `PATCH .../status` carrying `metadata.resourceVersion`;
+//! - server-side apply on `/status` (no precondition of its own: shown for comparison).
+//!
+//! 1,000 Devices, `CEILING_CONCURRENCY` writers (default 32) for 8 s per form, each writing a
+//! ~200-byte reported state to the next device. Reported: writes/s, p50/p99, and the API
+//! server's CPU (one core = 100%).
+
+#![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use edgesync_crds::{Device, DeviceStatus};
+use edgesync_e2e::cluster::ControlPlane;
+use edgesync_e2e::controller::create_devices;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::json;
+use tokio::task::JoinSet;
+
+const DEVICES: usize = 1000;
+const RUN: Duration = Duration::from_secs(8);
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let own = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    own + children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .map(cpu_ticks)
+        .sum::<u64>()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn reported(n: u64) -> serde_json::Map<String, serde_json::Value> {
+    json!({"n": n, "temperatureC": 21.5, "rpm": 1200, "mode": "auto", "pad": "x".repeat(120)})
+        .as_object()
+        .cloned()
+        .unwrap()
+}
+
+/// One write of `form` to `name`; `Ok(true)` when written, `Ok(false)` on a conflict.
+async fn write(api: &Api<Device>, form: &str, name: &str, n: u64) -> Result<bool, kube::Error> {
+    let result = match form {
+        "PUT /status, whole object, resourceVersion" => {
+            let mut d = api.get_status(name).await?;
+            let st = d.status.get_or_insert_with(DeviceStatus::default);
+            st.reported = Some(reported(n));
+            st.reported_version = Some(n);
+            d.metadata.managed_fields = None;
+            api.replace_status(name, &PostParams::default(), &d)
+                .await
+                .map(|_| ())
+        }
+        "merge PATCH /status, resourceVersion" => {
+            let d = api.get_status(name).await?;
+            let patch = json!({
+                "metadata": {"resourceVersion": d.metadata.resource_version},
+                "status": {"reported": reported(n), "reportedVersion": n},
+            });
+            api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map(|_| ())
+        }
+        "server-side apply /status (no precondition)" => {
+            let patch = json!({
+                "apiVersion": "edgesync.io/v1alpha1",
+                "kind": "Device",
+                "status": {"reported": reported(n), "reportedVersion": n},
+            });
+            api.patch_status(
+                name,
+                &PatchParams::apply("ceiling-bench").force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map(|_| ())
+        }
+        other => unreachable!("{other}"),
+    };
+    match result {
+        Ok(()) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let concurrency: usize = std::env::var("CEILING_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("ceiling");
+    let names: Vec<String> = (0..DEVICES).map(|d| format!("dev-{d}")).collect();
+    for chunk in names.chunks(250) {
+        create_devices(cp, &ns.name, "edge-1", chunk);
+    }
+    let api: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+    let pid = cp.apiserver_pid().unwrap();
+    println!(
+        "kube-apiserver write ceiling for Device status: {DEVICES} devices, {concurrency} writers, {} s per form (each write is a GET of the status then the write, except apply)",
+        RUN.as_secs()
+    );
+    let forms = [
+        "PUT /status, whole object, resourceVersion",
+        "merge PATCH /status, resourceVersion",
+        "server-side apply /status (no precondition)",
+    ];
+    let mut rows = Vec::new();
+    for form in forms {
+        let next = Arc::new(AtomicUsize::new(0));
+        let names = Arc::new(names.clone());
+        let started = Instant::now();
+        let cpu_before = cpu_ticks(pid);
+        let mut set = JoinSet::new();
+        for _ in 0..concurrency {
+            let (api, next, names) = (api.clone(), next.clone(), names.clone());
+            set.spawn(async move {
+                let (mut lat, mut conflicts, mut errors) = (Vec::new(), 0u64, 0u64);
+                while started.elapsed() < RUN {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let name = &names[i % names.len()];
+                    let t = Instant::now();
+                    match write(&api, form, name, i as u64 + 1).await {
+                        Ok(true) => lat.push(t.elapsed()),
+                        Ok(false) => conflicts += 1,
+                        Err(_) => errors += 1,
+                    }
+                }
+                (lat, conflicts, errors)
+            });
+        }
+        let (mut lat, mut conflicts, mut errors) = (Vec::new(), 0, 0);
+        while let Some(r) = set.join_next().await {
+            let (l, c, e) = r.unwrap();
+            lat.extend(l);
+            conflicts += c;
+            errors += e;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let cpu = (cpu_ticks(pid) - cpu_before) as f64 / 100.0 / secs;
+        lat.sort();
+        eprintln!("{form}: {} writes", lat.len());
+        rows.push(format!(
+            "| {form} | {:.0} | {:.1} | {:.1} | {conflicts} | {errors} | {:.0}% |",
+            lat.len() as f64 / secs,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            100.0 * cpu
+        ));
+    }
+    println!();
+    println!("| write form | writes/s | p50 ms | p99 ms | conflicts | errors | API server CPU |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+}
