@@ -94,10 +94,27 @@ pub struct RunOptions {
     #[arg(long, env = "EDGESYNC_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
 
-    /// Global budget of Kubernetes status writes per second (all nodes, all devices). Reports
-    /// beyond it are coalesced: each device is written with its latest state when its turn comes.
+    /// Starting global budget of Kubernetes status writes per second (all nodes, all devices).
+    /// Reports beyond it are coalesced: each device is written with its latest state when its
+    /// turn comes. The budget then adapts, once a second: it grows by a tenth while writes wait
+    /// for it and the API server answers fast, is cut by a fifth when writes get slower than
+    /// `--write-latency-target-ms`, and halves on a 429 (API Priority and Fairness), a 5xx or
+    /// a timeout; always within `--write-qps-min` and `--write-qps-max`.
     #[arg(long, default_value_t = 200.0, env = "EDGESYNC_WRITE_QPS", value_parser = positive_f64)]
     pub write_qps: f64,
+
+    /// Lowest write budget, writes per second.
+    #[arg(long, default_value_t = 10.0, env = "EDGESYNC_WRITE_QPS_MIN", value_parser = positive_f64)]
+    pub write_qps_min: f64,
+
+    /// Highest write budget, writes per second (equal to `--write-qps-min` for a fixed budget).
+    #[arg(long, default_value_t = 1000.0, env = "EDGESYNC_WRITE_QPS_MAX", value_parser = positive_f64)]
+    pub write_qps_max: f64,
+
+    /// A status write slower than this is a sign of a saturated API server: when more than a
+    /// tenth of a second's writes are, the budget shrinks.
+    #[arg(long, default_value_t = 200, env = "EDGESYNC_WRITE_LATENCY_TARGET_MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_latency_target_ms: u64,
 
     /// Writes allowed in a burst above `--write-qps`.
     #[arg(long, default_value_t = 400, env = "EDGESYNC_WRITE_BURST", value_parser = clap::value_parser!(u32).range(1..))]

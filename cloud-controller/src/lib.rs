@@ -9,6 +9,7 @@
 //! | [`ratelimit`] | per-node token buckets (429) |
 //! | [`cache`] | Device and EdgeNode reflectors |
 //! | [`writer`] | coalescing, budgeted, never-regressing Device status writer |
+//! | [`budget`] | the global write budget, adapted to the API server's answers |
 //! | [`stamp`] | a report's `(epoch generation, version)` and how it compares with a status |
 //! | [`epoch`] | a node's agent epochs: the current one, retired ones, the switch |
 //! | [`device_status`] | what a report writes into a Device's status and conditions |
@@ -21,6 +22,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod budget;
 pub mod cache;
 pub mod cli;
 pub mod desired;
@@ -73,7 +75,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
     let hub = Arc::new(desired::DesiredHub::new());
     let caches = cache::Caches::start(&watch_client, Arc::clone(&hub), &shutdown, &tasks);
-    let budget = Arc::new(writer::WriteBudget::new(opts.write_qps, opts.write_burst));
+    let budget = Arc::new(budget::WriteBudget::new(
+        opts.write_qps,
+        opts.write_burst,
+        budget::Bounds {
+            min: opts.write_qps_min,
+            max: opts.write_qps_max.max(opts.write_qps_min),
+            latency_target: Duration::from_millis(opts.write_latency_target_ms),
+        },
+    ));
+    let _ = metrics.write_budget.set(Arc::clone(&budget));
     let status_writer = writer::StatusWriter::new(
         client.clone(),
         caches.clone(),
@@ -160,6 +171,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tls = tls.is_some(),
         identity,
         write_qps = opts.write_qps,
+        write_qps_min = opts.write_qps_min,
+        write_qps_max = opts.write_qps_max,
         write_burst = opts.write_burst,
         version = env!("CARGO_PKG_VERSION"),
         "edgesync-controller serving"

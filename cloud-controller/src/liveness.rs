@@ -24,9 +24,9 @@ use kube::{Api, Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::budget::WriteBudget;
 use crate::cache::Caches;
 use crate::metrics::Metrics;
-use crate::writer::WriteBudget;
 
 /// How often the loop runs.
 const TICK: Duration = Duration::from_secs(2);

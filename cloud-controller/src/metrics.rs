@@ -62,6 +62,8 @@ pub struct Metrics {
     pub desired_streams: AtomicU64,
     /// Desired-state events sent.
     pub desired_events: AtomicU64,
+    /// The write budget, read when rendered.
+    pub write_budget: std::sync::OnceLock<std::sync::Arc<crate::budget::WriteBudget>>,
     /// This replica's leadership, read when rendered (no stale copy after a pause).
     pub leader: std::sync::OnceLock<std::sync::Arc<crate::lease::Leadership>>,
     /// Whether the last Kubernetes call succeeded.
@@ -273,6 +275,14 @@ impl Metrics {
             "edgesync_controller_leader",
             "1 when this replica runs the singleton loops.",
             u64::from(self.leader.get().is_some_and(|l| l.is_leader())),
+        );
+        prom::gauge(
+            &mut out,
+            "edgesync_controller_write_budget_qps",
+            "The write budget's current rate, writes per second (adapted to the API server).",
+            self.write_budget
+                .get()
+                .map_or(0, |b| b.rate().round() as u64),
         );
         prom::gauge(
             &mut out,

@@ -16,13 +16,13 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use edgesync_crds::Device;
-use edgesync_protocol::rate::TokenBucket;
 use kube::api::PostParams;
 use kube::{Api, Client};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::budget::{Signal, WriteBudget};
 use crate::cache::Caches;
 use crate::device_status::apply_report;
 use crate::metrics::Metrics;
@@ -34,33 +34,6 @@ const MAX_CONFLICT_RETRIES: usize = 5;
 
 /// `(namespace, name)` of a Device.
 pub type DeviceKey = (String, String);
-
-/// The global budget of writes per second toward the API server, shared by every writer of
-/// this replica (device status, liveness conditions).
-pub struct WriteBudget {
-    bucket: Mutex<TokenBucket>,
-}
-
-impl WriteBudget {
-    /// `qps` writes per second with bursts of `burst`.
-    pub fn new(qps: f64, burst: u32) -> Self {
-        Self {
-            bucket: Mutex::new(TokenBucket::new(qps, f64::from(burst), Instant::now())),
-        }
-    }
-
-    /// Waits until one more write is within budget.
-    pub async fn acquire(&self) {
-        let wait = self
-            .bucket
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take(1.0, Instant::now());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-    }
-}
 
 /// What became of a submitted report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,7 +285,14 @@ impl StatusWriter {
             let result = api
                 .replace_status(name, &PostParams::default(), &device)
                 .await;
-            self.metrics.status_write_latency.observe(started.elapsed());
+            let took = started.elapsed();
+            self.metrics.status_write_latency.observe(took);
+            self.budget.record(match &result {
+                Err(kube::Error::Api(s)) if s.code == 429 || s.code >= 500 => Signal::Overloaded,
+                Err(kube::Error::Api(_)) | Ok(_) => Signal::Answered(took),
+                // Transport errors and timeouts.
+                Err(_) => Signal::Overloaded,
+            });
             match result {
                 Ok(_) => {
                     self.metrics.status_writes.fetch_add(1, Ordering::Relaxed);

@@ -62,6 +62,15 @@ impl TokenBucket {
         }
     }
 
+    /// Changes the rate and burst from `now` on (tokens earned so far are kept, up to the new
+    /// burst).
+    pub fn set_rate(&mut self, rate: f64, burst: f64, now: Instant) {
+        self.refill(now);
+        self.rate = rate;
+        self.burst = burst;
+        self.tokens = self.tokens.min(burst);
+    }
+
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;

@@ -7,7 +7,8 @@
 //!    p99 time from a report's arrival to its durable write, and the kube-apiserver process's
 //!    CPU.
 //!
-//! The controller runs with its default write budget unless `BENCH_WRITE_QPS` is set.
+//! The controller runs with its default (adaptive) write budget unless `BENCH_WRITE_QPS` sets
+//! a fixed one.
 
 #![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
@@ -160,7 +161,17 @@ async fn main() {
     let mut args = vec![];
     let qps = std::env::var("BENCH_WRITE_QPS").ok();
     if let Some(q) = &qps {
-        args.extend(["--write-qps", q.as_str(), "--write-burst", q.as_str()]);
+        // A fixed budget (min = max).
+        args.extend([
+            "--write-qps",
+            q.as_str(),
+            "--write-qps-min",
+            q.as_str(),
+            "--write-qps-max",
+            q.as_str(),
+            "--write-burst",
+            q.as_str(),
+        ]);
     }
     let c = Controller::start(&cp, &args);
     let pid = cp.apiserver_pid().unwrap();

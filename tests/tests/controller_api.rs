@@ -638,3 +638,46 @@ async fn agent_epochs_order_reports_across_reinstalls_and_refuse_conflicts() {
     let a = post(batch_from("no spaces", 7, vec![])).await;
     assert_eq!((a.status, a.code()), (400, "malformed"), "{a:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_budget_grows_while_writes_wait_for_it() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("budget");
+    create_node(cp, &ns.name, "edge-1", "t1", "");
+    let names: Vec<String> = (0..200).map(|i| format!("m-{i}")).collect();
+    create_devices(cp, &ns.name, "edge-1", &names);
+    let c = Controller::start(
+        cp,
+        &[
+            "--write-qps",
+            "20",
+            "--write-burst",
+            "20",
+            "--write-qps-max",
+            "400",
+        ],
+    );
+    assert_eq!(c.metric("edgesync_controller_write_budget_qps").await, 20.0);
+    // An agent with more to write than 20/s: every device changes in every batch.
+    let (url, ns_name) = (c.url(), ns.name.clone());
+    let load = tokio::spawn(async move {
+        for seq in 1u64.. {
+            let reports = names
+                .iter()
+                .map(|d| report(d, seq, json!({ "n": seq })))
+                .collect();
+            let _ = post_batch(&url, &ns_name, "edge-1", "t1", &batch(seq, reports)).await;
+        }
+    });
+    let grown = wait::until(
+        "the write budget to grow past 40/s",
+        Duration::from_secs(60),
+        || async {
+            let qps = c.metric("edgesync_controller_write_budget_qps").await;
+            (qps > 40.0).then_some(qps)
+        },
+    )
+    .await;
+    load.abort();
+    assert!(grown <= 400.0, "{grown}");
+}

@@ -12,18 +12,48 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
     let deploy = workspace_root().join("deploy");
     let controller = deploy.join("controller.yaml").display().to_string();
     let rbac = deploy.join("rbac.yaml").display().to_string();
+    let flowcontrol = deploy.join("flowcontrol.yaml").display().to_string();
     // Namespaced objects cannot be dry-run into a namespace that does not exist yet.
     let _ = cp.kubectl(&["create", "namespace", "edgesync-system"]);
-    let out = cp.kubectl_ok(&["apply", "--dry-run=server", "-f", &controller, "-f", &rbac]);
+    let out = cp.kubectl_ok(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        &controller,
+        "-f",
+        &rbac,
+        "-f",
+        &flowcontrol,
+    ]);
     for kind in [
         "deployment.apps/edgesync-controller",
         "service/edgesync-controller",
         "serviceaccount/edgesync-controller",
         "clusterrole.rbac.authorization.k8s.io/edgesync-controller",
         "poddisruptionbudget.policy/edgesync-controller",
+        "prioritylevelconfiguration.flowcontrol.apiserver.k8s.io/edgesync-controller",
+        "flowschema.flowcontrol.apiserver.k8s.io/edgesync-controller",
     ] {
         assert!(out.contains(kind), "{kind} missing from dry run:\n{out}");
     }
+    // The FlowSchema finds its priority level (the API server marks it Dangling otherwise).
+    cp.kubectl_ok(&["apply", "-f", &flowcontrol]);
+    let dangling = edgesync_e2e::wait::until_blocking(
+        "the FlowSchema's Dangling condition",
+        std::time::Duration::from_secs(30),
+        || {
+            let out = cp.kubectl_ok(&[
+                "get",
+                "flowschema",
+                "edgesync-controller",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Dangling\")].status}",
+            ]);
+            let status = out.trim().to_owned();
+            (!status.is_empty()).then_some(status)
+        },
+    );
+    assert_eq!(dangling, Ok("False".to_owned()));
 
     cp.kubectl_ok(&["apply", "-f", &rbac]);
     let sa = "system:serviceaccount:edgesync-system:edgesync-controller";
@@ -41,6 +71,7 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         ("create", "devices.edgesync.io", "plant-a"),
         ("update", "devices.edgesync.io/status", "plant-a"),
         ("patch", "edgenodes.edgesync.io/status", "plant-a"),
+        ("update", "edgenodes.edgesync.io/status", "plant-a"),
         ("list", "edgenodes.edgesync.io", "plant-a"),
         ("get", "secrets", "plant-a"),
         ("update", "leases.coordination.k8s.io", "edgesync-system"),

@@ -188,8 +188,13 @@ async fn a_1khz_device_is_coalesced_within_the_write_budget_and_429_is_honoured(
             node_spec:
                 "  autoRegisterDevices: true\n  limits:\n    reportsPerSecond: 5\n    burst: 5"
                     .into(),
+            // A fixed budget of 10 writes/s (min = max).
             controller_args: vec![
                 "--write-qps".into(),
+                "10".into(),
+                "--write-qps-min".into(),
+                "10".into(),
+                "--write-qps-max".into(),
                 "10".into(),
                 "--write-burst".into(),
                 "10".into(),
