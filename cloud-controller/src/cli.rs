@@ -96,7 +96,7 @@ pub struct RunOptions {
 
     /// Starting global budget of Kubernetes status writes per second (all nodes, all devices).
     /// Reports beyond it are coalesced: each device is written with its latest state when its
-    /// turn comes. The budget then adapts, once a second: it grows by a tenth while writes wait
+    /// turn comes. The budget then adapts, once a second: it grows by a quarter while writes wait
     /// for it and the API server answers fast, is cut by a fifth when writes get slower than
     /// `--write-latency-target-ms`, and halves on a 429 (API Priority and Fairness), a 5xx or
     /// a timeout; always within `--write-qps-min` and `--write-qps-max`.
