@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use edgesync_crds::{Device, DeviceStatus};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::create_devices;
+use edgesync_e2e::measure::{TICKS_PER_SECOND, cpu_ticks, percentile_ms};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -27,29 +28,6 @@ use tokio::task::JoinSet;
 
 const DEVICES: usize = 1000;
 const RUN: Duration = Duration::from_secs(8);
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let own = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    own + children
-        .split_whitespace()
-        .filter_map(|c| c.parse::<u32>().ok())
-        .map(cpu_ticks)
-        .sum::<u64>()
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i].as_secs_f64() * 1000.0
-}
 
 fn reported(n: u64) -> serde_json::Map<String, serde_json::Value> {
     json!({"n": n, "temperatureC": 21.5, "rpm": 1200, "mode": "auto", "pad": "x".repeat(120)})
@@ -184,14 +162,14 @@ async fn main() {
             errors += e;
         }
         let secs = started.elapsed().as_secs_f64();
-        let cpu = (cpu_ticks(pid) - cpu_before) as f64 / 100.0 / secs;
+        let cpu = (cpu_ticks(pid) - cpu_before) as f64 / TICKS_PER_SECOND / secs;
         lat.sort();
         eprintln!("{form}: {} writes", lat.len());
         rows.push(format!(
             "| {form} | {:.0} | {:.1} | {:.1} | {conflicts} | {errors} | {:.0}% |",
             lat.len() as f64 / secs,
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
+            percentile_ms(&lat, 0.5),
+            percentile_ms(&lat, 0.99),
             100.0 * cpu
         ));
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::{Controller, batch, client, create_devices, create_node, report};
+use edgesync_e2e::measure::percentile_ms;
 use edgesync_e2e::raw_mqtt::rss_kib;
 use edgesync_protocol::wire;
 use serde_json::json;
@@ -84,14 +85,6 @@ async fn good_agent(url: &str, ns: &str, seq: &AtomicU64) -> Good {
     good
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i].as_secs_f64() * 1000.0
-}
-
 /// Connects, sends `prefix`, then one byte of `drip` every `every` until the server closes
 /// the socket; then again, until `stop`.
 async fn dripper(
@@ -130,6 +123,39 @@ fn head(ns: &str, node: &str, token: &str, content_length: usize) -> Vec<u8> {
         wire::reports_path(ns, node)
     )
     .into_bytes()
+}
+
+/// `n` clients posting back to back until `stop`; request `i` of client `w` goes to the node,
+/// with the token and body, that `request(w, i)` gives.
+fn posters(
+    tasks: &mut JoinSet<()>,
+    n: u64,
+    url: &str,
+    ns: &str,
+    stop: &CancellationToken,
+    request: impl Fn(u64, u64) -> (String, &'static str, Vec<u8>) + Clone + Send + 'static,
+) {
+    for w in 0..n {
+        let (url, ns, stop, request) =
+            (url.to_owned(), ns.to_owned(), stop.clone(), request.clone());
+        tasks.spawn(async move {
+            let http = client();
+            for i in 0u64.. {
+                if stop.is_cancelled() {
+                    return;
+                }
+                let (node, token, body) = request(w, i);
+                let _ = http
+                    .post(format!("{url}{}", wire::reports_path(&ns, &node)))
+                    .bearer_auth(token)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await;
+            }
+        });
+    }
 }
 
 /// Starts one attack; it runs until `stop`.
@@ -180,61 +206,20 @@ async fn start_attack(
             }
         }
         "large batches: 8 authenticated 14.7 MB batches at a time" => {
-            for _ in 0..8 {
-                let (url, ns, big, stop) =
-                    (url.to_owned(), ns.to_owned(), big.clone(), stop.clone());
-                tasks.spawn(async move {
-                    let http = client();
-                    while !stop.is_cancelled() {
-                        let _ = http
-                            .post(format!("{url}{}", wire::reports_path(&ns, "edge-evil")))
-                            .bearer_auth("evil-token")
-                            .header("content-type", "application/json")
-                            .body(big.to_vec())
-                            .timeout(Duration::from_secs(30))
-                            .send()
-                            .await;
-                    }
-                });
-            }
+            let big = big.clone();
+            posters(tasks, 8, url, ns, stop, move |_, _| {
+                ("edge-evil".to_owned(), "evil-token", big.to_vec())
+            });
         }
         "unknown nodes: 50 concurrent requests for random node names" => {
-            for w in 0..50 {
-                let (url, ns, stop) = (url.to_owned(), ns.to_owned(), stop.clone());
-                tasks.spawn(async move {
-                    let http = client();
-                    for i in 0u64.. {
-                        if stop.is_cancelled() {
-                            return;
-                        }
-                        let _ = http
-                            .post(format!(
-                                "{url}{}",
-                                wire::reports_path(&ns, &format!("ghost-{w}-{i}"))
-                            ))
-                            .bearer_auth("x")
-                            .body("{}")
-                            .send()
-                            .await;
-                    }
-                });
-            }
+            posters(tasks, 50, url, ns, stop, |w, i| {
+                (format!("ghost-{w}-{i}"), "x", b"{}".to_vec())
+            });
         }
         "wrong tokens: 50 concurrent requests for the good node" => {
-            for _ in 0..50 {
-                let (url, ns, stop) = (url.to_owned(), ns.to_owned(), stop.clone());
-                tasks.spawn(async move {
-                    let http = client();
-                    while !stop.is_cancelled() {
-                        let _ = http
-                            .post(format!("{url}{}", wire::reports_path(&ns, "edge-1")))
-                            .bearer_auth("wrong")
-                            .body("{}")
-                            .send()
-                            .await;
-                    }
-                });
-            }
+            posters(tasks, 50, url, ns, stop, |_, _| {
+                ("edge-1".to_owned(), "wrong", b"{}".to_vec())
+            });
         }
         other => unreachable!("{other}"),
     }
@@ -312,7 +297,7 @@ async fn main() {
         eprintln!(
             "{attack}: {} batches, p99 {:.1} ms, others {:?}",
             g.latencies.len(),
-            percentile(&g.latencies, 0.99),
+            percentile_ms(&g.latencies, 0.99),
             g.others
         );
         rows.push((
@@ -328,7 +313,7 @@ async fn main() {
     let base = &rows[0].1;
     let (base_rate, base_p99) = (
         base.latencies.len() as f64 / WINDOW.as_secs_f64(),
-        percentile(&base.latencies, 0.99),
+        percentile_ms(&base.latencies, 0.99),
     );
     println!();
     println!(
@@ -337,11 +322,11 @@ async fn main() {
     println!("|---|---|---|---|---|---|---|---|");
     for (attack, g, idle_rss, peak_rss, idle_fds, peak_fds) in rows {
         let rate = g.latencies.len() as f64 / WINDOW.as_secs_f64();
-        let p99 = percentile(&g.latencies, 0.99);
+        let p99 = percentile_ms(&g.latencies, 0.99);
         println!(
             "| {attack} | {rate:.0} ({:.0}%) | {:.1} | {p99:.1} | {:.1}x | {} | {:.1} -> {:.1} | {idle_fds} -> {peak_fds} |",
             100.0 * rate / base_rate,
-            percentile(&g.latencies, 0.5),
+            percentile_ms(&g.latencies, 0.5),
             p99 / base_p99,
             g.others.len(),
             idle_rss as f64 / 1024.0,

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use edgesync_crds::{Device, DeviceSpec};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::{Controller, batch, client, create_node, metric_value, report};
+use edgesync_e2e::measure::{TICKS_PER_SECOND, cpu_ticks};
 use edgesync_protocol::wire;
 use futures_util::StreamExt as _;
 use kube::Api;
@@ -30,27 +31,6 @@ const BATCH: usize = 1000;
 const CLIENTS: usize = 8;
 const SATURATION_SECS: u64 = 20;
 const PACED_SECS: u64 = 20;
-
-/// CPU ticks (user + system) of a process and all its descendants (the harness starts the API
-/// server under a small watchdog shell).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let own = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    own + children
-        .split_whitespace()
-        .filter_map(|c| c.parse::<u32>().ok())
-        .map(cpu_ticks)
-        .sum::<u64>()
-}
-
-fn ticks_per_second() -> f64 {
-    100.0
-}
 
 /// p99 from a Prometheus histogram's cumulative buckets (upper bound of the bucket).
 fn p99(metrics: &str, name: &str, before: &[(f64, f64)]) -> String {
@@ -287,7 +267,7 @@ async fn main() {
         refused.load(Ordering::Relaxed),
         writes / secs,
         qps.as_deref().unwrap_or("200/s, burst 400"),
-        (after.cpu - before.cpu) as f64 / ticks_per_second() / secs * 100.0,
+        (after.cpu - before.cpu) as f64 / TICKS_PER_SECOND / secs * 100.0,
     );
     // Let the backlog drain before the paced runs.
     tokio::time::sleep(Duration::from_secs(if qps.is_some() { 5 } else { 60 })).await;
@@ -360,7 +340,7 @@ async fn main() {
                 &before.hist
             ),
             refused.load(Ordering::Relaxed),
-            (after.cpu - before.cpu) as f64 / ticks_per_second() / secs * 100.0,
+            (after.cpu - before.cpu) as f64 / TICKS_PER_SECOND / secs * 100.0,
         );
     }
 }

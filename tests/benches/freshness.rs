@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgesync_e2e::cluster::ControlPlane;
+use edgesync_e2e::measure::{TICKS_PER_SECOND, cpu_ticks, percentile_ms};
 use edgesync_e2e::stack::{Stack, StackOptions};
 use futures_util::StreamExt as _;
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -31,22 +32,6 @@ struct Ledger {
     latencies: Vec<Duration>,
     /// Every publish, warm-up included.
     count: u64,
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i].as_secs_f64() * 1000.0
 }
 
 async fn fleet(cp: &ControlPlane, devices: usize) -> String {
@@ -156,7 +141,7 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> String {
         }));
     }
     tokio::time::sleep(RUN).await;
-    let cpu = (cpu_ticks(agent_pid) - cpu_before) as f64 / 100.0 / RUN.as_secs_f64();
+    let cpu = (cpu_ticks(agent_pid) - cpu_before) as f64 / TICKS_PER_SECOND / RUN.as_secs_f64();
     // Let the last states land, then stop.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let writes = stack
@@ -174,8 +159,8 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> String {
     l.latencies.sort();
     format!(
         "| {devices} devices x 1 Hz | {:.0} | {:.0} | {} | {:.2} | {:.1}% |",
-        percentile(&l.latencies, 0.5),
-        percentile(&l.latencies, 0.99),
+        percentile_ms(&l.latencies, 0.5),
+        percentile_ms(&l.latencies, 0.99),
         if unseen == 0 {
             "yes".to_owned()
         } else {

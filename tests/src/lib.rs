@@ -28,6 +28,7 @@ pub mod cluster;
 pub mod contract;
 pub mod controller;
 pub mod device;
+pub mod measure;
 pub mod mosquitto;
 pub mod pki;
 pub mod process;

@@ -1,0 +1,49 @@
+//! What the benches measure about processes and samples: CPU time, percentiles.
+
+use std::time::Duration;
+
+/// Clock ticks per second of `/proc/{pid}/stat` (USER_HZ, 100 on Linux).
+pub const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU ticks (user + system) of a process and all its descendants (the harness starts the API
+/// server under a small watchdog shell).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let own = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    own + children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .map(cpu_ticks)
+        .sum::<u64>()
+}
+
+/// The `p` quantile (0..=1) of `sorted` in milliseconds, nearest rank; NaN when empty.
+pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile_ms(&v, 0.5), 50.0);
+        assert_eq!(percentile_ms(&v, 0.99), 99.0);
+        assert_eq!(percentile_ms(&v, 1.0), 100.0);
+        assert!(percentile_ms(&[], 0.5).is_nan());
+        // Our own process has used some CPU.
+        assert!(cpu_ticks(std::process::id()) < u64::MAX);
+    }
+}
