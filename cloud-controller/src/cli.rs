@@ -96,8 +96,9 @@ pub struct RunOptions {
 
     /// Starting global budget of Kubernetes status writes per second (all nodes, all devices).
     /// Reports beyond it are coalesced: each device is written with its latest state when its
-    /// turn comes. The budget then adapts, once a second: it grows by a quarter while writes wait
-    /// for it and the API server answers fast, is cut by a fifth when writes get slower than
+    /// turn comes. The budget then adapts, once a second: it grows while writes wait for it
+    /// and the API server answers fast (doubling each second until it first has to shrink,
+    /// then by a quarter), is cut by a fifth when writes get slower than
     /// `--write-latency-target-ms`, and halves on a 429 (API Priority and Fairness), a 5xx or
     /// a timeout; always within `--write-qps-min` and `--write-qps-max`.
     #[arg(long, default_value_t = 200.0, env = "EDGESYNC_WRITE_QPS", value_parser = positive_f64)]
