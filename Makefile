@@ -2,6 +2,7 @@
 # with results cached (Kubernetes binaries under $${XDG_CACHE_HOME:-$$HOME/.cache}/edgesync/).
 SHELL := /bin/bash
 CARGO ?= cargo
+QUICK ?= 0
 
 .PHONY: demo test bench fmt-check clippy unit deps k8s mosquitto crds
 
@@ -9,18 +10,14 @@ CARGO ?= cargo
 demo: k8s
 	$(CARGO) run -q -p edgesync-e2e --bin edgesync-demo
 
-## test: everything CI runs: formatting, lints, and every test against real Mosquitto and kube-apiserver
+## test: everything CI runs: formatting, lints, every test against real Mosquitto and kube-apiserver, and a smoke run of every benchmark
 test: deps fmt-check clippy
 	hack/run-tests.sh
+	$(MAKE) bench QUICK=1
 
-## bench: agent ingest vs the broker alone and SQLite alone; good devices' ingest under attacks on the embedded broker; controller ingest vs a real kube-apiserver; a good agent's batches under attacks on the controller; publish -> status freshness end to end; the API server's write ceiling per write form
+## bench: every benchmark, written to BENCHMARKS.md with the machine, the commands and each aim met or missed: agent ingest vs the broker alone and SQLite alone, the embedded broker and the controller under attack, controller ingest, the API server's write ceiling, publish -> status freshness. QUICK=1: a smoke run (about two minutes) into target/BENCHMARKS-quick.md
 bench: deps
-	$(CARGO) bench -p edgesync-e2e --bench agent_ingest
-	$(CARGO) bench -p edgesync-e2e --bench broker_attacks
-	$(CARGO) bench -p edgesync-e2e --bench controller_ingest
-	$(CARGO) bench -p edgesync-e2e --bench controller_attacks
-	$(CARGO) bench -p edgesync-e2e --bench freshness
-	$(CARGO) bench -p edgesync-e2e --bench apiserver_ceiling
+	QUICK=$(QUICK) CARGO=$(CARGO) hack/bench.sh
 
 ## deps: build/cache kube-apiserver, kubectl, etcd and install mosquitto if missing
 deps: k8s mosquitto

@@ -20,14 +20,21 @@ use std::time::{Duration, Instant};
 use edgesync_crds::{Device, DeviceStatus};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::create_devices;
-use edgesync_e2e::measure::{TICKS_PER_SECOND, cpu_ticks, percentile_ms};
+use edgesync_e2e::measure::{TICKS_PER_SECOND, cpu_ticks, percentile_ms, scaled};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::task::JoinSet;
 
-const DEVICES: usize = 1000;
-const RUN: Duration = Duration::from_secs(8);
+/// Devices written round robin.
+fn devices() -> usize {
+    scaled(1000, 200)
+}
+
+/// Writing time per form.
+fn run() -> Duration {
+    scaled(Duration::from_secs(8), Duration::from_secs(1))
+}
 
 fn reported(n: u64) -> serde_json::Map<String, serde_json::Value> {
     json!({"n": n, "temperatureC": 21.5, "rpm": 1200, "mode": "auto", "pad": "x".repeat(120)})
@@ -112,15 +119,16 @@ async fn main() {
         .unwrap_or(32);
     let cp = ControlPlane::shared();
     let ns = cp.namespace("ceiling");
-    let names: Vec<String> = (0..DEVICES).map(|d| format!("dev-{d}")).collect();
+    let names: Vec<String> = (0..devices()).map(|d| format!("dev-{d}")).collect();
     for chunk in names.chunks(250) {
         create_devices(cp, &ns.name, "edge-1", chunk);
     }
     let api: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
     let pid = cp.apiserver_pid().unwrap();
     println!(
-        "kube-apiserver write ceiling for Device status: {DEVICES} devices, {concurrency} writers, {} s per form (the forms marked so read the status before each write)",
-        RUN.as_secs()
+        "kube-apiserver write ceiling for Device status: {} devices, {concurrency} writers, {} s per form (the forms marked so read the status before each write)",
+        devices(),
+        run().as_secs()
     );
     let forms = [
         "PUT /status from the last written object (the controller's path)",
@@ -129,6 +137,9 @@ async fn main() {
         "server-side apply /status (no precondition)",
     ];
     let mut rows = Vec::new();
+    // The first form is the controller's own path: its rate is the ceiling other benches
+    // are judged against.
+    let mut ceiling = None;
     for form in forms {
         let next = Arc::new(AtomicUsize::new(0));
         let names = Arc::new(names.clone());
@@ -141,7 +152,7 @@ async fn main() {
                 (api.clone(), next.clone(), names.clone(), cache.clone());
             set.spawn(async move {
                 let (mut lat, mut conflicts, mut errors) = (Vec::new(), 0u64, 0u64);
-                while started.elapsed() < RUN {
+                while started.elapsed() < run() {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let name = &names[i % names.len()];
                     let t = Instant::now();
@@ -165,6 +176,9 @@ async fn main() {
         let cpu = (cpu_ticks(pid) - cpu_before) as f64 / TICKS_PER_SECOND / secs;
         lat.sort();
         eprintln!("{form}: {} writes", lat.len());
+        if ceiling.is_none() {
+            ceiling = Some(lat.len() as f64 / secs);
+        }
         rows.push(format!(
             "| {form} | {:.0} | {:.1} | {:.1} | {conflicts} | {errors} | {:.0}% |",
             lat.len() as f64 / secs,
@@ -179,4 +193,10 @@ async fn main() {
     for r in rows {
         println!("{r}");
     }
+    println!();
+    // Read by `hack/bench.sh` and handed to the freshness bench.
+    println!(
+        "write ceiling (the controller's path): {:.0} writes/s",
+        ceiling.unwrap_or(0.0)
+    );
 }

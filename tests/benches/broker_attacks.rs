@@ -14,18 +14,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use edgesync_e2e::agent::{AgentConfig, spawn_agent};
+use edgesync_e2e::measure::scaled;
 use edgesync_e2e::raw_mqtt::{RawClient, connect_packet, encode, rss_kib};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, Subscribe};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 const GOOD_DEVICES: usize = 4;
-const WARMUP: Duration = Duration::from_secs(1);
-const WINDOW: Duration = Duration::from_secs(5);
+/// Warm-up before measuring (shorter in a smoke run).
+fn warmup() -> Duration {
+    scaled(Duration::from_secs(1), Duration::from_millis(300))
+}
+/// Measuring window per attack (shorter in a smoke run).
+fn window() -> Duration {
+    scaled(Duration::from_secs(5), Duration::from_secs(1))
+}
 const AGENT_ID: &str = "edgesync-agent-edge-1";
 
 /// The well-behaved devices: each publishes its reports at QoS1 with up to 100 in flight.
-/// Returns the acknowledged rate over [`WINDOW`], after [`WARMUP`].
+/// Returns the acknowledged rate over [`window()`], after [`warmup()`].
 async fn good_rate(port: u16, round: usize) -> f64 {
     let acked = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
@@ -65,10 +72,10 @@ async fn good_rate(port: u16, round: usize) -> f64 {
             publisher.abort();
         });
     }
-    tokio::time::sleep(WARMUP).await;
+    tokio::time::sleep(warmup()).await;
     let start = acked.load(Ordering::Relaxed);
     let t0 = Instant::now();
-    tokio::time::sleep(WINDOW).await;
+    tokio::time::sleep(window()).await;
     let rate = (acked.load(Ordering::Relaxed) - start) as f64 / t0.elapsed().as_secs_f64();
     stop.cancel();
     while devices.join_next().await.is_some() {}
@@ -231,7 +238,7 @@ async fn main() {
     ];
     println!(
         "edgesync embedded broker under attack: {GOOD_DEVICES} good devices, QoS1 shadow reports, {} s per attack, default [broker] limits",
-        WINDOW.as_secs()
+        window().as_secs()
     );
     let mut rows = Vec::new();
     let mut baseline = 0.0;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::{Controller, batch, client, create_devices, create_node, report};
-use edgesync_e2e::measure::percentile_ms;
+use edgesync_e2e::measure::{percentile_ms, scaled};
 use edgesync_e2e::raw_mqtt::rss_kib;
 use edgesync_protocol::wire;
 use serde_json::json;
@@ -24,8 +24,14 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-const WARMUP: Duration = Duration::from_secs(1);
-const WINDOW: Duration = Duration::from_secs(6);
+/// Warm-up before measuring (shorter in a smoke run).
+fn warmup() -> Duration {
+    scaled(Duration::from_secs(1), Duration::from_millis(300))
+}
+/// Measuring window per attack (shorter in a smoke run).
+fn window() -> Duration {
+    scaled(Duration::from_secs(6), Duration::from_secs(1))
+}
 const GOOD_DEVICES: usize = 10;
 /// Devices of the compromised node, each reported with ~30 KB: a 14.7 MB batch.
 const BIG_DEVICES: usize = 500;
@@ -39,8 +45,8 @@ struct Good {
     others: Vec<u16>,
 }
 
-/// The good agent: batches of [`GOOD_DEVICES`] new versions, back to back, for [`WINDOW`]
-/// after [`WARMUP`].
+/// The good agent: batches of [`GOOD_DEVICES`] new versions, back to back, for [`window()`]
+/// after [`warmup()`].
 async fn good_agent(url: &str, ns: &str, seq: &AtomicU64) -> Good {
     let http = client();
     let started = Instant::now();
@@ -48,7 +54,7 @@ async fn good_agent(url: &str, ns: &str, seq: &AtomicU64) -> Good {
         latencies: Vec::new(),
         others: Vec::new(),
     };
-    while started.elapsed() < WARMUP + WINDOW {
+    while started.elapsed() < warmup() + window() {
         let n = seq.fetch_add(1, Ordering::Relaxed);
         let reports = (0..GOOD_DEVICES)
             .map(|d| {
@@ -70,7 +76,7 @@ async fn good_agent(url: &str, ns: &str, seq: &AtomicU64) -> Good {
             .send()
             .await
             .map_or(0, |r| r.status().as_u16());
-        if started.elapsed() < WARMUP {
+        if started.elapsed() < warmup() {
             continue;
         }
         if status == 200 {
@@ -252,7 +258,7 @@ async fn main() {
     let big = Arc::new(serde_json::to_vec(&batch(1, reports)).unwrap());
     println!(
         "edgesync controller under attack: a good agent posting {GOOD_DEVICES}-report batches back to back, {} s per attack, default options; the large batch is {:.1} MB",
-        WINDOW.as_secs(),
+        window().as_secs(),
         big.len() as f64 / 1e6
     );
     let seq = AtomicU64::new(1);
@@ -312,7 +318,7 @@ async fn main() {
     }
     let base = &rows[0].1;
     let (base_rate, base_p99) = (
-        base.latencies.len() as f64 / WINDOW.as_secs_f64(),
+        base.latencies.len() as f64 / window().as_secs_f64(),
         percentile_ms(&base.latencies, 0.99),
     );
     println!();
@@ -321,7 +327,7 @@ async fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (attack, g, idle_rss, peak_rss, idle_fds, peak_fds) in rows {
-        let rate = g.latencies.len() as f64 / WINDOW.as_secs_f64();
+        let rate = g.latencies.len() as f64 / window().as_secs_f64();
         let p99 = percentile_ms(&g.latencies, 0.99);
         println!(
             "| {attack} | {rate:.0} ({:.0}%) | {:.1} | {p99:.1} | {:.1}x | {} | {:.1} -> {:.1} | {idle_fds} -> {peak_fds} |",

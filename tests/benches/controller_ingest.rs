@@ -19,18 +19,28 @@ use std::time::{Duration, Instant};
 use edgesync_crds::{Device, DeviceSpec};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::{Controller, batch, client, create_node, metric_value, report};
-use edgesync_e2e::measure::{TICKS_PER_SECOND, cpu_ticks};
+use edgesync_e2e::measure::{TICKS_PER_SECOND, cpu_ticks, quick, scaled};
 use edgesync_protocol::wire;
 use futures_util::StreamExt as _;
 use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
 
-const DEVICES: usize = 10_000;
+/// The state the front-door phase re-sends, already durable at version 1.
+fn front_door_state() -> serde_json::Value {
+    json!({"temperatureC": 21.5, "rpm": 1200, "state": "running"})
+}
+
+/// Devices (a smoke run uses fewer).
+fn devices() -> usize {
+    scaled(10_000, 300)
+}
 const BATCH: usize = 1000;
 const CLIENTS: usize = 8;
-const SATURATION_SECS: u64 = 20;
-const PACED_SECS: u64 = 20;
+/// Seconds of each phase.
+fn phase_secs() -> u64 {
+    scaled(20, 3)
+}
 
 /// p99 from a Prometheus histogram's cumulative buckets (upper bound of the bucket).
 fn p99(metrics: &str, name: &str, before: &[(f64, f64)]) -> String {
@@ -105,11 +115,11 @@ async fn main() {
         &ns.name,
         "edge-1",
         "bench-token",
-        "  limits:\n    reportsPerSecond: 1000000\n    burst: 1000000\n    maxReportsPerBatch: 10000",
+        "  limits:\n    reportsPerSecond: 100000000\n    burst: 100000000\n    maxReportsPerBatch: 10000",
     );
     let api: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
     let created = Instant::now();
-    futures_util::stream::iter(0..DEVICES)
+    futures_util::stream::iter(0..devices())
         .map(|i| {
             let api = api.clone();
             async move {
@@ -125,6 +135,7 @@ async fn main() {
                 // Version 1 is already durable: the front-door run below re-sends it.
                 let mut d = api.get(&format!("d-{i}")).await.unwrap();
                 d.status = Some(edgesync_crds::DeviceStatus {
+                    reported: front_door_state().as_object().cloned(),
                     reported_version: Some(1),
                     ..Default::default()
                 });
@@ -136,7 +147,7 @@ async fn main() {
         .buffer_unordered(32)
         .collect::<Vec<()>>()
         .await;
-    println!("created {DEVICES} Devices in {:.1?}", created.elapsed());
+    println!("created {} Devices in {:.1?}", devices(), created.elapsed());
 
     let mut args = vec![];
     let qps = std::env::var("BENCH_WRITE_QPS").ok();
@@ -157,7 +168,8 @@ async fn main() {
     let pid = cp.apiserver_pid().unwrap();
     let url = Arc::new(c.url());
     let ns_name = Arc::new(ns.name.clone());
-    let versions: Arc<Vec<AtomicU64>> = Arc::new((0..DEVICES).map(|_| AtomicU64::new(0)).collect());
+    let versions: Arc<Vec<AtomicU64>> =
+        Arc::new((0..devices()).map(|_| AtomicU64::new(0)).collect());
 
     // 0. Front door: batches re-sending versions that are already durable (what an agent's
     // retry after a lost answer looks like): auth, parsing, validation, ownership and the
@@ -165,7 +177,7 @@ async fn main() {
     c.wait_ready();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let answered = Arc::new(AtomicU64::new(0));
-    let stop = Instant::now() + Duration::from_secs(10);
+    let stop = Instant::now() + scaled(Duration::from_secs(10), Duration::from_secs(2));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for k in 0..CLIENTS {
@@ -175,9 +187,9 @@ async fn main() {
             let reports: Vec<_> = (0..BATCH)
                 .map(|j| {
                     report(
-                        &format!("d-{}", (k * BATCH + j) % DEVICES),
+                        &format!("d-{}", (k * BATCH + j) % devices()),
                         1,
-                        json!({"temperatureC": 21.5, "rpm": 1200, "state": "running"}),
+                        front_door_state(),
                     )
                 })
                 .collect();
@@ -190,7 +202,9 @@ async fn main() {
                     .send()
                     .await
                     .unwrap();
-                assert!(r.status().is_success(), "{}", r.status());
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                assert!(status.is_success(), "{status}: {text}");
                 answered.fetch_add(BATCH as u64, Ordering::Relaxed);
             }
         }));
@@ -210,7 +224,7 @@ async fn main() {
     let ok_reports = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let before = window(&c, pid).await;
-    let stop = Instant::now() + Duration::from_secs(SATURATION_SECS);
+    let stop = Instant::now() + Duration::from_secs(phase_secs());
     let mut tasks = Vec::new();
     for k in 0..CLIENTS {
         let (url, ns_name, versions, ok_reports, refused) = (
@@ -226,7 +240,7 @@ async fn main() {
             while Instant::now() < stop {
                 let reports = (0..BATCH)
                     .map(|j| {
-                        let d = (k * BATCH + round * BATCH * CLIENTS + j) % DEVICES;
+                        let d = (k * BATCH + round * BATCH * CLIENTS + j) % devices();
                         let v = versions[d].fetch_add(1, Ordering::Relaxed) + 1;
                         report(
                             &format!("d-{d}"),
@@ -259,28 +273,35 @@ async fn main() {
     let after = window(&c, pid).await;
     let secs = (after.at - before.at).as_secs_f64();
     let writes = after.writes - before.writes;
+    let (n_devices, n_secs) = (devices(), phase_secs());
     println!(
-        "saturation, {DEVICES} devices, {CLIENTS} clients x {BATCH}-report batches, {SATURATION_SECS} s: \
+        "saturation, {n_devices} devices, {CLIENTS} clients x {BATCH}-report batches, {n_secs} s: \
          {:.0} reports/s answered 2xx, {} batches refused (429/503), {:.0} API writes/s (budget {}), \
          kube-apiserver CPU {:.0}%",
         ok_reports.load(Ordering::Relaxed) as f64 / secs,
         refused.load(Ordering::Relaxed),
         writes / secs,
-        qps.as_deref().unwrap_or("200/s, burst 400"),
+        qps.as_deref().unwrap_or("adaptive from 200/s, burst 400"),
         (after.cpu - before.cpu) as f64 / TICKS_PER_SECOND / secs * 100.0,
     );
     // Let the backlog drain before the paced runs.
-    tokio::time::sleep(Duration::from_secs(if qps.is_some() { 5 } else { 60 })).await;
+    let drain = if qps.is_some() || quick() { 5 } else { 60 };
+    tokio::time::sleep(Duration::from_secs(drain)).await;
 
     // 2. Paced fleets at 1 Hz per device.
-    for fleet in [1000usize, DEVICES] {
+    let fleets = if quick() {
+        vec![devices()]
+    } else {
+        vec![1000, devices()]
+    };
+    for fleet in fleets {
         let before = window(&c, pid).await;
         let sent = Arc::new(AtomicU64::new(0));
         let refused = Arc::new(AtomicU64::new(0));
         let start = tokio::time::Instant::now();
         let mut tasks = Vec::new();
         // One agent-like client per 1000 devices, one batch per second each.
-        for k in 0..fleet / 1000 {
+        for k in 0..fleet.div_ceil(1000) {
             let (url, ns_name, versions, sent, refused) = (
                 url.clone(),
                 ns_name.clone(),
@@ -290,9 +311,9 @@ async fn main() {
             );
             tasks.push(tokio::spawn(async move {
                 let http = client();
-                for s in 0..PACED_SECS {
+                for s in 0..phase_secs() {
                     tokio::time::sleep_until(start + Duration::from_secs(s)).await;
-                    let reports: Vec<_> = (k * 1000..(k + 1) * 1000)
+                    let reports: Vec<_> = (k * 1000..((k + 1) * 1000).min(fleet))
                         .map(|d| {
                             let v = versions[d].fetch_add(1, Ordering::Relaxed) + 1;
                             report(&format!("d-{d}"), v, json!({"v": v, "temperatureC": 21.5}))
@@ -322,14 +343,16 @@ async fn main() {
         for t in tasks {
             t.await.unwrap();
         }
-        tokio::time::sleep(Duration::from_secs(11)).await;
+        // Let the writes in flight finish (a batch waits at most the 10 s durable wait).
+        tokio::time::sleep(scaled(Duration::from_secs(11), Duration::from_secs(3))).await;
         let after = window(&c, pid).await;
         let secs = (after.at - before.at).as_secs_f64();
         let writes = after.writes - before.writes;
         let updates = sent.load(Ordering::Relaxed) as f64;
         let m = c.metrics().await;
+        let n_secs = phase_secs();
         println!(
-            "paced {fleet} devices x 1 Hz for {PACED_SECS} s: {updates:.0} updates -> {writes:.0} API writes \
+            "paced {fleet} devices x 1 Hz for {n_secs} s: {updates:.0} updates -> {writes:.0} API writes \
              ({:.3} writes per update, {:.0} writes/s), p99 arrival->durable {}, batches refused {}, \
              kube-apiserver CPU {:.0}% (over {secs:.0} s incl. drain)",
             writes / updates,

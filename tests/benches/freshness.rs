@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgesync_e2e::cluster::ControlPlane;
-use edgesync_e2e::measure::{TICKS_PER_SECOND, cpu_ticks, percentile_ms};
+use edgesync_e2e::measure::{TICKS_PER_SECOND, aim, cpu_ticks, percentile_ms, scaled};
 use edgesync_e2e::stack::{Stack, StackOptions};
 use futures_util::StreamExt as _;
 use kube::Api;
@@ -25,8 +25,15 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::json;
 
-const RUN: Duration = Duration::from_secs(20);
-const WARMUP: Duration = Duration::from_secs(3);
+/// Publishing time per fleet (shorter in a smoke run).
+fn run() -> Duration {
+    scaled(Duration::from_secs(20), Duration::from_secs(4))
+}
+
+/// Publishes in this first part of the run are not counted.
+fn warmup() -> Duration {
+    scaled(Duration::from_secs(3), Duration::from_secs(1))
+}
 
 /// Publish times per device, by sequence number, and the latencies measured so far.
 #[derive(Default)]
@@ -58,7 +65,7 @@ async fn bystander(client: kube::Client, ns: &str, run: Duration) -> Vec<Duratio
     latencies
 }
 
-async fn fleet(cp: &ControlPlane, devices: usize) -> String {
+async fn fleet(cp: &ControlPlane, devices: usize) -> (String, f64, f64) {
     let stack = Stack::start(
         cp,
         &format!("fresh-{devices}"),
@@ -105,7 +112,7 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> String {
                     let fresh: Vec<_> = list.iter().filter(|(k, _)| *k <= n).copied().collect();
                     list.retain(|(k, _)| *k > n);
                     for (_, at) in fresh {
-                        if at.duration_since(started) >= WARMUP {
+                        if at.duration_since(started) >= warmup() {
                             latencies.push(seen - at);
                         }
                     }
@@ -142,7 +149,7 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> String {
             for n in 1u64.. {
                 for name in &names {
                     tick.tick().await;
-                    if started.elapsed() >= RUN {
+                    if started.elapsed() >= run() {
                         return;
                     }
                     {
@@ -170,8 +177,8 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> String {
             }
         }));
     }
-    let busy = bystander(cp.client().await, &stack.ns.name, RUN).await;
-    let cpu = (cpu_ticks(agent_pid) - cpu_before) as f64 / TICKS_PER_SECOND / RUN.as_secs_f64();
+    let busy = bystander(cp.client().await, &stack.ns.name, run()).await;
+    let cpu = (cpu_ticks(agent_pid) - cpu_before) as f64 / TICKS_PER_SECOND / run().as_secs_f64();
     // Let the last states land, then stop.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let writes = stack
@@ -187,10 +194,14 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> String {
     let updates = l.count;
     let unseen: usize = l.published.values().map(Vec::len).sum();
     l.latencies.sort();
-    format!(
-        "| {devices} devices x 1 Hz | {:.0} | {:.0} | {} | {:.2} | {:.1}% | {:.1} -> {:.1} |",
+    let (p50, p99) = (
         percentile_ms(&l.latencies, 0.5),
         percentile_ms(&l.latencies, 0.99),
+    );
+    let row = format!(
+        "| {devices} devices x 1 Hz | {:.0} | {:.0} | {} | {:.2} | {:.1}% | {:.1} -> {:.1} |",
+        p50,
+        p99,
         if unseen == 0 {
             "yes".to_owned()
         } else {
@@ -200,25 +211,29 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> String {
         100.0 * cpu,
         percentile_ms(&quiet, 0.99),
         percentile_ms(&busy, 0.99),
-    )
+    );
+    (row, p50, p99)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let fleets: Vec<usize> = std::env::var("FRESHNESS_FLEETS")
-        .unwrap_or_else(|_| "100,1000".into())
+        .unwrap_or_else(|_| scaled("100,1000", "100").into())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let cp = ControlPlane::shared();
     println!(
         "edgesync freshness: MQTT publish -> Device status seen by a watch, {} s per fleet ({} s warm-up), default options",
-        RUN.as_secs(),
-        WARMUP.as_secs()
+        run().as_secs(),
+        warmup().as_secs()
     );
     let mut rows = Vec::new();
+    let mut judged = Vec::new();
     for devices in fleets {
-        rows.push(fleet(cp, devices).await);
+        let (row, p50, p99) = fleet(cp, devices).await;
+        rows.push(row);
+        judged.push((devices, p50, p99));
     }
     println!();
     println!(
@@ -227,5 +242,34 @@ async fn main() {
     println!("|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
+    }
+    println!();
+    // The API server's write ceiling, from the apiserver_ceiling bench of the same run.
+    let ceiling: Option<f64> = std::env::var("EDGESYNC_WRITE_CEILING")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    for (devices, p50, p99) in judged {
+        match devices {
+            100 => aim(
+                "100 devices x 1 Hz: p50 <= 10 ms and p99 <= 40 ms",
+                &format!("p50 {p50:.0} ms, p99 {p99:.0} ms"),
+                p50 <= 10.0 && p99 <= 40.0,
+            ),
+            n => match ceiling {
+                Some(c) => {
+                    let bound = (1.2 * n as f64 / c + 1.0) * 1000.0;
+                    aim(
+                        &format!(
+                            "{n} devices x 1 Hz: p99 <= 1.2 x {n} / {c:.0} writes/s + 1 s = {bound:.0} ms"
+                        ),
+                        &format!("p99 {p99:.0} ms"),
+                        p99 <= bound,
+                    );
+                }
+                None => println!(
+                    "- aim for {n} devices not judged: set EDGESYNC_WRITE_CEILING (make bench does, from apiserver_ceiling)"
+                ),
+            },
+        }
     }
 }

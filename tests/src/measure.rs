@@ -2,6 +2,23 @@
 
 use std::time::Duration;
 
+/// Whether this is a smoke run (`EDGESYNC_BENCH_QUICK=1`, as `make bench QUICK=1` and
+/// `make test` set): every bench then runs a small, short version of itself, so it cannot rot.
+pub fn quick() -> bool {
+    std::env::var("EDGESYNC_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// `full`, or `smoke` in a [`quick`] run.
+pub fn scaled<T>(full: T, smoke: T) -> T {
+    if quick() { smoke } else { full }
+}
+
+/// Prints whether a target is met, as one line of a bench's report.
+pub fn aim(target: &str, measured: &str, met: bool) {
+    let verdict = if met { "met" } else { "missed" };
+    println!("- aim: {target}; measured {measured}: **{verdict}**");
+}
+
 /// Clock ticks per second of `/proc/{pid}/stat` (USER_HZ, 100 on Linux).
 pub const TICKS_PER_SECOND: f64 = 100.0;
 
