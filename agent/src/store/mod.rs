@@ -246,6 +246,21 @@ enum Command {
     },
 }
 
+impl Command {
+    /// Whether losing this command's effect in a power loss is harmless: reads, and the
+    /// controller's acknowledgements (the reports are sent again and answered at once).
+    fn may_be_lost(&self) -> bool {
+        matches!(
+            self,
+            Command::Ack { .. }
+                | Command::Stats { .. }
+                | Command::Get { .. }
+                | Command::GetMeta { .. }
+                | Command::LoadBrokerSessions { .. }
+        )
+    }
+}
+
 /// Async handle to the store's writer thread. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
