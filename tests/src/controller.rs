@@ -58,9 +58,14 @@ impl Controller {
     /// Starts a controller logging with the `RUST_LOG` filter `log`, and waits until it is
     /// ready.
     pub fn start_with_log(cp: &ControlPlane, extra: &[&str], log: &str) -> Controller {
-        let c = Self::spawn_with(cp, extra, None, log);
+        let c = Self::spawn_with_log(cp, extra, log);
         c.wait_ready();
         c
+    }
+
+    /// Starts a controller logging with the `RUST_LOG` filter `log`, without waiting for it.
+    pub fn spawn_with_log(cp: &ControlPlane, extra: &[&str], log: &str) -> Controller {
+        Self::spawn_with(cp, extra, None, log)
     }
 
     /// Starts a controller whose open-files limit (soft and hard) is `limit`, as under
