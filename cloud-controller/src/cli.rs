@@ -104,6 +104,12 @@ pub struct RunOptions {
     #[arg(long, default_value_t = 200.0, env = "EDGESYNC_WRITE_QPS", value_parser = positive_f64)]
     pub write_qps: f64,
 
+    /// A node may switch to a new agent epoch (a reinstalled agent, or a new database) at
+    /// most once per this many seconds; a batch with yet another new epoch before that is
+    /// answered 429. Each switch costs a read and a write of the EdgeNode.
+    #[arg(long, default_value_t = 10, env = "EDGESYNC_AGENT_EPOCH_SWITCH_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub agent_epoch_switch_seconds: u64,
+
     /// Lowest write budget, writes per second.
     #[arg(long, default_value_t = 10.0, env = "EDGESYNC_WRITE_QPS_MIN", value_parser = positive_f64)]
     pub write_qps_min: f64,

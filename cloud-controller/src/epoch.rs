@@ -9,11 +9,13 @@
 //!   epochs, each superseding the other's reports;
 //! - an epoch never seen makes it current: the EdgeNode status is written with its
 //!   `resourceVersion` as precondition before any of the batch's reports is, so replicas
-//!   agree on one order of epochs even when their caches lag.
+//!   agree on one order of epochs even when their caches lag. A node may retire an epoch at
+//!   most once per `--agent-epoch-switch-seconds` (429 before that).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use edgesync_crds::{EdgeNode, EdgeNodeStatus};
 use kube::api::PostParams;
@@ -104,6 +106,8 @@ pub enum EpochError {
     Superseded(String),
     /// The EdgeNode could not be read or written: retry later (503).
     Unavailable(String),
+    /// The node switched epochs less than the minimum interval ago: retry after this (429).
+    TooSoon(Duration),
 }
 
 /// Resolves batch epochs to generations, switching a node to a new epoch when one appears.
@@ -115,18 +119,34 @@ pub struct NodeEpochs {
     /// Switches are rare (a reinstall); one at a time keeps a burst of batches from one new
     /// agent to a single write.
     switching: tokio::sync::Mutex<()>,
+    /// When this replica last retired an epoch of each node. An agent is reinstalled rarely;
+    /// a node presenting new epochs batch after batch would otherwise cost two API calls per
+    /// batch, outside the write budget, and retire every epoch it has had.
+    last_switch: Mutex<HashMap<(String, String), Instant>>,
+    min_interval: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl NodeEpochs {
-    /// Resolver using `client` for the EdgeNode reads and writes of a switch.
-    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+    /// Resolver using `client` for the EdgeNode reads and writes of a switch; a node may
+    /// retire an epoch at most once per `min_interval`.
+    pub fn new(client: Client, min_interval: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             client,
             known: Mutex::new(HashMap::new()),
             switching: tokio::sync::Mutex::new(()),
+            last_switch: Mutex::new(HashMap::new()),
+            min_interval,
             metrics,
         }
+    }
+
+    /// How long until `key` may retire an epoch again (zero: now).
+    fn switch_wait(&self, key: &(String, String)) -> Duration {
+        let last = self.last_switch.lock().unwrap_or_else(|e| e.into_inner());
+        last.get(key).map_or(Duration::ZERO, |t| {
+            self.min_interval.saturating_sub(t.elapsed())
+        })
     }
 
     /// The generation of `epoch` for `node` (the cached EdgeNode); 0 for an empty epoch (an
@@ -146,7 +166,17 @@ impl NodeEpochs {
         match record.standing(epoch) {
             Standing::Current(g) => Ok(g),
             Standing::Retired { current } => Err(self.superseded(&key, epoch, &current)),
-            Standing::New => self.switch(&key, epoch).await,
+            Standing::New => {
+                // The first epoch a node ever has retires nothing and is not throttled.
+                let wait = self.switch_wait(&key);
+                if record.current.is_some() && !wait.is_zero() {
+                    self.metrics
+                        .epoch_switches_throttled
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(EpochError::TooSoon(wait));
+                }
+                self.switch(&key, epoch).await
+            }
         }
     }
 
@@ -216,6 +246,12 @@ impl NodeEpochs {
             {
                 Ok(_) => {
                     self.remember(key, &next);
+                    if record.current.is_some() {
+                        self.last_switch
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(key.clone(), Instant::now());
+                    }
                     self.metrics
                         .agent_epoch_changes
                         .fetch_add(1, Ordering::Relaxed);

@@ -132,7 +132,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             tasks.clone(),
         ),
         lookups: lookups::NodeLookups::new(Duration::from_secs(opts.unknown_node_cache_seconds)),
-        epochs: epoch::NodeEpochs::new(client.clone(), Arc::clone(&metrics)),
+        epochs: epoch::NodeEpochs::new(
+            client.clone(),
+            Duration::from_secs(opts.agent_epoch_switch_seconds),
+            Arc::clone(&metrics),
+        ),
         bodies: api::BodyBudget::new(
             opts.max_body_bytes_in_flight,
             opts.max_body_bytes_in_flight_per_node,

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub agent_epoch_changes: AtomicU64,
     /// Batches refused with 409 because they carried a node's retired agent epoch.
     pub superseded_epoch_batches: AtomicU64,
+    /// Batches refused with 429 because their node switched epochs too recently.
+    pub epoch_switches_throttled: AtomicU64,
     /// EdgeNode status writes (heartbeats, Ready transitions).
     pub node_status_writes: AtomicU64,
     /// Device condition writes by the liveness loop (Online/InSync).
@@ -220,6 +222,11 @@ impl Metrics {
                 "edgesync_controller_superseded_epoch_batches_total",
                 "Batches refused with 409 because they carried a retired agent epoch: a second agent runs with the node's identity, or one restored from an old backup.",
                 &self.superseded_epoch_batches,
+            ),
+            (
+                "edgesync_controller_epoch_switches_throttled_total",
+                "Batches answered 429 because their node already switched to a new agent epoch within --agent-epoch-switch-seconds.",
+                &self.epoch_switches_throttled,
             ),
             (
                 "edgesync_controller_node_status_writes_total",

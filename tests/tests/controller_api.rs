@@ -600,6 +600,38 @@ async fn agent_epochs_order_reports_across_reinstalls_and_refuse_conflicts() {
         2.0
     );
 
+    // A third epoch right after: a node cannot cycle epochs batch after batch (each switch
+    // costs API calls and retires an epoch); refused, and nothing changes.
+    let a = post(batch_from(
+        "0123456789abcdef0123456789abcdef",
+        2,
+        vec![report("press", 1, json!({"n": -3}))],
+    ))
+    .await;
+    assert_eq!(
+        (a.status, a.code()),
+        (429, "epoch_switch_too_soon"),
+        "{a:?}"
+    );
+    assert!(a.retry_after.is_some(), "{a:?}");
+    assert_eq!(status("press").await.reported.unwrap()["n"], json!(1001));
+    assert_eq!(
+        nodes
+            .get("edge-1")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .agent_epoch
+            .as_deref(),
+        Some(second)
+    );
+    assert_eq!(
+        c.metric("edgesync_controller_epoch_switches_throttled_total")
+            .await,
+        1.0
+    );
+
     // The old database, still running somewhere, is refused as a whole (409) and changes
     // nothing: neither its reports nor the node's heartbeat.
     let mut old = batch_from(first, 5, vec![report("press", 42, json!({"n": 42}))]);

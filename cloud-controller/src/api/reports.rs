@@ -134,6 +134,18 @@ async fn handle_reports(
             return Err(ApiError::new(StatusCode::CONFLICT, "epoch_superseded", m));
         }
         Err(EpochError::Unavailable(m)) => return Err(unavailable(m)),
+        Err(EpochError::TooSoon(wait)) => {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "epoch_switch_too_soon",
+                format!(
+                    "node {ns}/{node} switched to a new agent epoch less than {} s ago; \
+                     retry later (two agents with one node's token alternate epochs: stop one)",
+                    s.opts.agent_epoch_switch_seconds
+                ),
+            )
+            .retry_after(wait));
+        }
     };
     let epoch: Arc<str> = batch.epoch.as_str().into();
     s.heartbeats.beat(&edge_node, &batch.agent);
