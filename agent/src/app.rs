@@ -88,7 +88,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             metrics.clone(),
             changed.clone(),
         )
-        .context("setting up the uplink HTTP client")?;
+        .context("setting up the uplink HTTP client (an https:// cloud.url needs the system's CA certificates, e.g. the ca-certificates package, or cloud.ca_file)")?;
         tasks.spawn(uplink.run(uplink_stop.clone(), settings.shutdown_timeout));
         let downlink = Downlink::new(
             cloud,
@@ -99,7 +99,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             metrics.clone(),
             changed.clone(),
         )
-        .context("setting up the downlink HTTP client")?;
+        .context("setting up the downlink HTTP client (an https:// cloud.url needs the system's CA certificates, e.g. the ca-certificates package, or cloud.ca_file)")?;
         tasks.spawn(downlink.run(shutdown.child_token()));
     }
     if let Some(addr) = settings.http_listen {

@@ -74,10 +74,8 @@ impl Downlink {
         uplink_notify: Arc<Notify>,
     ) -> reqwest::Result<Self> {
         // No overall timeout: the stream is long-lived; silence is detected per line instead.
-        let http = cloud
-            .client_builder()
-            .connect_timeout(cloud.request_timeout)
-            .build()?;
+        let http =
+            crate::cloud_client::http_client(cloud, |b| b.connect_timeout(cloud.request_timeout))?;
         Ok(Self {
             url: format!("{}{}", cloud.url, wire::desired_path(namespace, node)),
             token: cloud.token.clone(),

@@ -10,6 +10,7 @@ pub mod backoff;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod cli;
+pub mod cloud_client;
 pub mod config;
 pub mod downlink;
 pub mod http;

@@ -74,10 +74,7 @@ impl Uplink {
         metrics: Arc<Metrics>,
         notify: Arc<Notify>,
     ) -> reqwest::Result<Self> {
-        let http = cloud
-            .client_builder()
-            .timeout(cloud.request_timeout)
-            .build()?;
+        let http = crate::cloud_client::http_client(&cloud, |b| b.timeout(cloud.request_timeout))?;
         let reports_url = format!("{}{}", cloud.url, wire::reports_path(namespace, node));
         Ok(Self {
             settings,

@@ -189,6 +189,16 @@ async fn devices_to_kubernetes_and_desired_back_to_the_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_reports_to_a_tls_controller_trusting_a_private_ca() {
+    reports_over_tls_with_a_private_ca(true).await;
+}
+
+/// Minimal edge images often have no CA store at all: `cloud.ca_file` alone must do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_without_system_ca_certificates_reports_to_a_tls_controller_with_ca_file() {
+    reports_over_tls_with_a_private_ca(false).await;
+}
+
+async fn reports_over_tls_with_a_private_ca(system_roots: bool) {
     use edgesync_e2e::agent::{AgentConfig, spawn_agent};
     use edgesync_e2e::controller::{Controller, create_node, self_signed_cert};
     use edgesync_e2e::mosquitto::Mosquitto;
@@ -213,6 +223,20 @@ async fn agent_reports_to_a_tls_controller_trusting_a_private_ca() {
     config.namespace = ns.name.clone();
     config.cloud = Some((format!("https://{}", controller.addr), token_file));
     config.cloud_ca = Some(cert);
+    if !system_roots {
+        // rustls-native-certs reads only these when they are set: an empty file and directory
+        // stand for a system without CA certificates.
+        let empty = dir.path().join("no-ca");
+        std::fs::create_dir(&empty).unwrap();
+        std::fs::write(empty.join("none.pem"), "").unwrap();
+        config.env = vec![
+            (
+                "SSL_CERT_FILE".into(),
+                empty.join("none.pem").display().to_string(),
+            ),
+            ("SSL_CERT_DIR".into(), empty.display().to_string()),
+        ];
+    }
     let _agent = spawn_agent(&config);
     let mut dev = TestDevice::connect("tls-dev", broker.port(), "edgesync/+/shadow/#").await;
     dev.wait_for_agent("edgesync", "nobody").await;

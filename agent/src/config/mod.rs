@@ -338,21 +338,6 @@ pub struct CloudSettings {
     pub ca_pem: Option<Vec<u8>>,
 }
 
-impl CloudSettings {
-    /// An HTTP client builder for the controller, trusting `cloud.ca_file` in addition to the
-    /// system roots.
-    pub fn client_builder(&self) -> reqwest::ClientBuilder {
-        let mut builder = reqwest::Client::builder();
-        if let Some(pem) = &self.ca_pem {
-            // Validated when the config was read.
-            for cert in reqwest::Certificate::from_pem_bundle(pem).unwrap_or_default() {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        builder
-    }
-}
-
 /// Validated uplink settings.
 #[derive(Debug, Clone)]
 pub struct UplinkSettings {
