@@ -4,20 +4,24 @@ SHELL := /bin/bash
 CARGO ?= cargo
 QUICK ?= 0
 
-.PHONY: demo test bench fmt-check clippy unit deps k8s mosquitto crds
+.PHONY: demo test bench arm fmt-check clippy unit deps k8s mosquitto crds
 
 ## demo: the whole system end to end on this machine (control plane, controller, agent with its embedded broker, simulated machines)
 demo: k8s
 	$(CARGO) run -q -p edgesync-e2e --bin edgesync-demo
 
 ## test: everything CI runs: formatting, lints, every test against real Mosquitto and kube-apiserver, and a smoke run of every benchmark
-test: deps fmt-check clippy
+test: deps arm fmt-check clippy
 	hack/run-tests.sh
 	$(MAKE) bench QUICK=1
 
 ## bench: every benchmark, written to BENCHMARKS.md with the machine, the commands and each aim met or missed: agent ingest vs the broker alone and SQLite alone, the embedded broker and the controller under attack, controller ingest, the API server's write ceiling, publish -> status freshness, a 100,000-Device fleet. QUICK=1: a smoke run (about two minutes) into target/BENCHMARKS-quick.md
-bench: deps
+bench: deps arm
 	QUICK=$(QUICK) CARGO=$(CARGO) hack/bench.sh
+
+## arm: the agent for aarch64 and armv7 (release-small profile, built on its own) into target/cross/<triple>/release-small/, plus the boot images the emulated ARM tests run (Debian kernel + busybox initramfs); installs the cross toolchain and QEMU on first use
+arm:
+	CARGO=$(CARGO) hack/build-arm.sh
 
 ## deps: build/cache kube-apiserver, kubectl, etcd and install mosquitto if missing
 deps: k8s mosquitto

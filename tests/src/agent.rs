@@ -31,6 +31,11 @@ pub struct AgentConfig {
     pub mqtt_extra: String,
     /// `RUST_LOG` for the agent process.
     pub log_filter: String,
+    /// The address the embedded broker and the HTTP endpoint bind to (`0.0.0.0` inside an
+    /// emulated machine, whose ports the host reaches through forwarding).
+    pub listen_host: String,
+    /// Extra environment variables for the agent process.
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentConfig {
@@ -48,6 +53,8 @@ impl AgentConfig {
             http_port: None,
             mqtt_extra: String::new(),
             log_filter: "info".into(),
+            listen_host: "127.0.0.1".into(),
+            env: Vec::new(),
         }
     }
 
@@ -62,7 +69,7 @@ impl AgentConfig {
     /// The TOML text.
     pub fn to_toml(&self) -> String {
         let mqtt = match self.embedded_port {
-            Some(port) => format!("embedded = true\nlisten = \"127.0.0.1:{port}\""),
+            Some(port) => format!("embedded = true\nlisten = \"{}:{port}\"", self.listen_host),
             None => format!("url = \"{}\"", self.mqtt_url),
         };
         let mqtt = format!("{mqtt}\n{}", self.mqtt_extra);
@@ -72,7 +79,7 @@ impl AgentConfig {
             self.namespace,
             self.data_dir.display(),
             self.http_port
-                .map(|p| format!("127.0.0.1:{p}"))
+                .map(|p| format!("{}:{p}", self.listen_host))
                 .unwrap_or_default(),
         );
         if let Some((url, token_file)) = &self.cloud {
@@ -112,11 +119,14 @@ pub fn agent_binary() -> PathBuf {
 /// Starts the agent binary with `config`, logging into the config's data dir.
 pub fn spawn_agent(config: &AgentConfig) -> ManagedProcess {
     let path = config.write();
-    let spec = ProcessSpec::new("edgesync-agent", agent_binary())
+    let mut spec = ProcessSpec::new("edgesync-agent", agent_binary())
         .arg("run")
         .arg("--config")
         .arg(path.as_os_str())
         .env("RUST_LOG", &config.log_filter);
+    for (k, v) in &config.env {
+        spec = spec.env(k, v);
+    }
     ManagedProcess::spawn(spec, &config.data_dir)
 }
 

@@ -27,6 +27,7 @@ pub mod agent;
 pub mod cluster;
 pub mod contract;
 pub mod controller;
+pub mod crash_publisher;
 pub mod device;
 pub mod measure;
 pub mod mosquitto;
@@ -35,6 +36,7 @@ pub mod process;
 pub mod proxy;
 pub mod raw_mqtt;
 pub mod stack;
+pub mod vm;
 pub mod wait;
 
 use std::net::{SocketAddr, TcpListener};

@@ -7,17 +7,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgesync_agent::config::Settings;
 use edgesync_e2e::agent::{AgentConfig, spawn_agent};
+use edgesync_e2e::crash_publisher::{Acked, publish_through_crashes};
 use edgesync_e2e::device::TestDevice;
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
-    Packet, QoS,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS,
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -29,104 +27,6 @@ const KILLS: u64 = 4;
 fn shadow_n(db: &Path, device: &str) -> Option<u64> {
     let doc = edgesync_agent::cli::shadow_get(db, device).ok()??;
     doc["state"]["reported"]["n"].as_u64()
-}
-
-/// What the publisher has had acknowledged: per device, the highest counter; and a count
-/// that wakes waiters at once (the kill must land while messages are in flight).
-struct Acked {
-    max_by_device: Mutex<HashMap<String, u64>>,
-    count: tokio::sync::watch::Sender<u64>,
-}
-
-impl Acked {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            max_by_device: Mutex::default(),
-            count: tokio::sync::watch::Sender::new(0),
-        })
-    }
-
-    async fn at_least(&self, n: u64, what: &str) {
-        let mut rx = self.count.subscribe();
-        tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|c| *c >= n))
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what} ({n} acknowledged)"))
-            .unwrap();
-    }
-}
-
-/// A device-side publisher with a persistent session that rides out the broker going away:
-/// it reconnects and, told its session is present, sends its unacknowledged messages again.
-/// Every PUBACK is recorded against the message it acknowledges.
-async fn publish_through_crashes(port: u16, acked: Arc<Acked>) -> HashMap<String, u64> {
-    let mut opts = MqttOptions::new("crash-publisher", "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(false)
-        .set_inflight(100);
-    let (client, mut el) = AsyncClient::new(opts, 1000);
-    // Messages handed to the client, in order; the event loop sends them in that order.
-    let queued: Arc<Mutex<VecDeque<(String, u64)>>> = Arc::default();
-    let to_send = queued.clone();
-    let record = acked.clone();
-    let pump = tokio::spawn(async move {
-        let mut in_flight: HashMap<u16, (String, u64)> = HashMap::new();
-        loop {
-            match el.poll().await {
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    // A resend after a reconnect reuses its packet id.
-                    in_flight
-                        .entry(pkid)
-                        .or_insert_with(|| to_send.lock().unwrap().pop_front().unwrap());
-                }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    let (device, n) = in_flight.remove(&ack.pkid).unwrap();
-                    {
-                        let mut by_device = record.max_by_device.lock().unwrap();
-                        let max = by_device.entry(device).or_default();
-                        *max = (*max).max(n);
-                    }
-                    record.count.send_modify(|c| *c += 1);
-                }
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    // A lost session would make the client drop its unacknowledged messages.
-                    assert!(
-                        ack.session_present || *record.count.borrow() == 0,
-                        "the broker forgot the publisher's session after a restart"
-                    );
-                }
-                Ok(_) => {}
-                // The agent was killed: its broker is gone until the restart (reconnect pace,
-                // not synchronisation).
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    });
-    let mut last = HashMap::new();
-    for i in 0..MESSAGES {
-        let device = format!("dev-{}", i % DEVICES);
-        let n = i / DEVICES;
-        if i % DEVICES == 0 && n > 0 {
-            // One message per device in flight: rumqttc itself reorders its messages when
-            // the connection drops again before its resends are out (resends are queued
-            // behind newer messages still pending from the previous reconnect), which would
-            // make a device's final state depend on the client library, not on us.
-            acked.at_least(i, "the previous round").await;
-        }
-        queued.lock().unwrap().push_back((device.clone(), n));
-        client
-            .publish(
-                format!("factory/{device}/state"),
-                QoS::AtLeastOnce,
-                false,
-                json!({"n": n, "pad": "x".repeat(200)}).to_string(),
-            )
-            .await
-            .unwrap();
-        last.insert(device, n);
-    }
-    acked.at_least(MESSAGES, "every publish").await;
-    pump.abort();
-    last
 }
 
 /// Devices whose stored counter is below what the publisher had acknowledged.
@@ -149,7 +49,12 @@ async fn kill_9_of_the_agent_and_its_broker_loses_no_acknowledged_message() {
     probe.wait_for_agent("edgesync", "probe").await;
 
     let acked = Acked::new();
-    let publisher = tokio::spawn(publish_through_crashes(port, acked.clone()));
+    let publisher = tokio::spawn(publish_through_crashes(
+        port,
+        DEVICES,
+        MESSAGES,
+        acked.clone(),
+    ));
     for k in 1..=KILLS {
         // Mid-round, so that messages are in flight when the agent dies.
         let at = MESSAGES * k / (KILLS + 1) + DEVICES / 3;

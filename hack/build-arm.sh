@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# `make arm`: builds the agent alone for aarch64 and armv7 (armhf) with the release-small
+# profile, then the boot image the emulated tests use for each (Debian's kernel plus a busybox
+# initramfs holding the agent). Cached: cargo rebuilds only what changed, and an image is
+# rebuilt only when its agent or kernel is newer.
+#
+# Output, per target triple:
+#   target/cross/<triple>/release-small/edgesync-agent   the stripped binary that ships
+#   target/cross/<triple>/vm/{vmlinuz,initrd.gz,qemu}    what tests/src/vm.rs boots
+#
+# The agent is built on its own, never together with the controller: cargo unifies the
+# features of shared dependencies across the packages of one invocation, and the agent would
+# ship (and be measured) larger than it is.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+cache="$("$here/ensure-arm.sh")"
+target_dir="$root/target/cross"
+log() { echo "build-arm: $*" >&2; }
+
+# triple  debian-arch  gcc-prefix  qemu-system  machine/cpu
+targets=(
+  "aarch64-unknown-linux-gnu arm64 aarch64-linux-gnu qemu-system-aarch64 -M virt -cpu cortex-a57"
+  # highmem=off: the 32-bit kernel cannot reach the PCI ECAM window above 4 GiB.
+  "armv7-unknown-linux-gnueabihf armhf arm-linux-gnueabihf qemu-system-arm -M virt,highmem=off -cpu cortex-a15"
+)
+
+only="${ARM_TARGETS:-}"
+for spec in "${targets[@]}"; do
+  read -r triple arch prefix qemu machine <<<"$spec"
+  [[ -z "$only" || " $only " == *" $triple "* ]] || continue
+  env_triple="${triple//-/_}"
+  upper="$(tr '[:lower:]' '[:upper:]' <<<"$env_triple")"
+  start=$SECONDS
+  # Debian's rustc has the ARM standard libraries; rustup's cargo drives it.
+  env RUSTC=/usr/bin/rustc \
+    "CARGO_TARGET_${upper}_LINKER=$prefix-gcc" \
+    "CC_${env_triple}=$prefix-gcc" "AR_${env_triple}=$prefix-ar" \
+    "${CARGO:-cargo}" build -q --profile release-small --target "$triple" \
+    -p edgesync-agent --bin edgesync-agent --target-dir "$target_dir"
+  bin="$target_dir/$triple/release-small/edgesync-agent"
+  log "$triple: $(stat -c %s "$bin") bytes, cargo took $((SECONDS - start)) s"
+
+  vm="$target_dir/$triple/vm"
+  mkdir -p "$vm"
+  if [[ -f "$vm/initrd.gz" && "$vm/initrd.gz" -nt "$bin" && "$vm/initrd.gz" -nt "$cache/$arch/.stamp" \
+    && "$vm/initrd.gz" -nt "$here/build-arm.sh" ]]; then
+    continue
+  fi
+  img="$(mktemp -d)"
+  trap 'rm -rf "$img"' EXIT
+  mkdir -p "$img"/{bin,lib/modules,proc,sys,dev,tmp,etc/edgesync,var/lib/edgesync,var/log}
+  cp "$cache/$arch/busybox" "$img/bin/busybox"
+  cp "$cache/$arch/modules/"* "$img/lib/modules/"
+  cp "$bin" "$img/bin/edgesync-agent"
+  # The dynamic loader and every library the agent names, from the cross toolchain's sysroot.
+  sysroot="/usr/$prefix/lib"
+  interp="$("$prefix-readelf" -l "$bin" | sed -n 's/.*Requesting program interpreter: \(.*\)]/\1/p')"
+  cp -L "$sysroot/$(basename "$interp")" "$img/lib/"
+  for lib in $("$prefix-readelf" -d "$bin" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'); do
+    cp -L "$sysroot/$lib" "$img/lib/"
+  done
+  cat >"$img/init" <<'EOF'
+#!/bin/busybox sh
+# The emulated edge box: mounts, the virtio network at QEMU's user-mode address, then a
+# command loop on the serial console for the test harness (tests/src/vm.rs): one command per
+# line, its output, then "@@done <exit code>".
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m.ko"; done
+ip link set lo up
+ip addr add 10.0.2.15/24 dev eth0
+ip link set eth0 up
+ip route add default via 10.0.2.2
+stty -echo 2>/dev/null
+echo "EDGESYNC-VM-READY $(uname -m)"
+while IFS= read -r line; do
+  sh -c "$line" </dev/null 2>&1
+  echo "@@done $?"
+done
+poweroff -f
+EOF
+  chmod +x "$img/init"
+  (cd "$img" && find . | cpio -o -H newc -R 0:0 --quiet | gzip -6 >"$vm/initrd.gz.tmp")
+  mv "$vm/initrd.gz.tmp" "$vm/initrd.gz"
+  cp "$cache/$arch/vmlinuz" "$vm/vmlinuz"
+  echo "$qemu $machine" >"$vm/qemu"
+  rm -rf "$img"
+  trap - EXIT
+  log "$triple: boot image $vm ($(stat -c %s "$vm/initrd.gz") bytes initrd)"
+done
