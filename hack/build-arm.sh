@@ -76,6 +76,12 @@ ip link set lo up
 ip addr add 10.0.2.15/24 dev eth0
 ip link set eth0 up
 ip route add default via 10.0.2.2
+# With a disk (the harness adds "edgesync.disk" to the kernel command line), the data dir
+# lives on it and survives power cuts of the emulator.
+if grep -q edgesync.disk /proc/cmdline; then
+  for _ in $(seq 100); do [ -b /dev/vda ] && break; sleep 0.1; done
+  mount -t ext4 /dev/vda /var/lib/edgesync || echo "EDGESYNC-VM-DISK-FAILED"
+fi
 stty -echo 2>/dev/null
 echo "EDGESYNC-VM-READY $(uname -m)"
 while IFS= read -r line; do

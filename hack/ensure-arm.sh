@@ -18,8 +18,10 @@ log() { echo "ensure-arm: $*" >&2; }
 
 # Debian architecture -> the packages its kernel and busybox come from.
 declare -A kernel_meta=([arm64]=linux-image-arm64 [armhf]=linux-image-armmp)
-# The virtio PCI transport and network driver, with what they need; the rest is built in.
-modules=(virtio_pci virtio_net)
+# The virtio PCI transport, network and block drivers, and ext4 (the tests' persistent disk),
+# with what they need; the rest is built in. ext4 asks the crypto API for crc32c by name at
+# mount time, which no module dependency records.
+modules=(virtio_pci virtio_net virtio_blk crc32c_generic ext4)
 
 packages=(rustc-web libstd-rust-web-dev:arm64 libstd-rust-web-dev:armhf
   gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross
@@ -66,7 +68,7 @@ for arch in arm64 armhf; do
   kpkg="$(apt-cache depends "$meta:$arch" | awk '/Depends: linux-image-/ { print $2; exit }')"
   kpkg="${kpkg%%:*}"
   [[ -n "$kpkg" ]] || { echo "error: cannot resolve $meta:$arch (apt-get update?)" >&2; exit 1; }
-  stamp="kernel=$kpkg busybox=$(apt-cache policy "busybox-static:$arch" | awk '/Candidate:/ { print $2 }')"
+  stamp="kernel=$kpkg modules=${modules[*]} busybox=$(apt-cache policy "busybox-static:$arch" | awk '/Candidate:/ { print $2 }')"
   if [[ -f "$out/.stamp" && "$(cat "$out/.stamp")" == "$stamp" ]]; then
     continue
   fi

@@ -26,6 +26,21 @@ impl Acked {
         })
     }
 
+    /// Records the acknowledgement of `device`'s counter `n`.
+    pub fn record(&self, device: String, n: u64) {
+        {
+            let mut by_device = self.max_by_device.lock().expect("acked lock");
+            let max = by_device.entry(device).or_default();
+            *max = (*max).max(n);
+        }
+        self.count.send_modify(|c| *c += 1);
+    }
+
+    /// How many messages were acknowledged so far.
+    pub fn count(&self) -> u64 {
+        *self.count.borrow()
+    }
+
     /// Waits until `n` messages were acknowledged; panics after 60 s naming `what`.
     pub async fn at_least(&self, n: u64, what: &str) {
         let mut rx = self.count.subscribe();
@@ -74,12 +89,7 @@ pub async fn publish_through_crashes(
                     let (device, n) = in_flight
                         .remove(&ack.pkid)
                         .expect("a PUBACK for a message in flight");
-                    {
-                        let mut by_device = record.max_by_device.lock().expect("acked lock");
-                        let max = by_device.entry(device).or_default();
-                        *max = (*max).max(n);
-                    }
-                    record.count.send_modify(|c| *c += 1);
+                    record.record(device, n);
                 }
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     // A lost session would make the client drop its unacknowledged messages.

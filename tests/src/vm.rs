@@ -42,13 +42,16 @@ struct Console {
 
 /// A booted emulated ARM machine.
 pub struct Vm {
+    triple: String,
     child: Child,
     stdin: ChildStdin,
     console: Arc<Console>,
     /// Console lines already consumed by [`Vm::run`].
     read: usize,
     forwards: Vec<(u16, u16)>,
-    _scratch: tempfile::TempDir,
+    disk: Option<PathBuf>,
+    /// Holds the initrd with the test's files.
+    scratch: tempfile::TempDir,
 }
 
 impl Vm {
@@ -59,6 +62,56 @@ impl Vm {
     /// # Panics
     /// When the image is missing (run `make arm`) or the guest does not boot in time.
     pub fn boot(triple: &str, files: &[(&str, &str)], forward: &[u16]) -> Vm {
+        Self::boot_with_disk(triple, files, forward, None)
+    }
+
+    /// [`Vm::boot`] with `disk` (a raw image holding an ext4 file system, see [`make_disk`])
+    /// as the guest's persistent `/var/lib/edgesync`.
+    pub fn boot_with_disk(
+        triple: &str,
+        files: &[(&str, &str)],
+        forward: &[u16],
+        disk: Option<&Path>,
+    ) -> Vm {
+        let scratch = tempfile::tempdir().expect("vm scratch dir");
+        let dir = image_dir(triple);
+        write_initrd(
+            &dir.join("initrd.gz"),
+            files,
+            &scratch.path().join("initrd"),
+            scratch.path(),
+        );
+        let forwards = forward
+            .iter()
+            .map(|&guest| (crate::free_port(), guest))
+            .collect();
+        Self::start(triple, scratch, forwards, disk.map(Path::to_owned))
+    }
+
+    /// Cuts the machine's power (SIGKILL to the emulator: whatever the guest had not written
+    /// to its disk is gone, as on a real power loss) and boots it again with the same files,
+    /// ports and disk.
+    pub fn power_cycle(self) -> Vm {
+        let mut this = self;
+        let _ = this.child.kill();
+        let _ = this.child.wait();
+        let triple = std::mem::take(&mut this.triple);
+        let forwards = std::mem::take(&mut this.forwards);
+        let disk = this.disk.take();
+        let scratch = std::mem::replace(
+            &mut this.scratch,
+            tempfile::tempdir().expect("vm scratch dir"),
+        );
+        drop(this);
+        Self::start(&triple, scratch, forwards, disk)
+    }
+
+    fn start(
+        triple: &str,
+        scratch: tempfile::TempDir,
+        forwards: Vec<(u16, u16)>,
+        disk: Option<PathBuf>,
+    ) -> Vm {
         let dir = image_dir(triple);
         let qemu = std::fs::read_to_string(dir.join("qemu")).unwrap_or_else(|_| {
             panic!(
@@ -66,33 +119,34 @@ impl Vm {
                 dir.display()
             )
         });
-        let scratch = tempfile::tempdir().expect("vm scratch dir");
-        let initrd = scratch.path().join("initrd");
-        write_initrd(&dir.join("initrd.gz"), files, &initrd, scratch.path());
-
-        let forwards: Vec<(u16, u16)> = forward
-            .iter()
-            .map(|&guest| (crate::free_port(), guest))
-            .collect();
         let mut netdev = "user,id=n0".to_owned();
         for (host, guest) in &forwards {
             netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
         }
+        let mut append = "console=ttyAMA0 rdinit=/init quiet".to_owned();
         let mut words = qemu.split_whitespace();
         let program = words.next().expect("qemu file names the emulator");
-        let mut child = Command::new(program)
-            .args(words)
+        let mut cmd = Command::new(program);
+        cmd.args(words)
             .args(["-smp", "2", "-m", "512", "-nographic", "-monitor", "none"])
             .arg("-no-reboot")
             .args(["-netdev", &netdev])
             // romfile= : Debian's qemu-system-arm lacks the virtio-net option ROM, and the
             // kernel is booted directly, so none is needed.
-            .args(["-device", "virtio-net-pci,netdev=n0,romfile="])
+            .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
+        if let Some(disk) = &disk {
+            cmd.arg("-drive")
+                .arg(format!("file={},if=none,format=raw,id=d0", disk.display()))
+                .args(["-device", "virtio-blk-pci,drive=d0,romfile="]);
+            // The guest's /init mounts it on the data dir.
+            append.push_str(" edgesync.disk");
+        }
+        let mut child = cmd
             .arg("-kernel")
             .arg(dir.join("vmlinuz"))
             .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", "console=ttyAMA0 rdinit=/init quiet"])
+            .arg(scratch.path().join("initrd"))
+            .args(["-append", &append])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -115,12 +169,14 @@ impl Vm {
             sink.grew.notify_all();
         });
         let mut vm = Vm {
+            triple: triple.to_owned(),
             child,
             stdin,
             console,
             read: 0,
             forwards,
-            _scratch: scratch,
+            disk,
+            scratch,
         };
         let started = Instant::now();
         vm.wait_line(BOOT_DEADLINE, |l| l.starts_with("EDGESYNC-VM-READY"))
@@ -213,6 +269,26 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A raw disk image of `mib` MiB at `path` holding an empty ext4 file system, for
+/// [`Vm::boot_with_disk`].
+///
+/// # Panics
+/// When `mkfs.ext4` (Debian's e2fsprogs) fails.
+pub fn make_disk(path: &Path, mib: u64) {
+    let file = std::fs::File::create(path).expect("create disk image");
+    file.set_len(mib << 20).expect("size disk image");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(path)
+        .output()
+        .expect("mkfs.ext4 (Debian's e2fsprogs)");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The image's initrd with `files` appended as a second cpio archive: the kernel unpacks

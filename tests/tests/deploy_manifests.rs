@@ -96,3 +96,30 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         );
     }
 }
+
+/// The agent's systemd unit passes `systemd-analyze verify` with no warning (an unknown key or
+/// a misspelt section is only a warning to systemd, and would silently drop a hardening line).
+#[test]
+fn agent_systemd_unit_verifies_cleanly() {
+    let unit =
+        std::fs::read_to_string(workspace_root().join("deploy/edgesync-agent.service")).unwrap();
+    let agent = edgesync_e2e::agent::agent_binary();
+    // verify checks that ExecStart's program exists: point it at the binary just built.
+    let unit = unit.replace(
+        "/usr/local/bin/edgesync-agent",
+        &agent.display().to_string(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edgesync-agent.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package: apt-get install systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
+}
