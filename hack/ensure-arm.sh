@@ -78,7 +78,14 @@ for arch in arm64 armhf; do
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
   chmod 0777 "$work" # apt downloads as its sandbox user, which must be able to write here
-  (cd "$work" && apt-get download -qq "$kpkg:$arch" "busybox-static:$arch")
+  if ! (cd "$work" && apt-get download -qq "$kpkg:$arch" "busybox-static:$arch"); then
+    # Package lists older than the mirror name versions it no longer serves: refresh once.
+    log "download failed; refreshing the package lists and trying again"
+    apt-get update -qq >&2
+    kpkg="$(apt-cache depends "$meta:$arch" | awk '/Depends: linux-image-/ { print $2; exit }')"
+    kpkg="${kpkg%%:*}"
+    (cd "$work" && apt-get download -qq "$kpkg:$arch" "busybox-static:$arch")
+  fi
   dpkg-deb -x "$work"/linux-image-*.deb "$work/kernel"
   dpkg-deb -x "$work"/busybox-static_*.deb "$work/busybox"
   cp "$work"/kernel/boot/vmlinuz-* "$out/vmlinuz"
