@@ -5,6 +5,9 @@
 //! Delta: the desired leaves that reported lacks or differs on, recursively; arrays compare as
 //! whole values. Both are total functions on any JSON: they never fail and never panic.
 
+use std::cmp::Ordering;
+use std::iter::Peekable;
+
 use serde_json::{Map, Value};
 
 /// Applies `patch` to `target` as an RFC 7386 merge patch. Returns whether `target` changed.
@@ -56,14 +59,14 @@ pub fn merge_object(target: &mut Map<String, Value>, patch: &Map<String, Value>)
 /// How to take back an in-place merge: the previous values of the top-level keys it changed
 /// (`None`: the key was absent), or the whole previous object.
 #[derive(Debug)]
-pub enum Undo {
-    /// Changed keys and their previous values, in the order they were changed.
-    Keys(Vec<(String, Option<Value>)>),
+pub enum Undo<'p> {
+    /// Changed keys (borrowed from the patch) and their previous values.
+    Keys(Vec<(&'p str, Option<Value>)>),
     /// The object as it was before it was replaced wholesale (cleared).
     Whole(Map<String, Value>),
 }
 
-impl Undo {
+impl Undo<'_> {
     /// Whether the merge changed nothing.
     pub fn is_empty(&self) -> bool {
         match self {
@@ -79,10 +82,10 @@ impl Undo {
                 for (key, old) in keys.into_iter().rev() {
                     match old {
                         Some(v) => {
-                            target.insert(key, v);
+                            target.insert(key.to_owned(), v);
                         }
                         None => {
-                            target.remove(&key);
+                            target.remove(key);
                         }
                     }
                 }
@@ -95,40 +98,75 @@ impl Undo {
 /// [`merge_object`] in place, returning what it changed so it can be reverted. Replaced
 /// values are moved into the undo list, not copied; only a nested object that is merged into
 /// is copied first.
-pub fn merge_object_undoable(
+///
+/// This runs for every message a device sends, so keys present on both sides (the steady
+/// state: a device reports the same fields again) are found by one sorted walk over `target`
+/// beside the patch instead of one search per key; only keys to add or remove change the
+/// map's shape, after the walk.
+pub fn merge_object_undoable<'p>(
     target: &mut Map<String, Value>,
-    patch: &Map<String, Value>,
-) -> Vec<(String, Option<Value>)> {
+    patch: &'p Map<String, Value>,
+) -> Vec<(&'p str, Option<Value>)> {
     let mut undo = Vec::new();
+    let mut reshape: Vec<(&'p String, &'p Value)> = Vec::new();
+    let mut walk = target.iter_mut().peekable();
     for (key, value) in patch {
+        let existing = match seek(&mut walk, key) {
+            Some(existing) if !value.is_null() => existing,
+            _ => {
+                reshape.push((key, value));
+                continue;
+            }
+        };
+        if existing.is_object() && value.is_object() {
+            let backup = existing.clone();
+            if merge_patch(existing, value) {
+                undo.push((key.as_str(), Some(backup)));
+            }
+        } else if existing != value {
+            // A scalar or array patch replaces; an object patch onto a non-object replaces it
+            // with the patch applied to an empty object.
+            let mut fresh = Value::Null;
+            merge_patch(&mut fresh, value);
+            if *existing != fresh {
+                let old = std::mem::replace(existing, fresh);
+                undo.push((key.as_str(), Some(old)));
+            }
+        }
+    }
+    for (key, value) in reshape {
         if value.is_null() {
             if let Some(old) = target.remove(key) {
-                undo.push((key.clone(), Some(old)));
-            }
-        } else if let Some(existing) = target.get_mut(key) {
-            if existing.is_object() && value.is_object() {
-                let backup = existing.clone();
-                if merge_patch(existing, value) {
-                    undo.push((key.clone(), Some(backup)));
-                }
-            } else if existing != value {
-                // A scalar or array patch replaces; an object patch onto a non-object
-                // replaces it with the patch applied to an empty object.
-                let mut fresh = Value::Null;
-                merge_patch(&mut fresh, value);
-                if *existing != fresh {
-                    let old = std::mem::replace(existing, fresh);
-                    undo.push((key.clone(), Some(old)));
-                }
+                undo.push((key.as_str(), Some(old)));
             }
         } else {
             let mut fresh = Value::Null;
             merge_patch(&mut fresh, value);
             target.insert(key.clone(), fresh);
-            undo.push((key.clone(), None));
+            undo.push((key.as_str(), None));
         }
     }
     undo
+}
+
+/// Advances `walk`, an iteration over a map in key order, to `key`, and returns its value if
+/// the map has it. Called with ascending keys (another map's), one walk serves them all with
+/// one comparison per key on either side. serde_json's `Map` iterates in key order unless its
+/// `preserve_order` feature is on; a test fails if it ever is.
+pub(crate) fn seek<'t, I>(walk: &mut Peekable<I>, key: &str) -> Option<&'t mut Value>
+where
+    I: Iterator<Item = (&'t String, &'t mut Value)>,
+{
+    while let Some((k, _)) = walk.peek() {
+        match k.as_str().cmp(key) {
+            Ordering::Less => {
+                walk.next();
+            }
+            Ordering::Equal => return walk.next().map(|(_, v)| v),
+            Ordering::Greater => return None,
+        }
+    }
+    None
 }
 
 /// Removes every `null` member from objects, recursively (not from arrays, whose elements are
@@ -173,6 +211,18 @@ pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    #[test]
+    fn maps_iterate_in_key_order_as_the_sorted_walk_needs() {
+        // serde_json's `preserve_order` feature (which any crate in a build can turn on)
+        // would make `Map` iterate in insertion order and break `seek`'s walks.
+        let mut m = Map::new();
+        for k in ["b", "c", "a"] {
+            m.insert(k.to_owned(), Value::Null);
+        }
+        let keys: Vec<&str> = m.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+    }
 
     fn obj(v: Value) -> Map<String, Value> {
         match v {

@@ -444,20 +444,20 @@ fn number_len(n: &serde_json::Number) -> usize {
 }
 
 /// Sets `{"timestamp": now}` on every leaf the patch touches and removes deleted keys, keeping
-/// metadata the same shape as the state it describes.
+/// metadata the same shape as the state it describes. Like the merge, it runs for every
+/// message: leaves seen before are restamped in place during one sorted walk over `meta`
+/// ([`merge::seek`]); only keys that change the shape are handled after it.
 fn stamp_metadata(meta: &mut Map<String, Value>, patch: &Map<String, Value>, now: EpochSeconds) {
+    let mut reshape: Vec<(&String, &Value)> = Vec::new();
+    let mut walk = meta.iter_mut().peekable();
     for (key, value) in patch {
-        match value {
-            Value::Null => {
-                meta.remove(key);
-            }
-            Value::Object(inner) if !inner.is_empty() => {
-                if !meta.contains_key(key) {
-                    meta.insert(key.clone(), Value::Object(Map::new()));
-                }
-                let Some(entry) = meta.get_mut(key) else {
-                    continue;
-                };
+        let entry = if value.is_null() {
+            None
+        } else {
+            merge::seek(&mut walk, key)
+        };
+        match (value, entry) {
+            (Value::Object(inner), Some(entry)) if !inner.is_empty() => {
                 // A former leaf's {"timestamp":..} turns into an interior node.
                 if !entry.is_object() || entry.get("timestamp").is_some_and(Value::is_u64) {
                     *entry = Value::Object(Map::new());
@@ -466,15 +466,27 @@ fn stamp_metadata(meta: &mut Map<String, Value>, patch: &Map<String, Value>, now
                     stamp_metadata(m, inner, now);
                 }
             }
+            (Value::Object(inner), _) if !inner.is_empty() => reshape.push((key, value)),
+            (Value::Null, _) => reshape.push((key, value)),
+            (_, Some(Value::Object(leaf))) if leaf.len() == 1 => match leaf.iter_mut().next() {
+                Some((k, ts)) if k == "timestamp" => *ts = Value::from(now),
+                _ => reshape.push((key, value)),
+            },
+            _ => reshape.push((key, value)),
+        }
+    }
+    for (key, value) in reshape {
+        match value {
+            Value::Null => {
+                meta.remove(key);
+            }
+            Value::Object(inner) if !inner.is_empty() => {
+                let mut m = Map::new();
+                stamp_metadata(&mut m, inner, now);
+                meta.insert(key.clone(), Value::Object(m));
+            }
+            // An empty object is a leaf, as in the state it describes.
             _ => {
-                // Leaves are restamped in place: no allocation for a key seen before.
-                if let Some(Value::Object(leaf)) = meta.get_mut(key)
-                    && leaf.len() == 1
-                    && let Some(ts) = leaf.get_mut("timestamp")
-                {
-                    *ts = Value::from(now);
-                    continue;
-                }
                 let mut leaf = Map::new();
                 leaf.insert("timestamp".into(), Value::from(now));
                 meta.insert(key.clone(), Value::Object(leaf));
@@ -782,7 +794,55 @@ mod tests {
         assert_eq!(back, doc);
     }
 
+    /// Metadata stamping as first written: one map lookup per key. The sorted-walk version
+    /// must give the same metadata for any history of patches.
+    fn stamp_metadata_by_lookup(
+        meta: &mut Map<String, Value>,
+        patch: &Map<String, Value>,
+        now: u64,
+    ) {
+        for (key, value) in patch {
+            match value {
+                Value::Null => {
+                    meta.remove(key);
+                }
+                Value::Object(inner) if !inner.is_empty() => {
+                    if !meta.contains_key(key) {
+                        meta.insert(key.clone(), Value::Object(Map::new()));
+                    }
+                    let Some(entry) = meta.get_mut(key) else {
+                        continue;
+                    };
+                    if !entry.is_object() || entry.get("timestamp").is_some_and(Value::is_u64) {
+                        *entry = Value::Object(Map::new());
+                    }
+                    if let Value::Object(m) = entry {
+                        stamp_metadata_by_lookup(m, inner, now);
+                    }
+                }
+                _ => {
+                    let mut leaf = Map::new();
+                    leaf.insert("timestamp".into(), Value::from(now));
+                    meta.insert(key.clone(), Value::Object(leaf));
+                }
+            }
+        }
+    }
+
     proptest! {
+        #[test]
+        fn stamping_by_sorted_walk_equals_stamping_by_lookup(
+            patches in prop::collection::vec(crate::merge::tests::arb_json(), 1..8),
+        ) {
+            let (mut walked, mut looked_up) = (Map::new(), Map::new());
+            for (i, patch) in patches.iter().enumerate() {
+                let Value::Object(patch) = patch else { continue };
+                stamp_metadata(&mut walked, patch, i as u64);
+                stamp_metadata_by_lookup(&mut looked_up, patch, i as u64);
+                prop_assert_eq!(&walked, &looked_up);
+            }
+        }
+
         /// Fuzz-style: arbitrary bytes never panic the parsers.
         #[test]
         fn parsers_never_panic_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
