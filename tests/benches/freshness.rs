@@ -4,7 +4,8 @@
 //! the Devices sees each state arrive.
 //!
 //! Fleets: 100 devices x 1 Hz and 1,000 devices x 1 Hz (`FRESHNESS_FLEETS` overrides, e.g.
-//! `100,1000`; `FRESHNESS_CONTROLLER_ARGS` adds controller options). A publish counts as
+//! `100,1000`; `FRESHNESS_CONTROLLER_ARGS` adds controller options,
+//! `FRESHNESS_AGENT_TOML` agent config sections, `\n` for newlines). A publish counts as
 //! fresh once the status shows it or a later state of the same device (a coalesced state is
 //! superseded, not lost). Reported: p50 and p99, API writes
 //! per update, the agent's CPU, and what the load costs another client of the API server: the
@@ -76,6 +77,9 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> (String, f64, f64) {
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect(),
+            agent_toml: std::env::var("FRESHNESS_AGENT_TOML")
+                .unwrap_or_default()
+                .replace("\\n", "\n"),
             ..StackOptions::default()
         },
     )

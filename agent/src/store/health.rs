@@ -14,6 +14,9 @@ use std::sync::{Mutex, OnceLock};
 pub struct StoreHealth {
     failing: AtomicBool,
     failed_commits: AtomicU64,
+    /// Transactions committed, and those of them fsynced.
+    commits: AtomicU64,
+    synced_commits: AtomicU64,
     last_error: Mutex<Option<String>>,
     /// `journal_mode` and `synchronous` as read back from the writer's connection.
     pragmas: OnceLock<(String, i64)>,
@@ -67,7 +70,11 @@ impl StoreHealth {
         )
     }
 
-    pub(super) fn committed(&self) {
+    pub(super) fn committed(&self, synced: bool) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        if synced {
+            self.synced_commits.fetch_add(1, Ordering::Relaxed);
+        }
         if self.failing.swap(false, Ordering::AcqRel) {
             tracing::info!("The store commits again");
         }
@@ -98,6 +105,12 @@ impl StoreHealth {
             out,
             "# HELP edgesync_agent_store_failed_commits_total Transactions the database refused\n# TYPE edgesync_agent_store_failed_commits_total counter\nedgesync_agent_store_failed_commits_total {}",
             self.failed_commits.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP edgesync_agent_store_commits_total Transactions committed (each holds every message that arrived while the previous one committed)\n# TYPE edgesync_agent_store_commits_total counter\nedgesync_agent_store_commits_total {}\n# HELP edgesync_agent_store_synced_commits_total Commits fsynced before they were acknowledged (store.durability = power-loss-safe)\n# TYPE edgesync_agent_store_synced_commits_total counter\nedgesync_agent_store_synced_commits_total {}",
+            self.commits.load(Ordering::Relaxed),
+            self.synced_commits.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,
@@ -139,7 +152,18 @@ mod tests {
         h.render(&mut text);
         assert!(text.contains("edgesync_agent_store_commit_failing 1"));
         assert!(text.contains("edgesync_agent_store_failed_commits_total 1"));
-        h.committed();
+        h.committed(true);
+        h.committed(false);
         assert_eq!(h.problem(), None);
+        let mut text = String::new();
+        h.render(&mut text);
+        assert!(
+            text.contains("edgesync_agent_store_commits_total 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("edgesync_agent_store_synced_commits_total 1"),
+            "{text}"
+        );
     }
 }

@@ -247,6 +247,14 @@ enum Command {
 }
 
 impl Command {
+    /// Whether this is a device's message waiting for its commit, the kind a steady stream
+    /// of which the writer paces (`store.min_commit_interval_ms`). Everything else (the
+    /// uplink's batch reads and acknowledgements, reads, desired state) commits at once, so
+    /// pacing never delays a report on its way out.
+    fn is_device_update(&self) -> bool {
+        matches!(self, Command::Update { .. })
+    }
+
     /// Whether losing this command's effect in a power loss is harmless: reads, and the
     /// controller's acknowledgements (the reports are sent again and answered at once).
     fn may_be_lost(&self) -> bool {
@@ -607,6 +615,7 @@ mod tests {
             path: dir.join("t.db"),
             durability: Durability::PowerLossSafe,
             max_commit_batch: 64,
+            min_commit_interval: std::time::Duration::ZERO,
             max_devices: 3,
         }
     }
@@ -617,6 +626,38 @@ mod tests {
             client_token: None,
             version: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_stream_of_updates_is_paced_but_an_idle_store_and_the_uplink_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let interval = std::time::Duration::from_millis(800);
+        let s = StoreSettings {
+            min_commit_interval: interval,
+            ..settings(dir.path())
+        };
+        let (store, h) = Store::open(&s, Limits::default()).unwrap();
+        let start = std::time::Instant::now();
+        store
+            .update("d".into(), req(json!({"n": 1})))
+            .await
+            .unwrap();
+        let first = start.elapsed();
+        // Right behind a commit of an update: the next one waits out the interval.
+        store
+            .update("d".into(), req(json!({"n": 2})))
+            .await
+            .unwrap();
+        let second = start.elapsed();
+        // The uplink's batch read, right behind that: at once.
+        let batch = store.next_batch(10, 1 << 20, HashSet::new()).await.unwrap();
+        let read = start.elapsed() - second;
+        assert!(first < interval / 2, "idle: committed after {first:?}");
+        assert!(second >= interval, "paced: committed after {second:?}");
+        assert!(read < interval / 2, "the batch read waited {read:?}");
+        assert!(batch.is_some());
+        drop(store);
+        h.join().unwrap();
     }
 
     #[tokio::test]
@@ -879,6 +920,7 @@ mod throughput {
             path: dir.path().join("t.db"),
             durability: Durability::PowerLossSafe,
             max_commit_batch: 2048,
+            min_commit_interval: std::time::Duration::ZERO,
             max_devices: 10_000,
         };
         let (store, _h) = Store::open(&settings, Limits::default()).unwrap();

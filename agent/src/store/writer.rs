@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use edgesync_protocol::Limits;
 use edgesync_protocol::shadow::ShadowDocument;
@@ -43,6 +44,8 @@ pub(super) struct Writer {
     path: PathBuf,
     limits: Limits,
     max_batch: usize,
+    /// `store.min_commit_interval`: under load, the least time between commits.
+    min_interval: Duration,
     max_devices: usize,
     shadows: HashMap<String, ShadowDocument>,
     /// Devices updated in the current group, written once each before the commit: a device
@@ -91,6 +94,7 @@ impl Writer {
             path: settings.path.clone(),
             limits,
             max_batch: settings.max_commit_batch,
+            min_interval: settings.min_commit_interval,
             max_devices: settings.max_devices,
             shadows,
             dirty: HashSet::new(),
@@ -105,17 +109,44 @@ impl Writer {
 
     pub(super) fn run(&mut self, mut rx: mpsc::Receiver<Command>) {
         let mut group = Vec::with_capacity(self.max_batch);
+        // Long enough ago that the first update commits at once.
+        let mut last_paced = Instant::now() - self.min_interval;
         while let Some(first) = rx.blocking_recv() {
             group.push(first);
-            while group.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(cmd) => group.push(cmd),
-                    Err(_) => break,
+            self.fill(&mut group, &mut rx);
+            // Group commit: everything queued joins this transaction. Under a stream of
+            // device messages (the previous commit of one was less than min_interval ago)
+            // the commit also waits out the rest of the interval, so that a steady trickle
+            // of messages shares one fsync instead of paying one each; an idle store commits
+            // at once. Draining a backlog is unaffected: its groups are full (max_batch) long
+            // before the interval ends.
+            if group.iter().any(Command::is_device_update) {
+                let pace_until = last_paced + self.min_interval;
+                loop {
+                    let now = Instant::now();
+                    if group.len() >= self.max_batch || now >= pace_until {
+                        break;
+                    }
+                    std::thread::sleep(pace_until - now);
+                    self.fill(&mut group, &mut rx);
                 }
+                self.apply_group(&mut group);
+                last_paced = Instant::now();
+            } else {
+                self.apply_group(&mut group);
             }
-            self.apply_group(&mut group);
         }
         tracing::debug!("store writer stopped");
+    }
+
+    /// Adds whatever is queued to `group`, up to max_batch.
+    fn fill(&self, group: &mut Vec<Command>, rx: &mut mpsc::Receiver<Command>) {
+        while group.len() < self.max_batch {
+            match rx.try_recv() {
+                Ok(cmd) => group.push(cmd),
+                Err(_) => break,
+            }
+        }
     }
 
     fn apply_group(&mut self, group: &mut Vec<Command>) {
@@ -165,7 +196,8 @@ impl Writer {
                     self.commits += 1;
                     self.witness.record(self.commits);
                 }
-                self.health.committed();
+                // Empty groups and acknowledgement-only groups commit without an fsync.
+                self.health.committed(counted);
                 self.health
                     .set_devices(self.shadows.len(), self.max_devices);
             }
