@@ -15,9 +15,9 @@ use tokio::sync::mpsc;
 use super::witness::{self, Witness};
 use super::{
     Command, DesiredOutcome, GET_META, META_ACKED_SEQ, META_COMMITS, META_PROBE, META_SEQ,
-    PendingBatch, Reply, SELECT_PENDING, SET_META, StoreError, StoreHealth, UpdateOutcome,
-    broker_sessions, get_meta_u64, now_ms, now_secs, outbox_stats, read_shadows, rfc3339,
-    sqlite_err,
+    META_SEQ_RESERVED, PendingBatch, Reply, SELECT_PENDING, SEQ_BLOCK, SET_META, StoreError,
+    StoreHealth, UpdateOutcome, broker_sessions, get_meta_u64, now_ms, now_secs, outbox_stats,
+    read_shadows, rfc3339, sqlite_err,
 };
 use crate::config::StoreSettings;
 
@@ -52,6 +52,8 @@ pub(super) struct Writer {
     /// updated many times in one group costs one serialization and two row writes.
     dirty: HashSet<String>,
     seq: u64,
+    /// The highest `seq` durably reserved (`meta.seq_reserved`).
+    seq_reserved: u64,
     health: Arc<StoreHealth>,
     /// When each batch in flight was read from the outbox (ms since the epoch), by seq.
     batch_read_ms: BTreeMap<u64, i64>,
@@ -85,7 +87,11 @@ impl Writer {
         let path = settings.path.clone();
         let err = sqlite_err(&path);
         let shadows = read_shadows(&conn, &path)?;
-        let seq = get_meta_u64(&conn, META_SEQ).map_err(&err)?;
+        // Above anything handed out before, even if the last `seq` writes were lost.
+        let seq_reserved = get_meta_u64(&conn, META_SEQ_RESERVED).map_err(&err)?;
+        let seq = get_meta_u64(&conn, META_SEQ)
+            .map_err(&err)?
+            .max(seq_reserved);
         let commits = get_meta_u64(&conn, META_COMMITS).map_err(&err)?;
         let witness = witness::check_at_start(&conn, &path, commits, &health)?;
         health.set_devices(shadows.len(), settings.max_devices);
@@ -99,6 +105,7 @@ impl Writer {
             shadows,
             dirty: HashSet::new(),
             seq,
+            seq_reserved,
             power_loss_safe: settings.durability == crate::config::Durability::PowerLossSafe,
             health,
             batch_read_ms: BTreeMap::new(),
@@ -151,13 +158,22 @@ impl Writer {
 
     fn apply_group(&mut self, group: &mut Vec<Command>) {
         let mut deferred: Vec<Deferred> = Vec::with_capacity(group.len());
-        let seq_before = self.seq;
+        let (seq_before, reserved_before) = (self.seq, self.seq_reserved);
         // A group that only records the controller's acknowledgements, or reads, need not
         // survive a power loss: a lost acknowledgement means the report is sent again and
         // answered at once. Its commit then skips the fsync, which on an idle link (one
         // batch per change) is most of the uplink's cost. A later fsynced commit makes it
         // durable too: the WAL is synced up to its end.
-        let relaxed = self.power_loss_safe && group.iter().all(Command::may_be_lost);
+        // Batch reads are among them while their numbers are already reserved.
+        let batch_reads = group
+            .iter()
+            .filter(|c| matches!(c, Command::NextBatch { .. }))
+            .count() as u64;
+        let reserved = self.seq + batch_reads <= self.seq_reserved;
+        let relaxed = self.power_loss_safe
+            && group
+                .iter()
+                .all(|c| c.may_be_lost() || reserved && matches!(c, Command::NextBatch { .. }));
         if relaxed {
             let _ = self.conn.execute_batch("PRAGMA synchronous = NORMAL");
         }
@@ -206,7 +222,7 @@ impl Writer {
         if let Err(e) = &result {
             tracing::error!(error = %e, "store transaction failed; nothing in it was acknowledged");
             let _ = self.conn.execute_batch("ROLLBACK");
-            self.seq = seq_before;
+            (self.seq, self.seq_reserved) = (seq_before, reserved_before);
             self.dirty.clear();
             if let Err(reload) = self.reload() {
                 tracing::error!(error = %reload, "cannot reload shadows after a failed transaction");
@@ -222,7 +238,11 @@ impl Writer {
 
     fn reload(&mut self) -> Result<(), StoreError> {
         self.shadows = read_shadows(&self.conn, &self.path)?;
-        self.seq = get_meta_u64(&self.conn, META_SEQ).map_err(sqlite_err(&self.path))?;
+        self.seq_reserved =
+            get_meta_u64(&self.conn, META_SEQ_RESERVED).map_err(sqlite_err(&self.path))?;
+        self.seq = get_meta_u64(&self.conn, META_SEQ)
+            .map_err(sqlite_err(&self.path))?
+            .max(self.seq_reserved);
         self.commits = get_meta_u64(&self.conn, META_COMMITS).map_err(sqlite_err(&self.path))?;
         Ok(())
     }
@@ -384,6 +404,15 @@ impl Writer {
                     defer(reply, None)
                 } else {
                     self.seq += 1;
+                    if self.seq > self.seq_reserved {
+                        self.seq_reserved = self.seq + SEQ_BLOCK - 1;
+                        self.conn
+                            .prepare_cached(SET_META)
+                            .and_then(|mut s| {
+                                s.execute(params![META_SEQ_RESERVED, self.seq_reserved.to_string()])
+                            })
+                            .map_err(&err)?;
+                    }
                     self.conn
                         .prepare_cached(SET_META)
                         .and_then(|mut s| s.execute(params![META_SEQ, self.seq.to_string()]))
