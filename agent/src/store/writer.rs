@@ -413,10 +413,8 @@ impl Writer {
                             })
                             .map_err(&err)?;
                     }
-                    self.conn
-                        .prepare_cached(SET_META)
-                        .and_then(|mut s| s.execute(params![META_SEQ, self.seq.to_string()]))
-                        .map_err(&err)?;
+                    // meta.seq itself is written with the acknowledgement: within the
+                    // reservation, a batch read writes nothing and so commits nothing.
                     self.batch_read_ms.insert(self.seq, now_ms());
                     if self.batch_read_ms.len() > MAX_BATCHES_TIMED {
                         self.batch_read_ms.pop_first();
@@ -458,9 +456,18 @@ impl Writer {
                         .and_then(|mut s| s.execute(params![META_ACKED_SEQ, seq.to_string()]))
                         .map_err(&err)?;
                 }
+                self.conn
+                    .prepare_cached(SET_META)
+                    .and_then(|mut s| s.execute(params![META_SEQ, self.seq.to_string()]))
+                    .map_err(&err)?;
                 defer(reply, ())
             }
-            Command::Stats { reply } => defer(reply, outbox_stats(&self.conn, &self.path)?),
+            Command::Stats { reply } => {
+                let mut stats = outbox_stats(&self.conn, &self.path)?;
+                // meta.seq lags until the next acknowledgement; the writer knows the last one.
+                stats.last_seq = self.seq;
+                defer(reply, stats)
+            }
             Command::Probe { reply } => {
                 self.conn
                     .prepare_cached(SET_META)
