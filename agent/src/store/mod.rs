@@ -549,14 +549,18 @@ fn now_secs() -> EpochSeconds {
 }
 
 fn get_meta_u64(conn: &Connection, key: &str) -> rusqlite::Result<u64> {
-    let v: Option<String> = conn.query_row(GET_META, [key], |r| r.get(0)).optional()?;
+    let v: Option<String> = conn
+        .prepare_cached(GET_META)?
+        .query_row([key], |r| r.get(0))
+        .optional()?;
     Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
 fn outbox_stats(conn: &Connection, path: &Path) -> Result<OutboxStats, StoreError> {
     let err = sqlite_err(path);
     let (count, oldest): (i64, Option<i64>) = conn
-        .query_row(OUTBOX_STATS, [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .prepare_cached(OUTBOX_STATS)
+        .and_then(|mut st| st.query_row([], |r| Ok((r.get(0)?, r.get(1)?))))
         .map_err(&err)?;
     let age = oldest.map_or(0, |t| ((now_ms() - t).max(0) / 1000) as u64);
     Ok(OutboxStats {

@@ -41,6 +41,9 @@ const MIGRATIONS: &[&str] = &[
 pub(super) fn open_rw(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
     let err = sqlite_err(path);
     let conn = Connection::open(path).map_err(&err)?;
+    // Every statement the writer runs stays prepared (about 30, rusqlite keeps 16 by default):
+    // evicting one means parsing it again on a hot path.
+    conn.set_prepared_statement_cache_capacity(64);
     // WAL lets read-only CLI commands run while the agent writes. FULL syncs the WAL on every
     // commit (durable across power loss); NORMAL syncs only at checkpoints (durable across an
     // agent crash, may lose the last commits on power loss). See docs/design/agent.md.

@@ -146,6 +146,13 @@ impl Writer {
         tracing::debug!("store writer stopped");
     }
 
+    /// Runs one statement from the connection's statement cache: every group begins and commits
+    /// a transaction, and parsing those statements again each time was a tenth of the agent's
+    /// CPU at 100 messages/s.
+    fn run_cached(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(sql)?.execute([]).map(|_| ())
+    }
+
     /// Adds whatever is queued to `group`, up to max_batch.
     fn fill(&self, group: &mut Vec<Command>, rx: &mut mpsc::Receiver<Command>) {
         while group.len() < self.max_batch {
@@ -175,13 +182,12 @@ impl Writer {
                 .iter()
                 .all(|c| c.may_be_lost() || reserved && matches!(c, Command::NextBatch { .. }));
         if relaxed {
-            let _ = self.conn.execute_batch("PRAGMA synchronous = NORMAL");
+            let _ = self.run_cached("PRAGMA synchronous = NORMAL");
         }
         let changes_before = self.conn.total_changes();
         let mut counted = false;
         let result = (|| -> Result<(), StoreError> {
-            self.conn
-                .execute_batch("BEGIN IMMEDIATE")
+            self.run_cached("BEGIN IMMEDIATE")
                 .map_err(sqlite_err(&self.path))?;
             for cmd in group.drain(..) {
                 deferred.push(self.apply(cmd)?);
@@ -199,12 +205,10 @@ impl Writer {
                     })
                     .map_err(sqlite_err(&self.path))?;
             }
-            self.conn
-                .execute_batch("COMMIT")
-                .map_err(sqlite_err(&self.path))
+            self.run_cached("COMMIT").map_err(sqlite_err(&self.path))
         })();
         if relaxed {
-            let _ = self.conn.execute_batch("PRAGMA synchronous = FULL");
+            let _ = self.run_cached("PRAGMA synchronous = FULL");
         }
         match &result {
             Ok(()) => {
@@ -478,7 +482,8 @@ impl Writer {
             Command::GetMeta { key, reply } => {
                 let v: Option<String> = self
                     .conn
-                    .query_row(GET_META, [key], |r| r.get(0))
+                    .prepare_cached(GET_META)
+                    .and_then(|mut st| st.query_row([key], |r| r.get(0)))
                     .optional()
                     .map_err(&err)?;
                 defer(reply, v)
