@@ -117,7 +117,9 @@ impl Writer {
     pub(super) fn run(&mut self, mut rx: mpsc::Receiver<Command>) {
         let mut group = Vec::with_capacity(self.max_batch);
         // Long enough ago that the first update commits at once.
-        let mut last_paced = Instant::now() - self.min_interval;
+        let mut last_paced = Instant::now()
+            .checked_sub(self.min_interval)
+            .unwrap_or_else(Instant::now);
         while let Some(first) = rx.blocking_recv() {
             group.push(first);
             self.fill(&mut group, &mut rx);
