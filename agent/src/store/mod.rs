@@ -665,6 +665,26 @@ mod tests {
         assert!(second >= interval, "paced: committed after {second:?}");
         assert!(read < interval / 2, "the batch read waited {read:?}");
         assert!(batch.is_some());
+        // Many messages at once (clients waiting on their acknowledgements) make a large
+        // group; after one, the next commit is not held back.
+        let mut burst = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let store = store.clone();
+            burst.spawn(async move { store.update("d".into(), req(json!({"n": i}))).await });
+        }
+        while let Some(r) = burst.join_next().await {
+            r.unwrap().unwrap();
+        }
+        let after_burst = std::time::Instant::now();
+        store
+            .update("d".into(), req(json!({"n": 3})))
+            .await
+            .unwrap();
+        let waited = after_burst.elapsed();
+        assert!(
+            waited < interval / 2,
+            "after a large group, waited {waited:?}"
+        );
         drop(store);
         h.join().unwrap();
     }

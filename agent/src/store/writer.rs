@@ -34,6 +34,9 @@ const DELETE_ACKED: &str = "DELETE FROM outbox WHERE device = ?1 AND version <= 
 // most one round trip) instead of at its first change ever.
 const RESTART_PENDING_AGE: &str =
     "UPDATE outbox SET enqueued_at_ms = max(enqueued_at_ms, ?3) WHERE device = ?1 AND version > ?2";
+/// Groups of device messages smaller than this are a trickle, which commit pacing gathers
+/// into fewer fsyncs; larger ones come from clients already waiting on commits.
+const PACE_BELOW: usize = 32;
 /// Batches whose read time is remembered for the age restart (older ones fall back to the
 /// ack time).
 const MAX_BATCHES_TIMED: usize = 256;
@@ -120,6 +123,7 @@ impl Writer {
         let mut last_paced = Instant::now()
             .checked_sub(self.min_interval)
             .unwrap_or_else(Instant::now);
+        let mut last_group = 0;
         while let Some(first) = rx.blocking_recv() {
             group.push(first);
             self.fill(&mut group, &mut rx);
@@ -127,18 +131,24 @@ impl Writer {
             // device messages (the previous commit of one was less than min_interval ago)
             // the commit also waits out the rest of the interval, so that a steady trickle
             // of messages shares one fsync instead of paying one each; an idle store commits
-            // at once. Draining a backlog is unaffected: its groups are full (max_batch) long
-            // before the interval ends.
+            // at once.
             if group.iter().any(Command::is_device_update) {
-                let pace_until = last_paced + self.min_interval;
-                loop {
-                    let now = Instant::now();
-                    if group.len() >= self.max_batch || now >= pace_until {
-                        break;
+                // Only a trickle is paced: when the last such group was large, messages
+                // already queue up while a commit runs (clients with many messages in flight
+                // wait on our acknowledgements), and waiting would only cap their rate at
+                // their in-flight window per interval.
+                if last_group < PACE_BELOW {
+                    let pace_until = last_paced + self.min_interval;
+                    loop {
+                        let now = Instant::now();
+                        if group.len() >= self.max_batch || now >= pace_until {
+                            break;
+                        }
+                        std::thread::sleep(pace_until - now);
+                        self.fill(&mut group, &mut rx);
                     }
-                    std::thread::sleep(pace_until - now);
-                    self.fill(&mut group, &mut rx);
                 }
+                last_group = group.len();
                 self.apply_group(&mut group);
                 last_paced = Instant::now();
             } else {
