@@ -4,7 +4,8 @@
 //! This crate owns the *rules* (JSON merge patch, delta, version bumps, optimistic concurrency,
 //! limits) and the *shapes* (MQTT shadow messages, HTTP batch envelope, desired-state stream
 //! events, error bodies), plus small pure helpers both binaries share (token bucket,
-//! Prometheus text). It performs no I/O and depends only on serde, so the agent, the
+//! Prometheus text), and the Sparkplug B host application's rules and schema. It performs no
+//! I/O and depends only on serde and prost, so the agent, the
 //! controller and tests agree on one definition.
 //!
 //! Every entry point that takes untrusted bytes ([`shadow::UpdateRequest::parse`],
@@ -18,6 +19,7 @@ pub mod prom;
 pub mod rate;
 pub mod secret;
 pub mod shadow;
+pub mod sparkplug;
 pub mod wire;
 
 pub use limits::{LimitError, Limits};
