@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 QUICK ?= 0
 
-.PHONY: demo test bench arm fmt-check clippy unit deps k8s mosquitto crds
+.PHONY: demo test bench arm fmt-check clippy unit deps k8s mosquitto sparkplug crds
 
 ## demo: the whole system end to end on this machine (control plane, controller, agent with its embedded broker, simulated machines)
 demo: k8s
@@ -23,14 +23,17 @@ bench: deps arm
 arm:
 	CARGO=$(CARGO) hack/build-arm.sh
 
-## deps: build/cache kube-apiserver, kubectl, etcd and install mosquitto if missing
-deps: k8s mosquitto
+## deps: build/cache kube-apiserver, kubectl, etcd, install mosquitto if missing, and make the pysparkplug environment the Sparkplug B tests drive
+deps: k8s mosquitto sparkplug
 
 k8s:
 	@hack/ensure-k8s.sh >/dev/null
 
 mosquitto:
 	@hack/ensure-mosquitto.sh
+
+sparkplug:
+	@hack/ensure-pysparkplug.sh >/dev/null
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

@@ -64,7 +64,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         mqtt_settings.credentials = Some(agent_credentials);
         broker_task = Some(task);
     }
-    let mqtt = Mqtt::new(&mqtt_settings, settings.ingest.clone(), settings.limits)
+    let mqtt = Mqtt::new(&mqtt_settings, &settings.ingest, settings.limits, &metrics)
         .context("setting up MQTT")?;
     let publisher = mqtt.publisher(metrics.clone());
 
@@ -168,7 +168,12 @@ async fn start_embedded_broker(
             agent_secret: agent_secret.clone(),
             config: settings.mqtt.embedded.clone(),
             topic_prefix: settings.mqtt.topic_prefix.clone(),
-            ingest_topics: settings.ingest.iter().map(|p| p.template()).collect(),
+            ingest_topics: settings.ingest.device_topics(),
+            sparkplug_group: settings
+                .ingest
+                .sparkplug
+                .as_ref()
+                .map(|s| s.group.clone().unwrap_or_else(|| "+".to_owned())),
         },
         store,
         metrics,

@@ -70,6 +70,14 @@ pub struct Metrics {
     pub broker_denied: [AtomicU64; BrokerDenial::ALL.len()],
     /// Embedded broker: clients paused because their messages wait for the agent's commit.
     pub broker_paused: AtomicU64,
+    /// Sparkplug B messages used only in part, by issue.
+    pub sparkplug_issues: Mutex<BTreeMap<&'static str, u64>>,
+    /// Sparkplug B rebirth requests published.
+    pub sparkplug_rebirths: AtomicU64,
+    /// Sparkplug B commands (NCMD/DCMD) published for desired changes.
+    pub sparkplug_writes: AtomicU64,
+    /// Sparkplug B edge nodes remembered.
+    pub sparkplug_edge_nodes: AtomicU64,
 }
 
 /// A limit of the embedded broker (the `limit` label).
@@ -208,6 +216,20 @@ impl Metrics {
         }
     }
 
+    /// Counts a Sparkplug B issue; returns how many of its kind there have been.
+    pub fn sparkplug_issue(&self, issue: &'static str) -> u64 {
+        self.sparkplug_issues.lock().map_or(0, |mut m| {
+            let n = m.entry(issue).or_default();
+            *n += 1;
+            *n
+        })
+    }
+
+    /// Sets the number of Sparkplug B edge nodes remembered.
+    pub fn set_sparkplug_edge_nodes(&self, n: u64) {
+        self.sparkplug_edge_nodes.store(n, Ordering::Relaxed);
+    }
+
     /// Updates rejected so far for `reason`.
     pub fn rejections(&self, reason: &str) -> u64 {
         self.updates_rejected
@@ -252,6 +274,38 @@ impl Metrics {
                 );
             }
         }
+        let _ = writeln!(
+            out,
+            "# HELP edgesync_agent_sparkplug_issues_total Sparkplug B messages used only in part (seq gaps, unknown aliases, unmapped metrics...), by issue.\n# TYPE edgesync_agent_sparkplug_issues_total counter"
+        );
+        if let Ok(m) = self.sparkplug_issues.lock() {
+            for (issue, n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "edgesync_agent_sparkplug_issues_total{{issue=\"{issue}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP edgesync_agent_sparkplug_commands_total Sparkplug B commands published: rebirth requests and writes of desired values.\n# TYPE edgesync_agent_sparkplug_commands_total counter"
+        );
+        for (command, v) in [
+            ("rebirth", &self.sparkplug_rebirths),
+            ("write", &self.sparkplug_writes),
+        ] {
+            let _ = writeln!(
+                out,
+                "edgesync_agent_sparkplug_commands_total{{command=\"{command}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        gauge(
+            &mut out,
+            "edgesync_agent_sparkplug_edge_nodes",
+            "Sparkplug B edge nodes whose births the agent remembers.",
+            self.sparkplug_edge_nodes.load(Ordering::Relaxed),
+        );
         gauge(
             &mut out,
             "edgesync_agent_mqtt_connected",

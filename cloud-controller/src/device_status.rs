@@ -8,6 +8,10 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::stamp::Stamped;
 
+/// `Online=False` reason for a device its own protocol reports disconnected while its edge
+/// node is up; node liveness leaves it alone (only the device's next report clears it).
+pub const REASON_DEVICE_DISCONNECTED: &str = "DeviceDisconnected";
+
 /// Writes a report into a Device's status: reported state and stamp, report time, observed
 /// desired generation, `Online=True` and `InSync` from the delta between desired and reported.
 pub fn apply_report(device: &mut Device, stamped: &Stamped) {
@@ -30,12 +34,21 @@ pub fn apply_report(device: &mut Device, stamped: &Stamped) {
             .unwrap_or_else(|_| now.clone()),
     );
     status.observed_desired_generation = Some(report.observed_desired_version);
+    let (online, reason, message) = if report.connected == Some(false) {
+        (
+            false,
+            REASON_DEVICE_DISCONNECTED,
+            "The edge node is up but reports the device disconnected (a Sparkplug B death certificate)",
+        )
+    } else {
+        (true, "Reporting", "The device's edge node is reporting it")
+    };
     set_condition(
         &mut status.conditions,
         CONDITION_ONLINE,
-        true,
-        "Reporting",
-        "The device's edge node is reporting it",
+        online,
+        reason,
+        message,
         None,
         now.clone(),
     );
@@ -110,6 +123,7 @@ mod tests {
                 reported: reported.as_object().cloned().unwrap_or_default(),
                 reported_at: "2026-11-28T10:00:00Z".into(),
                 observed_desired_version: observed,
+                connected: None,
             },
             epoch: "e1".into(),
             stamp: Stamp {
@@ -148,5 +162,32 @@ mod tests {
         let (ok, reason, _) = in_sync(3, 2, &serde_json::Map::new(), &serde_json::Map::new());
         assert!(!ok);
         assert_eq!(reason, "DesiredNotObserved");
+    }
+
+    #[test]
+    fn a_device_reported_disconnected_is_offline_until_it_reports_again() {
+        let mut d = Device::new(
+            "d",
+            DeviceSpec {
+                node_name: "n".into(),
+                desired: None,
+                reporting: None,
+            },
+        );
+        let mut down = report(4, json!({"speed": 3}), 0);
+        down.report.connected = Some(false);
+        apply_report(&mut d, &down);
+        let s = d.status.as_ref().unwrap();
+        assert_eq!(condition_status(&s.conditions, "Online"), Some("False"));
+        assert!(
+            s.conditions
+                .iter()
+                .any(|c| c.reason == REASON_DEVICE_DISCONNECTED)
+        );
+        let mut up = report(5, json!({"speed": 3}), 0);
+        up.report.connected = Some(true);
+        apply_report(&mut d, &up);
+        let s = d.status.as_ref().unwrap();
+        assert_eq!(condition_status(&s.conditions, "Online"), Some("True"));
     }
 }

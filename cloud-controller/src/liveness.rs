@@ -159,7 +159,17 @@ impl Liveness {
         let now = Time(Timestamp::now());
         let mut changed = false;
         let online_now = condition_status(&status.conditions, CONDITION_ONLINE);
-        let want = if node_online { "True" } else { "False" };
+        // A device its node reported disconnected stays offline while the node is up.
+        let device_down = online_now == Some("False")
+            && status.conditions.iter().any(|c| {
+                c.type_ == CONDITION_ONLINE
+                    && c.reason == crate::device_status::REASON_DEVICE_DISCONNECTED
+            });
+        let want = if node_online && !device_down {
+            "True"
+        } else {
+            "False"
+        };
         if online_now != Some(want) {
             let (reason, message) = if node_online {
                 ("NodeReady", "The device's edge node is reporting")

@@ -29,6 +29,10 @@ pub struct ShadowDocument {
     pub desired_generation: i64,
     /// Time of the last accepted change.
     pub timestamp: EpochSeconds,
+    /// Whether the device itself is connected, where its protocol says so (Sparkplug B
+    /// births and deaths); absent for devices that only publish state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
 }
 
 /// The two halves of a shadow's state.
@@ -120,6 +124,9 @@ pub struct UpdateRequest {
     pub client_token: Option<String>,
     /// Optimistic concurrency: when set, must equal the shadow's current version.
     pub version: Option<u64>,
+    /// The device's connection state, when its protocol tells it (Sparkplug B births and
+    /// deaths); `None` leaves it as it is.
+    pub connected: Option<bool>,
 }
 
 impl UpdateRequest {
@@ -192,6 +199,7 @@ impl UpdateRequest {
             reported,
             client_token,
             version,
+            connected: None,
         })
     }
 
@@ -207,6 +215,7 @@ impl UpdateRequest {
             reported: Some(reported),
             client_token: None,
             version: None,
+            connected: None,
         })
     }
 }
@@ -287,7 +296,8 @@ impl ShadowDocument {
             )),
             None => merge::Undo::Whole(std::mem::take(&mut self.state.reported)),
         };
-        if undo.is_empty() {
+        let reconnected = req.connected.is_some() && req.connected != self.connected;
+        if undo.is_empty() && !reconnected {
             return Ok(Applied {
                 changed: false,
                 previous: None,
@@ -300,6 +310,9 @@ impl ShadowDocument {
         match &req.reported {
             Some(patch) => stamp_metadata(&mut self.metadata.reported, patch, now),
             None => self.metadata.reported.clear(),
+        }
+        if reconnected {
+            self.connected = req.connected;
         }
         self.bump(now);
         Ok(Applied {
@@ -538,6 +551,32 @@ mod tests {
 
     fn update(payload: Value) -> Result<UpdateRequest, ShadowError> {
         UpdateRequest::parse(payload.to_string().as_bytes(), &Limits::default())
+    }
+
+    #[test]
+    fn a_connection_change_is_a_change_and_a_repeat_is_not() {
+        let limits = Limits::default();
+        let mut doc = ShadowDocument::default();
+        let death = UpdateRequest {
+            reported: Some(Map::new()),
+            client_token: None,
+            version: None,
+            connected: Some(false),
+        };
+        assert!(doc.apply_reported(&death, &limits, NOW).unwrap().changed);
+        assert_eq!((doc.version, doc.connected), (1, Some(false)));
+        assert!(!doc.apply_reported(&death, &limits, NOW).unwrap().changed);
+        let plain = UpdateRequest {
+            connected: None,
+            ..death.clone()
+        };
+        assert!(!doc.apply_reported(&plain, &limits, NOW).unwrap().changed);
+        assert_eq!(doc.connected, Some(false), "a plain message leaves it");
+        let text = serde_json::to_string(&ShadowDocument::default()).unwrap();
+        assert!(
+            !text.contains("connected"),
+            "absent unless a protocol set it"
+        );
     }
 
     #[test]
@@ -893,7 +932,7 @@ mod tests {
         fn document_serde_round_trips(patch in crate::merge::tests::arb_json()) {
             let mut doc = ShadowDocument::default();
             if let Value::Object(p) = patch {
-                let req = UpdateRequest { reported: Some(p), client_token: None, version: None };
+                let req = UpdateRequest { reported: Some(p), client_token: None, version: None, connected: None };
                 let _ = doc.apply_reported(&req, &Limits { max_depth: 16, ..Limits::default() }, NOW);
             }
             let text = serde_json::to_string(&doc).unwrap();

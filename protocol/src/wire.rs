@@ -121,6 +121,11 @@ pub struct Report {
     /// The `Device` generation whose `spec.desired` the agent has applied (0 = none).
     #[serde(default)]
     pub observed_desired_version: i64,
+    /// Whether the device itself is connected, for devices whose protocol says so
+    /// (Sparkplug B births and deaths): `false` makes the Device `Online=False` while its node
+    /// is up. Absent: the device is online whenever its node is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
 }
 
 /// The controller's answer to a [`ReportBatch`]: one result per report, in order.
@@ -331,7 +336,7 @@ mod tests {
                 seq,
                 epoch: epoch_from_random(u128::from(seq)),
                 agent: AgentHealth::default(),
-                reports: vec![Report { device, version, reported: Map::new(), reported_at: "2026-01-01T00:00:00Z".into(), observed_desired_version: g }],
+                reports: vec![Report { device, version, reported: Map::new(), reported_at: "2026-01-01T00:00:00Z".into(), observed_desired_version: g, connected: None }],
             };
             let back: ReportBatch = serde_json::from_str(&serde_json::to_string(&batch).unwrap()).unwrap();
             prop_assert_eq!(back, batch);

@@ -235,6 +235,7 @@ pub fn report(device: &str, version: u64, reported: Value) -> Report {
         reported: reported.as_object().cloned().unwrap_or_else(Map::new),
         reported_at: "2026-11-28T10:00:00Z".to_owned(),
         observed_desired_version: 0,
+        connected: None,
     }
 }
 

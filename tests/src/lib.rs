@@ -35,6 +35,7 @@ pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod raw_mqtt;
+pub mod sparkplug;
 pub mod stack;
 pub mod vm;
 pub mod wait;

@@ -320,6 +320,24 @@ impl Acl {
         }
     }
 
+    /// "Each device only its own topics" for Sparkplug B edge nodes whose username is their
+    /// edge node id: publish their births, data and deaths and their devices' in `group`
+    /// (`+`: any), and subscribe to their own commands and to host `STATE`.
+    pub fn sparkplug_own_topics(group: &str) -> Self {
+        let ns = edgesync_protocol::sparkplug::topic::NAMESPACE;
+        let rule = |access, filter: String| Rule { access, filter };
+        Self {
+            patterns: vec![
+                rule(Access::Write, format!("{ns}/{group}/+/%u")),
+                rule(Access::Write, format!("{ns}/{group}/+/%u/+")),
+                rule(Access::Read, format!("{ns}/{group}/NCMD/%u")),
+                rule(Access::Read, format!("{ns}/{group}/DCMD/%u/+")),
+                rule(Access::Read, format!("{ns}/STATE/+")),
+            ],
+            ..Self::default()
+        }
+    }
+
     /// Both ACLs' entries together: grants add up, and a deny in either still wins.
     pub fn merge(mut self, other: Self) -> Self {
         self.anonymous.extend(other.anonymous);

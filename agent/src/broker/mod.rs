@@ -70,6 +70,8 @@ pub struct BrokerSettings {
     pub topic_prefix: String,
     /// Ingest topic templates with `{device}`.
     pub ingest_topics: Vec<String>,
+    /// The Sparkplug B group heard (`+`: all), when a sparkplug-b mapping is configured.
+    pub sparkplug_group: Option<String>,
 }
 
 /// State shared by the connection tasks.
@@ -121,7 +123,11 @@ fn load_acl(settings: &BrokerSettings) -> anyhow::Result<Option<Acl>> {
     };
     let own = c.acl_own_topics.then(|| {
         let ingest: Vec<&str> = settings.ingest_topics.iter().map(String::as_str).collect();
-        Acl::own_topics(&settings.topic_prefix, &ingest)
+        let own = Acl::own_topics(&settings.topic_prefix, &ingest);
+        match &settings.sparkplug_group {
+            Some(group) => own.merge(Acl::sparkplug_own_topics(group)),
+            None => own,
+        }
     });
     Ok(match (from_file, own) {
         (Some(a), Some(b)) => Some(a.merge(b)),

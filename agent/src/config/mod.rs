@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use edgesync_protocol::Limits;
 use edgesync_protocol::limits::validate_device_id;
-use edgesync_protocol::mqtt::IngestPattern;
 use edgesync_protocol::secret::Secret;
 use serde::Deserialize;
 
 mod broker;
+mod ingest;
 pub use broker::{BrokerConfig, BrokerLimits, CertIdentity, RawBroker, TlsListener};
+pub use ingest::{Format, IngestSettings, RawIngest, SparkplugSettings};
 
 /// `store.min_commit_interval_ms` by default: at 1,000 messages/s it lets about five messages
 /// share each fsync, for at most 5 ms more before a device's acknowledgement.
@@ -127,14 +128,6 @@ impl Default for RawMqtt {
             ca_file: None,
         }
     }
-}
-
-/// `[[ingest]]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawIngest {
-    /// Topic with one `{device}` level, e.g. `factory/{device}/state`.
-    pub topic: String,
 }
 
 /// `[cloud]`
@@ -410,8 +403,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// MQTT.
     pub mqtt: MqttSettings,
-    /// Plain ingest mappings.
-    pub ingest: Vec<IngestPattern>,
+    /// Ingest mappings (JSON topics and Sparkplug B).
+    pub ingest: IngestSettings,
     /// Controller (None = local only, nothing is reported).
     pub cloud: Option<CloudSettings>,
     /// Shadow limits.
@@ -491,13 +484,7 @@ impl TryFrom<RawConfig> for Settings {
         }
 
         let mqtt = mqtt_settings(&raw, &mut errs);
-        let mut ingest = Vec::new();
-        for (i, m) in raw.ingest.iter().enumerate() {
-            match IngestPattern::parse(&m.topic) {
-                Ok(p) => ingest.push(p),
-                Err(e) => errs.push(format!("ingest[{i}].topic: {e}")),
-            }
-        }
+        let ingest = ingest::ingest_settings(&raw.ingest, &mut errs);
         let cloud = raw
             .cloud
             .as_ref()

@@ -18,18 +18,22 @@ use std::sync::atomic::Ordering;
 use edgesync_protocol::Limits;
 use edgesync_protocol::mqtt::{DeltaMessage, IngestPattern, Rejected, ShadowOp, reply_topic};
 use edgesync_protocol::shadow::ShadowDocument;
+use edgesync_protocol::sparkplug::Command;
 use rumqttc::{AsyncClient, EventLoop, MqttOptions, Publish, QoS, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::config::{Broker, MqttSettings};
+use crate::config::{Broker, IngestSettings, MqttSettings};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, UpdateOutcome};
 
 mod driver;
 mod processor;
 mod responder;
+mod sparkplug;
+
+pub use sparkplug::Sparkplug;
 
 use driver::{Recovery, drive};
 use processor::Processor;
@@ -56,8 +60,15 @@ const MAX_INCOMING_PACKET: usize = 268_435_455;
 /// What a message is.
 #[derive(Debug)]
 enum Route {
-    Shadow { device: String, op: ShadowOp },
-    Ingest { device: String },
+    Shadow {
+        device: String,
+        op: ShadowOp,
+    },
+    Ingest {
+        device: String,
+    },
+    /// Sparkplug B: which devices it concerns is known only once it is decoded.
+    Sparkplug,
     Unknown,
 }
 
@@ -73,6 +84,17 @@ enum Pending {
     Get(oneshot::Receiver<Result<Option<ShadowDocument>, StoreError>>),
     /// A shadow read's answer.
     Got(Result<Option<ShadowDocument>, StoreError>),
+    /// Updates of several devices from one message (Sparkplug B), then a command to publish.
+    Many(Box<Many>),
+}
+
+/// The updates one message made, each awaited before the message is acked.
+struct Many {
+    updates: Vec<(String, oneshot::Receiver<Result<UpdateOutcome, StoreError>>)>,
+    /// An update could not even be queued (store closed): do not ack.
+    unqueued: bool,
+    /// Published once the updates are committed.
+    command: Option<Command>,
 }
 
 struct Job {
@@ -88,13 +110,23 @@ pub struct DevicePublisher {
     client: AsyncClient,
     prefix: String,
     metrics: Arc<Metrics>,
+    sparkplug: Option<Arc<Sparkplug>>,
 }
 
 impl DevicePublisher {
-    /// Publishes `update/delta` (QoS1: desired state must reach the device).
+    /// Publishes `update/delta` (QoS1: desired state must reach the device); to a Sparkplug B
+    /// device, a DCMD (NCMD for an edge node) with the metrics its birth declared instead.
     pub async fn publish_delta(&self, device: &str, doc: &ShadowDocument) {
         let delta = doc.delta();
         if delta.is_empty() {
+            return;
+        }
+        if let Some(sparkplug) = &self.sparkplug
+            && let Some(command) = sparkplug.command(device, &delta)
+        {
+            if let Some(c) = command {
+                self.publish_command(c, &self.metrics.sparkplug_writes);
+            }
             return;
         }
         let msg = DeltaMessage {
@@ -121,12 +153,29 @@ impl DevicePublisher {
     }
 }
 
+impl DevicePublisher {
+    /// Publishes a Sparkplug B command at QoS 0, as the specification requires of commands
+    /// (a lost one is sent again with the next change or birth), and counts it in `counter`.
+    fn publish_command(&self, c: Command, counter: &std::sync::atomic::AtomicU64) {
+        if self
+            .client
+            .try_publish(c.topic, QoS::AtMostOnce, false, c.payload)
+            .is_ok()
+        {
+            counter.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.metrics.replies_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The MQTT side of the agent, ready to run.
 pub struct Mqtt {
     client: AsyncClient,
     eventloop: EventLoop,
     settings: MqttSettings,
     ingest: Vec<IngestPattern>,
+    sparkplug: Option<Arc<Sparkplug>>,
     limits: Limits,
 }
 
@@ -137,8 +186,9 @@ impl Mqtt {
     /// When the TLS CA file cannot be read.
     pub fn new(
         settings: &MqttSettings,
-        ingest: Vec<IngestPattern>,
+        ingest: &IngestSettings,
         limits: Limits,
+        metrics: &Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (host, port, tls) = match &settings.broker {
             Broker::External { host, port, tls } => (host.clone(), *port, *tls),
@@ -171,7 +221,11 @@ impl Mqtt {
             client,
             eventloop,
             settings: settings.clone(),
-            ingest,
+            ingest: ingest.json.clone(),
+            sparkplug: ingest
+                .sparkplug
+                .as_ref()
+                .map(|s| Arc::new(Sparkplug::new(s, metrics.clone()))),
             limits,
         })
     }
@@ -182,6 +236,7 @@ impl Mqtt {
             client: self.client.clone(),
             prefix: self.settings.topic_prefix.clone(),
             metrics,
+            sparkplug: self.sparkplug.clone(),
         }
     }
 
@@ -203,16 +258,22 @@ impl Mqtt {
             format!("{prefix}/+/shadow/get"),
         ];
         filters.extend(self.ingest.iter().map(IngestPattern::filter));
+        if let Some(s) = &self.sparkplug {
+            filters.extend(s.filters());
+        }
         let redeliver = Arc::new(tokio::sync::Notify::new());
+        let publisher = self.publisher(metrics.clone());
         let processor = Processor {
             prefix: prefix.clone(),
             ingest: self.ingest,
+            sparkplug: self.sparkplug.clone(),
             limits: self.limits,
             store: store.clone(),
             metrics: metrics.clone(),
         };
         let responder = Responder {
             client: self.client.clone(),
+            publisher,
             prefix,
             metrics: metrics.clone(),
             on_change,

@@ -10,13 +10,14 @@ use edgesync_protocol::shadow::{ShadowError, UpdateRequest};
 use rumqttc::Publish;
 use tokio::sync::mpsc;
 
-use super::{Job, Pending, Route};
+use super::{Job, Many, Pending, Route, Sparkplug};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
 pub(super) struct Processor {
     pub(super) prefix: String,
     pub(super) ingest: Vec<IngestPattern>,
+    pub(super) sparkplug: Option<Arc<Sparkplug>>,
     pub(super) limits: Limits,
     pub(super) store: Store,
     pub(super) metrics: Arc<Metrics>,
@@ -36,6 +37,9 @@ impl Processor {
                     device: device.to_owned(),
                 };
             }
+        }
+        if self.sparkplug.as_ref().is_some_and(|s| s.matches(topic)) {
+            return Route::Sparkplug;
         }
         Route::Unknown
     }
@@ -62,6 +66,7 @@ impl Processor {
     async fn process(&self, route: &Route, publish: &Publish) -> (Pending, Option<String>) {
         let (device, parsed) = match route {
             Route::Unknown => return (Pending::Done, None),
+            Route::Sparkplug => return (self.sparkplug(publish).await, None),
             Route::Shadow {
                 device,
                 op: ShadowOp::Get,
@@ -104,6 +109,28 @@ impl Processor {
                 }
             }
         }
+    }
+
+    /// Queues the updates of a Sparkplug B message, one per device it concerns.
+    async fn sparkplug(&self, publish: &Publish) -> Pending {
+        let Some(sparkplug) = &self.sparkplug else {
+            return Pending::Done;
+        };
+        let Some(handled) = sparkplug.handle(&publish.topic, &publish.payload, &self.limits) else {
+            return Pending::Done;
+        };
+        let mut many = Many {
+            updates: Vec::with_capacity(handled.updates.len()),
+            unqueued: false,
+            command: handled.rebirth,
+        };
+        for (device, req) in handled.updates {
+            match self.store.submit_update(device.clone(), req, false).await {
+                Ok(rx) => many.updates.push((device, rx)),
+                Err(_) => many.unqueued = true,
+            }
+        }
+        Pending::Many(Box::new(many))
     }
 
     fn reject(&self, err: &ShadowError, client_token: Option<String>) -> Pending {

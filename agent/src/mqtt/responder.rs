@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::processor::store_unavailable;
-use super::{DevicePublisher, Job, Pending, Route};
+use super::{DevicePublisher, Job, Many, Pending, Route};
 use crate::metrics::Metrics;
 use crate::store::{StoreError, UpdateOutcome};
 
@@ -21,6 +21,8 @@ const DEVICE_CAP_WARN_INTERVAL_MS: u64 = 10_000;
 
 pub(super) struct Responder {
     pub(super) client: AsyncClient,
+    /// Deltas and Sparkplug B commands.
+    pub(super) publisher: DevicePublisher,
     pub(super) prefix: String,
     pub(super) metrics: Arc<Metrics>,
     pub(super) on_change: Arc<tokio::sync::Notify>,
@@ -50,7 +52,7 @@ impl Responder {
         let (device, op) = match &job.route {
             Route::Shadow { device, op } => (device.as_str(), Some(*op)),
             Route::Ingest { device } => (device.as_str(), None),
-            Route::Unknown => return true,
+            Route::Sparkplug | Route::Unknown => return true,
         };
         match &job.pending {
             Pending::Done => true,
@@ -94,7 +96,7 @@ impl Responder {
                 .await;
                 true
             }
-            Pending::Update(_) | Pending::Get(_) => {
+            Pending::Update(_) | Pending::Get(_) | Pending::Many(_) => {
                 unreachable!("updates and reads are resolved by the caller")
             }
         }
@@ -127,6 +129,7 @@ impl Responder {
                 job.pending = Pending::Got(rx.await.unwrap_or(Err(StoreError::Closed)));
                 return self.respond(job).await;
             }
+            Pending::Many(many) => return self.run_many(*many).await,
             other => {
                 job.pending = other;
                 return self.respond(job).await;
@@ -135,7 +138,7 @@ impl Responder {
         let (device, op) = match &job.route {
             Route::Shadow { device, op } => (device.clone(), Some(*op)),
             Route::Ingest { device } => (device.clone(), None),
-            Route::Unknown => return true,
+            Route::Sparkplug | Route::Unknown => return true,
         };
         let token = job.client_token.clone();
         match rx.await {
@@ -179,19 +182,8 @@ impl Responder {
                         .await;
                     }
                 }
-                if applied.changed
-                    && let Some(current) = &current
-                    && !current.state.desired.is_empty()
-                    && !current.delta().is_empty()
-                {
-                    DevicePublisher {
-                        client: self.client.clone(),
-                        prefix: self.prefix.clone(),
-                        metrics: self.metrics.clone(),
-                    }
-                    .publish_delta(&device, current)
+                self.delta_due(&device, applied.changed, current.as_ref())
                     .await;
-                }
                 true
             }
             Ok(Ok(UpdateOutcome::Rejected(e))) => {
@@ -209,18 +201,7 @@ impl Responder {
                 true
             }
             Ok(Ok(UpdateOutcome::DeviceLimit)) => {
-                self.metrics.reject("device_limit");
-                // Once per interval, not per message: a plant past the cap sends many.
-                let now_ms = self.started.elapsed().as_millis() as u64;
-                let last = self.device_cap_warned_ms.load(Ordering::Relaxed);
-                if last == 0 || now_ms.saturating_sub(last) >= DEVICE_CAP_WARN_INTERVAL_MS {
-                    self.device_cap_warned_ms
-                        .store(now_ms.max(1), Ordering::Relaxed);
-                    warn!(
-                        device,
-                        "Device limit reached (store.max_devices): updates for new devices are rejected and not stored; raise store.max_devices (see edgesync_agent_updates_rejected_total{{reason=\"device_limit\"}})"
-                    );
-                }
+                self.device_limit(&device);
                 if op.is_some() {
                     let r = Rejected {
                         code: 503,
@@ -257,6 +238,72 @@ impl Responder {
                 false
             }
         }
+    }
+}
+
+impl Responder {
+    /// Publishes the delta after an accepted change, when desired and reported differ.
+    async fn delta_due(&self, device: &str, changed: bool, current: Option<&ShadowDocument>) {
+        if changed
+            && let Some(current) = current
+            && !current.state.desired.is_empty()
+            && !current.delta().is_empty()
+        {
+            self.publisher.publish_delta(device, current).await;
+        }
+    }
+
+    /// Counts an update refused by the device cap, and warns once per interval, not per
+    /// message: a plant past the cap sends many.
+    fn device_limit(&self, device: &str) {
+        self.metrics.reject("device_limit");
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        let last = self.device_cap_warned_ms.load(Ordering::Relaxed);
+        if last == 0 || now_ms.saturating_sub(last) >= DEVICE_CAP_WARN_INTERVAL_MS {
+            self.device_cap_warned_ms
+                .store(now_ms.max(1), Ordering::Relaxed);
+            warn!(
+                device,
+                "Device limit reached (store.max_devices): updates for new devices are rejected and not stored; raise store.max_devices (see edgesync_agent_updates_rejected_total{{reason=\"device_limit\"}})"
+            );
+        }
+    }
+
+    /// Waits for each device's update from one message (Sparkplug B), then publishes its
+    /// command; returns whether the message may be acked (every update committed or refused
+    /// for good).
+    async fn run_many(&self, many: Many) -> bool {
+        let mut ack = !many.unqueued;
+        for (device, rx) in many.updates {
+            match rx.await {
+                Ok(Ok(UpdateOutcome::Accepted { applied, current })) => {
+                    self.metrics
+                        .updates_accepted
+                        .fetch_add(1, Ordering::Relaxed);
+                    if applied.changed {
+                        self.on_change.notify_one();
+                    }
+                    self.delta_due(&device, applied.changed, current.as_ref())
+                        .await;
+                }
+                Ok(Ok(UpdateOutcome::Rejected(e))) => self.metrics.reject(e.reason()),
+                Ok(Ok(UpdateOutcome::DeviceLimit)) => self.device_limit(&device),
+                Ok(Err(e)) => {
+                    self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(device, error = %e, "Update not committed; leaving the message unacknowledged for redelivery");
+                    ack = false;
+                }
+                Err(_) => ack = false,
+            }
+        }
+        if !ack {
+            self.redeliver.notify_one();
+        }
+        if let Some(c) = many.command {
+            self.publisher
+                .publish_command(c, &self.metrics.sparkplug_rebirths);
+        }
+        ack
     }
 }
 

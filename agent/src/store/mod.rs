@@ -634,6 +634,7 @@ mod tests {
             reported: Some(v.as_object().unwrap().clone()),
             client_token: None,
             version: None,
+            connected: None,
         }
     }
 
@@ -1015,6 +1016,7 @@ mod throughput {
                 ),
                 client_token: None,
                 version: None,
+                connected: None,
             };
             pending.push_back(
                 store

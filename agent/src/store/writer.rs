@@ -410,6 +410,7 @@ impl Writer {
                             reported: doc.state.reported.clone(),
                             reported_at: rfc3339(doc.timestamp),
                             observed_desired_version: doc.desired_generation,
+                            connected: doc.connected,
                         });
                         if reports.len() >= max_reports {
                             break;

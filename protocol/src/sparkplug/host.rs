@@ -226,6 +226,11 @@ impl Host {
         self.nodes.len()
     }
 
+    /// Whether `device_id` is a Sparkplug edge node or device heard since the start.
+    pub fn knows(&self, device_id: &str) -> bool {
+        self.owners.contains_key(device_id)
+    }
+
     /// Handles one message from `topic` (already parsed) with its raw payload, at `now_ms`
     /// (Unix milliseconds, for rebirth pacing and command timestamps).
     ///
