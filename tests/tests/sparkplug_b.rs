@@ -186,3 +186,50 @@ async fn a_sparkplug_edge_node_reaches_kubernetes_and_desired_values_return_as_d
         "the rogue message is refused and logged"
     );
 }
+
+/// The default deployment: the agent's embedded broker. Births, alias-only data and the
+/// will (NDEATH) go through it to the shadows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_carries_births_data_and_the_will() {
+    use edgesync_e2e::agent::{AgentConfig, spawn_agent};
+    let dir = tempfile::tempdir().unwrap();
+    let port = edgesync_e2e::free_port();
+    let mut config = AgentConfig::embedded(dir.path(), port);
+    config.extra = "[[ingest]]\nformat = \"sparkplug-b\"\n".into();
+    let agent = spawn_agent(&config);
+    let mut probe = TestDevice::connect("probe", port, "edgesync/probe/shadow/#").await;
+    probe.wait_for_agent("edgesync", "probe").await;
+    let db = config.data_dir.join("edgesync-agent.db");
+    let shadow = |device: &str| {
+        edgesync_agent::cli::shadow_get(&db, device)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    };
+
+    let mut edge = EdgeNode::start(port, "Line7", "PLC-4").await;
+    edge.send("birth").await;
+    edge.send("data Press_1 temperature=30.5 running=false")
+        .await;
+    wait::until("the data is in the shadow", DEADLINE, || async {
+        let doc = shadow("plc-4.press-1");
+        (doc["state"]["reported"]["temperature"] == json!(30.5)
+            && doc["state"]["reported"]["running"] == json!(false)
+            && doc["connected"] == json!(true))
+        .then_some(())
+    })
+    .await;
+    edge.send("die").await;
+    wait::until(
+        "the will marks both devices disconnected",
+        DEADLINE,
+        || async {
+            (shadow("plc-4.press-1")["connected"] == json!(false)
+                && shadow("plc-4.press-2")["connected"] == json!(false)
+                && shadow("plc-4")["connected"] == json!(false))
+            .then_some(())
+        },
+    )
+    .await;
+    drop(agent);
+}
