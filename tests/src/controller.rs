@@ -285,7 +285,12 @@ pub async fn post_raw(
     body: Vec<u8>,
     gzip: bool,
 ) -> Answer {
-    let mut req = client()
+    // One client for all: building one loads the system's CA certificates, and a test that
+    // fires thousands of requests would spend its time (and the controller's header
+    // timeout) doing that.
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let mut req = CLIENT
+        .get_or_init(client)
         .post(format!("{base}{}", wire::reports_path(ns, node)))
         .header("content-type", "application/json")
         .body(body);
