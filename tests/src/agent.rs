@@ -135,6 +135,15 @@ pub fn metrics(port: u16) -> String {
     http_get(port, "/metrics")
 }
 
+/// The value of the unlabelled metric `name` on the agent's loopback `port`.
+pub fn metric(port: u16, name: &str) -> Option<f64> {
+    metrics(port).lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|v| v.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
 /// The whole HTTP response (status line, headers, body) of `GET path` on the agent's loopback
 /// `port`; empty when unreachable.
 pub fn http_get(port: u16, path: &str) -> String {
