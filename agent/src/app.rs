@@ -174,6 +174,7 @@ async fn start_embedded_broker(
                 .sparkplug
                 .as_ref()
                 .map(|s| s.group.clone().unwrap_or_else(|| "+".to_owned())),
+            kubeedge_twin: settings.ingest.kubeedge_twin,
         },
         store,
         metrics,

@@ -12,6 +12,7 @@
 //! [`limits::validate_device_id`], [`limits::check_state`]) returns a typed error and never
 //! panics, whatever the input.
 
+pub mod kubeedge;
 pub mod limits;
 pub mod merge;
 pub mod mqtt;

@@ -43,8 +43,8 @@ fn value(i: usize, m: usize) -> (u32, MetricValue, serde_json::Value) {
         ),
         _ => (
             datatype::BOOLEAN,
-            MetricValue::BooleanValue(i % 2 == 0),
-            (i % 2 == 0).into(),
+            MetricValue::BooleanValue(i.is_multiple_of(2)),
+            (i.is_multiple_of(2)).into(),
         ),
     }
 }

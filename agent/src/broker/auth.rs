@@ -338,6 +338,24 @@ impl Acl {
         }
     }
 
+    /// "Each device only its own topics" for KubeEdge twin devices whose username is their
+    /// device name: publish their own `twin/update` and `twin/get` (either id form), and
+    /// subscribe to their own twin replies.
+    pub fn kubeedge_own_topics() -> Self {
+        let p = edgesync_protocol::kubeedge::PREFIX;
+        let rule = |access, filter: String| Rule { access, filter };
+        let mut patterns = Vec::new();
+        for id in ["%u", "+/%u"] {
+            patterns.push(rule(Access::Write, format!("{p}{id}/twin/update")));
+            patterns.push(rule(Access::Write, format!("{p}{id}/twin/get")));
+            patterns.push(rule(Access::Read, format!("{p}{id}/twin/#")));
+        }
+        Self {
+            patterns,
+            ..Self::default()
+        }
+    }
+
     /// Both ACLs' entries together: grants add up, and a deny in either still wins.
     pub fn merge(mut self, other: Self) -> Self {
         self.anonymous.extend(other.anonymous);
@@ -713,6 +731,25 @@ mod tests {
         let sys = Acl::parse("topic read $SYS/#\ntopic deny #\n").unwrap();
         assert!(sys.can_subscribe(None, "c", "$SYS/broker/uptime"));
         assert!(sys.can_subscribe(None, "c", "$SYS/#"));
+    }
+
+    #[test]
+    fn dialect_own_topics_keep_edge_nodes_and_twin_devices_apart() {
+        let acl = Acl::sparkplug_own_topics("Plant1");
+        let gw = Some("GW1");
+        assert!(acl.can_publish(gw, "c", "spBv1.0/Plant1/NBIRTH/GW1"));
+        assert!(acl.can_publish(gw, "c", "spBv1.0/Plant1/DDATA/GW1/Press_1"));
+        assert!(!acl.can_publish(gw, "c", "spBv1.0/Plant1/NDATA/GW2"));
+        assert!(!acl.can_publish(gw, "c", "spBv1.0/Plant2/NDATA/GW1"));
+        assert!(acl.can_subscribe(gw, "c", "spBv1.0/Plant1/DCMD/GW1/+"));
+        assert!(!acl.can_subscribe(gw, "c", "spBv1.0/Plant1/DCMD/GW2/+"));
+        let acl = Acl::kubeedge_own_topics();
+        let me = Some("press-1");
+        assert!(acl.can_publish(me, "c", "$hw/events/device/press-1/twin/update"));
+        assert!(acl.can_publish(me, "c", "$hw/events/device/plant/press-1/twin/get"));
+        assert!(!acl.can_publish(me, "c", "$hw/events/device/press-2/twin/update"));
+        assert!(acl.can_subscribe(me, "c", "$hw/events/device/press-1/twin/#"));
+        assert!(!acl.can_subscribe(me, "c", "$hw/events/device/+/twin/#"));
     }
 
     #[test]

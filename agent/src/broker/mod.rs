@@ -72,6 +72,8 @@ pub struct BrokerSettings {
     pub ingest_topics: Vec<String>,
     /// The Sparkplug B group heard (`+`: all), when a sparkplug-b mapping is configured.
     pub sparkplug_group: Option<String>,
+    /// Whether KubeEdge's device twin topics are served.
+    pub kubeedge_twin: bool,
 }
 
 /// State shared by the connection tasks.
@@ -123,7 +125,10 @@ fn load_acl(settings: &BrokerSettings) -> anyhow::Result<Option<Acl>> {
     };
     let own = c.acl_own_topics.then(|| {
         let ingest: Vec<&str> = settings.ingest_topics.iter().map(String::as_str).collect();
-        let own = Acl::own_topics(&settings.topic_prefix, &ingest);
+        let mut own = Acl::own_topics(&settings.topic_prefix, &ingest);
+        if settings.kubeedge_twin {
+            own = own.merge(Acl::kubeedge_own_topics());
+        }
         match &settings.sparkplug_group {
             Some(group) => own.merge(Acl::sparkplug_own_topics(group)),
             None => own,

@@ -13,6 +13,9 @@ pub enum Format {
     Json,
     /// Eclipse Sparkplug B 3.0: births, data and deaths of edge nodes and their devices.
     SparkplugB,
+    /// KubeEdge's device twin topics (`$hw/events/device/...`), for devices and mappers
+    /// written for KubeEdge.
+    KubeedgeTwin,
 }
 
 /// `[[ingest]]` as written.
@@ -50,6 +53,8 @@ pub struct IngestSettings {
     pub json: Vec<IngestPattern>,
     /// The Sparkplug B mapping (at most one).
     pub sparkplug: Option<SparkplugSettings>,
+    /// Whether KubeEdge's device twin topics are served.
+    pub kubeedge_twin: bool,
 }
 
 impl IngestSettings {
@@ -71,6 +76,23 @@ pub fn ingest_settings(raw: &[RawIngest], errs: &mut Vec<String>) -> IngestSetti
             ("rebirth_interval_ms", m.rebirth_interval_ms.is_some()),
         ];
         match m.format {
+            Format::KubeedgeTwin => {
+                let misplaced = sparkplug_only
+                    .into_iter()
+                    .chain([("topic", m.topic.is_some())])
+                    .filter(|(_, set)| *set);
+                for (key, _) in misplaced {
+                    errs.push(format!(
+                        "ingest[{i}].{key} does not apply to format = \"kubeedge-twin\" (its topics are KubeEdge's $hw/events/device/...)"
+                    ));
+                }
+                if out.kubeedge_twin {
+                    errs.push(format!(
+                        "ingest[{i}]: only one kubeedge-twin mapping is allowed"
+                    ));
+                }
+                out.kubeedge_twin = true;
+            }
             Format::Json => {
                 for (key, set) in sparkplug_only {
                     if set {
@@ -178,6 +200,10 @@ mod tests {
             #[allow(dead_code)]
             ingest: Vec<RawIngest>,
         }
+        let (s, errs) = parse("[[ingest]]\nformat = \"kubeedge-twin\"\n");
+        assert!(errs.is_empty() && s.kubeedge_twin, "{errs:?}");
+        let (_, errs) = parse("[[ingest]]\nformat = \"kubeedge-twin\"\ntopic = \"a/{device}\"\n");
+        assert_eq!(errs.len(), 1, "{errs:?}");
         let err = toml::from_str::<Doc>("[[ingest]]\nformat = \"xml\"\n").unwrap_err();
         assert!(err.to_string().contains("sparkplug-b"), "{err}");
     }

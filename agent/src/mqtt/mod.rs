@@ -32,8 +32,10 @@ mod driver;
 mod processor;
 mod responder;
 mod sparkplug;
+mod twin;
 
 pub use sparkplug::Sparkplug;
+pub use twin::Twins;
 
 use driver::{Recovery, drive};
 use processor::Processor;
@@ -69,6 +71,8 @@ enum Route {
     },
     /// Sparkplug B: which devices it concerns is known only once it is decoded.
     Sparkplug,
+    /// A KubeEdge device twin request.
+    Twin(edgesync_protocol::kubeedge::TwinTopic),
     Unknown,
 }
 
@@ -111,6 +115,7 @@ pub struct DevicePublisher {
     prefix: String,
     metrics: Arc<Metrics>,
     sparkplug: Option<Arc<Sparkplug>>,
+    twins: Option<Arc<Twins>>,
 }
 
 impl DevicePublisher {
@@ -118,7 +123,7 @@ impl DevicePublisher {
     /// device, a DCMD (NCMD for an edge node) with the metrics its birth declared instead.
     pub async fn publish_delta(&self, device: &str, doc: &ShadowDocument) {
         let delta = doc.delta();
-        if delta.is_empty() {
+        if delta.is_empty() || self.publish_twin_delta(device, doc) {
             return;
         }
         if let Some(sparkplug) = &self.sparkplug
@@ -176,6 +181,7 @@ pub struct Mqtt {
     settings: MqttSettings,
     ingest: Vec<IngestPattern>,
     sparkplug: Option<Arc<Sparkplug>>,
+    twins: Option<Arc<Twins>>,
     limits: Limits,
 }
 
@@ -226,6 +232,7 @@ impl Mqtt {
                 .sparkplug
                 .as_ref()
                 .map(|s| Arc::new(Sparkplug::new(s, metrics.clone()))),
+            twins: ingest.kubeedge_twin.then(|| Arc::new(Twins::default())),
             limits,
         })
     }
@@ -237,6 +244,7 @@ impl Mqtt {
             prefix: self.settings.topic_prefix.clone(),
             metrics,
             sparkplug: self.sparkplug.clone(),
+            twins: self.twins.clone(),
         }
     }
 
@@ -261,12 +269,16 @@ impl Mqtt {
         if let Some(s) = &self.sparkplug {
             filters.extend(s.filters());
         }
+        if self.twins.is_some() {
+            filters.extend(edgesync_protocol::kubeedge::subscriptions());
+        }
         let redeliver = Arc::new(tokio::sync::Notify::new());
         let publisher = self.publisher(metrics.clone());
         let processor = Processor {
             prefix: prefix.clone(),
             ingest: self.ingest,
             sparkplug: self.sparkplug.clone(),
+            twins: self.twins.clone(),
             limits: self.limits,
             store: store.clone(),
             metrics: metrics.clone(),

@@ -10,7 +10,7 @@ use edgesync_protocol::shadow::{ShadowError, UpdateRequest};
 use rumqttc::Publish;
 use tokio::sync::mpsc;
 
-use super::{Job, Many, Pending, Route, Sparkplug};
+use super::{Job, Many, Pending, Route, Sparkplug, Twins};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -18,6 +18,7 @@ pub(super) struct Processor {
     pub(super) prefix: String,
     pub(super) ingest: Vec<IngestPattern>,
     pub(super) sparkplug: Option<Arc<Sparkplug>>,
+    pub(super) twins: Option<Arc<Twins>>,
     pub(super) limits: Limits,
     pub(super) store: Store,
     pub(super) metrics: Arc<Metrics>,
@@ -40,6 +41,11 @@ impl Processor {
         }
         if self.sparkplug.as_ref().is_some_and(|s| s.matches(topic)) {
             return Route::Sparkplug;
+        }
+        if self.twins.is_some()
+            && let Some(t) = edgesync_protocol::kubeedge::parse_topic(topic)
+        {
+            return Route::Twin(t);
         }
         Route::Unknown
     }
@@ -67,6 +73,7 @@ impl Processor {
         let (device, parsed) = match route {
             Route::Unknown => return (Pending::Done, None),
             Route::Sparkplug => return (self.sparkplug(publish).await, None),
+            Route::Twin(t) => return self.twin(t, publish).await,
             Route::Shadow {
                 device,
                 op: ShadowOp::Get,

@@ -52,7 +52,7 @@ impl Responder {
         let (device, op) = match &job.route {
             Route::Shadow { device, op } => (device.as_str(), Some(*op)),
             Route::Ingest { device } => (device.as_str(), None),
-            Route::Sparkplug | Route::Unknown => return true,
+            Route::Sparkplug | Route::Twin(_) | Route::Unknown => return true,
         };
         match &job.pending {
             Pending::Done => true,
@@ -122,6 +122,10 @@ impl Responder {
 impl Responder {
     /// Waits for the job's outcome and replies; returns whether the message may be acked.
     async fn run_job(&self, job: &mut Job) -> bool {
+        if let Route::Twin(t) = &job.route {
+            let t = t.clone();
+            return self.run_twin(&t, job).await;
+        }
         let rx = match std::mem::replace(&mut job.pending, Pending::Done) {
             Pending::Update(rx) => rx,
             Pending::Get(rx) => {
@@ -138,7 +142,7 @@ impl Responder {
         let (device, op) = match &job.route {
             Route::Shadow { device, op } => (device.clone(), Some(*op)),
             Route::Ingest { device } => (device.clone(), None),
-            Route::Sparkplug | Route::Unknown => return true,
+            Route::Sparkplug | Route::Twin(_) | Route::Unknown => return true,
         };
         let token = job.client_token.clone();
         match rx.await {
@@ -243,7 +247,12 @@ impl Responder {
 
 impl Responder {
     /// Publishes the delta after an accepted change, when desired and reported differ.
-    async fn delta_due(&self, device: &str, changed: bool, current: Option<&ShadowDocument>) {
+    pub(super) async fn delta_due(
+        &self,
+        device: &str,
+        changed: bool,
+        current: Option<&ShadowDocument>,
+    ) {
         if changed
             && let Some(current) = current
             && !current.state.desired.is_empty()
@@ -255,7 +264,7 @@ impl Responder {
 
     /// Counts an update refused by the device cap, and warns once per interval, not per
     /// message: a plant past the cap sends many.
-    fn device_limit(&self, device: &str) {
+    pub(super) fn device_limit(&self, device: &str) {
         self.metrics.reject("device_limit");
         let now_ms = self.started.elapsed().as_millis() as u64;
         let last = self.device_cap_warned_ms.load(Ordering::Relaxed);
