@@ -108,6 +108,23 @@ struct Job {
     pending: Pending,
 }
 
+/// Counts a refused message under `reason` and warns about it at its 1st, 2nd, 4th, 8th...
+/// occurrence (debug otherwise), so a flood of bad input cannot fill the log.
+fn refused(metrics: &Metrics, reason: &'static str, topic: &str, message: &str) {
+    metrics.reject(reason);
+    let n = metrics.rejections(reason);
+    if n.is_power_of_two() {
+        warn!(
+            topic,
+            reason,
+            occurrences = n,
+            "Message refused, nothing stored: {message}"
+        );
+    } else {
+        tracing::debug!(topic, reason, "Message refused: {message}");
+    }
+}
+
 /// Handle for publishing to devices from other components (desired-state deltas).
 #[derive(Clone, Debug)]
 pub struct DevicePublisher {

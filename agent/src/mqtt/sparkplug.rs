@@ -141,18 +141,12 @@ impl Sparkplug {
     }
 
     fn refuse(&self, topic: &str, reason: &'static str, message: &str) {
-        self.metrics.reject(reason);
-        let n = self.metrics.rejections(reason);
-        if n.is_power_of_two() {
-            warn!(
-                topic,
-                reason,
-                occurrences = n,
-                "Sparkplug B message refused, nothing stored: {message}"
-            );
-        } else {
-            debug!(topic, reason, "Sparkplug B message refused: {message}");
-        }
+        super::refused(
+            &self.metrics,
+            reason,
+            topic,
+            &format!("Sparkplug B: {message}"),
+        );
     }
 }
 

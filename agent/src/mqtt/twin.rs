@@ -65,7 +65,7 @@ impl Processor {
         let event_id = kubeedge::event_id(&publish.payload);
         if let Err(e) = validate_device_id(&t.device) {
             let e = ShadowError::from(e);
-            self.metrics.reject(e.reason());
+            super::refused(&self.metrics, e.reason(), &publish.topic, &e.to_string());
             return (
                 Pending::Reject(Rejected::from_error(&e, None)),
                 Some(event_id),
@@ -81,7 +81,7 @@ impl Processor {
             },
             TwinOp::Update => match kubeedge::parse_update(&publish.payload, &self.limits) {
                 Err(e) => {
-                    self.metrics.reject(e.reason());
+                    super::refused(&self.metrics, e.reason(), &publish.topic, &e.to_string());
                     (
                         Pending::Reject(Rejected::from_error(&e, None)),
                         Some(event_id),
