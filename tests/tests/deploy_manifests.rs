@@ -9,7 +9,7 @@ use edgesync_e2e::workspace_root;
 #[test]
 fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
     let cp = ControlPlane::shared();
-    let deploy = workspace_root().join("deploy");
+    let deploy = workspace_root().join("deploy/base");
     let controller = deploy.join("controller.yaml").display().to_string();
     let rbac = deploy.join("rbac.yaml").display().to_string();
     let flowcontrol = deploy.join("flowcontrol.yaml").display().to_string();
@@ -121,5 +121,111 @@ fn agent_systemd_unit_verifies_cleanly() {
     assert!(
         out.status.success() && stderr.trim().is_empty(),
         "systemd-analyze verify: {stderr}"
+    );
+}
+
+/// `kubectl apply -k deploy/` and its overlays: kustomize builds them, the API server accepts
+/// them (server-side dry run), and each overlay sets what it promises.
+#[test]
+fn kustomize_base_and_overlays_build_and_pass_server_dry_run() {
+    let cp = ControlPlane::shared();
+    let _ = cp.kubectl(&["create", "namespace", "edgesync-system"]);
+    let dir = |d: &str| workspace_root().join(d).display().to_string();
+    for (overlay, replicas) in [
+        ("deploy", 2),
+        ("deploy/overlays/single", 1),
+        ("deploy/overlays/ha", 3),
+    ] {
+        let built = cp.kubectl_ok(&["kustomize", &dir(overlay)]);
+        assert!(
+            built.contains(&format!("replicas: {replicas}\n")),
+            "{overlay}: {replicas} replicas:\n{built}"
+        );
+        assert_eq!(
+            built.contains("kind: PodDisruptionBudget"),
+            replicas > 1,
+            "{overlay}: a PodDisruptionBudget only with more than one replica"
+        );
+        assert_eq!(
+            built.contains("topologySpreadConstraints"),
+            overlay.ends_with("ha"),
+            "{overlay}"
+        );
+        let out = cp.kubectl_ok(&["apply", "--dry-run=server", "-k", &dir(overlay)]);
+        assert!(
+            out.contains("deployment.apps/edgesync-controller"),
+            "{overlay} dry run:\n{out}"
+        );
+    }
+    let monitoring = cp.kubectl_ok(&["kustomize", &dir("deploy/monitoring")]);
+    assert!(monitoring.contains("kind: PrometheusRule"), "{monitoring}");
+    assert!(
+        monitoring.contains("grafana_dashboard: \"1\""),
+        "{monitoring}"
+    );
+}
+
+/// Every metric the alerts and the dashboard query is one the binaries export: a renamed
+/// metric would otherwise leave an alert that can never fire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_and_dashboard_query_only_metrics_the_binaries_export() {
+    use edgesync_e2e::agent::{AgentConfig, metrics, spawn_agent};
+    use edgesync_e2e::controller::Controller;
+    let cp = ControlPlane::shared();
+    let controller = Controller::start(cp, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let http = edgesync_e2e::free_port();
+    let mut config = AgentConfig::embedded(dir.path(), edgesync_e2e::free_port());
+    config.http_port = Some(http);
+    let _agent = spawn_agent(&config);
+    let agent_text = edgesync_e2e::wait::until(
+        "the agent serves /metrics",
+        std::time::Duration::from_secs(30),
+        || async move {
+            let m = metrics(http);
+            m.contains("edgesync_agent_").then_some(m)
+        },
+    )
+    .await;
+    let exported: std::collections::BTreeSet<String> = [controller.metrics().await, agent_text]
+        .iter()
+        .flat_map(|text| text.lines().map(str::to_owned).collect::<Vec<_>>())
+        .filter_map(|l| {
+            let mut words = l.strip_prefix("# TYPE ")?.split_whitespace();
+            Some((words.next()?.to_owned(), words.next()?.to_owned()))
+        })
+        .flat_map(|(name, kind)| {
+            let mut names = vec![name.clone()];
+            if kind == "histogram" {
+                names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")));
+            }
+            names
+        })
+        .collect();
+    let monitoring = workspace_root().join("deploy/monitoring");
+    let rules = std::fs::read_to_string(monitoring.join("prometheusrule.yaml")).unwrap();
+    let dashboard = std::fs::read_to_string(monitoring.join("edgesync-dashboard.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    assert!(
+        parsed["panels"].as_array().is_some_and(|p| p.len() > 5),
+        "the dashboard has panels"
+    );
+    let mut queried = std::collections::BTreeSet::new();
+    for text in [&rules, &dashboard] {
+        for (i, _) in text.match_indices("edgesync_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            if name.starts_with("edgesync_agent_") || name.starts_with("edgesync_controller_") {
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(queried.len() > 20, "queried: {queried:?}");
+    let missing: Vec<_> = queried.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "queried but not exported: {missing:?}\nexported: {exported:?}"
     );
 }
