@@ -165,6 +165,11 @@ pub struct RunOptions {
     #[arg(long, default_value_t = 60, env = "EDGESYNC_OFFLINE_AFTER_SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     pub offline_after_seconds: u64,
 
+    /// A Device whose InSync condition has been False this many seconds gets a Warning event
+    /// (OutOfSync), once per time it falls out of sync.
+    #[arg(long, default_value_t = 300, env = "EDGESYNC_OUT_OF_SYNC_EVENT_SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub out_of_sync_event_seconds: u64,
+
     /// Shortest interval between two EdgeNode status (heartbeat) writes for one node.
     #[arg(long, default_value_t = 5, env = "EDGESYNC_HEARTBEAT_WRITE_SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_write_seconds: u64,

@@ -29,6 +29,7 @@ pub struct Heartbeats {
     last_write: Mutex<HashMap<(String, String), Instant>>,
     metrics: Arc<Metrics>,
     tasks: tokio_util::task::TaskTracker,
+    events: crate::events::Events,
 }
 
 impl Heartbeats {
@@ -38,6 +39,7 @@ impl Heartbeats {
         interval: Duration,
         metrics: Arc<Metrics>,
         tasks: tokio_util::task::TaskTracker,
+        events: crate::events::Events,
     ) -> Self {
         Self {
             client,
@@ -45,6 +47,7 @@ impl Heartbeats {
             last_write: Mutex::new(HashMap::new()),
             metrics,
             tasks,
+            events,
         }
     }
 
@@ -101,6 +104,12 @@ impl Heartbeats {
         }
         if !was_ready {
             info!(namespace, node = name, "Edge node is reporting (Ready)");
+            self.events.transition(
+                node,
+                kube::runtime::events::EventType::Normal,
+                "NodeReady",
+                format!("{message}; agent {}", health.version),
+            );
         }
         for (type_, what) in [
             (CONDITION_STORE_WRITABLE, "its database cannot commit"),

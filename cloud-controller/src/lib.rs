@@ -14,6 +14,7 @@
 //! | [`epoch`] | a node's agent epochs: the current one, retired ones, the switch |
 //! | [`device_status`] | what a report writes into a Device's status and conditions |
 //! | [`heartbeat`] | EdgeNode status from agent heartbeats |
+//! | [`events`] | Kubernetes Events on Devices and EdgeNodes, paced per object |
 //! | [`desired`] | per-node desired-state fan-out with resumable cursors |
 //! | [`liveness`] | leader-only loop: offline nodes, Online/InSync conditions |
 //! | [`lease`] | Lease-based leader election |
@@ -28,6 +29,7 @@ pub mod cli;
 pub mod desired;
 pub mod device_status;
 pub mod epoch;
+pub mod events;
 pub mod heartbeat;
 pub mod lease;
 pub mod liveness;
@@ -95,6 +97,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let leader = Arc::new(lease::Leadership::default());
     let identity = opts.identity.clone().unwrap_or_else(default_identity);
+    // Ends once every handle is dropped: the API state's and the liveness loop's.
+    let (events, events_task) =
+        events::Events::new(client.clone(), Some(identity.clone()), Arc::clone(&metrics));
+    tasks.spawn(events_task);
     let lease_namespace = opts
         .lease_namespace
         .clone()
@@ -114,7 +120,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         budget,
         leader: Arc::clone(&leader),
         offline_after: Duration::from_secs(opts.offline_after_seconds),
+        out_of_sync_after: Duration::from_secs(opts.out_of_sync_event_seconds),
         metrics: Arc::clone(&metrics),
+        events: events.clone(),
+        out_of_sync_seen: std::sync::Mutex::default(),
     };
     tasks.spawn(liveness.run(shutdown.clone()));
     let _ = metrics.leader.set(Arc::clone(&leader));
@@ -130,7 +139,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             Duration::from_secs(opts.heartbeat_write_seconds),
             Arc::clone(&metrics),
             tasks.clone(),
+            events.clone(),
         ),
+        events,
         lookups: lookups::NodeLookups::new(Duration::from_secs(opts.unknown_node_cache_seconds)),
         epochs: epoch::NodeEpochs::new(
             client.clone(),

@@ -45,8 +45,15 @@ pub struct Liveness {
     pub leader: Arc<crate::lease::Leadership>,
     /// Default offline timeout.
     pub offline_after: Duration,
+    /// A Device out of sync this long gets an OutOfSync event.
+    pub out_of_sync_after: Duration,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Kubernetes Events.
+    pub events: crate::events::Events,
+    /// The InSync=False transition each Device last had an OutOfSync event for, so it gets
+    /// one per time it falls out of sync (by namespace and name; bounded by the caches).
+    pub out_of_sync_seen: std::sync::Mutex<HashMap<(String, String), String>>,
 }
 
 impl Liveness {
@@ -107,6 +114,7 @@ impl Liveness {
                 .get(&(ns, device.spec.node_name.clone()))
                 .copied()
                 .unwrap_or(false);
+            self.out_of_sync_event(&device, now);
             if self.fix_device(&device, node_online).await {
                 writes += 1;
             }
@@ -145,12 +153,55 @@ impl Liveness {
                     .fetch_add(1, Ordering::Relaxed);
                 if silent_for.is_some() {
                     info!(namespace = ns, node = name, message, "Edge node is offline");
+                    self.events.transition(
+                        node,
+                        kube::runtime::events::EventType::Warning,
+                        "NodeOffline",
+                        format!("{message}; its Devices are Online=False"),
+                    );
                 }
             }
             Err(e) => {
                 warn!(namespace = ns, node = name, error = %e, "Cannot mark edge node offline")
             }
         }
+    }
+
+    /// Emits OutOfSync once per transition for a Device whose InSync has been False longer
+    /// than `out_of_sync_after`.
+    fn out_of_sync_event(&self, device: &Device, now: Timestamp) {
+        let Some(c) = device.status.as_ref().and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == CONDITION_IN_SYNC && c.status == "False")
+        }) else {
+            return;
+        };
+        let for_secs = (now.as_second() - c.last_transition_time.0.as_second()).max(0) as u64;
+        if for_secs < self.out_of_sync_after.as_secs() {
+            return;
+        }
+        let key = (device.namespace().unwrap_or_default(), device.name_any());
+        let since = c.last_transition_time.0.to_string();
+        {
+            let mut seen = self
+                .out_of_sync_seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if seen.get(&key) == Some(&since) {
+                return;
+            }
+            if seen.len() >= 100_000 {
+                seen.clear();
+            }
+            seen.insert(key, since);
+        }
+        self.events.transition(
+            device,
+            kube::runtime::events::EventType::Warning,
+            "OutOfSync",
+            format!("Out of sync for {for_secs} s: {}", c.message),
+        );
     }
 
     /// Brings one Device's Online/InSync conditions in line; true when it wrote.

@@ -50,6 +50,10 @@ pub struct Metrics {
     pub writer_pending: AtomicU64,
     /// Devices created by auto-registration.
     pub devices_registered: AtomicU64,
+    /// Kubernetes Events queued for publishing.
+    pub events_emitted: AtomicU64,
+    /// Events not emitted: paced (one per object and reason per minute) or the queue full.
+    pub events_dropped: AtomicU64,
     /// Nodes that started reporting with a new agent epoch (a reinstall or a new database).
     pub agent_epoch_changes: AtomicU64,
     /// Batches refused with 409 because they carried a node's retired agent epoch.
@@ -212,6 +216,16 @@ impl Metrics {
                 "edgesync_controller_devices_registered_total",
                 "Devices created by auto-registration.",
                 &self.devices_registered,
+            ),
+            (
+                "edgesync_controller_events_total",
+                "Kubernetes Events emitted on Devices and EdgeNodes.",
+                &self.events_emitted,
+            ),
+            (
+                "edgesync_controller_events_dropped_total",
+                "Events not emitted: one per object and reason per minute at most, or the publishing queue full.",
+                &self.events_dropped,
             ),
             (
                 "edgesync_controller_agent_epoch_changes_total",

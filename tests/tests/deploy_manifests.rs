@@ -75,6 +75,8 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         ("list", "edgenodes.edgesync.io", "plant-a"),
         ("get", "secrets", "plant-a"),
         ("update", "leases.coordination.k8s.io", "edgesync-system"),
+        ("create", "events.events.k8s.io", "plant-a"),
+        ("patch", "events.events.k8s.io", "plant-a"),
     ] {
         assert!(
             can(verb, resource, ns),
@@ -89,6 +91,8 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         ("update", "edgenodes.edgesync.io", "plant-a"),
         ("update", "leases.coordination.k8s.io", "plant-a"),
         ("get", "configmaps", "plant-a"),
+        ("delete", "events.events.k8s.io", "plant-a"),
+        ("list", "events.events.k8s.io", "plant-a"),
     ] {
         assert!(
             !can(verb, resource, ns),

@@ -61,6 +61,8 @@ pub struct AppState {
     pub hub: Arc<DesiredHub>,
     /// EdgeNode heartbeats.
     pub heartbeats: Heartbeats,
+    /// Kubernetes Events.
+    pub events: crate::events::Events,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Ends desired streams on shutdown.

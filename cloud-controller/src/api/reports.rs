@@ -235,6 +235,15 @@ async fn handle_reports(
         };
         if device.spec.node_name != node {
             s.metrics.reject("forbidden");
+            s.events.emit(
+                device.as_ref(),
+                kube::runtime::events::EventType::Warning,
+                "ReportRejected",
+                format!(
+                    "Edge node {node} reported this device, which belongs to node {}; its report was rejected",
+                    device.spec.node_name
+                ),
+            );
             results.push(result(
                 ReportStatus::Rejected,
                 Some(format!(
@@ -326,6 +335,25 @@ async fn handle_reports(
         )
         .retry_after(Duration::from_secs(2)));
     }
+    let rejected: Vec<&ReportResult> = results
+        .iter()
+        .filter(|r| r.status == ReportStatus::Rejected)
+        .collect();
+    if let Some(first) = rejected.first() {
+        // One event on the EdgeNode per batch at most (paced per node): the agent drops
+        // rejected reports, so the operator sees it here or not at all.
+        s.events.emit(
+            edge_node.as_ref(),
+            kube::runtime::events::EventType::Warning,
+            "ReportsRejected",
+            format!(
+                "{} report(s) of a batch rejected, first: device {}: {}",
+                rejected.len(),
+                first.device,
+                first.reason.as_deref().unwrap_or_default()
+            ),
+        );
+    }
     for r in &results {
         match r.status {
             ReportStatus::Accepted => s.metrics.reports_accepted.fetch_add(1, Ordering::Relaxed),
@@ -389,6 +417,12 @@ async fn find_or_register(
     match api.create(&PostParams::default(), &device).await {
         Ok(d) => {
             s.metrics.devices_registered.fetch_add(1, Ordering::Relaxed);
+            s.events.transition(
+                &d,
+                kube::runtime::events::EventType::Normal,
+                "Registered",
+                format!("Created for edge node {node}, which reported it (autoRegisterDevices)"),
+            );
             info!(
                 namespace = ns,
                 node,
