@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 QUICK ?= 0
 
-.PHONY: demo test bench arm fmt-check clippy unit deps k8s mosquitto sparkplug crds
+.PHONY: demo test bench arm fmt-check clippy unit deps k8s mosquitto sparkplug promtool crds
 
 ## demo: the whole system end to end on this machine (control plane, controller, agent with its embedded broker, simulated machines)
 demo: k8s
@@ -23,8 +23,8 @@ bench: deps arm
 arm:
 	CARGO=$(CARGO) hack/build-arm.sh
 
-## deps: build/cache kube-apiserver, kubectl, etcd, install mosquitto if missing, and make the pysparkplug environment the Sparkplug B tests drive
-deps: k8s mosquitto sparkplug
+## deps: build/cache kube-apiserver, kubectl, etcd, install mosquitto if missing, make the pysparkplug environment the Sparkplug B tests drive, and build promtool (alert rules check)
+deps: k8s mosquitto sparkplug promtool
 
 k8s:
 	@hack/ensure-k8s.sh >/dev/null
@@ -34,6 +34,9 @@ mosquitto:
 
 sparkplug:
 	@hack/ensure-pysparkplug.sh >/dev/null
+
+promtool:
+	@hack/ensure-promtool.sh >/dev/null
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

@@ -56,20 +56,10 @@ static NAMESPACE_COUNTER: AtomicU32 = AtomicU32::new(0);
 pub fn k8s_bin_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let script = workspace_root().join("hack/ensure-k8s.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed (see its message above). It builds kube-apiserver, kubectl and etcd with Go \
-             from the Go module proxy; run `make deps` to retry.",
-            script.display()
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
+        crate::ensured(
+            "hack/ensure-k8s.sh",
+            "builds kube-apiserver, kubectl and etcd with Go from the Go module proxy",
+        )
     })
     .clone()
 }

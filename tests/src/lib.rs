@@ -68,6 +68,27 @@ pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// Runs a `hack/ensure-*.sh` script (fast when its result is cached) and returns the path it
+/// prints as its last line.
+///
+/// # Panics
+/// When the script fails, with its explanation (printed above) and how to retry.
+pub fn ensured(script: &str, what: &str) -> PathBuf {
+    let script = workspace_root().join(script);
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed (see its message above). It {what}; run `make deps` to retry.",
+        script.display()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
+}
+
 /// Builds the release binary `bin` of `package` and returns its path (cargo makes a rebuild
 /// of an unchanged package a no-op).
 ///

@@ -3,7 +3,7 @@
 //! `tests/python/sparkplug_edge_node.py`, which lists its commands and events.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -19,20 +19,10 @@ use crate::workspace_root;
 pub fn python() -> PathBuf {
     static PY: OnceLock<PathBuf> = OnceLock::new();
     PY.get_or_init(|| {
-        let script = workspace_root().join("hack/ensure-pysparkplug.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed (see its message above). It installs pysparkplug from PyPI into a \
-             virtual environment; run `make deps` to retry.",
-            script.display()
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
+        crate::ensured(
+            "hack/ensure-pysparkplug.sh",
+            "installs pysparkplug from PyPI into a virtual environment",
+        )
     })
     .clone()
 }

@@ -233,3 +233,38 @@ async fn alerts_and_dashboard_query_only_metrics_the_binaries_export() {
         "queried but not exported: {missing:?}\nexported: {exported:?}"
     );
 }
+
+/// promtool (Prometheus' own checker, built from the Go module proxy) accepts every alert rule.
+#[test]
+fn alert_rules_pass_promtool() {
+    let promtool = edgesync_e2e::ensured(
+        "hack/ensure-promtool.sh",
+        "builds promtool with Go from the Go module proxy",
+    );
+    let rule =
+        std::fs::read_to_string(workspace_root().join("deploy/monitoring/prometheusrule.yaml"))
+            .unwrap();
+    // A PrometheusRule's spec is a Prometheus rules file, indented under `spec:`.
+    let (_, spec) = rule
+        .split_once("\nspec:\n")
+        .expect("the PrometheusRule has a spec");
+    let rules: String = spec
+        .lines()
+        .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l)))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(&file, rules).unwrap();
+    let out = std::process::Command::new(promtool)
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool check rules:\n{text}");
+    assert!(text.contains("SUCCESS: 17 rules found"), "{text}");
+}
