@@ -160,18 +160,14 @@ impl DevicePublisher {
         let Ok(payload) = serde_json::to_vec(&msg) else {
             return;
         };
-        if self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-            .is_ok()
-        {
-            self.metrics
-                .deltas_published
-                .fetch_add(1, Ordering::Relaxed);
-        } else {
-            // The device still gets it from shadow/get or with its next accepted update.
-            self.metrics.replies_dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        // Dropped when the request queue is full: the device still gets it from shadow/get or
+        // with its next accepted update.
+        self.publish_counted(
+            topic,
+            QoS::AtLeastOnce,
+            payload,
+            &self.metrics.deltas_published,
+        );
     }
 }
 
@@ -179,11 +175,19 @@ impl DevicePublisher {
     /// Publishes a Sparkplug B command at QoS 0, as the specification requires of commands
     /// (a lost one is sent again with the next change or birth), and counts it in `counter`.
     fn publish_command(&self, c: Command, counter: &std::sync::atomic::AtomicU64) {
-        if self
-            .client
-            .try_publish(c.topic, QoS::AtMostOnce, false, c.payload)
-            .is_ok()
-        {
+        self.publish_counted(c.topic, QoS::AtMostOnce, c.payload, counter);
+    }
+
+    /// Queues a publish without waiting (nothing in the pipeline may wait on rumqttc's request
+    /// channel), counting it in `counter`, or in `replies_dropped` when the channel is full.
+    fn publish_counted(
+        &self,
+        topic: String,
+        qos: QoS,
+        payload: Vec<u8>,
+        counter: &std::sync::atomic::AtomicU64,
+    ) {
+        if self.client.try_publish(topic, qos, false, payload).is_ok() {
             counter.fetch_add(1, Ordering::Relaxed);
         } else {
             self.metrics.replies_dropped.fetch_add(1, Ordering::Relaxed);

@@ -147,12 +147,7 @@ impl Responder {
         let token = job.client_token.clone();
         match rx.await {
             Ok(Ok(UpdateOutcome::Accepted { applied, current })) => {
-                self.metrics
-                    .updates_accepted
-                    .fetch_add(1, Ordering::Relaxed);
-                if applied.changed {
-                    self.on_change.notify_one();
-                }
+                self.accepted(applied.changed);
                 if op.is_some()
                     && let Some(current) = &current
                 {
@@ -246,6 +241,16 @@ impl Responder {
 }
 
 impl Responder {
+    /// Counts an accepted update and wakes the uplink when it changed something.
+    pub(super) fn accepted(&self, changed: bool) {
+        self.metrics
+            .updates_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        if changed {
+            self.on_change.notify_one();
+        }
+    }
+
     /// Publishes the delta after an accepted change, when desired and reported differ.
     pub(super) async fn delta_due(
         &self,
@@ -286,12 +291,7 @@ impl Responder {
         for (device, rx) in many.updates {
             match rx.await {
                 Ok(Ok(UpdateOutcome::Accepted { applied, current })) => {
-                    self.metrics
-                        .updates_accepted
-                        .fetch_add(1, Ordering::Relaxed);
-                    if applied.changed {
-                        self.on_change.notify_one();
-                    }
+                    self.accepted(applied.changed);
                     self.delta_due(&device, applied.changed, current.as_ref())
                         .await;
                 }

@@ -113,17 +113,12 @@ impl DevicePublisher {
         };
         if let Some(body) = kubeedge::delta(device, doc, now_ms()) {
             let topic = kubeedge::reply_topic(&id, "update/delta");
-            if self
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, false, body.to_string())
-                .is_ok()
-            {
-                self.metrics
-                    .deltas_published
-                    .fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.metrics.replies_dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            self.publish_counted(
+                topic,
+                QoS::AtLeastOnce,
+                body.to_string().into_bytes(),
+                &self.metrics.deltas_published,
+            );
         }
         true
     }
@@ -161,12 +156,7 @@ impl Responder {
             }
             Pending::Update(rx) => match rx.await {
                 Ok(Ok(UpdateOutcome::Accepted { applied, current })) => {
-                    self.metrics
-                        .updates_accepted
-                        .fetch_add(1, Ordering::Relaxed);
-                    if applied.changed {
-                        self.on_change.notify_one();
-                    }
+                    self.accepted(applied.changed);
                     let patch = kubeedge::parse_update(&job.publish.payload, &Default::default())
                         .map(|u| u.reported)
                         .unwrap_or_default();
