@@ -6,8 +6,15 @@
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::workspace_root;
 
+/// The tests that apply (or dry-run) the same objects take turns: kubectl's apply reads, then
+/// creates, and an object created by the other test in between fails the create.
+static APPLYING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
+    let _turn = APPLYING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let cp = ControlPlane::shared();
     let deploy = workspace_root().join("deploy/base");
     let controller = deploy.join("controller.yaml").display().to_string();
@@ -132,6 +139,9 @@ fn agent_systemd_unit_verifies_cleanly() {
 /// them (server-side dry run), and each overlay sets what it promises.
 #[test]
 fn kustomize_base_and_overlays_build_and_pass_server_dry_run() {
+    let _turn = APPLYING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let cp = ControlPlane::shared();
     let _ = cp.kubectl(&["create", "namespace", "edgesync-system"]);
     let dir = |d: &str| workspace_root().join(d).display().to_string();
