@@ -242,7 +242,7 @@ impl Uplink {
                             }
                         }
                     }
-                    this.refresh_gauges().await;
+                    this.refresh_gauges();
                 }
                 // An idle link sends a change at once (after `linger`, 0 by default). While a
                 // batch is in flight, changes gather (as in group commit) until it is
@@ -287,7 +287,7 @@ impl Uplink {
             _ = &mut deadline => info!("Shutdown deadline reached; pending reports stay in the outbox"),
             _ = final_attempt => {}
         }
-        this.refresh_gauges().await;
+        this.refresh_gauges();
     }
 
     fn backoff(&self) -> backon::ExponentialBackoff {
@@ -299,15 +299,14 @@ impl Uplink {
             .build()
     }
 
-    async fn refresh_gauges(&self) {
-        if let Ok(stats) = self.store.stats().await {
-            self.metrics
-                .outbox_pending
-                .store(stats.pending_devices, Ordering::Relaxed);
-            self.metrics
-                .outbox_oldest_age_seconds
-                .store(stats.oldest_pending_age_seconds, Ordering::Relaxed);
-        }
+    fn refresh_gauges(&self) {
+        let (pending, oldest_age) = self.store.health().outbox();
+        self.metrics
+            .outbox_pending
+            .store(pending, Ordering::Relaxed);
+        self.metrics
+            .outbox_oldest_age_seconds
+            .store(oldest_age, Ordering::Relaxed);
     }
 
     async fn send(
@@ -315,8 +314,8 @@ impl Uplink {
         batch: PendingBatch,
         covered: Vec<(String, u64)>,
     ) -> (Vec<(String, u64)>, Outcome) {
-        let stats = self.store.stats().await.unwrap_or_default();
         let store = self.store.health();
+        let (pending_devices, oldest_pending_age_seconds) = store.outbox();
         let (lost_commits, lost_commits_detail) = store
             .lost_commits()
             .map_or((0, None), |(n, detail)| (n, Some(detail)));
@@ -326,8 +325,8 @@ impl Uplink {
             epoch: self.store.epoch().to_owned(),
             agent: AgentHealth {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
-                pending_devices: stats.pending_devices,
-                oldest_pending_age_seconds: stats.oldest_pending_age_seconds,
+                pending_devices,
+                oldest_pending_age_seconds,
                 mqtt_connected: self.metrics.mqtt_connected.load(Ordering::Relaxed),
                 uptime_seconds: self.started.elapsed().as_secs(),
                 store_error: store.problem(),
@@ -451,7 +450,9 @@ impl Uplink {
         if seq == PendingBatch::HEALTH_ONLY_SEQ && done.is_empty() {
             return Outcome::Acked { covered };
         }
-        match self.store.ack(seq, done).await {
+        // Not awaited (see `queue_ack`): should its commit fail, these reports are simply
+        // sent again.
+        match self.store.queue_ack(seq, done).await {
             Ok(()) => Outcome::Acked { covered },
             Err(e) => Outcome::Retry {
                 after: None,

@@ -6,7 +6,7 @@
 //! and how close the device count is to `store.max_devices`.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// The store's ability to commit.
@@ -25,6 +25,10 @@ pub struct StoreHealth {
     lost_detail: Mutex<Option<String>>,
     devices: AtomicU64,
     max_devices: AtomicU64,
+    /// Devices with a pending report, and when the oldest of them was enqueued (ms since
+    /// the epoch, 0: none), as of the last commit.
+    outbox_pending: AtomicU64,
+    outbox_oldest_ms: AtomicI64,
 }
 
 impl StoreHealth {
@@ -50,6 +54,26 @@ impl StoreHealth {
     pub(super) fn set_devices(&self, devices: usize, max: usize) {
         self.devices.store(devices as u64, Ordering::Relaxed);
         self.max_devices.store(max as u64, Ordering::Relaxed);
+    }
+
+    pub(super) fn set_outbox(&self, pending: u64, oldest_ms: Option<i64>) {
+        self.outbox_pending.store(pending, Ordering::Relaxed);
+        self.outbox_oldest_ms
+            .store(oldest_ms.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The outbox as of the last commit: devices with a pending report, and the age of the
+    /// oldest of them in seconds. Kept by the writer after each commit that changed rows,
+    /// so that the uplink reads it without a round trip to the writer thread (two per batch
+    /// before, each waking it).
+    pub fn outbox(&self) -> (u64, u64) {
+        let oldest = self.outbox_oldest_ms.load(Ordering::Relaxed);
+        let age = if oldest == 0 {
+            0
+        } else {
+            ((super::now_ms() - oldest).max(0) / 1000) as u64
+        };
+        (self.outbox_pending.load(Ordering::Relaxed), age)
     }
 
     /// Commits the database was found to have lost, with what the detection found; `None`

@@ -478,6 +478,28 @@ impl Store {
         .await
     }
 
+    /// Queues an acknowledgement like [`Store::ack`] without waiting for its commit.
+    ///
+    /// An acknowledgement need not be durable (losing it only means the reports are sent
+    /// again and answered at once), and commands apply in the order they are queued, so a
+    /// batch read queued after it never sees the rows it removes. Not waiting saves the
+    /// uplink a round trip to the writer thread per batch, and lets the acknowledgement and
+    /// the next batch read share one wake-up of that thread.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] if the writer has stopped.
+    pub async fn queue_ack(&self, seq: u64, covered: Vec<(String, u64)>) -> Result<(), StoreError> {
+        let (reply, _unawaited) = oneshot::channel();
+        self.tx
+            .send(Command::Ack {
+                seq,
+                covered,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
     /// Outbox statistics.
     ///
     /// # Errors
@@ -556,15 +578,18 @@ fn get_meta_u64(conn: &Connection, key: &str) -> rusqlite::Result<u64> {
     Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
+/// Devices with a pending report, and the oldest enqueue time (ms since the epoch).
+fn outbox_count_oldest(conn: &Connection) -> rusqlite::Result<(u64, Option<i64>)> {
+    conn.prepare_cached(OUTBOX_STATS)?
+        .query_row([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+}
+
 fn outbox_stats(conn: &Connection, path: &Path) -> Result<OutboxStats, StoreError> {
     let err = sqlite_err(path);
-    let (count, oldest): (i64, Option<i64>) = conn
-        .prepare_cached(OUTBOX_STATS)
-        .and_then(|mut st| st.query_row([], |r| Ok((r.get(0)?, r.get(1)?))))
-        .map_err(&err)?;
+    let (count, oldest) = outbox_count_oldest(conn).map_err(&err)?;
     let age = oldest.map_or(0, |t| ((now_ms() - t).max(0) / 1000) as u64);
     Ok(OutboxStats {
-        pending_devices: count as u64,
+        pending_devices: count,
         oldest_pending_age_seconds: age,
         last_acked_seq: get_meta_u64(conn, META_ACKED_SEQ).map_err(&err)?,
         last_seq: get_meta_u64(conn, META_SEQ).map_err(&err)?,
