@@ -664,6 +664,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn outbox_figures_follow_commits_and_a_queued_ack_applies_before_the_next_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
+        assert_eq!(store.health().outbox(), (0, 0));
+        for d in ["a", "b"] {
+            store.update(d.into(), req(json!({"n": 1}))).await.unwrap();
+        }
+        assert_eq!(store.health().outbox().0, 2);
+        let batch = store
+            .next_batch(10, 1 << 20, HashSet::new())
+            .await
+            .unwrap()
+            .unwrap();
+        let covered = batch
+            .reports
+            .iter()
+            .map(|r| (r.device.clone(), r.version))
+            .collect();
+        // Not awaited; the read queued right behind it must not see the rows it removes.
+        store.queue_ack(batch.seq, covered).await.unwrap();
+        assert!(
+            store
+                .next_batch(10, 1 << 20, HashSet::new())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(store.health().outbox(), (0, 0));
+        drop(store);
+        h.join().unwrap();
+    }
+
+    #[tokio::test]
     async fn a_stream_of_updates_is_paced_but_an_idle_store_and_the_uplink_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let interval = std::time::Duration::from_millis(800);
