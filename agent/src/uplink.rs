@@ -175,11 +175,7 @@ impl Uplink {
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }
-                let covered: Vec<(String, u64)> = batch
-                    .reports
-                    .iter()
-                    .map(|r| (r.device.clone(), r.version))
-                    .collect();
+                let covered = batch.covered();
                 for (d, _) in &covered {
                     in_flight_devices.insert(d.clone());
                     if !min.is_zero() {
@@ -275,11 +271,7 @@ impl Uplink {
                 )
                 .await
             {
-                let covered = batch
-                    .reports
-                    .iter()
-                    .map(|r| (r.device.clone(), r.version))
-                    .collect();
+                let covered = batch.covered();
                 let _ = this.send(batch, covered).await;
             }
         };

@@ -250,20 +250,17 @@ async fn main() {
         run().as_secs(),
         warmup().as_secs()
     );
-    let mut rows = Vec::new();
     let mut judged = Vec::new();
     for devices in fleets {
-        let f = fleet(cp, devices).await;
-        rows.push(f.row.clone());
-        judged.push((devices, f));
+        judged.push((devices, fleet(cp, devices).await));
     }
     println!();
     println!(
         "| load | p50 ms | p99 ms | converged | API writes per update | agent CPU (one core) | another client's GET p99 ms, quiet -> during |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for r in rows {
-        println!("{r}");
+    for (_, f) in &judged {
+        println!("{}", f.row);
     }
     println!();
     // The API server's write ceiling, from the apiserver_ceiling bench of the same run.

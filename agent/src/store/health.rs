@@ -68,12 +68,10 @@ impl StoreHealth {
     /// before, each waking it).
     pub fn outbox(&self) -> (u64, u64) {
         let oldest = self.outbox_oldest_ms.load(Ordering::Relaxed);
-        let age = if oldest == 0 {
-            0
-        } else {
-            ((super::now_ms() - oldest).max(0) / 1000) as u64
-        };
-        (self.outbox_pending.load(Ordering::Relaxed), age)
+        (
+            self.outbox_pending.load(Ordering::Relaxed),
+            super::age_seconds((oldest != 0).then_some(oldest)),
+        )
     }
 
     /// Commits the database was found to have lost, with what the detection found; `None`

@@ -178,6 +178,14 @@ impl PendingBatch {
             reports: Vec::new(),
         }
     }
+
+    /// The `(device, version)` pairs the batch carries: what an acknowledgement covers.
+    pub fn covered(&self) -> Vec<(String, u64)> {
+        self.reports
+            .iter()
+            .map(|r| (r.device.clone(), r.version))
+            .collect()
+    }
 }
 
 /// Outbox statistics for metrics, heartbeats and `edgesync-agent outbox`.
@@ -578,6 +586,11 @@ fn get_meta_u64(conn: &Connection, key: &str) -> rusqlite::Result<u64> {
     Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
+/// Seconds since `enqueued_ms` (ms since the epoch); 0 for none.
+fn age_seconds(enqueued_ms: Option<i64>) -> u64 {
+    enqueued_ms.map_or(0, |t| ((now_ms() - t).max(0) / 1000) as u64)
+}
+
 /// Devices with a pending report, and the oldest enqueue time (ms since the epoch).
 fn outbox_count_oldest(conn: &Connection) -> rusqlite::Result<(u64, Option<i64>)> {
     conn.prepare_cached(OUTBOX_STATS)?
@@ -587,10 +600,9 @@ fn outbox_count_oldest(conn: &Connection) -> rusqlite::Result<(u64, Option<i64>)
 fn outbox_stats(conn: &Connection, path: &Path) -> Result<OutboxStats, StoreError> {
     let err = sqlite_err(path);
     let (count, oldest) = outbox_count_oldest(conn).map_err(&err)?;
-    let age = oldest.map_or(0, |t| ((now_ms() - t).max(0) / 1000) as u64);
     Ok(OutboxStats {
         pending_devices: count,
-        oldest_pending_age_seconds: age,
+        oldest_pending_age_seconds: age_seconds(oldest),
         last_acked_seq: get_meta_u64(conn, META_ACKED_SEQ).map_err(&err)?,
         last_seq: get_meta_u64(conn, META_SEQ).map_err(&err)?,
     })
@@ -677,11 +689,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let covered = batch
-            .reports
-            .iter()
-            .map(|r| (r.device.clone(), r.version))
-            .collect();
+        let covered = batch.covered();
         // Not awaited; the read queued right behind it must not see the rows it removes.
         store.queue_ack(batch.seq, covered).await.unwrap();
         assert!(
@@ -863,11 +871,7 @@ mod tests {
             .update("busy".into(), req(json!({"n": 2})))
             .await
             .unwrap();
-        let covered = batch
-            .reports
-            .iter()
-            .map(|r| (r.device.clone(), r.version))
-            .collect();
+        let covered = batch.covered();
         store.ack(batch.seq, covered).await.unwrap();
         let stats = store.stats().await.unwrap();
         assert_eq!(
@@ -924,17 +928,7 @@ mod tests {
             .update("press-1".into(), req(json!({"n": 50})))
             .await
             .unwrap();
-        store
-            .ack(
-                batch.seq,
-                batch
-                    .reports
-                    .iter()
-                    .map(|r| (r.device.clone(), r.version))
-                    .collect(),
-            )
-            .await
-            .unwrap();
+        store.ack(batch.seq, batch.covered()).await.unwrap();
         let stats = store.stats().await.unwrap();
         assert_eq!((stats.pending_devices, stats.last_acked_seq), (1, 1));
         let next = store
