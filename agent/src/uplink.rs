@@ -4,12 +4,15 @@
 //! batch while one is in flight (for at most the batch window); batch size limits, token
 //! buckets on reports/s and bytes/s, a bound on batches in flight, then one HTTP request per
 //! batch (gzip, bearer token, W3C
-//! `traceparent`). A failed batch is not retried as-is: its devices stay pending and the next
+//! `traceparent`). A device whose state changes while a batch carries it goes out again in
+//! the next batch rather than after that one is answered: the controller then answers the
+//! older report as superseded without writing it, so a change waits for at most one write of
+//! its device. A failed batch is not retried as-is: its devices stay pending and the next
 //! batch, after an exponential backoff with full jitter (schedule from `backon`, `Retry-After`
 //! honoured), carries their *latest* state. Rows leave the outbox only when a 2xx answer
 //! covers their version (accepted, stale, or rejected for good).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,7 +28,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::backoff::full_jitter;
 use crate::config::{CloudSettings, UplinkSettings};
 use crate::metrics::Metrics;
-use crate::store::{PendingBatch, Store};
+use crate::store::{InFlight, PendingBatch, Store};
 use edgesync_protocol::rate::TokenBucket;
 
 /// Bodies up to this size are sent uncompressed.
@@ -95,7 +98,8 @@ impl Uplink {
         let mut not_before = Instant::now();
         let mut batch_max = this.settings.batch_max_reports;
         let mut in_flight: JoinSet<(Vec<(String, u64)>, Outcome)> = JoinSet::new();
-        let mut in_flight_devices: HashSet<String> = HashSet::new();
+        // The newest version of each device that a batch in flight carries.
+        let mut in_flight_devices = InFlight::new();
         let mut last_sent: HashMap<String, Instant> = HashMap::new();
         let mut last_activity = Instant::now() - this.settings.heartbeat;
         let now = Instant::now();
@@ -118,7 +122,7 @@ impl Uplink {
                 let min = this.settings.device_min_interval;
                 if !min.is_zero() {
                     last_sent.retain(|_, t| t.elapsed() < min);
-                    skip.extend(last_sent.keys().cloned());
+                    skip.extend(last_sent.keys().map(|d| (d.clone(), u64::MAX)));
                 }
                 let batch = match this
                     .store
@@ -176,8 +180,9 @@ impl Uplink {
                     }
                 }
                 let covered = batch.covered();
-                for (d, _) in &covered {
-                    in_flight_devices.insert(d.clone());
+                for (d, v) in &covered {
+                    let newest = in_flight_devices.entry(d.clone()).or_default();
+                    *newest = (*newest).max(*v);
                     if !min.is_zero() {
                         last_sent.insert(d.clone(), Instant::now());
                     }
@@ -204,8 +209,11 @@ impl Uplink {
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
                 done = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Some(Ok((covered, outcome))) = done {
-                        for (d, _) in &covered {
-                            in_flight_devices.remove(d);
+                        for (d, v) in &covered {
+                            // A newer batch may carry the device too.
+                            if in_flight_devices.get(d) == Some(v) {
+                                in_flight_devices.remove(d);
+                            }
                         }
                         match outcome {
                             Outcome::Acked { covered } => {
@@ -267,7 +275,7 @@ impl Uplink {
                 .next_batch(
                     this.settings.batch_max_reports,
                     this.settings.batch_max_bytes,
-                    HashSet::new(),
+                    InFlight::new(),
                 )
                 .await
             {

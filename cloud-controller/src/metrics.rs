@@ -17,6 +17,9 @@ pub struct Metrics {
     pub reports_accepted: AtomicU64,
     /// Reports already superseded by a newer durable version.
     pub reports_stale: AtomicU64,
+    /// Of the stale reports, those the same node replaced with a newer one before they were
+    /// written.
+    pub reports_superseded: AtomicU64,
     /// Reports rejected, by reason code.
     pub reports_rejected: Mutex<BTreeMap<&'static str, u64>>,
     /// Requests refused with 401.
@@ -124,6 +127,13 @@ impl Metrics {
             "edgesync_controller_reports_received_total",
             "Reports received in authorised, well-formed batches.",
             load(&self.reports_received),
+        );
+        prom::counter(
+            &mut out,
+            "edgesync_controller_reports_superseded_total",
+            "Reports answered stale before any write because their node sent a newer report of \
+             the device (included in the stale results).",
+            load(&self.reports_superseded),
         );
         let mut results = vec![
             ("accepted", load(&self.reports_accepted)),

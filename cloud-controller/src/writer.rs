@@ -7,7 +7,10 @@
 //! `resourceVersion` as precondition. A conflict re-reads the object and re-checks its stamp,
 //! so two replicas writing the same device cannot regress it. Every report submitted has a
 //! waiter that learns when a stamp at least as new is durable: that is what lets a batch be
-//! answered 2xx only once its reports are in the API server.
+//! answered 2xx only once its reports are in the API server. A waiter also settles, before
+//! any write, when the same node submits a newer report of its device: the node's agent keeps
+//! that newer report until its own batch is answered, so the older one need not hold a batch
+//! (and the agent's window of batches in flight) for a write that would be replaced anyway.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -40,6 +43,9 @@ pub type DeviceKey = (String, String);
 pub enum Outcome {
     /// This report, or the newer one stamped as given, is durable.
     Durable(Stamp),
+    /// The same node submitted a newer report of the device (stamped as given), which is
+    /// queued: its own waiter answers for it.
+    Superseded(Stamp),
     /// The report can never be written (reason code, message).
     Rejected(&'static str, String),
     /// The API server could not be reached or refused for a transient reason.
@@ -53,6 +59,7 @@ struct Pending {
 
 struct Waiter {
     stamp: Stamp,
+    node: String,
     arrived: Instant,
     tx: oneshot::Sender<Outcome>,
 }
@@ -149,15 +156,20 @@ impl StatusWriter {
             let _ = tx.send(conflict(&key, &report));
             return rx;
         }
-        st.waiters.entry(key.clone()).or_default().push(Waiter {
-            stamp,
-            arrived: Instant::now(),
-            tx,
-        });
         let newer_pending = st
             .pending
             .get(&key)
             .is_some_and(|p| p.report.stamp >= stamp);
+        let waiters = st.waiters.entry(key.clone()).or_default();
+        if !newer_pending {
+            settle_superseded(waiters, node, stamp);
+        }
+        waiters.push(Waiter {
+            stamp,
+            node: node.to_owned(),
+            arrived: Instant::now(),
+            tx,
+        });
         if !newer_pending {
             st.pending.insert(
                 key.clone(),
@@ -332,6 +344,24 @@ impl StatusWriter {
 }
 
 /// The answer to a report whose stamp already holds another state.
+/// Answers the waiters of `node` older than `newer`, which that node has just submitted: the
+/// node's agent holds `newer` until its own batch is answered, and resends it should that fail,
+/// so nothing is lost by letting the older reports go. Waiters of another node (a device moved
+/// between nodes) keep waiting for a write.
+fn settle_superseded(waiters: &mut Vec<Waiter>, node: &str, newer: Stamp) {
+    if waiters.is_empty() {
+        return;
+    }
+    let (settled, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(waiters)
+        .into_iter()
+        .partition(|w| w.stamp < newer && w.node == node);
+    *waiters = kept.into_iter().filter(|w| !w.tx.is_closed()).collect();
+    for w in settled {
+        // The receiver may be gone (its batch timed out): nothing to tell then.
+        let _ = w.tx.send(Outcome::Superseded(newer));
+    }
+}
+
 fn conflict((namespace, name): &DeviceKey, report: &Stamped) -> Outcome {
     Outcome::Rejected(
         CONFLICT,
@@ -344,4 +374,44 @@ fn gone(namespace: &str, name: &str) -> Outcome {
         "unknown_device",
         format!("device {namespace}/{name} was deleted"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiter(version: u64, node: &str) -> (Waiter, oneshot::Receiver<Outcome>) {
+        let (tx, rx) = oneshot::channel();
+        let w = Waiter {
+            stamp: Stamp::new(1, version),
+            node: node.to_owned(),
+            arrived: Instant::now(),
+            tx,
+        };
+        (w, rx)
+    }
+
+    #[test]
+    fn a_newer_report_of_the_same_node_settles_only_older_waiters_of_that_node() {
+        let (older, mut older_rx) = waiter(3, "n1");
+        let (same, mut same_rx) = waiter(5, "n1");
+        let (other_node, mut other_rx) = waiter(2, "n2");
+        let (gone, gone_rx) = waiter(4, "n2");
+        drop(gone_rx);
+        let mut waiters = vec![older, same, other_node, gone];
+        settle_superseded(&mut waiters, "n1", Stamp::new(1, 5));
+        assert_eq!(
+            older_rx.try_recv().unwrap(),
+            Outcome::Superseded(Stamp::new(1, 5))
+        );
+        // Equal stamps wait for the write; another node's report is never answered for it,
+        // and a waiter nobody listens to any more is dropped.
+        assert!(same_rx.try_recv().is_err());
+        assert!(other_rx.try_recv().is_err());
+        let left: Vec<(u64, &str)> = waiters
+            .iter()
+            .map(|w| (w.stamp.version, w.node.as_str()))
+            .collect();
+        assert_eq!(left, [(5, "n1"), (2, "n2")]);
+    }
 }

@@ -713,3 +713,86 @@ async fn the_write_budget_grows_while_writes_wait_for_it() {
     load.abort();
     assert!(grown <= 400.0, "{grown}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_report_in_a_later_batch_answers_the_older_one_without_its_write() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("supersede");
+    create_node(cp, &ns.name, "edge-1", "t1", "");
+    let names: Vec<String> = (0..6).map(|i| format!("s-{i}")).collect();
+    create_devices(cp, &ns.name, "edge-1", &names);
+    // One writer at two writes a second, in submission order: s-5, last of the first batch,
+    // is still queued seconds after that batch arrived.
+    let c = Controller::start(
+        cp,
+        &[
+            "--write-concurrency",
+            "1",
+            "--write-qps",
+            "2",
+            "--write-qps-min",
+            "2",
+            "--write-qps-max",
+            "2",
+            "--write-burst",
+            "1",
+            "--durable-wait-seconds",
+            "60",
+        ],
+    );
+    let api: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+    let (url, ns_name) = (c.url(), ns.name.clone());
+    let first = tokio::spawn(async move {
+        let reports = names
+            .iter()
+            .map(|d| report(d, 1, json!({ "n": 1 })))
+            .collect();
+        post_batch(&url, &ns_name, "edge-1", "t1", &batch(1, reports)).await
+    });
+    wait::until(
+        "the first batch is received",
+        Duration::from_secs(30),
+        || async {
+            (c.metric("edgesync_controller_reports_received_total").await >= 6.0).then_some(())
+        },
+    )
+    .await;
+    // The same node's newer state of s-5, while the first batch still waits for writes.
+    let second = post_batch(
+        &c.url(),
+        &ns.name,
+        "edge-1",
+        "t1",
+        &batch(2, vec![report("s-5", 2, json!({ "n": 2 }))]),
+    )
+    .await;
+    assert_eq!(
+        (second.status, second.result(0)),
+        (200, "accepted"),
+        "{second:?}"
+    );
+    // Durable when answered, and the newest state.
+    assert_eq!(status_version(&api, "s-5").await, Some(2));
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200, "{first:?}");
+    let results: Vec<&str> = (0..6).map(|i| first.result(i)).collect();
+    assert_eq!(
+        results,
+        [
+            "accepted", "accepted", "accepted", "accepted", "accepted", "stale"
+        ]
+    );
+    let reason = first.body["results"][5]["reason"].as_str().unwrap_or("");
+    assert!(reason.starts_with("superseded by version 2"), "{reason}");
+    assert_eq!(
+        c.metric("edgesync_controller_reports_superseded_total")
+            .await,
+        1.0
+    );
+    // Its older state was never written over the newer one, and never written at all.
+    assert_eq!(status_version(&api, "s-5").await, Some(2));
+    assert_eq!(
+        c.metric("edgesync_controller_status_writes_total").await,
+        6.0
+    );
+}

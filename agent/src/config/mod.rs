@@ -199,7 +199,10 @@ pub struct RawUplink {
     pub bytes_per_second: u64,
     /// Minimum time between two reports of the same device (0 = none).
     pub device_min_interval_ms: u64,
-    /// Batches in flight at once.
+    /// Batches in flight at once. A device changed while in flight goes out again in the
+    /// next batch (the controller answers the older report as superseded), so under load a
+    /// change waits for one write of its device; that takes enough batches in flight to
+    /// cover a write cycle of the API server at one batch per window.
     pub max_in_flight: usize,
     /// First retry delay.
     pub retry_initial_ms: u64,
@@ -221,7 +224,7 @@ impl Default for RawUplink {
             reports_per_second: 2000,
             bytes_per_second: 0,
             device_min_interval_ms: 0,
-            max_in_flight: 2,
+            max_in_flight: 16,
             retry_initial_ms: 200,
             retry_max_ms: 30_000,
             heartbeat_secs: 10,

@@ -14,7 +14,7 @@
 //! Invariant: the in-memory shadow cache equals the `shadows` table after every commit; a
 //! failed commit reloads the cache from disk.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -157,6 +157,10 @@ pub struct DesiredOutcome {
     pub current: ShadowDocument,
 }
 
+/// The newest version of each device that batches in flight carry: a batch read leaves a
+/// device out unless its state is newer.
+pub type InFlight = HashMap<String, u64>;
+
 /// A batch to send upstream.
 #[derive(Debug, Clone)]
 pub struct PendingBatch {
@@ -227,7 +231,7 @@ enum Command {
     NextBatch {
         max_reports: usize,
         max_bytes: usize,
-        skip: HashSet<String>,
+        skip: InFlight,
         reply: Reply<Option<PendingBatch>>,
     },
     Ack {
@@ -443,8 +447,8 @@ impl Store {
     }
 
     /// Allocates the next batch: up to `max_reports` pending devices (oldest first, skipping
-    /// `skip`) with their latest state, within `max_bytes` of reported JSON. `None` when
-    /// nothing is pending outside `skip`.
+    /// those whose version is not newer than the one `in_flight` holds for them) with their
+    /// latest state, within `max_bytes` of reported JSON. `None` when nothing else is pending.
     ///
     /// # Errors
     /// [`StoreError`] when the sequence number could not be persisted.
@@ -452,12 +456,12 @@ impl Store {
         &self,
         max_reports: usize,
         max_bytes: usize,
-        skip: HashSet<String>,
+        in_flight: InFlight,
     ) -> Result<Option<PendingBatch>, StoreError> {
         self.call(|reply| Command::NextBatch {
             max_reports,
             max_bytes,
-            skip,
+            skip: in_flight,
             reply,
         })
         .await
@@ -468,7 +472,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`] when it could not be persisted.
     pub async fn heartbeat_seq(&self) -> Result<u64, StoreError> {
-        let batch = self.next_batch(0, 0, HashSet::new()).await?;
+        let batch = self.next_batch(0, 0, InFlight::new()).await?;
         Ok(batch.map_or(0, |b| b.seq))
     }
 
@@ -685,7 +689,7 @@ mod tests {
         }
         assert_eq!(store.health().outbox().0, 2);
         let batch = store
-            .next_batch(10, 1 << 20, HashSet::new())
+            .next_batch(10, 1 << 20, InFlight::new())
             .await
             .unwrap()
             .unwrap();
@@ -694,12 +698,57 @@ mod tests {
         store.queue_ack(batch.seq, covered).await.unwrap();
         assert!(
             store
-                .next_batch(10, 1 << 20, HashSet::new())
+                .next_batch(10, 1 << 20, InFlight::new())
                 .await
                 .unwrap()
                 .is_none()
         );
         assert_eq!(store.health().outbox(), (0, 0));
+        drop(store);
+        h.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_device_in_flight_goes_again_only_when_newer_and_after_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
+        for d in ["a", "b"] {
+            store.update(d.into(), req(json!({"n": 1}))).await.unwrap();
+        }
+        let first = store
+            .next_batch(10, 1 << 20, InFlight::new())
+            .await
+            .unwrap()
+            .unwrap();
+        let in_flight: InFlight = first.covered().into_iter().collect();
+        assert_eq!(in_flight.len(), 2);
+        // Nothing newer than what is in flight: nothing to send.
+        assert!(
+            store
+                .next_batch(10, 1 << 20, in_flight.clone())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // "a" (the oldest) changes while in flight, then "c" appears: "c" goes first, and with
+        // room for one report only, alone.
+        store
+            .update("a".into(), req(json!({"n": 2})))
+            .await
+            .unwrap();
+        store
+            .update("c".into(), req(json!({"n": 1})))
+            .await
+            .unwrap();
+        let devices =
+            |b: PendingBatch| -> Vec<String> { b.reports.into_iter().map(|r| r.device).collect() };
+        let one = store
+            .next_batch(1, 1 << 20, in_flight.clone())
+            .await
+            .unwrap();
+        assert_eq!(devices(one.unwrap()), ["c"]);
+        let both = store.next_batch(10, 1 << 20, in_flight).await.unwrap();
+        assert_eq!(devices(both.unwrap()), ["c", "a"]);
         drop(store);
         h.join().unwrap();
     }
@@ -726,7 +775,10 @@ mod tests {
             .unwrap();
         let second = start.elapsed();
         // The uplink's batch read, right behind that: at once.
-        let batch = store.next_batch(10, 1 << 20, HashSet::new()).await.unwrap();
+        let batch = store
+            .next_batch(10, 1 << 20, InFlight::new())
+            .await
+            .unwrap();
         let read = start.elapsed() - second;
         assert!(first < interval / 2, "idle: committed after {first:?}");
         assert!(second >= interval, "paced: committed after {second:?}");
@@ -779,7 +831,7 @@ mod tests {
                 .unwrap();
             let synced = synced_commits(&store);
             let batch = store
-                .next_batch(10, 1 << 20, HashSet::new())
+                .next_batch(10, 1 << 20, InFlight::new())
                 .await
                 .unwrap()
                 .unwrap();
@@ -853,7 +905,7 @@ mod tests {
             .await
             .unwrap();
         let batch = store
-            .next_batch(10, 1 << 20, HashSet::new())
+            .next_batch(10, 1 << 20, InFlight::new())
             .await
             .unwrap()
             .unwrap();
@@ -910,7 +962,7 @@ mod tests {
         assert_eq!(stats.pending_devices, 2);
 
         let batch = store
-            .next_batch(10, 1 << 20, HashSet::new())
+            .next_batch(10, 1 << 20, InFlight::new())
             .await
             .unwrap()
             .unwrap();
@@ -932,7 +984,7 @@ mod tests {
         let stats = store.stats().await.unwrap();
         assert_eq!((stats.pending_devices, stats.last_acked_seq), (1, 1));
         let next = store
-            .next_batch(10, 1 << 20, HashSet::new())
+            .next_batch(10, 1 << 20, InFlight::new())
             .await
             .unwrap()
             .unwrap();
@@ -953,7 +1005,7 @@ mod tests {
                 .await
                 .unwrap();
             store
-                .next_batch(10, 1 << 20, HashSet::new())
+                .next_batch(10, 1 << 20, InFlight::new())
                 .await
                 .unwrap()
                 .unwrap();
@@ -969,7 +1021,7 @@ mod tests {
         // The seq is reserved durably, so it keeps increasing across restarts.
         assert!(
             store
-                .next_batch(10, 1 << 20, HashSet::new())
+                .next_batch(10, 1 << 20, InFlight::new())
                 .await
                 .unwrap()
                 .unwrap()
@@ -1022,7 +1074,7 @@ mod tests {
                     .unwrap()
             }
         };
-        let pending = || store.next_batch(10, 1 << 20, HashSet::new());
+        let pending = || store.next_batch(10, 1 << 20, InFlight::new());
 
         assert!(set(2).await.changed);
         let b = pending().await.unwrap().unwrap();

@@ -14,9 +14,9 @@ use tokio::sync::mpsc;
 
 use super::witness::{self, Witness};
 use super::{
-    Command, DesiredOutcome, GET_META, META_ACKED_SEQ, META_COMMITS, META_PROBE, META_SEQ,
-    META_SEQ_RESERVED, PendingBatch, Reply, SELECT_PENDING, SEQ_BLOCK, SET_META, StoreError,
-    StoreHealth, UpdateOutcome, broker_sessions, get_meta_u64, now_ms, now_secs,
+    Command, DesiredOutcome, GET_META, InFlight, META_ACKED_SEQ, META_COMMITS, META_PROBE,
+    META_SEQ, META_SEQ_RESERVED, PendingBatch, Reply, SELECT_PENDING, SEQ_BLOCK, SET_META,
+    StoreError, StoreHealth, UpdateOutcome, broker_sessions, get_meta_u64, now_ms, now_secs,
     outbox_count_oldest, outbox_stats, read_shadows, rfc3339, sqlite_err,
 };
 use crate::config::StoreSettings;
@@ -169,6 +169,59 @@ impl Writer {
             }
         }
         tracing::debug!("store writer stopped");
+    }
+
+    /// The reports of the next batch: pending devices oldest first, within `max_reports` and
+    /// about `max_bytes` of JSON. A device a batch in flight carries comes only if its state
+    /// is newer, and after every device no batch carries: otherwise the oldest devices, which
+    /// change again while in flight, would fill every batch and starve the rest.
+    fn select_reports(
+        &self,
+        max_reports: usize,
+        max_bytes: usize,
+        in_flight: &InFlight,
+    ) -> rusqlite::Result<Vec<Report>> {
+        let mut stmt = self.conn.prepare_cached(SELECT_PENDING)?;
+        let mut rows = stmt.query([])?;
+        let mut fresh = Vec::new();
+        let mut again = Vec::new();
+        while let Some(row) = rows.next()? {
+            let device: String = row.get(0)?;
+            let Some(doc) = self.shadows.get(&device) else {
+                continue;
+            };
+            match in_flight.get(&device) {
+                None => fresh.push((device, doc)),
+                Some(&sent) if sent < doc.version => again.push((device, doc)),
+                Some(_) => {}
+            }
+            if fresh.len() >= max_reports {
+                break;
+            }
+        }
+        let mut reports = Vec::new();
+        let mut bytes = 0usize;
+        for (device, doc) in fresh.into_iter().chain(again) {
+            let size = edgesync_protocol::shadow::encoded_object_len(&doc.state.reported)
+                + device.len()
+                + 128;
+            if !reports.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            reports.push(Report {
+                device,
+                version: doc.version,
+                reported: doc.state.reported.clone(),
+                reported_at: rfc3339(doc.timestamp),
+                observed_desired_version: doc.desired_generation,
+                connected: doc.connected,
+            });
+            if reports.len() >= max_reports {
+                break;
+            }
+        }
+        Ok(reports)
     }
 
     /// Runs one statement from the connection's statement cache: every group begins and commits
@@ -409,40 +462,12 @@ impl Writer {
                 skip,
                 reply,
             } => {
-                let mut reports = Vec::new();
-                let mut bytes = 0usize;
-                if max_reports > 0 {
-                    let mut stmt = self.conn.prepare_cached(SELECT_PENDING).map_err(&err)?;
-                    let mut rows = stmt.query([]).map_err(&err)?;
-                    while let Some(row) = rows.next().map_err(&err)? {
-                        let device: String = row.get(0).map_err(&err)?;
-                        if skip.contains(&device) {
-                            continue;
-                        }
-                        let Some(doc) = self.shadows.get(&device) else {
-                            continue;
-                        };
-                        let size =
-                            edgesync_protocol::shadow::encoded_object_len(&doc.state.reported)
-                                + device.len()
-                                + 128;
-                        if !reports.is_empty() && bytes + size > max_bytes {
-                            break;
-                        }
-                        bytes += size;
-                        reports.push(Report {
-                            device,
-                            version: doc.version,
-                            reported: doc.state.reported.clone(),
-                            reported_at: rfc3339(doc.timestamp),
-                            observed_desired_version: doc.desired_generation,
-                            connected: doc.connected,
-                        });
-                        if reports.len() >= max_reports {
-                            break;
-                        }
-                    }
-                }
+                let reports = if max_reports > 0 {
+                    self.select_reports(max_reports, max_bytes, &skip)
+                        .map_err(&err)?
+                } else {
+                    Vec::new()
+                };
                 if max_reports > 0 && reports.is_empty() {
                     defer(reply, None)
                 } else {

@@ -312,6 +312,15 @@ async fn handle_reports(
                 r.status = ReportStatus::Stale;
                 r.reason = Some("a newer report is already durable".into());
             }
+            // The agent keeps the newer report until that one's batch is answered.
+            Outcome::Superseded(newer) => {
+                s.metrics.reports_superseded.fetch_add(1, Ordering::Relaxed);
+                r.status = ReportStatus::Stale;
+                r.reason = Some(format!(
+                    "superseded by version {} of the same device, queued for writing",
+                    newer.version
+                ));
+            }
             Outcome::Rejected(code, message) => {
                 s.metrics.reject(code);
                 r.status = ReportStatus::Rejected;
