@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use edgesync_crds::{Device, DeviceSpec};
 use edgesync_protocol::limits::{self, Limits};
 use edgesync_protocol::wire::{ReportBatch, ReportBatchResponse, ReportResult, ReportStatus};
+use futures_util::StreamExt as _;
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use serde_json::Map;
@@ -24,6 +25,9 @@ use super::{ApiError, AppState, Shared, authenticate, unavailable};
 use crate::epoch::EpochError;
 use crate::stamp::{CONFLICT, Stamp, Stamped, Verdict, conflict_message, judge};
 use crate::writer::Outcome;
+
+/// Unknown devices of one batch looked up or registered at once.
+const REGISTER_CONCURRENCY: usize = 16;
 
 fn rate_limited(ns: &str, node: &str, rate: u32, burst: u32, wait: Duration) -> ApiError {
     ApiError::new(
@@ -168,6 +172,8 @@ async fn handle_reports(
 
     let mut results: Vec<ReportResult> = Vec::with_capacity(batch.reports.len());
     let mut waits: Vec<(usize, oneshot::Receiver<Outcome>)> = Vec::new();
+    // Reports that passed the checks needing no lookup, with their place in `results`.
+    let mut checked = Vec::with_capacity(batch.reports.len());
     let auto_register = edge_node.spec.auto_register_devices;
     for report in batch.reports {
         let result = |status, reason: Option<String>| ReportResult {
@@ -208,10 +214,10 @@ async fn handle_reports(
             ));
             continue;
         }
-        let checked = limits::check_state(&report.reported, &doc_limits).and_then(|()| {
+        let state_ok = limits::check_state(&report.reported, &doc_limits).and_then(|()| {
             edgesync_protocol::shadow::check_size(&Map::new(), &report.reported, &doc_limits)
         });
-        if let Err(e) = checked {
+        if let Err(e) = state_ok {
             let code = if e.is_too_large() {
                 "too_large"
             } else {
@@ -221,14 +227,33 @@ async fn handle_reports(
             results.push(result(ReportStatus::Rejected, Some(format!("{code}: {e}"))));
             continue;
         }
-        let device = match find_or_register(s, ns, node, &report.device, auto_register).await {
+        // Settled below.
+        results.push(result(ReportStatus::Accepted, None));
+        checked.push((results.len() - 1, report));
+    }
+
+    // Devices not yet known register concurrently: each costs the API server a create, and
+    // one after another they held a first batch of a thousand new devices for many seconds.
+    let found: Vec<_> = futures_util::stream::iter(checked)
+        .map(|(i, report)| async move {
+            let device = find_or_register(s, ns, node, &report.device, auto_register).await;
+            (i, report, device)
+        })
+        .buffered(REGISTER_CONCURRENCY)
+        .collect()
+        .await;
+    for (i, report, device) in found {
+        let result = |status, reason: Option<String>| ReportResult {
+            device: report.device.clone(),
+            version: report.version,
+            status,
+            reason,
+        };
+        let device = match device {
             Ok(d) => d,
             Err(Refusal::Rejected(code, message)) => {
                 s.metrics.reject(code);
-                results.push(result(
-                    ReportStatus::Rejected,
-                    Some(format!("{code}: {message}")),
-                ));
+                results[i] = result(ReportStatus::Rejected, Some(format!("{code}: {message}")));
                 continue;
             }
             Err(Refusal::Unavailable(m)) => return Err(unavailable(m)),
@@ -244,13 +269,13 @@ async fn handle_reports(
                     device.spec.node_name
                 ),
             );
-            results.push(result(
+            results[i] = result(
                 ReportStatus::Rejected,
                 Some(format!(
                     "forbidden: device {ns}/{} belongs to node {}, not {node}",
                     report.device, device.spec.node_name
                 )),
-            ));
+            );
             continue;
         }
         let stamp = Stamp::new(generation, report.version);
@@ -259,38 +284,31 @@ async fn handle_reports(
         match judge(device.status.as_ref(), stamp, &report.reported) {
             Verdict::Newer => {}
             Verdict::Same => {
-                results.push(result(ReportStatus::Accepted, None));
+                results[i] = result(ReportStatus::Accepted, None);
                 continue;
             }
             Verdict::Older(_) => {
-                results.push(result(
+                results[i] = result(
                     ReportStatus::Stale,
                     Some("a newer report is already durable".into()),
-                ));
+                );
                 continue;
             }
             Verdict::Conflict => {
                 s.metrics.reject(CONFLICT);
                 let why = conflict_message(ns, &report.device, report.version, &epoch);
-                results.push(result(
-                    ReportStatus::Rejected,
-                    Some(format!("{CONFLICT}: {why}")),
-                ));
+                results[i] = result(ReportStatus::Rejected, Some(format!("{CONFLICT}: {why}")));
                 continue;
             }
         }
         let known = Stamp::of_status(device.status.as_ref());
         let key = (ns.to_owned(), report.device.clone());
-        results.push(result(ReportStatus::Accepted, None));
         let stamped = Stamped {
             report,
             epoch: Arc::clone(&epoch),
             stamp,
         };
-        waits.push((
-            results.len() - 1,
-            s.writer.submit(key, node, stamped, Some(known)),
-        ));
+        waits.push((i, s.writer.submit(key, node, stamped, Some(known))));
     }
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(s.opts.durable_wait_seconds);
@@ -395,19 +413,20 @@ async fn find_or_register(
         return Ok(d);
     }
     let api: Api<Device> = Api::namespaced(s.client.clone(), ns);
-    match api.get_opt(name).await {
-        Ok(Some(d)) => return Ok(Arc::new(d)),
-        Ok(None) => {}
-        Err(e) => return Err(Refusal::Unavailable(e.to_string())),
-    }
+    // Not in the cache: new, or created a moment ago. A node that registers its devices
+    // creates at once (a conflict then reads it), which spares a new device a read.
     if !auto_register {
-        return Err(Refusal::Rejected(
-            "unknown_device",
-            format!(
-                "no Device {name} in namespace {ns}; create it with spec.nodeName: {node}, or set \
+        return match api.get_opt(name).await {
+            Ok(Some(d)) => Ok(Arc::new(d)),
+            Ok(None) => Err(Refusal::Rejected(
+                "unknown_device",
+                format!(
+                    "no Device {name} in namespace {ns}; create it with spec.nodeName: {node}, or set \
                  autoRegisterDevices on the EdgeNode"
-            ),
-        ));
+                ),
+            )),
+            Err(e) => Err(Refusal::Unavailable(e.to_string())),
+        };
     }
     let device = Device {
         metadata: ObjectMeta {
