@@ -99,7 +99,9 @@ impl Uplink {
         let mut batch_max = this.settings.batch_max_reports;
         let mut in_flight: JoinSet<(Vec<(String, u64)>, Outcome)> = JoinSet::new();
         // The newest version of each device that a batch in flight carries.
-        let mut in_flight_devices = InFlight::new();
+        // Shared with the store's batch read, which drops its reference before answering: the
+        // updates below then change the map in place instead of copying it.
+        let mut in_flight_devices: Arc<InFlight> = Arc::default();
         let mut last_sent: HashMap<String, Instant> = HashMap::new();
         let mut last_activity = Instant::now() - this.settings.heartbeat;
         let now = Instant::now();
@@ -118,11 +120,12 @@ impl Uplink {
                 && in_flight.len() < this.settings.max_in_flight
                 && Instant::now() >= not_before
             {
-                let mut skip = in_flight_devices.clone();
+                let mut skip = Arc::clone(&in_flight_devices);
                 let min = this.settings.device_min_interval;
                 if !min.is_zero() {
                     last_sent.retain(|_, t| t.elapsed() < min);
-                    skip.extend(last_sent.keys().map(|d| (d.clone(), u64::MAX)));
+                    Arc::make_mut(&mut skip)
+                        .extend(last_sent.keys().map(|d| (d.clone(), u64::MAX)));
                 }
                 let batch = match this
                     .store
@@ -180,8 +183,9 @@ impl Uplink {
                     }
                 }
                 let covered = batch.covered();
+                let in_flight_now = Arc::make_mut(&mut in_flight_devices);
                 for (d, v) in &covered {
-                    let newest = in_flight_devices.entry(d.clone()).or_default();
+                    let newest = in_flight_now.entry(d.clone()).or_default();
                     *newest = (*newest).max(*v);
                     if !min.is_zero() {
                         last_sent.insert(d.clone(), Instant::now());
@@ -209,10 +213,11 @@ impl Uplink {
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
                 done = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Some(Ok((covered, outcome))) = done {
+                        let in_flight_now = Arc::make_mut(&mut in_flight_devices);
                         for (d, v) in &covered {
                             // A newer batch may carry the device too.
-                            if in_flight_devices.get(d) == Some(v) {
-                                in_flight_devices.remove(d);
+                            if in_flight_now.get(d) == Some(v) {
+                                in_flight_now.remove(d);
                             }
                         }
                         match outcome {
@@ -275,7 +280,7 @@ impl Uplink {
                 .next_batch(
                     this.settings.batch_max_reports,
                     this.settings.batch_max_bytes,
-                    InFlight::new(),
+                    Arc::default(),
                 )
                 .await
             {

@@ -231,7 +231,7 @@ enum Command {
     NextBatch {
         max_reports: usize,
         max_bytes: usize,
-        skip: InFlight,
+        skip: Arc<InFlight>,
         reply: Reply<Option<PendingBatch>>,
     },
     Ack {
@@ -456,7 +456,7 @@ impl Store {
         &self,
         max_reports: usize,
         max_bytes: usize,
-        in_flight: InFlight,
+        in_flight: Arc<InFlight>,
     ) -> Result<Option<PendingBatch>, StoreError> {
         self.call(|reply| Command::NextBatch {
             max_reports,
@@ -472,7 +472,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`] when it could not be persisted.
     pub async fn heartbeat_seq(&self) -> Result<u64, StoreError> {
-        let batch = self.next_batch(0, 0, InFlight::new()).await?;
+        let batch = self.next_batch(0, 0, Arc::default()).await?;
         Ok(batch.map_or(0, |b| b.seq))
     }
 
@@ -689,7 +689,7 @@ mod tests {
         }
         assert_eq!(store.health().outbox().0, 2);
         let batch = store
-            .next_batch(10, 1 << 20, InFlight::new())
+            .next_batch(10, 1 << 20, Arc::default())
             .await
             .unwrap()
             .unwrap();
@@ -698,7 +698,7 @@ mod tests {
         store.queue_ack(batch.seq, covered).await.unwrap();
         assert!(
             store
-                .next_batch(10, 1 << 20, InFlight::new())
+                .next_batch(10, 1 << 20, Arc::default())
                 .await
                 .unwrap()
                 .is_none()
@@ -716,11 +716,11 @@ mod tests {
             store.update(d.into(), req(json!({"n": 1}))).await.unwrap();
         }
         let first = store
-            .next_batch(10, 1 << 20, InFlight::new())
+            .next_batch(10, 1 << 20, Arc::default())
             .await
             .unwrap()
             .unwrap();
-        let in_flight: InFlight = first.covered().into_iter().collect();
+        let in_flight: Arc<InFlight> = Arc::new(first.covered().into_iter().collect());
         assert_eq!(in_flight.len(), 2);
         // Nothing newer than what is in flight: nothing to send.
         assert!(
@@ -775,10 +775,7 @@ mod tests {
             .unwrap();
         let second = start.elapsed();
         // The uplink's batch read, right behind that: at once.
-        let batch = store
-            .next_batch(10, 1 << 20, InFlight::new())
-            .await
-            .unwrap();
+        let batch = store.next_batch(10, 1 << 20, Arc::default()).await.unwrap();
         let read = start.elapsed() - second;
         assert!(first < interval / 2, "idle: committed after {first:?}");
         assert!(second >= interval, "paced: committed after {second:?}");
@@ -831,7 +828,7 @@ mod tests {
                 .unwrap();
             let synced = synced_commits(&store);
             let batch = store
-                .next_batch(10, 1 << 20, InFlight::new())
+                .next_batch(10, 1 << 20, Arc::default())
                 .await
                 .unwrap()
                 .unwrap();
@@ -905,7 +902,7 @@ mod tests {
             .await
             .unwrap();
         let batch = store
-            .next_batch(10, 1 << 20, InFlight::new())
+            .next_batch(10, 1 << 20, Arc::default())
             .await
             .unwrap()
             .unwrap();
@@ -962,7 +959,7 @@ mod tests {
         assert_eq!(stats.pending_devices, 2);
 
         let batch = store
-            .next_batch(10, 1 << 20, InFlight::new())
+            .next_batch(10, 1 << 20, Arc::default())
             .await
             .unwrap()
             .unwrap();
@@ -984,7 +981,7 @@ mod tests {
         let stats = store.stats().await.unwrap();
         assert_eq!((stats.pending_devices, stats.last_acked_seq), (1, 1));
         let next = store
-            .next_batch(10, 1 << 20, InFlight::new())
+            .next_batch(10, 1 << 20, Arc::default())
             .await
             .unwrap()
             .unwrap();
@@ -1005,7 +1002,7 @@ mod tests {
                 .await
                 .unwrap();
             store
-                .next_batch(10, 1 << 20, InFlight::new())
+                .next_batch(10, 1 << 20, Arc::default())
                 .await
                 .unwrap()
                 .unwrap();
@@ -1021,7 +1018,7 @@ mod tests {
         // The seq is reserved durably, so it keeps increasing across restarts.
         assert!(
             store
-                .next_batch(10, 1 << 20, InFlight::new())
+                .next_batch(10, 1 << 20, Arc::default())
                 .await
                 .unwrap()
                 .unwrap()
@@ -1074,7 +1071,7 @@ mod tests {
                     .unwrap()
             }
         };
-        let pending = || store.next_batch(10, 1 << 20, InFlight::new());
+        let pending = || store.next_batch(10, 1 << 20, Arc::default());
 
         assert!(set(2).await.changed);
         let b = pending().await.unwrap().unwrap();

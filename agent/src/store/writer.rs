@@ -185,12 +185,15 @@ impl Writer {
         let mut rows = stmt.query([])?;
         let mut fresh = Vec::new();
         let mut again = Vec::new();
+        // Every pending row is looked at on each read: borrowed, not copied, until chosen.
         while let Some(row) = rows.next()? {
-            let device: String = row.get(0)?;
-            let Some(doc) = self.shadows.get(&device) else {
+            let Ok(name) = row.get_ref(0)?.as_str() else {
                 continue;
             };
-            match in_flight.get(&device) {
+            let Some((device, doc)) = self.shadows.get_key_value(name) else {
+                continue;
+            };
+            match in_flight.get(name) {
                 None => fresh.push((device, doc)),
                 Some(&sent) if sent < doc.version => again.push((device, doc)),
                 Some(_) => {}
@@ -210,7 +213,7 @@ impl Writer {
             }
             bytes += size;
             reports.push(Report {
-                device,
+                device: device.clone(),
                 version: doc.version,
                 reported: doc.state.reported.clone(),
                 reported_at: rfc3339(doc.timestamp),
