@@ -231,7 +231,7 @@ enum Command {
     NextBatch {
         max_reports: usize,
         max_bytes: usize,
-        skip: Arc<InFlight>,
+        in_flight: Arc<InFlight>,
         reply: Reply<Option<PendingBatch>>,
     },
     Ack {
@@ -461,7 +461,7 @@ impl Store {
         self.call(|reply| Command::NextBatch {
             max_reports,
             max_bytes,
-            skip: in_flight,
+            in_flight,
             reply,
         })
         .await

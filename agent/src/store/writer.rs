@@ -462,11 +462,11 @@ impl Writer {
             Command::NextBatch {
                 max_reports,
                 max_bytes,
-                skip,
+                in_flight,
                 reply,
             } => {
                 let reports = if max_reports > 0 {
-                    self.select_reports(max_reports, max_bytes, &skip)
+                    self.select_reports(max_reports, max_bytes, &in_flight)
                         .map_err(&err)?
                 } else {
                     Vec::new()

@@ -12,7 +12,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use edgesync_crds::{Device, DeviceSpec};
 use edgesync_protocol::limits::{self, Limits};
-use edgesync_protocol::wire::{ReportBatch, ReportBatchResponse, ReportResult, ReportStatus};
+use edgesync_protocol::wire::{
+    Report, ReportBatch, ReportBatchResponse, ReportResult, ReportStatus,
+};
 use futures_util::StreamExt as _;
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
@@ -176,12 +178,7 @@ async fn handle_reports(
     let mut checked = Vec::with_capacity(batch.reports.len());
     let auto_register = edge_node.spec.auto_register_devices;
     for report in batch.reports {
-        let result = |status, reason: Option<String>| ReportResult {
-            device: report.device.clone(),
-            version: report.version,
-            status,
-            reason,
-        };
+        let result = |status, reason| result_for(&report, status, reason);
         if newest
             .get(&report.device)
             .is_some_and(|v| *v > report.version)
@@ -243,12 +240,7 @@ async fn handle_reports(
         .collect()
         .await;
     for (i, report, device) in found {
-        let result = |status, reason: Option<String>| ReportResult {
-            device: report.device.clone(),
-            version: report.version,
-            status,
-            reason,
-        };
+        let result = |status, reason| result_for(&report, status, reason);
         let device = match device {
             Ok(d) => d,
             Err(Refusal::Rejected(code, message)) => {
@@ -393,6 +385,16 @@ async fn handle_reports(
         seq: batch.seq,
         results,
     })
+}
+
+/// The answer for one report.
+fn result_for(report: &Report, status: ReportStatus, reason: Option<String>) -> ReportResult {
+    ReportResult {
+        device: report.device.clone(),
+        version: report.version,
+        status,
+        reason,
+    }
 }
 
 enum Refusal {
