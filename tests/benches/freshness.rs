@@ -11,7 +11,8 @@
 //! registration, which happens once per device), then, over a steady run after a warm-up,
 //! p50 and p99, API writes per update, the agent's CPU, and what the load costs another
 //! client of the API server: the p99 of a loop of ConfigMap GETs during the run, against the
-//! same loop on a quiet server.
+//! same loop on a quiet server. The API server's CPU and the share of the machine busy during
+//! the run say whether that client's wait is for a CPU.
 
 #![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
@@ -22,7 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgesync_e2e::cluster::ControlPlane;
-use edgesync_e2e::measure::{TICKS_PER_SECOND, aim, cpu_ticks, percentile_ms, scaled};
+use edgesync_e2e::measure::{
+    TICKS_PER_SECOND, aim, busy_share, cpu_ticks, machine_ticks, percentile_ms, scaled,
+};
 use edgesync_e2e::stack::{Stack, StackOptions};
 use futures_util::StreamExt as _;
 use kube::Api;
@@ -242,10 +245,18 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> Fleet {
         .controller
         .metric("edgesync_controller_status_writes_total")
         .await;
-    let cpu_before = cpu_ticks(agent_pid);
+    let apiserver_pid = cp.apiserver_pid().expect("the API server runs");
+    let cpu_before = (
+        cpu_ticks(agent_pid),
+        cpu_ticks(apiserver_pid),
+        machine_ticks(),
+    );
     ledger.lock().unwrap().measure_from = Some(Instant::now());
     let busy = bystander(cp.kubeconfig(), &stack.ns.name, run()).await;
-    let cpu = (cpu_ticks(agent_pid) - cpu_before) as f64 / TICKS_PER_SECOND / run().as_secs_f64();
+    let share = |ticks: u64| ticks as f64 / TICKS_PER_SECOND / run().as_secs_f64();
+    let cpu = share(cpu_ticks(agent_pid) - cpu_before.0);
+    let apiserver_cpu = share(cpu_ticks(apiserver_pid) - cpu_before.1);
+    let machine_busy = busy_share(cpu_before.2, machine_ticks());
     stop.store(true, Ordering::Relaxed);
     // Let the last states land, then stop.
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -268,7 +279,7 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> Fleet {
     );
     let bystander = (percentile_ms(&quiet, 0.99), percentile_ms(&busy, 0.99));
     let row = format!(
-        "| {devices} devices x 1 Hz | {:.1} | {:.0} | {:.0} | {} | {:.2} | {:.1}% | {:.1} -> {:.1} |",
+        "| {devices} devices x 1 Hz | {:.1} | {:.0} | {:.0} | {} | {:.2} | {:.1}% | {:.1} -> {:.1} | {:.0}% | {:.0}% |",
         onboarded.as_secs_f64(),
         p50,
         p99,
@@ -281,6 +292,8 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> Fleet {
         100.0 * cpu,
         bystander.0,
         bystander.1,
+        100.0 * apiserver_cpu,
+        100.0 * machine_busy,
     );
     Fleet {
         row,
@@ -310,9 +323,9 @@ async fn main() {
     }
     println!();
     println!(
-        "| load | every device has a status after, s | p50 ms | p99 ms | converged | API writes per update | agent CPU (one core) | another client's GET p99 ms, quiet -> during |"
+        "| load | every device has a status after, s | p50 ms | p99 ms | converged | API writes per update | agent CPU (one core) | another client's GET p99 ms, quiet -> during | API server CPU (one core) | machine CPU busy |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (_, f) in &judged {
         println!("{}", f.row);
     }

@@ -40,6 +40,29 @@ pub fn cpu_ticks(pid: u32) -> u64 {
         .sum::<u64>()
 }
 
+/// The whole machine's CPU ticks since boot, as (busy, total) from `/proc/stat`; the share
+/// busy between two readings tells whether a load left any CPU idle.
+pub fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = f.iter().sum();
+    // idle and iowait.
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// The share of the machine's CPU busy between two [`machine_ticks`] readings.
+pub fn busy_share(before: (u64, u64), after: (u64, u64)) -> f64 {
+    (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64
+}
+
 /// The `p` quantile (0..=1) of `sorted` in milliseconds, nearest rank; NaN when empty.
 pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -62,5 +85,8 @@ mod tests {
         assert!(percentile_ms(&[], 0.5).is_nan());
         // Our own process has used some CPU.
         assert!(cpu_ticks(std::process::id()) < u64::MAX);
+        let (busy, total) = machine_ticks();
+        assert!(busy > 0 && busy <= total, "{busy} of {total}");
+        assert_eq!(busy_share((10, 100), (60, 200)), 0.5);
     }
 }
