@@ -33,6 +33,7 @@ use crate::config::StoreSettings;
 mod broker_sessions;
 mod epoch;
 mod health;
+mod pending;
 mod read_only;
 mod schema;
 mod witness;
@@ -990,6 +991,64 @@ mod tests {
             (next.reports[0].device.as_str(), next.reports[0].version),
             ("press-1", 51)
         );
+    }
+
+    #[tokio::test]
+    async fn batches_take_devices_in_the_tables_order_through_acks_and_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = |b: &PendingBatch| -> Vec<String> {
+            b.reports.iter().map(|r| r.device.clone()).collect()
+        };
+        let table = || {
+            let ro = open_read_only(&dir.path().join("t.db")).unwrap();
+            let (_, rows) = ro.outbox().unwrap();
+            rows.into_iter().map(|(d, _)| d).collect::<Vec<_>>()
+        };
+        {
+            let (store, h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
+            for d in ["c", "b", "a"] {
+                store.update(d.into(), req(json!({"n": 1}))).await.unwrap();
+                // Distinct enqueue times, so the order is by age and not by name.
+                let t = std::time::Instant::now();
+                while t.elapsed() < std::time::Duration::from_millis(2) {
+                    std::hint::spin_loop();
+                }
+            }
+            let first = store
+                .next_batch(10, 1 << 20, Arc::default())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(names(&first), ["c", "b", "a"]);
+            assert_eq!(names(&first), table());
+            // "b" changes while in flight: acknowledged, it stays pending from the read on.
+            store
+                .update("b".into(), req(json!({"n": 2})))
+                .await
+                .unwrap();
+            store.ack(first.seq, first.covered()).await.unwrap();
+            store
+                .update("a".into(), req(json!({"n": 2})))
+                .await
+                .unwrap();
+            let next = store
+                .next_batch(10, 1 << 20, Arc::default())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(names(&next), ["b", "a"]);
+            assert_eq!(names(&next), table());
+            drop(store);
+            h.join().unwrap();
+        }
+        let (store, _h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
+        let again = store
+            .next_batch(10, 1 << 20, Arc::default())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(names(&again), ["b", "a"]);
+        assert_eq!(store.health().outbox().0, 2);
     }
 
     #[tokio::test]

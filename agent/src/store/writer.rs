@@ -12,12 +12,13 @@ use edgesync_protocol::wire::Report;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::mpsc;
 
+use super::pending::Pending;
 use super::witness::{self, Witness};
 use super::{
     Command, DesiredOutcome, GET_META, InFlight, META_ACKED_SEQ, META_COMMITS, META_PROBE,
-    META_SEQ, META_SEQ_RESERVED, PendingBatch, Reply, SELECT_PENDING, SEQ_BLOCK, SET_META,
-    StoreError, StoreHealth, UpdateOutcome, broker_sessions, get_meta_u64, now_ms, now_secs,
-    outbox_count_oldest, outbox_stats, read_shadows, rfc3339, sqlite_err,
+    META_SEQ, META_SEQ_RESERVED, PendingBatch, Reply, SEQ_BLOCK, SET_META, StoreError, StoreHealth,
+    UpdateOutcome, broker_sessions, get_meta_u64, now_ms, now_secs, outbox_stats, read_shadows,
+    rfc3339, sqlite_err,
 };
 use crate::config::StoreSettings;
 
@@ -28,6 +29,7 @@ const UPSERT_SHADOW: &str = "INSERT INTO shadows (device, version, doc) VALUES (
 const UPSERT_OUTBOX: &str =
     "INSERT INTO outbox (device, version, enqueued_at_ms) VALUES (?1, ?2, ?3)
      ON CONFLICT (device) DO UPDATE SET version = excluded.version";
+const SELECT_OUTBOX: &str = "SELECT device, version, enqueued_at_ms FROM outbox";
 const DELETE_ACKED: &str = "DELETE FROM outbox WHERE device = ?1 AND version <= ?2";
 // A device changed again while its report was in flight: its oldest unacknowledged change
 // is newer than the moment the batch was read, so its age restarts there (overstated by at
@@ -60,6 +62,11 @@ pub(super) struct Writer {
     /// Devices updated in the current group, written once each before the commit: a device
     /// updated many times in one group costs one serialization and two row writes.
     dirty: HashSet<String>,
+    /// The outbox table's rows, kept with it (see `pending`).
+    pending: Pending,
+    /// The caches above may differ from the database: a transaction failed and reading them
+    /// again failed too. Nothing is applied until they are read again.
+    stale: bool,
     seq: u64,
     /// The highest `seq` durably reserved (`meta.seq_reserved`).
     seq_reserved: u64,
@@ -104,8 +111,9 @@ impl Writer {
         let commits = get_meta_u64(&conn, META_COMMITS).map_err(&err)?;
         let witness = witness::check_at_start(&conn, &path, commits, &health)?;
         health.set_devices(shadows.len(), settings.max_devices);
-        let (pending, oldest) = outbox_count_oldest(&conn).map_err(&err)?;
-        health.set_outbox(pending, oldest);
+        let pending = read_pending(&conn).map_err(&err)?;
+        let (count, oldest) = pending.count_oldest();
+        health.set_outbox(count, oldest);
         Ok(Self {
             conn,
             path: settings.path.clone(),
@@ -115,6 +123,8 @@ impl Writer {
             max_devices: settings.max_devices,
             shadows,
             dirty: HashSet::new(),
+            pending,
+            stale: false,
             seq,
             seq_reserved,
             power_loss_safe: settings.durability == crate::config::Durability::PowerLossSafe,
@@ -180,16 +190,11 @@ impl Writer {
         max_reports: usize,
         max_bytes: usize,
         in_flight: &InFlight,
-    ) -> rusqlite::Result<Vec<Report>> {
-        let mut stmt = self.conn.prepare_cached(SELECT_PENDING)?;
-        let mut rows = stmt.query([])?;
+    ) -> Vec<Report> {
         let mut fresh = Vec::new();
         let mut again = Vec::new();
-        // Every pending row is looked at on each read: borrowed, not copied, until chosen.
-        while let Some(row) = rows.next()? {
-            let Ok(name) = row.get_ref(0)?.as_str() else {
-                continue;
-            };
+        // Every pending device is looked at on each read: borrowed, not copied, until chosen.
+        for name in self.pending.oldest_first() {
             let Some((device, doc)) = self.shadows.get_key_value(name) else {
                 continue;
             };
@@ -224,7 +229,7 @@ impl Writer {
                 break;
             }
         }
-        Ok(reports)
+        reports
     }
 
     /// Runs one statement from the connection's statement cache: every group begins and commits
@@ -245,6 +250,15 @@ impl Writer {
     }
 
     fn apply_group(&mut self, group: &mut Vec<Command>) {
+        if self.stale
+            && let Err(e) = self.reload()
+        {
+            tracing::error!(error = %e, "cannot read the shadows and the outbox again after a failed transaction; nothing is applied until they can be");
+            self.health.failed(&e.to_string());
+            // Dropped replies, which callers see as Closed: nothing is acknowledged.
+            group.clear();
+            return;
+        }
         let mut deferred: Vec<Deferred> = Vec::with_capacity(group.len());
         let (seq_before, reserved_before) = (self.seq, self.seq_reserved);
         // A group that only records the controller's acknowledgements, or reads, need not
@@ -282,7 +296,7 @@ impl Writer {
             // Inside the transaction: a read of its own would take and release the
             // database's read lock again.
             if changed {
-                outbox = outbox_count_oldest(&self.conn).ok();
+                outbox = Some(self.pending.count_oldest());
             }
             counted = !relaxed && changed;
             if counted {
@@ -320,11 +334,10 @@ impl Writer {
             (self.seq, self.seq_reserved) = (seq_before, reserved_before);
             self.dirty.clear();
             if let Err(reload) = self.reload() {
-                tracing::error!(error = %reload, "cannot reload shadows after a failed transaction");
+                tracing::error!(error = %reload, "cannot read the shadows and the outbox again after a failed transaction; trying again before the next group");
             }
-            if let Ok((pending, oldest)) = outbox_count_oldest(&self.conn) {
-                self.health.set_outbox(pending, oldest);
-            }
+            let (pending, oldest) = self.pending.count_oldest();
+            self.health.set_outbox(pending, oldest);
             // Commands not yet applied get dropped replies, which callers see as Closed.
             group.clear();
         }
@@ -335,37 +348,40 @@ impl Writer {
     }
 
     fn reload(&mut self) -> Result<(), StoreError> {
+        self.stale = true;
         self.shadows = read_shadows(&self.conn, &self.path)?;
+        self.pending = read_pending(&self.conn).map_err(sqlite_err(&self.path))?;
         self.seq_reserved =
             get_meta_u64(&self.conn, META_SEQ_RESERVED).map_err(sqlite_err(&self.path))?;
         self.seq = get_meta_u64(&self.conn, META_SEQ)
             .map_err(sqlite_err(&self.path))?
             .max(self.seq_reserved);
         self.commits = get_meta_u64(&self.conn, META_COMMITS).map_err(sqlite_err(&self.path))?;
+        self.stale = false;
         Ok(())
     }
 
+    /// Writes a device's shadow and its pending report.
     fn write_shadow(
-        &self,
+        conn: &Connection,
+        pending: &mut Pending,
+        path: &std::path::Path,
         device: &str,
         doc: &ShadowDocument,
-        enqueue: bool,
     ) -> Result<(), StoreError> {
-        let err = sqlite_err(&self.path);
+        let err = sqlite_err(path);
         let text = serde_json::to_string(doc).map_err(|source| StoreError::Corrupt {
             device: device.to_owned(),
             source,
         })?;
-        self.conn
-            .prepare_cached(UPSERT_SHADOW)
+        conn.prepare_cached(UPSERT_SHADOW)
             .and_then(|mut s| s.execute(params![device, doc.version as i64, text]))
             .map_err(&err)?;
-        if enqueue {
-            self.conn
-                .prepare_cached(UPSERT_OUTBOX)
-                .and_then(|mut s| s.execute(params![device, doc.version as i64, now_ms()]))
-                .map_err(&err)?;
-        }
+        let now = now_ms();
+        conn.prepare_cached(UPSERT_OUTBOX)
+            .and_then(|mut s| s.execute(params![device, doc.version as i64, now]))
+            .map_err(&err)?;
+        pending.upsert(device, doc.version, now);
         Ok(())
     }
 
@@ -373,10 +389,17 @@ impl Writer {
     fn flush_dirty(&mut self) -> Result<(), StoreError> {
         // Taken and put back so the set keeps its capacity from group to group.
         let mut dirty = std::mem::take(&mut self.dirty);
+        let Self {
+            conn,
+            pending,
+            path,
+            shadows,
+            ..
+        } = self;
         let result = dirty
             .drain()
-            .try_for_each(|device| match self.shadows.get(&device) {
-                Some(doc) => self.write_shadow(&device, doc, true),
+            .try_for_each(|device| match shadows.get(&device) {
+                Some(doc) => Self::write_shadow(conn, pending, path, &device, doc),
                 None => Ok(()),
             });
         self.dirty = dirty;
@@ -446,7 +469,13 @@ impl Writer {
                         // A new generation bumps the version even when the document is
                         // unchanged, so it is reported and the controller learns it was observed.
                         if doc.version != before_version {
-                            self.write_shadow(&device, &doc, true)?;
+                            Self::write_shadow(
+                                &self.conn,
+                                &mut self.pending,
+                                &self.path,
+                                &device,
+                                &doc,
+                            )?;
                             self.shadows.insert(device, doc.clone());
                         }
                         Ok(DesiredOutcome {
@@ -467,7 +496,6 @@ impl Writer {
             } => {
                 let reports = if max_reports > 0 {
                     self.select_reports(max_reports, max_bytes, &in_flight)
-                        .map_err(&err)?
                 } else {
                     Vec::new()
                 };
@@ -518,6 +546,7 @@ impl Writer {
                         restart
                             .execute(params![device, *version as i64, read_ms])
                             .map_err(&err)?;
+                        self.pending.ack(device, *version, read_ms);
                     }
                 }
                 let acked = get_meta_u64(&self.conn, META_ACKED_SEQ).map_err(&err)?;
@@ -571,4 +600,19 @@ impl Writer {
             }
         })
     }
+}
+
+/// The outbox table, read into memory.
+fn read_pending(conn: &Connection) -> rusqlite::Result<Pending> {
+    let mut stmt = conn.prepare(SELECT_OUTBOX)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Pending::from_rows(rows))
 }
