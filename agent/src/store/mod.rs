@@ -1004,15 +1004,19 @@ mod tests {
             let (_, rows) = ro.outbox().unwrap();
             rows.into_iter().map(|(d, _)| d).collect::<Vec<_>>()
         };
+        // Enqueue times are in ms: waiting until the clock has passed the current one makes
+        // the next enqueue later, so the order is by age and not by name.
+        let next_ms = || {
+            let now = now_ms();
+            while now_ms() <= now {
+                std::hint::spin_loop();
+            }
+        };
         {
             let (store, h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
             for d in ["c", "b", "a"] {
                 store.update(d.into(), req(json!({"n": 1}))).await.unwrap();
-                // Distinct enqueue times, so the order is by age and not by name.
-                let t = std::time::Instant::now();
-                while t.elapsed() < std::time::Duration::from_millis(2) {
-                    std::hint::spin_loop();
-                }
+                next_ms();
             }
             let first = store
                 .next_batch(10, 1 << 20, Arc::default())
@@ -1027,6 +1031,7 @@ mod tests {
                 .await
                 .unwrap();
             store.ack(first.seq, first.covered()).await.unwrap();
+            next_ms();
             store
                 .update("a".into(), req(json!({"n": 2})))
                 .await
