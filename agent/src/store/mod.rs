@@ -1057,6 +1057,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_store_that_cannot_read_its_tables_again_applies_nothing_until_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
+        store
+            .update("a".into(), req(json!({"n": 1})))
+            .await
+            .unwrap();
+        // Another connection takes the outbox away: the next transaction fails, and so does
+        // reading the outbox again after it.
+        let other = Connection::open(dir.path().join("t.db")).unwrap();
+        other
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .unwrap();
+        other
+            .execute_batch("ALTER TABLE outbox RENAME TO outbox_away")
+            .unwrap();
+        for n in 2..4 {
+            assert!(
+                store
+                    .update("a".into(), req(json!({"n": n})))
+                    .await
+                    .is_err(),
+                "an update must fail while the outbox cannot be written or read"
+            );
+            assert!(store.health().is_failing());
+        }
+        other
+            .execute_batch("ALTER TABLE outbox_away RENAME TO outbox")
+            .unwrap();
+        // The next group reads the tables again first, then applies.
+        store
+            .update("b".into(), req(json!({"n": 1})))
+            .await
+            .unwrap();
+        assert!(!store.health().is_failing());
+        let batch = store
+            .next_batch(10, 1 << 20, Arc::default())
+            .await
+            .unwrap()
+            .unwrap();
+        let got: Vec<_> = batch
+            .reports
+            .iter()
+            .map(|r| (r.device.as_str(), r.version, r.reported.get("n").cloned()))
+            .collect();
+        // Nothing of the failed updates was kept, in the database or in memory.
+        assert_eq!(got, [("a", 1, Some(json!(1))), ("b", 1, Some(json!(1)))]);
+        assert_eq!(store.health().outbox().0, 2);
+    }
+
+    #[tokio::test]
     async fn state_and_seq_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
