@@ -7,13 +7,15 @@
 //! 1,000 devices x 1 Hz those two scans were a fifth of the agent's CPU.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 /// Pending devices: each one's newest unacknowledged version and enqueue time (ms since the
-/// epoch), ordered by enqueue time, then name (as `ORDER BY enqueued_at_ms, device`).
+/// epoch), ordered by enqueue time, then name (as `ORDER BY enqueued_at_ms, device`). Both
+/// indexes share one copy of each name.
 #[derive(Debug, Default)]
 pub(super) struct Pending {
-    rows: HashMap<String, Row>,
-    by_age: BTreeSet<(i64, String)>,
+    rows: HashMap<Arc<str>, Row>,
+    by_age: BTreeSet<(i64, Arc<str>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +29,7 @@ impl Pending {
     pub(super) fn from_rows(rows: impl IntoIterator<Item = (String, u64, i64)>) -> Self {
         let mut pending = Self::default();
         for (device, version, enqueued_at_ms) in rows {
+            let device: Arc<str> = device.into();
             pending.by_age.insert((enqueued_at_ms, device.clone()));
             pending.rows.insert(
                 device,
@@ -47,9 +50,10 @@ impl Pending {
             row.version = version;
             return;
         }
-        self.by_age.insert((now_ms, device.to_owned()));
+        let device: Arc<str> = device.into();
+        self.by_age.insert((now_ms, device.clone()));
         self.rows.insert(
-            device.to_owned(),
+            device,
             Row {
                 version,
                 enqueued_at_ms: now_ms,
@@ -61,24 +65,30 @@ impl Pending {
     /// row goes if its version is covered (`DELETE_ACKED`); otherwise the device changed
     /// while in flight, and its age restarts at the read (`RESTART_PENDING_AGE`).
     pub(super) fn ack(&mut self, device: &str, version: u64, read_ms: i64) {
-        let Some(row) = self.rows.get_mut(device) else {
+        let Some((name, row)) = self.rows.get_key_value(device) else {
             return;
         };
-        let before = row.enqueued_at_ms;
+        let (name, row) = (name.clone(), *row);
         if row.version <= version {
             self.rows.remove(device);
-        } else if read_ms > before {
-            row.enqueued_at_ms = read_ms;
-            self.by_age.insert((read_ms, device.to_owned()));
+        } else if read_ms > row.enqueued_at_ms {
+            self.rows.insert(
+                name.clone(),
+                Row {
+                    enqueued_at_ms: read_ms,
+                    ..row
+                },
+            );
+            self.by_age.insert((read_ms, name.clone()));
         } else {
             return;
         }
-        self.by_age.remove(&(before, device.to_owned()));
+        self.by_age.remove(&(row.enqueued_at_ms, name));
     }
 
     /// Pending devices, oldest first.
     pub(super) fn oldest_first(&self) -> impl Iterator<Item = &str> {
-        self.by_age.iter().map(|(_, device)| device.as_str())
+        self.by_age.iter().map(|(_, device)| &**device)
     }
 
     /// How many devices are pending, and the oldest enqueue time.
