@@ -671,6 +671,15 @@ mod tests {
         }
     }
 
+    /// The next batch of up to 10 reports, with nothing in flight; there must be one.
+    async fn read_batch(store: &Store) -> PendingBatch {
+        store
+            .next_batch(10, 1 << 20, Arc::default())
+            .await
+            .unwrap()
+            .expect("a pending batch")
+    }
+
     fn req(v: Value) -> UpdateRequest {
         UpdateRequest {
             reported: Some(v.as_object().unwrap().clone()),
@@ -689,11 +698,7 @@ mod tests {
             store.update(d.into(), req(json!({"n": 1}))).await.unwrap();
         }
         assert_eq!(store.health().outbox().0, 2);
-        let batch = store
-            .next_batch(10, 1 << 20, Arc::default())
-            .await
-            .unwrap()
-            .unwrap();
+        let batch = read_batch(&store).await;
         let covered = batch.covered();
         // Not awaited; the read queued right behind it must not see the rows it removes.
         store.queue_ack(batch.seq, covered).await.unwrap();
@@ -716,11 +721,7 @@ mod tests {
         for d in ["a", "b"] {
             store.update(d.into(), req(json!({"n": 1}))).await.unwrap();
         }
-        let first = store
-            .next_batch(10, 1 << 20, Arc::default())
-            .await
-            .unwrap()
-            .unwrap();
+        let first = read_batch(&store).await;
         let in_flight: Arc<InFlight> = Arc::new(first.covered().into_iter().collect());
         assert_eq!(in_flight.len(), 2);
         // Nothing newer than what is in flight: nothing to send.
@@ -828,11 +829,7 @@ mod tests {
                 .await
                 .unwrap();
             let synced = synced_commits(&store);
-            let batch = store
-                .next_batch(10, 1 << 20, Arc::default())
-                .await
-                .unwrap()
-                .unwrap();
+            let batch = read_batch(&store).await;
             assert!(batch.seq > last);
             last = batch.seq;
             let covered = vec![("a".to_owned(), batch.reports[0].version)];
@@ -902,11 +899,7 @@ mod tests {
             .update("busy".into(), req(json!({"n": 1})))
             .await
             .unwrap();
-        let batch = store
-            .next_batch(10, 1 << 20, Arc::default())
-            .await
-            .unwrap()
-            .unwrap();
+        let batch = read_batch(&store).await;
         // Its first change, long ago (as if the link had been busy with it for an hour).
         let side = Connection::open(dir.path().join("t.db")).unwrap();
         side.execute(
@@ -959,11 +952,7 @@ mod tests {
         let stats = store.stats().await.unwrap();
         assert_eq!(stats.pending_devices, 2);
 
-        let batch = store
-            .next_batch(10, 1 << 20, Arc::default())
-            .await
-            .unwrap()
-            .unwrap();
+        let batch = read_batch(&store).await;
         assert_eq!(batch.seq, 1);
         assert_eq!(batch.reports.len(), 2);
         let p1 = batch
@@ -981,11 +970,7 @@ mod tests {
         store.ack(batch.seq, batch.covered()).await.unwrap();
         let stats = store.stats().await.unwrap();
         assert_eq!((stats.pending_devices, stats.last_acked_seq), (1, 1));
-        let next = store
-            .next_batch(10, 1 << 20, Arc::default())
-            .await
-            .unwrap()
-            .unwrap();
+        let next = read_batch(&store).await;
         assert_eq!(next.seq, 2);
         assert_eq!(
             (next.reports[0].device.as_str(), next.reports[0].version),
@@ -1018,11 +1003,7 @@ mod tests {
                 store.update(d.into(), req(json!({"n": 1}))).await.unwrap();
                 next_ms();
             }
-            let first = store
-                .next_batch(10, 1 << 20, Arc::default())
-                .await
-                .unwrap()
-                .unwrap();
+            let first = read_batch(&store).await;
             assert_eq!(names(&first), ["c", "b", "a"]);
             assert_eq!(names(&first), table());
             // "b" changes while in flight: acknowledged, it stays pending from the read on.
@@ -1036,22 +1017,14 @@ mod tests {
                 .update("a".into(), req(json!({"n": 2})))
                 .await
                 .unwrap();
-            let next = store
-                .next_batch(10, 1 << 20, Arc::default())
-                .await
-                .unwrap()
-                .unwrap();
+            let next = read_batch(&store).await;
             assert_eq!(names(&next), ["b", "a"]);
             assert_eq!(names(&next), table());
             drop(store);
             h.join().unwrap();
         }
         let (store, _h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
-        let again = store
-            .next_batch(10, 1 << 20, Arc::default())
-            .await
-            .unwrap()
-            .unwrap();
+        let again = read_batch(&store).await;
         assert_eq!(names(&again), ["b", "a"]);
         assert_eq!(store.health().outbox().0, 2);
     }
@@ -1092,11 +1065,7 @@ mod tests {
             .await
             .unwrap();
         assert!(!store.health().is_failing());
-        let batch = store
-            .next_batch(10, 1 << 20, Arc::default())
-            .await
-            .unwrap()
-            .unwrap();
+        let batch = read_batch(&store).await;
         let got: Vec<_> = batch
             .reports
             .iter()
@@ -1116,11 +1085,7 @@ mod tests {
                 .update("a".into(), req(json!({"x": 1})))
                 .await
                 .unwrap();
-            store
-                .next_batch(10, 1 << 20, Arc::default())
-                .await
-                .unwrap()
-                .unwrap();
+            read_batch(&store).await;
             drop(store);
             h.join().unwrap();
         }
@@ -1131,15 +1096,7 @@ mod tests {
             (1, Some(&json!(1)))
         );
         // The seq is reserved durably, so it keeps increasing across restarts.
-        assert!(
-            store
-                .next_batch(10, 1 << 20, Arc::default())
-                .await
-                .unwrap()
-                .unwrap()
-                .seq
-                > 1
-        );
+        assert!(read_batch(&store).await.seq > 1);
         let ro = open_read_only(&dir.path().join("t.db")).unwrap();
         assert_eq!(ro.list().unwrap(), vec![("a".to_owned(), 1)]);
         assert_eq!(ro.outbox().unwrap().0.pending_devices, 1);

@@ -29,10 +29,8 @@ impl Pending {
     pub(super) fn from_rows(rows: impl IntoIterator<Item = (String, u64, i64)>) -> Self {
         let mut pending = Self::default();
         for (device, version, enqueued_at_ms) in rows {
-            let device: Arc<str> = device.into();
-            pending.by_age.insert((enqueued_at_ms, device.clone()));
-            pending.rows.insert(
-                device,
+            pending.insert(
+                device.into(),
                 Row {
                     version,
                     enqueued_at_ms,
@@ -40,6 +38,13 @@ impl Pending {
             );
         }
         pending
+    }
+
+    /// Adds a row to both indexes (replacing the map's entry; the caller removes an older
+    /// entry of the ordered set).
+    fn insert(&mut self, device: Arc<str>, row: Row) {
+        self.by_age.insert((row.enqueued_at_ms, device.clone()));
+        self.rows.insert(device, row);
     }
 
     /// A device changed: its newest version is pending. A device already pending keeps its
@@ -50,10 +55,8 @@ impl Pending {
             row.version = version;
             return;
         }
-        let device: Arc<str> = device.into();
-        self.by_age.insert((now_ms, device.clone()));
-        self.rows.insert(
-            device,
+        self.insert(
+            device.into(),
             Row {
                 version,
                 enqueued_at_ms: now_ms,
@@ -72,14 +75,13 @@ impl Pending {
         if row.version <= version {
             self.rows.remove(device);
         } else if read_ms > row.enqueued_at_ms {
-            self.rows.insert(
+            self.insert(
                 name.clone(),
                 Row {
                     enqueued_at_ms: read_ms,
                     ..row
                 },
             );
-            self.by_age.insert((read_ms, name.clone()));
         } else {
             return;
         }
