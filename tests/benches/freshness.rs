@@ -17,7 +17,6 @@
 #![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,28 +60,23 @@ struct Ledger {
 /// returns the sorted latencies. It runs on a thread and runtime of its own, as another
 /// program would: on the bench's runtime, its replies would wait behind the publishers and
 /// the watch, and that wait would be counted as the API server's.
-async fn bystander(kubeconfig: &Path, ns: &str, run: Duration) -> Vec<Duration> {
-    let (kubeconfig, ns) = (kubeconfig.to_owned(), ns.to_owned());
-    let thread = std::thread::spawn(move || {
+async fn bystander(cp: &'static ControlPlane, ns: &str, run: Duration) -> Vec<Duration> {
+    let ns = ns.to_owned();
+    tokio::task::spawn_blocking(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("bystander runtime")
-            .block_on(get_loop(&kubeconfig, &ns, run))
-    });
-    tokio::task::spawn_blocking(move || thread.join().expect("bystander thread"))
-        .await
-        .expect("bystander join")
+            .block_on(get_loop(cp, &ns, run))
+    })
+    .await
+    .expect("bystander thread")
 }
 
-async fn get_loop(kubeconfig: &Path, ns: &str, run: Duration) -> Vec<Duration> {
+async fn get_loop(cp: &ControlPlane, ns: &str, run: Duration) -> Vec<Duration> {
     use k8s_openapi::api::core::v1::ConfigMap;
-    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .expect("kubeconfig is valid");
-    let client = kube::Client::try_from(config).expect("build kube client");
-    let api: Api<ConfigMap> = Api::namespaced(client, ns);
+    // Made here: a client belongs to the runtime that made it.
+    let api: Api<ConfigMap> = Api::namespaced(cp.client().await, ns);
     let mut cm = ConfigMap::default();
     cm.metadata.name = Some("bystander".into());
     let _ = api.create(&kube::api::PostParams::default(), &cm).await;
@@ -110,7 +104,7 @@ struct Fleet {
     bystander: (f64, f64),
 }
 
-async fn fleet(cp: &ControlPlane, devices: usize) -> Fleet {
+async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
     let stack = Stack::start(
         cp,
         &format!("fresh-{devices}"),
@@ -129,7 +123,7 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> Fleet {
     )
     .await;
     let api = stack.devices().await;
-    let quiet = bystander(cp.kubeconfig(), &stack.ns.name, Duration::from_secs(5)).await;
+    let quiet = bystander(cp, &stack.ns.name, Duration::from_secs(5)).await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let started = Instant::now();
     let watch = {
@@ -252,7 +246,7 @@ async fn fleet(cp: &ControlPlane, devices: usize) -> Fleet {
         machine_ticks(),
     );
     ledger.lock().unwrap().measure_from = Some(Instant::now());
-    let busy = bystander(cp.kubeconfig(), &stack.ns.name, run()).await;
+    let busy = bystander(cp, &stack.ns.name, run()).await;
     let share = |ticks: u64| ticks as f64 / TICKS_PER_SECOND / run().as_secs_f64();
     let cpu = share(cpu_ticks(agent_pid) - cpu_before.0);
     let apiserver_cpu = share(cpu_ticks(apiserver_pid) - cpu_before.1);
