@@ -41,13 +41,14 @@ const RESTART_PENDING_AGE: &str =
 const PACE_BELOW: usize = 32;
 /// A paced group of at least this many device messages means a steady stream (from about 800
 /// messages/s at the default interval, and until it falls below about 200/s under the wide
-/// one), which is then paced at `PACE_WIDE_FACTOR` times the interval, so each fsync is shared by that many times more messages. An fsync and
-/// its WAL frames were a third of the agent's CPU at 1,000 messages/s, and every fsync wears
-/// the flash of an edge box. The price is a few more intervals before an acknowledgement, and
-/// a client held back by a small in-flight window (4 to 31 messages, such as Mosquitto's
-/// default of 20) gets at most its window per wide interval (1,000 messages/s for 20); a
-/// larger window is not paced at all (`PACE_BELOW`), and a shorter interval raises the cap.
-/// A slower trickle keeps the short interval and its latency.
+/// one), which is then paced at `PACE_WIDE_FACTOR` times the interval, so each fsync is
+/// shared by that many times more messages. An fsync and its WAL frames were a third of the
+/// agent's CPU at 1,000 messages/s, and every fsync wears the flash of an edge box. The price
+/// is a few more intervals before an acknowledgement, and a client held back by a small
+/// in-flight window (4 to 31 messages, such as Mosquitto's default of 20) gets at most its
+/// window per wide interval (1,000 messages/s for 20); a larger window is not paced at all
+/// (`PACE_BELOW`), and a shorter interval raises the cap. A slower trickle keeps the short
+/// interval and its latency.
 const PACE_WIDER_FROM: usize = 4;
 /// How much wider a steady stream's interval is (20 ms at the default 5 ms).
 const PACE_WIDE_FACTOR: u32 = 4;
