@@ -807,6 +807,46 @@ mod tests {
         h.join().unwrap();
     }
 
+    #[tokio::test]
+    async fn a_steady_stream_is_paced_at_four_times_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let interval = std::time::Duration::from_millis(100);
+        let s = StoreSettings {
+            min_commit_interval: interval,
+            ..settings(dir.path())
+        };
+        let (store, h) = Store::open(&s, Limits::default()).unwrap();
+        // An idle store commits at once; a trickle right behind it is paced at the interval
+        // and, five at once, gathers into one group of a steady stream's size.
+        store
+            .update("d".into(), req(json!({"n": 0})))
+            .await
+            .unwrap();
+        let mut group = tokio::task::JoinSet::new();
+        for i in 0..5 {
+            let store = store.clone();
+            group.spawn(async move { store.update(format!("s{i}"), req(json!({"n": i}))).await });
+        }
+        while let Some(r) = group.join_next().await {
+            r.unwrap().unwrap();
+        }
+        // After a group of 5 (at least 4, below 32), the next one waits out four intervals
+        // from that commit.
+        let start = std::time::Instant::now();
+        store
+            .update("d".into(), req(json!({"n": 1})))
+            .await
+            .unwrap();
+        let waited = start.elapsed();
+        assert!(
+            waited >= interval * 3,
+            "a steady stream was paced at {waited:?}, not about {:?}",
+            interval * 4
+        );
+        drop(store);
+        h.join().unwrap();
+    }
+
     fn synced_commits(store: &Store) -> u64 {
         let mut text = String::new();
         store.health().render(&mut text);
