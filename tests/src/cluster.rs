@@ -32,6 +32,8 @@ pub struct ControlPlane {
     apiserver: Mutex<ManagedProcess>,
     etcd: Mutex<ManagedProcess>,
     started_in: Duration,
+    /// See [`ControlPlane::deployed_controller_kubeconfig`]; set up on first use.
+    deployed_kubeconfig: OnceLock<PathBuf>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -161,7 +163,11 @@ impl ControlPlane {
 
         let server = format!("https://127.0.0.1:{secure_port}");
         let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_yaml(&server)).expect("write kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            kubeconfig_yaml(&server, "edgesync-admin", ADMIN_TOKEN),
+        )
+        .expect("write kubeconfig");
 
         let cp = ControlPlane {
             dir,
@@ -171,6 +177,7 @@ impl ControlPlane {
             apiserver: Mutex::new(apiserver),
             etcd: Mutex::new(etcd),
             started_in: Duration::ZERO,
+            deployed_kubeconfig: OnceLock::new(),
         };
         cp.wait_ready();
         cp.apply_crds();
@@ -200,6 +207,94 @@ impl ControlPlane {
     /// Path of an admin kubeconfig for this control plane.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// Path of a kubeconfig that acts as the controller deployed from `deploy/` does: the
+    /// `edgesync-controller` ServiceAccount of `edgesync-system`, allowed exactly what
+    /// `deploy/base/rbac.yaml` grants, its writes classified by `deploy/base/flowcontrol.yaml`
+    /// into a priority level of their own. (The admin kubeconfig is `system:masters`, which
+    /// RBAC never refuses and API Priority and Fairness exempts.) Applied on first use, with
+    /// server-side apply, which has no read-then-create race with another test applying
+    /// the same objects.
+    ///
+    /// Such a controller may take its Lease only in `edgesync-system`.
+    ///
+    /// # Panics
+    /// When the manifests are refused, the FlowSchema finds no priority level, or no token
+    /// can be issued.
+    pub fn deployed_controller_kubeconfig(&self) -> &Path {
+        self.deployed_kubeconfig.get_or_init(|| {
+            let namespace = "apiVersion: v1
+kind: Namespace
+metadata:
+  name: edgesync-system
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: edgesync-controller
+  namespace: edgesync-system
+";
+            let out = self.kubectl_stdin(&["apply", "--server-side", "-f", "-"], namespace);
+            assert!(
+                out.status.success(),
+                "apply the controller's namespace and ServiceAccount: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let base = workspace_root().join("deploy/base");
+            self.kubectl_ok(&[
+                "apply",
+                "--server-side",
+                "-f",
+                &base.join("rbac.yaml").to_string_lossy(),
+                "-f",
+                &base.join("flowcontrol.yaml").to_string_lossy(),
+            ]);
+            assert_eq!(
+                self.flowschema_dangling("edgesync-controller"),
+                "False",
+                "the edgesync-controller FlowSchema finds no priority level"
+            );
+            let token = self.kubectl_ok(&[
+                "-n",
+                "edgesync-system",
+                "create",
+                "token",
+                "edgesync-controller",
+                "--duration=24h",
+            ]);
+            let path = self.dir.join("deployed-controller.kubeconfig");
+            std::fs::write(
+                &path,
+                kubeconfig_yaml(&self.server, "edgesync-controller", token.trim()),
+            )
+            .expect("write the deployed controller's kubeconfig");
+            path
+        })
+    }
+
+    /// The status of FlowSchema `name`'s Dangling condition ("False" once its priority level
+    /// exists), waiting until the API server's flow control has judged it.
+    ///
+    /// # Panics
+    /// When no status appears within 30 s.
+    pub fn flowschema_dangling(&self, name: &str) -> String {
+        wait::until_blocking(
+            &format!("the {name} FlowSchema's Dangling condition"),
+            Duration::from_secs(30),
+            || {
+                let out = self.kubectl_ok(&[
+                    "get",
+                    "flowschema",
+                    name,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Dangling\")].status}",
+                ]);
+                let status = out.trim().to_owned();
+                (!status.is_empty()).then_some(status)
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Path of the kubectl binary.
@@ -378,7 +473,7 @@ impl Drop for TestNamespace<'_> {
     }
 }
 
-fn kubeconfig_yaml(server: &str) -> String {
+fn kubeconfig_yaml(server: &str, user: &str, token: &str) -> String {
     // The serving certificate is self-signed by kube-apiserver in --cert-dir; the harness
     // skips verification on loopback rather than wiring a CA it does not otherwise need.
     format!(
@@ -390,14 +485,14 @@ clusters:
     server: {server}
     insecure-skip-tls-verify: true
 users:
-- name: edgesync-admin
+- name: {user}
   user:
-    token: {ADMIN_TOKEN}
+    token: {token}
 contexts:
 - name: edgesync-test
   context:
     cluster: edgesync-test
-    user: edgesync-admin
+    user: {user}
 current-context: edgesync-test
 "
     )

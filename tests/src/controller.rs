@@ -3,7 +3,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -52,7 +52,7 @@ impl Controller {
     /// Starts a controller without waiting for it (for TLS, where readiness is checked over
     /// HTTPS by the caller, or to see it refuse to start).
     pub fn spawn(cp: &ControlPlane, extra: &[&str]) -> Controller {
-        Self::spawn_with(cp, extra, None, DEFAULT_LOG)
+        Self::spawn_with(cp.kubeconfig(), extra, None, DEFAULT_LOG)
     }
 
     /// Starts a controller logging with the `RUST_LOG` filter `log`, and waits until it is
@@ -65,18 +65,33 @@ impl Controller {
 
     /// Starts a controller logging with the `RUST_LOG` filter `log`, without waiting for it.
     pub fn spawn_with_log(cp: &ControlPlane, extra: &[&str], log: &str) -> Controller {
-        Self::spawn_with(cp, extra, None, log)
+        Self::spawn_with(cp.kubeconfig(), extra, None, log)
     }
 
     /// Starts a controller whose open-files limit (soft and hard) is `limit`, as under
     /// systemd's or containerd's default of 1,024, and waits until it is ready.
     pub fn start_with_open_files(cp: &ControlPlane, extra: &[&str], limit: u64) -> Controller {
-        let c = Self::spawn_with(cp, extra, Some(limit), DEFAULT_LOG);
+        let c = Self::spawn_with(cp.kubeconfig(), extra, Some(limit), DEFAULT_LOG);
         c.wait_ready();
         c
     }
 
-    fn spawn_with(cp: &ControlPlane, extra: &[&str], limit: Option<u64>, log: &str) -> Controller {
+    /// Starts a controller with the identity `deploy/` gives it (its ServiceAccount, allowed
+    /// only what `deploy/base/rbac.yaml` grants, its writes in the priority level of
+    /// `deploy/base/flowcontrol.yaml`), and waits until it is ready. Its Lease must be in
+    /// `edgesync-system`.
+    pub fn start_deployed(cp: &ControlPlane, extra: &[&str]) -> Controller {
+        let c = Self::spawn_with(
+            cp.deployed_controller_kubeconfig(),
+            extra,
+            None,
+            DEFAULT_LOG,
+        );
+        c.wait_ready();
+        c
+    }
+
+    fn spawn_with(kubeconfig: &Path, extra: &[&str], limit: Option<u64>, log: &str) -> Controller {
         let dir = tempfile::tempdir().expect("controller temp dir");
         let addr = loopback(free_port());
         // prlimit (util-linux) sets the limit and then runs the controller in its place.
@@ -91,7 +106,7 @@ impl Controller {
             .arg("run")
             .arg("--listen")
             .arg(addr.to_string())
-            .env("KUBECONFIG", &cp.kubeconfig().display().to_string())
+            .env("KUBECONFIG", &kubeconfig.display().to_string())
             .env("RUST_LOG", log);
         for a in extra {
             spec = spec.arg(*a);

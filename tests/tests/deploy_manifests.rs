@@ -45,22 +45,7 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
     }
     // The FlowSchema finds its priority level (the API server marks it Dangling otherwise).
     cp.kubectl_ok(&["apply", "-f", &flowcontrol]);
-    let dangling = edgesync_e2e::wait::until_blocking(
-        "the FlowSchema's Dangling condition",
-        std::time::Duration::from_secs(30),
-        || {
-            let out = cp.kubectl_ok(&[
-                "get",
-                "flowschema",
-                "edgesync-controller",
-                "-o",
-                "jsonpath={.status.conditions[?(@.type==\"Dangling\")].status}",
-            ]);
-            let status = out.trim().to_owned();
-            (!status.is_empty()).then_some(status)
-        },
-    );
-    assert_eq!(dangling, Ok("False".to_owned()));
+    assert_eq!(cp.flowschema_dangling("edgesync-controller"), "False");
 
     cp.kubectl_ok(&["apply", "-f", &rbac]);
     let sa = "system:serviceaccount:edgesync-system:edgesync-controller";
