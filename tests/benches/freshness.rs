@@ -13,10 +13,17 @@
 //! client of the API server: the p99 of a loop of ConfigMap GETs during the run, against the
 //! same loop on a quiet server. The API server's CPU and the share of the machine busy during
 //! the run say whether that client's wait is for a CPU.
+//!
+//! Both API clients are what they would be in a cluster: the controller has the identity
+//! `deploy/` gives it (its ServiceAccount's RBAC, its writes in the priority level of
+//! `deploy/base/flowcontrol.yaml`), and the other client is a ServiceAccount too, in the API
+//! server's usual level for service accounts. Neither is the harness's admin, whose requests
+//! API Priority and Fairness exempts.
 
 #![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -56,30 +63,75 @@ struct Ledger {
     count: u64,
 }
 
-/// Another client of the API server: GETs one ConfigMap in a loop (20 ms apart) for `run`;
-/// returns the sorted latencies. It runs on a thread and runtime of its own, as another
-/// program would: on the bench's runtime, its replies would wait behind the publishers and
-/// the watch, and that wait would be counted as the API server's.
-async fn bystander(cp: &'static ControlPlane, ns: &str, run: Duration) -> Vec<Duration> {
-    let ns = ns.to_owned();
+/// Another client of the API server, as an operator's tool or another controller would be:
+/// a ServiceAccount of `ns` allowed to read one ConfigMap, its requests in the API server's
+/// usual priority level for service accounts (the harness admin's would be exempt from API
+/// Priority and Fairness). Returns the path of its kubeconfig.
+fn bystander_identity(cp: &ControlPlane, ns: &str) -> PathBuf {
+    cp.kubectl_ok(&["-n", ns, "create", "configmap", "bystander"]);
+    let rbac = format!(
+        "apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: bystander
+  namespace: {ns}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: bystander
+  namespace: {ns}
+rules:
+  - apiGroups: [\"\"]
+    resources: [\"configmaps\"]
+    resourceNames: [\"bystander\"]
+    verbs: [\"get\"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: bystander
+  namespace: {ns}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: bystander
+subjects:
+  - kind: ServiceAccount
+    name: bystander
+    namespace: {ns}
+"
+    );
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], &rbac);
+    assert!(
+        out.status.success(),
+        "the bystander's RBAC: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cp.service_account_kubeconfig(ns, "bystander")
+}
+
+/// The other client GETs its ConfigMap in a loop (20 ms apart) for `run`; returns the sorted
+/// latencies. It runs on a thread and runtime of its own, as another program would: on the
+/// bench's runtime, its replies would wait behind the publishers and the watch, and that wait
+/// would be counted as the API server's.
+async fn bystander(kubeconfig: &Path, ns: &str, run: Duration) -> Vec<Duration> {
+    let (kubeconfig, ns) = (kubeconfig.to_owned(), ns.to_owned());
     tokio::task::spawn_blocking(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("bystander runtime")
-            .block_on(get_loop(cp, &ns, run))
+            .block_on(get_loop(&kubeconfig, &ns, run))
     })
     .await
     .expect("bystander thread")
 }
 
-async fn get_loop(cp: &ControlPlane, ns: &str, run: Duration) -> Vec<Duration> {
+async fn get_loop(kubeconfig: &Path, ns: &str, run: Duration) -> Vec<Duration> {
     use k8s_openapi::api::core::v1::ConfigMap;
     // Made here: a client belongs to the runtime that made it.
-    let api: Api<ConfigMap> = Api::namespaced(cp.client().await, ns);
-    let mut cm = ConfigMap::default();
-    cm.metadata.name = Some("bystander".into());
-    let _ = api.create(&kube::api::PostParams::default(), &cm).await;
+    let api: Api<ConfigMap> = Api::namespaced(ControlPlane::client_from(kubeconfig).await, ns);
     let started = Instant::now();
     let mut latencies = Vec::new();
     while started.elapsed() < run {
@@ -89,6 +141,7 @@ async fn get_loop(cp: &ControlPlane, ns: &str, run: Duration) -> Vec<Duration> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(!latencies.is_empty(), "the bystander's GETs all failed");
     latencies.sort();
     latencies
 }
@@ -118,12 +171,15 @@ async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
             agent_toml: std::env::var("FRESHNESS_AGENT_TOML")
                 .unwrap_or_default()
                 .replace("\\n", "\n"),
+            // As deploy/ runs it: its RBAC, and its writes in their own priority level.
+            deployed_identity: true,
             ..StackOptions::default()
         },
     )
     .await;
     let api = stack.devices().await;
-    let quiet = bystander(cp, &stack.ns.name, Duration::from_secs(5)).await;
+    let other = bystander_identity(cp, &stack.ns.name);
+    let quiet = bystander(&other, &stack.ns.name, Duration::from_secs(5)).await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let started = Instant::now();
     let watch = {
@@ -246,7 +302,7 @@ async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
         machine_ticks(),
     );
     ledger.lock().unwrap().measure_from = Some(Instant::now());
-    let busy = bystander(cp, &stack.ns.name, run()).await;
+    let busy = bystander(&other, &stack.ns.name, run()).await;
     let share = |ticks: u64| ticks as f64 / TICKS_PER_SECOND / run().as_secs_f64();
     let cpu = share(cpu_ticks(agent_pid) - cpu_before.0);
     let apiserver_cpu = share(cpu_ticks(apiserver_pid) - cpu_before.1);

@@ -255,22 +255,19 @@ metadata:
                 "False",
                 "the edgesync-controller FlowSchema finds no priority level"
             );
-            let token = self.kubectl_ok(&[
-                "-n",
-                "edgesync-system",
-                "create",
-                "token",
-                "edgesync-controller",
-                "--duration=24h",
-            ]);
-            let path = self.dir.join("deployed-controller.kubeconfig");
-            std::fs::write(
-                &path,
-                kubeconfig_yaml(&self.server, "edgesync-controller", token.trim()),
-            )
-            .expect("write the deployed controller's kubeconfig");
-            path
+            self.service_account_kubeconfig("edgesync-system", "edgesync-controller")
         })
+    }
+
+    /// Path of a new kubeconfig acting as ServiceAccount `name` of namespace `ns` (which
+    /// must exist), with a token the API server issues for a day.
+    pub fn service_account_kubeconfig(&self, ns: &str, name: &str) -> PathBuf {
+        let token = self.kubectl_ok(&["-n", ns, "create", "token", name, "--duration=24h"]);
+        let path = self.dir.join(format!("{ns}.{name}.kubeconfig"));
+        let user = format!("system:serviceaccount:{ns}:{name}");
+        std::fs::write(&path, kubeconfig_yaml(&self.server, &user, token.trim()))
+            .expect("write a service account's kubeconfig");
+        path
     }
 
     /// The status of FlowSchema `name`'s Dangling condition ("False" once its priority level
@@ -401,11 +398,15 @@ metadata:
     /// A kube-rs client for this control plane. Create one per test: clients hold connections
     /// bound to the runtime that created them.
     pub async fn client(&self) -> kube::Client {
-        let kubeconfig =
-            kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("read harness kubeconfig");
+        Self::client_from(&self.kubeconfig).await
+    }
+
+    /// A kube-rs client from the kubeconfig at `path` (one of this control plane's).
+    pub async fn client_from(path: &Path) -> kube::Client {
+        let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("read a kubeconfig");
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
             .await
-            .expect("harness kubeconfig is valid");
+            .expect("the kubeconfig is valid");
         kube::Client::try_from(config).expect("build kube client")
     }
 

@@ -24,6 +24,10 @@ pub struct StackOptions {
     pub agent_toml: String,
     /// Run a second controller replica; the proxy spreads connections over both.
     pub two_replicas: bool,
+    /// Run the controller with the identity `deploy/` gives it (its ServiceAccount's RBAC
+    /// and FlowSchema, see [`ControlPlane::deployed_controller_kubeconfig`]) instead of the
+    /// harness's admin, which RBAC never refuses and API Priority and Fairness exempts.
+    pub deployed_identity: bool,
 }
 
 /// A running end-to-end stack.
@@ -60,16 +64,29 @@ impl<'a> Stack<'a> {
         let token = format!("token-{}", ns.name);
         create_node(cp, &ns.name, &node, &token, &opts.node_spec);
         // A Lease of its own, so this stack's controller leads its liveness loop at once
-        // instead of waiting for another test's (possibly killed) controller to expire.
+        // instead of waiting for another test's (possibly killed) controller to expire. The
+        // deployed RBAC allows Leases in the controller's own namespace only.
+        let (lease_name, lease_namespace) = if opts.deployed_identity {
+            (format!("stack-{}", ns.name), "edgesync-system".to_owned())
+        } else {
+            ("edgesync-stack".to_owned(), ns.name.clone())
+        };
         let mut args: Vec<&str> = vec![
             "--lease-name",
-            "edgesync-stack",
+            &lease_name,
             "--lease-namespace",
-            &ns.name,
+            &lease_namespace,
         ];
         args.extend(opts.controller_args.iter().map(String::as_str));
-        let controller = Controller::start(cp, &args);
-        let second = opts.two_replicas.then(|| Controller::start(cp, &args));
+        let start = |args: &[&str]| {
+            if opts.deployed_identity {
+                Controller::start_deployed(cp, args)
+            } else {
+                Controller::start(cp, args)
+            }
+        };
+        let controller = start(&args);
+        let second = opts.two_replicas.then(|| start(&args));
         let mut upstreams = vec![controller.addr];
         upstreams.extend(second.as_ref().map(|c| c.addr));
         let proxy = FaultProxy::start_balanced(upstreams).await;
