@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use super::{StoreError, broker_sessions, sqlite_err};
 use crate::config::Durability;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 const MIGRATIONS: &[&str] = &[
     // v1
     "CREATE TABLE shadows (
@@ -36,6 +36,10 @@ const MIGRATIONS: &[&str] = &[
     broker_sessions::MIGRATION_V3,
     // v4: the username owning each session.
     broker_sessions::MIGRATION_V4,
+    // v5: the outbox's order by age is kept in memory by the writer (`pending.rs`); the
+    // index only cost WAL frames on every enqueue and acknowledgement. The read-only CLI
+    // sorts the table itself, as it does rarely and the table holds one row per device.
+    "DROP INDEX outbox_by_age",
 ];
 
 pub(super) fn open_rw(path: &Path, durability: Durability) -> Result<Connection, StoreError> {

@@ -16,9 +16,9 @@ use super::pending::Pending;
 use super::witness::{self, Witness};
 use super::{
     Command, DesiredOutcome, GET_META, InFlight, META_ACKED_SEQ, META_COMMITS, META_PROBE,
-    META_SEQ, META_SEQ_RESERVED, PendingBatch, Reply, SEQ_BLOCK, SET_META, StoreError, StoreHealth,
-    UpdateOutcome, broker_sessions, get_meta_u64, now_ms, now_secs, outbox_stats, read_shadows,
-    rfc3339, sqlite_err,
+    META_SEQ, META_SEQ_RESERVED, OutboxStats, PendingBatch, Reply, SEQ_BLOCK, SET_META, StoreError,
+    StoreHealth, UpdateOutcome, age_seconds, broker_sessions, get_meta_u64, now_ms, now_secs,
+    read_shadows, rfc3339, sqlite_err,
 };
 use crate::config::StoreSettings;
 
@@ -570,9 +570,16 @@ impl Writer {
                 defer(reply, ())
             }
             Command::Stats { reply } => {
-                let mut stats = outbox_stats(&self.conn, &self.path)?;
-                // meta.seq lags until the next acknowledgement; the writer knows the last one.
-                stats.last_seq = self.seq;
+                // From the writer's copy of the outbox, which the table has no index to
+                // answer from (schema v5).
+                let (pending_devices, oldest) = self.pending.count_oldest();
+                let stats = OutboxStats {
+                    pending_devices,
+                    oldest_pending_age_seconds: age_seconds(oldest),
+                    last_acked_seq: get_meta_u64(&self.conn, META_ACKED_SEQ).map_err(&err)?,
+                    // meta.seq lags until the next acknowledgement; the writer knows the last.
+                    last_seq: self.seq,
+                };
                 defer(reply, stats)
             }
             Command::Probe { reply } => {
