@@ -932,6 +932,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_v4_database_upgrades_to_v5_keeping_its_pending_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path());
+        let (store, h) = Store::open(&s, Limits::default()).unwrap();
+        store
+            .update("press-1".into(), req(json!({"n": 1})))
+            .await
+            .unwrap();
+        drop(store);
+        h.join().unwrap();
+        // As a v4 agent left it: the outbox's age index, user_version 4.
+        let side = Connection::open(&s.path).unwrap();
+        side.execute_batch(
+            "CREATE INDEX outbox_by_age ON outbox (enqueued_at_ms); PRAGMA user_version = 4;",
+        )
+        .unwrap();
+        drop(side);
+
+        let (store, _h) = Store::open(&s, Limits::default()).unwrap();
+        let side = Connection::open(&s.path).unwrap();
+        let (version, indexes): (i64, i64) = side
+            .query_row(
+                "SELECT (SELECT user_version FROM pragma_user_version),
+                        (SELECT count(*) FROM sqlite_schema WHERE name = 'outbox_by_age')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((version, indexes), (5, 0));
+        let batch = read_batch(&store).await;
+        assert_eq!(batch.covered(), vec![("press-1".to_owned(), 1)]);
+    }
+
+    #[tokio::test]
     async fn a_device_changing_while_its_report_is_in_flight_restarts_its_pending_age() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
