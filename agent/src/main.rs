@@ -118,14 +118,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes, joined by ": ", each said once: the store's errors already
-/// include their cause in their own message (so that a log line of one is complete), and
-/// anyhow's `{:#}` would print it a second time.
+/// The error and its causes, joined by ": ", each said once: the store's errors already end
+/// with their cause (so that a log line of one is complete), and anyhow's `{:#}` would print
+/// it a second time.
 fn error_chain(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let cause = cause.to_string();
-        if out.contains(&cause) {
+        if out.ends_with(&cause) {
             continue;
         }
         if !out.is_empty() {

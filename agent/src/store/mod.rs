@@ -49,11 +49,9 @@ use writer::Writer;
 /// load; small enough that a stalled disk pushes back on MQTT intake within milliseconds.
 const COMMAND_CHANNEL_CAPACITY: usize = 4096;
 
-const SELECT_PENDING: &str = "SELECT device, version FROM outbox ORDER BY enqueued_at_ms, device";
 const SET_META: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2)
      ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 const GET_META: &str = "SELECT value FROM meta WHERE key = ?1";
-const OUTBOX_STATS: &str = "SELECT count(*), min(enqueued_at_ms) FROM outbox";
 
 const META_SEQ: &str = "seq";
 /// Batch numbers are reserved durably in blocks (the last one reserved is stored here), so
@@ -594,23 +592,6 @@ fn get_meta_u64(conn: &Connection, key: &str) -> rusqlite::Result<u64> {
 /// Seconds since `enqueued_ms` (ms since the epoch); 0 for none.
 fn age_seconds(enqueued_ms: Option<i64>) -> u64 {
     enqueued_ms.map_or(0, |t| ((now_ms() - t).max(0) / 1000) as u64)
-}
-
-/// Devices with a pending report, and the oldest enqueue time (ms since the epoch).
-fn outbox_count_oldest(conn: &Connection) -> rusqlite::Result<(u64, Option<i64>)> {
-    conn.prepare_cached(OUTBOX_STATS)?
-        .query_row([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
-}
-
-fn outbox_stats(conn: &Connection, path: &Path) -> Result<OutboxStats, StoreError> {
-    let err = sqlite_err(path);
-    let (count, oldest) = outbox_count_oldest(conn).map_err(&err)?;
-    Ok(OutboxStats {
-        pending_devices: count,
-        oldest_pending_age_seconds: age_seconds(oldest),
-        last_acked_seq: get_meta_u64(conn, META_ACKED_SEQ).map_err(&err)?,
-        last_seq: get_meta_u64(conn, META_SEQ).map_err(&err)?,
-    })
 }
 
 /// Every stored shadow, decoded.

@@ -6,7 +6,15 @@ use std::path::{Path, PathBuf};
 use edgesync_protocol::shadow::ShadowDocument;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
-use super::{OutboxStats, SELECT_PENDING, StoreError, decode, outbox_stats, sqlite_err};
+use super::{
+    META_ACKED_SEQ, META_SEQ, OutboxStats, StoreError, age_seconds, decode, get_meta_u64,
+    sqlite_err,
+};
+
+// The writer answers these from its copy of the outbox in memory; the table has no index on
+// age (schema v5), so these scan it, which a CLI command run by hand can afford.
+const SELECT_PENDING: &str = "SELECT device, version FROM outbox ORDER BY enqueued_at_ms, device";
+const OUTBOX_STATS: &str = "SELECT count(*), min(enqueued_at_ms) FROM outbox";
 
 /// Opens the database read-only for CLI commands, safe while the agent runs.
 ///
@@ -95,4 +103,17 @@ impl ReadOnlyStore {
             .map_err(sqlite_err(&self.path))?;
         Ok((stats, pending))
     }
+}
+
+fn outbox_stats(conn: &Connection, path: &Path) -> Result<OutboxStats, StoreError> {
+    let err = sqlite_err(path);
+    let (count, oldest): (i64, Option<i64>) = conn
+        .query_row(OUTBOX_STATS, [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(&err)?;
+    Ok(OutboxStats {
+        pending_devices: count as u64,
+        oldest_pending_age_seconds: age_seconds(oldest),
+        last_acked_seq: get_meta_u64(conn, META_ACKED_SEQ).map_err(&err)?,
+        last_seq: get_meta_u64(conn, META_SEQ).map_err(&err)?,
+    })
 }
