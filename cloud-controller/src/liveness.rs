@@ -59,7 +59,12 @@ pub struct Liveness {
 impl Liveness {
     /// Runs until shutdown.
     pub async fn run(self, shutdown: CancellationToken) {
-        self.caches.wait_ready().await;
+        // The caches never fill while the API server is unreachable: shutdown must not wait
+        // on them (this task holds an Events handle, so the events task would wait too).
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = self.caches.wait_ready() => {}
+        }
         debug!("Liveness loop started");
         loop {
             if self.leader.is_leader() {

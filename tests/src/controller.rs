@@ -91,6 +91,12 @@ impl Controller {
         c
     }
 
+    /// Starts a controller against the kubeconfig at `kubeconfig` (e.g. one naming an API
+    /// server that is not there), without waiting for it.
+    pub fn spawn_with_kubeconfig(kubeconfig: &Path, extra: &[&str]) -> Controller {
+        Self::spawn_with(kubeconfig, extra, None, DEFAULT_LOG)
+    }
+
     fn spawn_with(kubeconfig: &Path, extra: &[&str], limit: Option<u64>, log: &str) -> Controller {
         let dir = tempfile::tempdir().expect("controller temp dir");
         let addr = loopback(free_port());
@@ -124,10 +130,24 @@ impl Controller {
     /// # Panics
     /// After 30 s, printing the controller's log.
     pub fn wait_ready(&self) {
+        self.wait_for_200("/readyz");
+    }
+
+    /// Waits until `/healthz` answers 200 (serving, whether or not it can reach Kubernetes).
+    ///
+    /// # Panics
+    /// After 30 s, printing the controller's log.
+    pub fn wait_serving(&self) {
+        self.wait_for_200("/healthz");
+    }
+
+    fn wait_for_200(&self, path: &str) {
         let addr = self.addr;
-        if let Err(e) = until_blocking("controller /readyz", Duration::from_secs(30), || {
-            (http_get_status(addr, "/readyz") == Some(200)).then_some(())
-        }) {
+        if let Err(e) = until_blocking(
+            &format!("controller {path}"),
+            Duration::from_secs(30),
+            || (http_get_status(addr, path) == Some(200)).then_some(()),
+        ) {
             self.process.dump_log();
             panic!("{e}");
         }

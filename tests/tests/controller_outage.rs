@@ -1,6 +1,7 @@
 //! The controller while the API server is down: batches are answered 503 quickly (not hung),
 //! nothing is acknowledged that is not durable, and everything recovers when the API server
-//! returns. Runs on a control plane of its own, since it stops the API server.
+//! returns; and a controller that never reached it still stops at once. Runs on a control
+//! plane of its own, since it stops the API server.
 
 // Integration tests: a failed unwrap is a failed test with its location.
 #![allow(clippy::unwrap_used)]
@@ -89,4 +90,61 @@ async fn apiserver_outage_gives_fast_503_and_recovers() {
     )
     .await;
     assert_eq!((a.status, a.result(0)), (200, "accepted"), "{a:?}");
+}
+
+/// A controller whose API server never answers still stops promptly on SIGTERM, every task
+/// ended: none may wait for caches that never fill (a pod stuck in Terminating for its whole
+/// grace period otherwise, and killed rather than stopped).
+#[test]
+fn a_controller_that_never_reached_kubernetes_stops_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: every connection is refused.
+    let port = edgesync_e2e::free_port();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: gone
+  cluster: {{server: \"https://127.0.0.1:{port}\", insecure-skip-tls-verify: true}}
+users:
+- name: u
+  user: {{token: t}}
+contexts:
+- name: gone
+  context: {{cluster: gone, user: u}}
+current-context: gone
+"
+        ),
+    )
+    .unwrap();
+    let mut c = Controller::spawn_with_kubeconfig(&kubeconfig, &[]);
+    c.wait_serving();
+    wait::until_blocking(
+        "the controller has tried to list from the API server",
+        Duration::from_secs(30),
+        || {
+            c.process
+                .log_tail(200)
+                .contains("watch failed; retrying")
+                .then_some(())
+        },
+    )
+    .unwrap();
+
+    let stopping = Instant::now();
+    c.process.stop();
+    let took = stopping.elapsed();
+    let log = c.process.log_tail(40);
+    assert!(log.contains("Stopped"), "no clean stop:\n{log}");
+    assert!(
+        !log.contains("did not stop within the shutdown deadline"),
+        "tasks left running at shutdown:\n{log}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "stopping took {took:?}:\n{log}"
+    );
 }
