@@ -112,28 +112,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", edgesync_protocol::errors::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes, joined by ": ", each said once: the store's errors already end
-/// with their cause (so that a log line of one is complete), and anyhow's `{:#}` would print
-/// it a second time.
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let cause = cause.to_string();
-        if out.ends_with(&cause) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&cause);
-    }
-    out
 }
 
 /// Runs a read-only command against the database named by the config and prints its JSON.
@@ -182,31 +164,5 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::error_chain;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("database error on x.db: {source}")]
-    struct Wrapping {
-        #[source]
-        source: std::io::Error,
-    }
-
-    #[test]
-    fn each_cause_is_said_once() {
-        let e = anyhow::Error::new(Wrapping {
-            source: std::io::Error::other("disk full"),
-        })
-        .context("opening the database x.db");
-        assert_eq!(
-            error_chain(&e),
-            "opening the database x.db: database error on x.db: disk full"
-        );
-        let e = anyhow::anyhow!("no shadow").context("reading");
-        assert_eq!(error_chain(&e), "reading: no shadow");
     }
 }

@@ -23,7 +23,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", edgesync_protocol::errors::chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -20,7 +20,7 @@ use cli::{Cli, Command};
 async fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", edgesync_protocol::errors::chain(e.as_ref()));
         std::process::exit(1);
     }
 }

@@ -4,7 +4,7 @@
 //! This crate owns the *rules* (JSON merge patch, delta, version bumps, optimistic concurrency,
 //! limits) and the *shapes* (MQTT shadow messages, HTTP batch envelope, desired-state stream
 //! events, error bodies), plus small pure helpers both binaries share (token bucket,
-//! Prometheus text), and the Sparkplug B host application's rules and schema. It performs no
+//! Prometheus text, an error's causes as one line), and the Sparkplug B host application's rules and schema. It performs no
 //! I/O and depends only on serde and prost, so the agent, the
 //! controller and tests agree on one definition.
 //!
@@ -12,6 +12,7 @@
 //! [`limits::validate_device_id`], [`limits::check_state`]) returns a typed error and never
 //! panics, whatever the input.
 
+pub mod errors;
 pub mod kubeedge;
 pub mod limits;
 pub mod merge;

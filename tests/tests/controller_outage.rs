@@ -148,3 +148,35 @@ current-context: gone
         "stopping took {took:?}:\n{log}"
     );
 }
+
+/// Without credentials the controller exits at once with one line that says what to do, each
+/// cause said once (kube's config error quotes its causes, which used to be printed again).
+#[test]
+fn a_controller_without_credentials_says_so_once() {
+    let home = tempfile::tempdir().unwrap();
+    let missing = home.path().join("no-such-kubeconfig");
+    let out = std::process::Command::new(edgesync_e2e::controller::controller_binary())
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .env("KUBECONFIG", &missing)
+        .env("HOME", home.path())
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("no Kubernetes credentials found: set KUBECONFIG"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("No such file or directory").count(),
+        1,
+        "a cause said more than once:\n{text}"
+    );
+}
