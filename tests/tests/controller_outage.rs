@@ -25,6 +25,8 @@ async fn apiserver_outage_gives_fast_503_and_recovers() {
     let names: Vec<String> = (0..5).map(|i| format!("o-{i}")).collect();
     create_devices(&cp, &ns.name, "edge-1", &names);
     let c = Controller::start(&cp, &[]);
+    // A second replica, stopped during the outage.
+    let mut second = Controller::start(&cp, &[]);
     let url = c.url();
     let send = |v: u64| {
         let reports = names
@@ -53,6 +55,22 @@ async fn apiserver_outage_gives_fast_503_and_recovers() {
         assert!(a.retry_after.is_some(), "503 carries Retry-After");
         assert!(took < Duration::from_secs(5), "503 took {took:?}");
     }
+    // A replica stopped meanwhile, with a batch refused and its retries pending, stops at
+    // once with every task ended.
+    let a = post_batch(&second.url(), &ns.name, "edge-1", "t1", &send(4)).await;
+    assert_eq!(a.status, 503, "{a:?}");
+    let stopping = Instant::now();
+    second.process.stop();
+    let took = stopping.elapsed();
+    let log = second.process.log_tail(40);
+    assert!(
+        log.contains("Stopped") && !log.contains("did not stop within the shutdown deadline"),
+        "no clean stop:\n{log}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "stopping took {took:?}:\n{log}"
+    );
     // The controller stays alive and says it cannot reach Kubernetes.
     assert!(
         c.metrics()
