@@ -23,7 +23,8 @@ use crate::uplink::Uplink;
 /// Runs the agent until `shutdown` is cancelled.
 ///
 /// # Errors
-/// Start-up failures (database, HTTP port, TLS), with context saying what was being done.
+/// Start-up failures (database, HTTP port, TLS), with context saying what was being done,
+/// and a component that stopped on its own.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     // rustls needs one process-wide crypto provider; ring keeps the build free of C/cmake.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -115,16 +116,25 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         ));
     }
 
-    // Wait for shutdown, or for any component to stop on its own (which is fatal).
+    // Wait for shutdown, or for any component to stop on its own (which is fatal). Components
+    // stop on child tokens of `shutdown`, so one may end before this task sees the signal:
+    // shutdown is looked at first, and a component ending once it is requested is stopping,
+    // not failing.
+    let mut failure = None;
     tokio::select! {
+        biased;
         _ = shutdown.cancelled() => info!("Shutting down"),
         done = tasks.join_next() => {
-            if let Some(Err(e)) = done {
-                error!(error = %e, "A component failed; shutting down");
+            if shutdown.is_cancelled() {
+                info!("Shutting down");
             } else {
-                error!("A component stopped unexpectedly; shutting down");
+                failure = Some(match done {
+                    Some(Err(e)) => format!("a component failed: {e}"),
+                    _ => "a component stopped unexpectedly".to_owned(),
+                });
+                error!(reason = failure.as_deref(), "Shutting down after a fatal error");
+                shutdown.cancel();
             }
-            shutdown.cancel();
         }
     }
     intake_stop.cancel();
@@ -141,7 +151,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     drop(store);
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
     info!("Stopped");
-    Ok(())
+    // A supervisor (systemd, the kubelet) sees the failure in the exit status.
+    match failure {
+        Some(reason) => Err(anyhow::anyhow!("{reason}; see the log above")),
+        None => Ok(()),
+    }
 }
 
 /// Starts the embedded broker; returns the address the agent's client connects to.

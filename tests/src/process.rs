@@ -12,7 +12,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 /// How many trailing log lines to print when a test fails.
@@ -175,31 +175,29 @@ impl ManagedProcess {
         }
     }
 
-    /// Stops the process with SIGTERM (SIGKILL after a grace period) and waits for it.
-    pub fn stop(&mut self) {
+    /// Stops the process with SIGTERM (SIGKILL after a grace period) and waits for it; returns
+    /// how it exited (for tied processes, how their watchdog did), or `None` when it was not
+    /// running.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
         if let Some(tie) = self.tie.take() {
             // Closing the pipe makes the watchdog send SIGTERM, then SIGKILL after 5 s.
             drop(tie);
-            if let Some(mut c) = self.child.take() {
-                let _ = c.wait();
-            }
-            return;
+            return self.child.take().and_then(|mut c| c.wait().ok());
         }
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while std::time::Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            std::thread::sleep(Duration::from_millis(20));
         }
+        let _ = c.kill();
+        c.wait().ok()
     }
 
     /// Starts the same command again (after [`Self::kill9`] or [`Self::stop`]).

@@ -1,6 +1,6 @@
 //! The agent's durability guarantees, with the release binary as a real process:
 //! kill -9 while QoS1 publishers run loses nothing; an unreachable controller costs one
-//! outbox row per device, and everything drains when it returns.
+//! outbox row per device, and everything drains when it returns; SIGTERM is a clean stop.
 
 // Integration tests: a failed unwrap is a failed test with its location.
 #![allow(clippy::unwrap_used)]
@@ -240,5 +240,47 @@ async fn offline_outbox_is_one_row_per_device_and_drains_on_return() {
         "retried after {:?}",
         started.elapsed()
     );
+    agent.stop();
+}
+
+/// A SIGTERM stop is a clean stop, every time: exit status 0 and no error in the log. The
+/// uplink, downlink, intake and HTTP endpoint all end on the same signal, and one of them
+/// ending first must not read as a component failing (an error line operators alert on).
+#[test]
+fn sigterm_stops_cleanly_every_time() {
+    const STOPS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t").unwrap();
+    let http = edgesync_e2e::free_port();
+    let mut config = AgentConfig::embedded(&dir.path().join("data"), edgesync_e2e::free_port());
+    config.http_port = Some(http);
+    // A controller that is not there: uplink and downlink are retrying when the signal comes.
+    config.cloud = Some((
+        format!("http://127.0.0.1:{}", edgesync_e2e::free_port()),
+        token,
+    ));
+    let mut agent = spawn_agent(&config);
+    for stop in 1..=STOPS {
+        wait::until_blocking("the agent serves /healthz", Duration::from_secs(30), || {
+            edgesync_e2e::agent::http_get(http, "/healthz")
+                .starts_with("HTTP/1.1 200")
+                .then_some(())
+        })
+        .unwrap();
+        let status = agent.stop();
+        let log = agent.log_tail(10_000);
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "stop {stop}: {status:?}\n{log}"
+        );
+        assert_eq!(log.matches("Shutting down").count(), stop, "{log}");
+        assert!(
+            !log.contains("ERROR"),
+            "stop {stop} logged an error:\n{log}"
+        );
+        agent.restart();
+    }
     agent.stop();
 }
