@@ -1,6 +1,6 @@
 //! The agent's storage on a bad day: the data_dir's filesystem fills up while devices
-//! publish, then space comes back. Real agent process with its embedded broker, a real
-//! (small) tmpfs, raw MQTT devices counting their PUBACKs.
+//! publish, then space comes back; the database file is damaged. Real agent process with its
+//! embedded broker, a real (small) tmpfs, raw MQTT devices counting their PUBACKs.
 
 // Integration tests: a failed unwrap is a failed test with its location.
 #![allow(clippy::unwrap_used)]
@@ -261,4 +261,89 @@ async fn each_durability_mode_runs_with_its_sqlite_settings() {
         assert_eq!(journal, "wal", "{mode}");
         agent.stop();
     }
+}
+
+/// Runs `edgesync-agent run` on `config` to its end (at most 30 s): the exit status and
+/// stderr.
+fn run_to_exit(config: &Path) -> (std::process::ExitStatus, String) {
+    let out = Command::new("timeout")
+        .arg("30")
+        .arg(edgesync_e2e::agent::agent_binary())
+        .args(["run", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A database a flash card damaged: the agent refuses it with a message that says it is
+/// damaged and what to do, writes nothing to it, and starts on a new database once the
+/// operator has moved the damaged one aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_database_is_refused_untouched_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = edgesync_e2e::free_port();
+    let config = AgentConfig::embedded(dir.path(), port);
+    let config_path = config.write();
+    let db = dir.path().join(edgesync_agent::config::DB_FILE);
+    let mut agent = spawn_agent(&config);
+    let mut dev = connect_when_up(
+        port,
+        connect_packet("line-1", false, None, None),
+        Duration::from_secs(30),
+    )
+    .await;
+    dev.send(&publish("dev-1", 1, 1)).await;
+    assert!(acked(&mut dev, 1, Duration::from_secs(10)).await);
+    assert_eq!(agent.stop().and_then(|s| s.code()), Some(0));
+
+    // Garbage over the page the outbox's table starts on.
+    let (root, page_size): (i64, i64) = {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let root = c
+            .query_row(
+                "SELECT rootpage FROM sqlite_master WHERE name = 'outbox'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (
+            root,
+            c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap(),
+        )
+    };
+    let mut bytes = std::fs::read(&db).unwrap();
+    let page = ((root - 1) * page_size) as usize;
+    bytes[page..page + 64].fill(0xA5);
+    std::fs::write(&db, &bytes).unwrap();
+
+    let (status, stderr) = run_to_exit(&config_path);
+    assert!(!status.success(), "the agent ran on a damaged database");
+    assert!(
+        stderr.contains(&format!("{} is damaged", db.display()))
+            && stderr.contains("move it aside with its -wal and -shm files"),
+        "the error must say the database is damaged and what to do: {stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        bytes,
+        "the damaged file was written to"
+    );
+
+    // Moved aside, as the message says: the agent starts on a new database.
+    std::fs::rename(&db, db.with_extension("db.damaged")).unwrap();
+    let mut agent = spawn_agent(&config);
+    let mut dev = connect_when_up(
+        port,
+        connect_packet("line-1", false, None, None),
+        Duration::from_secs(30),
+    )
+    .await;
+    dev.send(&publish("dev-1", 2, 2)).await;
+    assert!(acked(&mut dev, 2, Duration::from_secs(10)).await);
+    assert_eq!(stored_n(&db, "dev-1"), Some(2));
+    agent.stop();
 }

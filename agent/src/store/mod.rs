@@ -95,6 +95,17 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// SQLite found the file malformed, or not a database at all (a flash card that lost
+    /// pages, a file overwritten by something else).
+    #[error(
+        "{path} is damaged ({error}): restore it from a backup, or stop the agent and move it aside with its -wal and -shm files to start with a new, empty database (its shadows and unsent reports are then lost; devices fill the new one as they report, and the controller takes its new epoch)"
+    )]
+    Damaged {
+        /// Database file.
+        path: PathBuf,
+        /// The SQLite error (said in the message; its code adds nothing for the operator).
+        error: rusqlite::Error,
+    },
     /// A stored document could not be decoded.
     #[error("corrupt shadow document for device {device}: {source}")]
     Corrupt {
@@ -556,9 +567,17 @@ impl Store {
 }
 
 fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-    move |source| StoreError::Sqlite {
-        path: path.to_owned(),
-        source,
+    move |source| {
+        let path = path.to_owned();
+        match source.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+                StoreError::Damaged {
+                    path,
+                    error: source,
+                }
+            }
+            _ => StoreError::Sqlite { path, source },
+        }
     }
 }
 
