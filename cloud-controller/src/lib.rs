@@ -93,7 +93,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Arc::clone(&budget),
         Arc::clone(&metrics),
     );
-    status_writer.spawn_workers(opts.write_concurrency, &shutdown, &tasks);
+    // The writers outlive the servers' drain: a batch in flight at SIGTERM (a rolling
+    // restart) is still written and answered, not left waiting for writers that are gone.
+    let writers_stop = CancellationToken::new();
+    status_writer.spawn_workers(opts.write_concurrency, &writers_stop, &tasks);
 
     let leader = Arc::new(lease::Leadership::default());
     let identity = opts.identity.clone().unwrap_or_else(default_identity);
@@ -231,6 +234,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         shutdown.cancel();
     }
     while servers.join_next().await.is_some() {}
+    writers_stop.cancel();
     drop(state);
     // The Lease is released, watches and writers stop, heartbeat writes finish.
     tasks.close();

@@ -796,3 +796,57 @@ async fn a_newer_report_in_a_later_batch_answers_the_older_one_without_its_write
         6.0
     );
 }
+
+/// A batch in flight when the controller is told to stop (a rolling restart) is still
+/// written and answered 200: the status writers outlive the drain of the connections, rather
+/// than leaving the batch to wait for writers that are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_in_flight_at_sigterm_is_written_and_answered() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("drain");
+    create_node(cp, &ns.name, "edge-1", "t1", "");
+    let names: Vec<String> = (0..30).map(|i| format!("d-{i}")).collect();
+    create_devices(cp, &ns.name, "edge-1", &names);
+    // 10 writes/s: the batch takes about 3 s to become durable, well within the drain.
+    let mut c = Controller::start(
+        cp,
+        &[
+            "--write-qps",
+            "10",
+            "--write-qps-min",
+            "10",
+            "--write-qps-max",
+            "10",
+            "--write-burst",
+            "1",
+        ],
+    );
+    let reports = names
+        .iter()
+        .map(|d| report(d, 1, json!({"v": 1})))
+        .collect();
+    let (url, namespace) = (c.url(), ns.name.clone());
+    let post = tokio::spawn(async move {
+        post_batch(&url, &namespace, "edge-1", "t1", &batch(1, reports)).await
+    });
+    wait::until(
+        "the first status write",
+        Duration::from_secs(30),
+        || async {
+            (c.metric("edgesync_controller_status_writes_total").await >= 1.0).then_some(())
+        },
+    )
+    .await;
+    let status = tokio::task::block_in_place(|| c.process.stop());
+    let a = post.await.unwrap();
+    let log = c.process.log_tail(30);
+    assert_eq!(a.status, 200, "{a:?}\n{log}");
+    for i in 0..names.len() {
+        assert_eq!(a.result(i), "accepted", "{a:?}");
+    }
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+    let api: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+    for d in &names {
+        assert_eq!(status_version(&api, d).await, Some(1), "{d}");
+    }
+}
