@@ -197,6 +197,11 @@ impl Uplink {
                 in_flight.spawn(async move { me.send(batch, covered).await }.instrument(span));
             }
 
+            // A signal seen in the fill loop (waiting on the rate limit or the store) ends the
+            // loop here: below, nothing but a heartbeat or retry timer would wake it.
+            if shutdown.is_cancelled() {
+                break;
+            }
             let window = this.settings.batch_window;
             let idle = in_flight.is_empty();
             let heartbeat_in = this
@@ -210,7 +215,7 @@ impl Uplink {
                 this.settings.device_min_interval
             };
             tokio::select! {
-                _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
+                _ = shutdown.cancelled() => {}
                 done = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Some(Ok((covered, outcome))) = done {
                         let in_flight_now = Arc::make_mut(&mut in_flight_devices);
@@ -260,7 +265,7 @@ impl Uplink {
                 _ = async {
                     this.notify.notified().await;
                     tokio::time::sleep(if idle { this.settings.linger } else { window }).await;
-                }, if in_flight.len() < this.settings.max_in_flight && !shutdown.is_cancelled() => {}
+                }, if in_flight.len() < this.settings.max_in_flight => {}
                 _ = tokio::time::sleep(heartbeat_in.max(Duration::from_millis(10))) => {}
                 _ = tokio::time::sleep(retry_in), if !retry_in.is_zero() => {}
                 _ = tokio::time::sleep(interval_tick) => {}

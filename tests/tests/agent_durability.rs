@@ -284,3 +284,72 @@ fn sigterm_stops_cleanly_every_time() {
     }
     agent.stop();
 }
+
+/// SIGTERM while the uplink waits for its rate limit stops the agent at once (after its one
+/// final attempt, which delivers what waited), not once the next heartbeat is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_rate_limited_stops_at_once_and_delivers() {
+    use edgesync_e2e::raw_mqtt::{connect_packet, connect_when_up};
+    const DEVICES: u16 = 30;
+    let cloud = ContractServer::start("t0ken").await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken").unwrap();
+    let (port, http) = (edgesync_e2e::free_port(), edgesync_e2e::free_port());
+    let mut config = AgentConfig::embedded(&dir.path().join("data"), port);
+    config.http_port = Some(http);
+    config.cloud = Some((cloud.url(), token));
+    // One report a second: the devices' reports wait tens of seconds for their tokens.
+    config.extra = "[uplink]\nreports_per_second = 1\nheartbeat_secs = 60\n".into();
+    let mut agent = spawn_agent(&config);
+    let mut dev = connect_when_up(
+        port,
+        connect_packet("line-1", true, None, None),
+        Duration::from_secs(30),
+    )
+    .await;
+    for d in 1..=DEVICES {
+        let mut p = rumqttc::Publish::new(
+            format!("factory/m-{d}/state"),
+            QoS::AtLeastOnce,
+            json!({"n": d}).to_string(),
+        );
+        p.pkid = d;
+        dev.send(&Packet::Publish(p)).await;
+    }
+    // Each PUBACK follows the commit: all of them are durable before the signal.
+    let mut acked = 0;
+    while acked < DEVICES {
+        match dev.recv(Duration::from_secs(10)).await {
+            Some(Packet::PubAck(_)) => acked += 1,
+            Some(_) => {}
+            None => panic!("{acked} of {DEVICES} PUBACKs"),
+        }
+    }
+    wait::until(
+        "the uplink waits on its rate limit",
+        Duration::from_secs(30),
+        || async {
+            let waited =
+                edgesync_e2e::agent::metric(http, "edgesync_agent_rate_limited_seconds_total");
+            waited.filter(|w| *w > 0.0)
+        },
+    )
+    .await;
+
+    let stopping = std::time::Instant::now();
+    let status = tokio::task::block_in_place(|| agent.stop());
+    let took = stopping.elapsed();
+    let log = agent.log_tail(30);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+    assert!(
+        took < Duration::from_secs(5),
+        "stopping took {took:?}:\n{log}"
+    );
+    assert_eq!(
+        cloud.seen().latest.len(),
+        usize::from(DEVICES),
+        "the final attempt delivers what waited: {:?}",
+        cloud.seen()
+    );
+}
