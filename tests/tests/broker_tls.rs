@@ -1,6 +1,7 @@
 //! The embedded broker's TLS listener with Mosquitto's own clients: server-authenticated TLS
 //! with a password file, and mutual TLS where the client certificate names the device. Also
-//! the refusal to open an unauthenticated listener to the network.
+//! the refusal to open an unauthenticated listener to the network, and a TLS subscriber that
+//! stops reading, which must not hold the agent's shutdown.
 
 // Integration tests: a failed unwrap is a failed test with its location.
 #![allow(clippy::unwrap_used)]
@@ -301,5 +302,107 @@ fn an_unauthenticated_listener_beyond_loopback_is_refused() {
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "nothing may listen"
+    );
+}
+
+/// A TLS subscriber that stops reading (a hung device) cannot hold the agent at shutdown:
+/// closing its connection waits a bounded time to flush the TLS records left for it, where it
+/// used to wait as long as TCP kept the connection open (the agent stopped only when killed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_subscriber_that_stops_reading_does_not_hold_the_shutdown() {
+    use edgesync_e2e::raw_mqtt::{connect_packet, connect_when_up};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let plant = TestCa::new(pki.path(), "plant");
+    let server = plant.server("broker");
+    let (port, tls_port, http) = (
+        edgesync_e2e::free_port(),
+        edgesync_e2e::free_port(),
+        edgesync_e2e::free_port(),
+    );
+    let mut config = AgentConfig::embedded(dir.path(), port);
+    config.http_port = Some(http);
+    config.extra = format!(
+        "[broker]\ntls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nmax_client_bytes_per_sec = 0\n",
+        server.cert.display(),
+        server.key.display(),
+    );
+    let mut agent = spawn_agent(&config);
+    wait::port_open("the TLS listener", tls_port, Duration::from_secs(30)).await;
+
+    // Subscribed over TLS.
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", "localhost", "-p", &tls_port.to_string(), "--cafile"])
+        .arg(plant.cert())
+        .args(["-i", "stalled", "-q", "0", "-t", "line/#"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run mosquitto_sub ({e}): install Debian's mosquitto-clients (make deps)")
+        });
+    let mut first_line = std::io::BufReader::new(sub.stdout.take().unwrap());
+    let (got, receiving) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut first_line, &mut line);
+        // The pipe goes back with the line and stays open, unread, until the end.
+        let _ = got.send((line, first_line));
+    });
+    let mut flood = connect_when_up(
+        port,
+        connect_packet("flood", true, None, None),
+        Duration::from_secs(30),
+    )
+    .await;
+    // Published until the subscriber prints one: it is subscribed and receiving.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let _pipe = loop {
+        let p = rumqttc::Publish::new("line/0/hello", rumqttc::QoS::AtMostOnce, "hi");
+        flood.send(&rumqttc::Packet::Publish(p)).await;
+        if let Ok((line, pipe)) = receiving.recv_timeout(Duration::from_millis(200)) {
+            assert_eq!(line.trim(), "hi");
+            break pipe;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the TLS subscriber received nothing within 30 s"
+        );
+    };
+    // Stopped: it reads nothing from now on, as a hung device would.
+    let stopped = Command::new("kill")
+        .args(["-STOP", &sub.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    // 30 MB for it: far more than its socket, the kernel and the broker buffer.
+    let payload = vec![b'x'; 60 * 1024];
+    for _ in 0..500 {
+        let p = rumqttc::Publish::new(
+            "line/1/telemetry",
+            rumqttc::QoS::AtMostOnce,
+            payload.clone(),
+        );
+        flood.send(&rumqttc::Packet::Publish(p)).await;
+    }
+    let dropped = "edgesync_agent_broker_limit_hits_total{limit=\"write_backlog_bytes\"}";
+    wait::until(
+        "messages to the stalled subscriber are dropped",
+        Duration::from_secs(60),
+        || async { edgesync_e2e::agent::metric(http, dropped).filter(|n| *n > 0.0) },
+    )
+    .await;
+
+    let stopping = std::time::Instant::now();
+    let status = tokio::task::block_in_place(|| agent.stop());
+    let took = stopping.elapsed();
+    let _ = sub.kill();
+    let _ = sub.wait();
+    let log = agent.log_tail(30);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+    assert!(
+        took < Duration::from_secs(5),
+        "stopping took {took:?}:\n{log}"
     );
 }

@@ -24,6 +24,11 @@ use crate::metrics::{BrokerDenial, BrokerLimit};
 /// Outgoing bytes gathered into one write.
 const WRITE_CHUNK: usize = 64 * 1024;
 
+/// How long closing a connection may wait to flush what is left (over TLS, the buffered
+/// records and the close_notify): a client that stopped reading would otherwise hold the
+/// connection, its slot and the broker's shutdown for as long as TCP keeps it open.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
 /// Why no CONNECT could be read.
 enum ReadError {
     /// Beyond `broker.max_connect_bytes`.
@@ -193,12 +198,16 @@ async fn serve<R, W>(
     let limits = shared.limits;
     let peer = from.addr;
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    let connect = match tokio::time::timeout_at(
-        connect_deadline,
-        read_connect(&mut rd, &mut buf, limits.max_connect_bytes),
-    )
-    .await
-    {
+    let first = tokio::select! {
+        // A CONNECT still on its way when the broker stops would start a session (and, for
+        // a persistent one, wait on a session writer that has already ended).
+        _ = shared.stop.cancelled() => return debug!(%peer, "Broker stopping; closed before CONNECT"),
+        first = tokio::time::timeout_at(
+            connect_deadline,
+            read_connect(&mut rd, &mut buf, limits.max_connect_bytes),
+        ) => first,
+    };
+    let connect = match first {
         Ok(Ok(First::Connect(c))) => c,
         Ok(Ok(First::OtherVersion(level))) => {
             warn!(%peer, level, "MQTT connection refused: the embedded broker speaks MQTT 3.1.1 (protocol level 4) only; use Mosquitto for other versions");
@@ -209,8 +218,11 @@ async fn serve<R, W>(
             } else {
                 &[0x20, 2, 0, 1]
             };
-            let _ = wr.write_all(refusal).await;
-            let _ = wr.shutdown().await;
+            let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+                let _ = wr.write_all(refusal).await;
+                let _ = wr.shutdown().await;
+            })
+            .await;
             return;
         }
         Ok(Ok(First::Other)) => return debug!(%peer, "First packet was not CONNECT; closing"),
@@ -425,7 +437,12 @@ async fn admit(
         router.persist_new(&connect.client_id, who.username.as_ref())
     };
     let written = match written {
-        Some(rx) => rx.await == Ok(true),
+        Some(rx) => tokio::select! {
+            // The session writer makes its last pass at stop; a request after it is never
+            // answered.
+            _ = shared.stop.cancelled() => false,
+            w = rx => w == Ok(true),
+        },
         None => false,
     };
     if !written {
@@ -470,7 +487,7 @@ async fn write_loop(
         }
         out.clear();
     }
-    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(CLOSE_FLUSH, wr.shutdown()).await;
 }
 
 fn encode(packet: &Packet, out: &mut BytesMut) {
