@@ -279,6 +279,21 @@ fn run_to_exit(config: &Path) -> (std::process::ExitStatus, String) {
     )
 }
 
+/// Connects as a device and has update `n` of dev-1 acknowledged (so committed).
+async fn update_acknowledged(port: u16, n: u16) {
+    let mut dev = connect_when_up(
+        port,
+        connect_packet("line-1", false, None, None),
+        Duration::from_secs(30),
+    )
+    .await;
+    dev.send(&publish("dev-1", n, u64::from(n))).await;
+    assert!(
+        acked(&mut dev, n, Duration::from_secs(10)).await,
+        "update {n} of dev-1 was not acknowledged"
+    );
+}
+
 /// A database a flash card damaged: the agent refuses it with a message that says it is
 /// damaged and what to do, writes nothing to it, and starts on a new database once the
 /// operator has moved the damaged one aside.
@@ -290,14 +305,7 @@ async fn a_damaged_database_is_refused_untouched_with_what_to_do() {
     let config_path = config.write();
     let db = dir.path().join(edgesync_agent::config::DB_FILE);
     let mut agent = spawn_agent(&config);
-    let mut dev = connect_when_up(
-        port,
-        connect_packet("line-1", false, None, None),
-        Duration::from_secs(30),
-    )
-    .await;
-    dev.send(&publish("dev-1", 1, 1)).await;
-    assert!(acked(&mut dev, 1, Duration::from_secs(10)).await);
+    update_acknowledged(port, 1).await;
     assert_eq!(agent.stop().and_then(|s| s.code()), Some(0));
 
     // Garbage over the page the outbox's table starts on.
@@ -336,14 +344,7 @@ async fn a_damaged_database_is_refused_untouched_with_what_to_do() {
     // Moved aside, as the message says: the agent starts on a new database.
     std::fs::rename(&db, db.with_extension("db.damaged")).unwrap();
     let mut agent = spawn_agent(&config);
-    let mut dev = connect_when_up(
-        port,
-        connect_packet("line-1", false, None, None),
-        Duration::from_secs(30),
-    )
-    .await;
-    dev.send(&publish("dev-1", 2, 2)).await;
-    assert!(acked(&mut dev, 2, Duration::from_secs(10)).await);
+    update_acknowledged(port, 2).await;
     assert_eq!(stored_n(&db, "dev-1"), Some(2));
     agent.stop();
 }
