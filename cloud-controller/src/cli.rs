@@ -19,7 +19,7 @@ use crate::telemetry::LogFormat;
 #[derive(Debug, Parser)]
 #[command(name = "edgesync-controller", version)]
 pub struct Cli {
-    /// Log format: `text` for people, `json` for log collectors. `RUST_LOG` filters (default info).
+    /// Log format: `text` for people, `json` for log collectors. `RUST_LOG` filters (default: info, without kube's own line for each failed request, which the controller logs itself with context).
     #[arg(
         long,
         value_enum,

@@ -11,9 +11,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides the default level (`info`).
+/// What is logged when `RUST_LOG` is not set: `info`, without kube's own line for every
+/// failed request. That line is an error with no context, about two a second while the API
+/// server is unreachable; the controller logs each failure once itself, as a warning that
+/// says which object and what it was doing.
+pub const DEFAULT_FILTER: &str = "info,kube_client::client::builder=off";
+
+/// Installs the global subscriber. `RUST_LOG` replaces [`DEFAULT_FILTER`].
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
