@@ -17,10 +17,14 @@ pub enum LogFormat {
 /// says which object and what it was doing.
 pub const DEFAULT_FILTER: &str = "info,kube_client::client::builder=off";
 
-/// Installs the global subscriber. `RUST_LOG` replaces [`DEFAULT_FILTER`].
+/// Installs the global subscriber. `RUST_LOG`, when set and not empty, replaces
+/// [`DEFAULT_FILTER`].
 pub fn init(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -92,9 +92,10 @@ impl Controller {
     }
 
     /// Starts a controller against the kubeconfig at `kubeconfig` (e.g. one naming an API
-    /// server that is not there), without waiting for it.
-    pub fn spawn_with_kubeconfig(kubeconfig: &Path, extra: &[&str]) -> Controller {
-        Self::spawn_with(kubeconfig, extra, None, DEFAULT_LOG)
+    /// server that is not there) with the `RUST_LOG` filter `log` (empty: the controller's
+    /// own default), without waiting for it.
+    pub fn spawn_with_kubeconfig(kubeconfig: &Path, extra: &[&str], log: &str) -> Controller {
+        Self::spawn_with(kubeconfig, extra, None, log)
     }
 
     fn spawn_with(kubeconfig: &Path, extra: &[&str], limit: Option<u64>, log: &str) -> Controller {

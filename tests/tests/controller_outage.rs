@@ -138,7 +138,8 @@ current-context: gone
         ),
     )
     .unwrap();
-    let mut c = Controller::spawn_with_kubeconfig(&kubeconfig, &[]);
+    // The controller's default log filter, as deployed.
+    let mut c = Controller::spawn_with_kubeconfig(&kubeconfig, &[], "");
     c.wait_serving();
     wait::until_blocking(
         "the controller has tried to list from the API server",
@@ -165,6 +166,10 @@ current-context: gone
         took < Duration::from_secs(5),
         "stopping took {took:?}:\n{log}"
     );
+    // Each failed request is logged once, by the controller, with what it was for: not
+    // again by kube as an error without context.
+    let log = c.process.log_tail(10_000);
+    assert!(!log.contains("ERROR"), "errors logged:\n{log}");
 }
 
 /// Without credentials the controller exits at once with one line that says what to do, each
