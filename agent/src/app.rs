@@ -3,7 +3,8 @@
 //!
 //! Shutdown order: stop MQTT intake (messages in the pipeline are still committed), let the
 //! uplink make one bounded attempt to deliver, then close the store. A component that exits
-//! on its own (a fatal error) cancels everything else.
+//! on its own (a fatal error) cancels everything else, and a start-up failure stops what had
+//! started the same way.
 
 use std::sync::Arc;
 
@@ -43,42 +44,106 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let (store, store_thread) = Store::open(&settings.store, settings.limits)
         .with_context(|| format!("opening the database {}", settings.store.path.display()))?;
     let metrics = Arc::new(Metrics::default());
-    let changed = Arc::new(Notify::new());
+    let mut parts = Parts {
+        tasks: JoinSet::new(),
+        intake_stop: shutdown.child_token(),
+        uplink_stop: CancellationToken::new(),
+        broker_stop: CancellationToken::new(),
+        broker_task: None,
+    };
+    // A start-up failure (a port in use, a bad TLS file) after some parts have started stops
+    // them in the same order as a shutdown: every task is joined and the store is closed.
+    let failure = match start(&settings, &shutdown, &store, &metrics, &mut parts).await {
+        Ok(()) => wait(&mut parts.tasks, &shutdown)
+            .await
+            .map(|reason| anyhow::anyhow!("{reason}; see the log above")),
+        Err(e) => {
+            shutdown.cancel();
+            Some(e)
+        }
+    };
+    parts.stop().await;
+    drop(store);
+    let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+    info!("Stopped");
+    // A supervisor (systemd, the kubelet) sees the failure in the exit status.
+    failure.map_or(Ok(()), Err)
+}
 
+/// What [`run`] starts, and the tokens that stop it in order.
+struct Parts {
+    tasks: JoinSet<()>,
+    /// Stops MQTT intake; a child of the shutdown token.
+    intake_stop: CancellationToken,
+    /// Cancelled once intake has stopped: the uplink then makes its last bounded attempt.
+    uplink_stop: CancellationToken,
+    /// Cancelled once every other task has ended.
+    broker_stop: CancellationToken,
+    broker_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Parts {
+    /// Stops intake and the uplink, joins every task, then stops the embedded broker.
+    async fn stop(self) {
+        let Parts {
+            mut tasks,
+            intake_stop,
+            uplink_stop,
+            broker_stop,
+            broker_task,
+        } = self;
+        intake_stop.cancel();
+        uplink_stop.cancel();
+        while let Some(res) = tasks.join_next().await {
+            if let Err(e) = res {
+                error!(error = %e, "Component failed during shutdown");
+            }
+        }
+        broker_stop.cancel();
+        if let Some(task) = broker_task {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Starts the embedded broker (when configured), MQTT intake, the uplink and downlink (when
+/// a cloud is configured) and the HTTP endpoint into `parts`.
+async fn start(
+    settings: &Settings,
+    shutdown: &CancellationToken,
+    store: &Store,
+    metrics: &Arc<Metrics>,
+    parts: &mut Parts,
+) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
     // The embedded broker stops last, after the agent's own MQTT client has acked what it
     // committed, so a clean shutdown leaves no device message unacknowledged needlessly.
-    let broker_stop = CancellationToken::new();
-    let mut broker_task = None;
     let mut mqtt_settings = settings.mqtt.clone();
     if let Broker::Embedded { listen } = settings.mqtt.broker {
         let (local, agent_credentials, task) = start_embedded_broker(
-            &settings,
+            settings,
             listen,
             store.clone(),
             metrics.clone(),
-            broker_stop.clone(),
+            parts.broker_stop.clone(),
         )
         .await?;
+        parts.broker_task = Some(task);
         mqtt_settings.broker = Broker::Embedded { listen: local };
         // The agent's own client proves itself with the per-process secret; the configured
         // credentials are the devices'.
         mqtt_settings.credentials = Some(agent_credentials);
-        broker_task = Some(task);
     }
-    let mqtt = Mqtt::new(&mqtt_settings, &settings.ingest, settings.limits, &metrics)
+    let mqtt = Mqtt::new(&mqtt_settings, &settings.ingest, settings.limits, metrics)
         .context("setting up MQTT")?;
     let publisher = mqtt.publisher(metrics.clone());
-
-    let mut tasks = JoinSet::new();
-    let intake_stop = shutdown.child_token();
-    tasks.spawn(mqtt.run(
+    parts.tasks.spawn(mqtt.run(
         store.clone(),
         metrics.clone(),
         changed.clone(),
-        intake_stop.clone(),
+        parts.intake_stop.clone(),
     ));
 
-    let uplink_stop = CancellationToken::new();
     if let Some(cloud) = &settings.cloud {
         let uplink = Uplink::new(
             settings.uplink.clone(),
@@ -90,7 +155,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             changed.clone(),
         )
         .context("setting up the uplink HTTP client (an https:// cloud.url needs the system's CA certificates, e.g. the ca-certificates package, or cloud.ca_file)")?;
-        tasks.spawn(uplink.run(uplink_stop.clone(), settings.shutdown_timeout));
+        parts
+            .tasks
+            .spawn(uplink.run(parts.uplink_stop.clone(), settings.shutdown_timeout));
         let downlink = Downlink::new(
             cloud,
             &settings.namespace,
@@ -98,63 +165,50 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             store.clone(),
             publisher,
             metrics.clone(),
-            changed.clone(),
+            changed,
         )
         .context("setting up the downlink HTTP client (an https:// cloud.url needs the system's CA certificates, e.g. the ca-certificates package, or cloud.ca_file)")?;
-        tasks.spawn(downlink.run(shutdown.child_token()));
+        parts.tasks.spawn(downlink.run(shutdown.child_token()));
     }
     if let Some(addr) = settings.http_listen {
         let listener = crate::http::bind(addr)
             .await
             .with_context(|| format!("binding http.listen {addr}"))?;
         info!(%addr, "Serving /healthz, /readyz and /metrics");
-        tasks.spawn(crate::http::run(
+        parts.tasks.spawn(crate::http::run(
             listener,
             metrics.clone(),
             store.health(),
             shutdown.child_token(),
         ));
     }
+    Ok(())
+}
 
-    // Wait for shutdown, or for any component to stop on its own (which is fatal). Components
-    // stop on child tokens of `shutdown`, so one may end before this task sees the signal:
-    // shutdown is looked at first, and a component ending once it is requested is stopping,
-    // not failing.
-    let mut failure = None;
+/// Waits for shutdown, or for a component to stop on its own (which is fatal); returns why
+/// in that case. Components stop on child tokens of `shutdown`, so one may end before this
+/// task sees the signal: shutdown is looked at first, and a component ending once it is
+/// requested is stopping, not failing.
+async fn wait(tasks: &mut JoinSet<()>, shutdown: &CancellationToken) -> Option<String> {
     tokio::select! {
         biased;
-        _ = shutdown.cancelled() => info!("Shutting down"),
+        _ = shutdown.cancelled() => {
+            info!("Shutting down");
+            None
+        }
         done = tasks.join_next() => {
             if shutdown.is_cancelled() {
                 info!("Shutting down");
-            } else {
-                failure = Some(match done {
-                    Some(Err(e)) => format!("a component failed: {e}"),
-                    _ => "a component stopped unexpectedly".to_owned(),
-                });
-                error!(reason = failure.as_deref(), "Shutting down after a fatal error");
-                shutdown.cancel();
+                return None;
             }
+            let reason = match done {
+                Some(Err(e)) => format!("a component failed: {e}"),
+                _ => "a component stopped unexpectedly".to_owned(),
+            };
+            error!(reason = reason.as_str(), "Shutting down after a fatal error");
+            shutdown.cancel();
+            Some(reason)
         }
-    }
-    intake_stop.cancel();
-    uplink_stop.cancel();
-    while let Some(res) = tasks.join_next().await {
-        if let Err(e) = res {
-            error!(error = %e, "Component failed during shutdown");
-        }
-    }
-    broker_stop.cancel();
-    if let Some(task) = broker_task {
-        let _ = task.await;
-    }
-    drop(store);
-    let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
-    info!("Stopped");
-    // A supervisor (systemd, the kubelet) sees the failure in the exit status.
-    match failure {
-        Some(reason) => Err(anyhow::anyhow!("{reason}; see the log above")),
-        None => Ok(()),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The agent's storage on a bad day: the data_dir's filesystem fills up while devices
-//! publish, then space comes back; the database file is damaged. Real agent process with its
-//! embedded broker, a real (small) tmpfs, raw MQTT devices counting their PUBACKs.
+//! publish, then space comes back; the database file is damaged; the agent fails to start
+//! after opening it. Real agent process with its embedded broker, a real (small) tmpfs, raw
+//! MQTT devices counting their PUBACKs.
 
 // Integration tests: a failed unwrap is a failed test with its location.
 #![allow(clippy::unwrap_used)]
@@ -261,6 +262,37 @@ async fn each_durability_mode_runs_with_its_sqlite_settings() {
         assert_eq!(journal, "wal", "{mode}");
         agent.stop();
     }
+}
+
+/// A start-up failure after the store and the embedded broker have started (here the HTTP
+/// port is taken) stops what had started as a shutdown would: the error says what failed,
+/// every task is joined and the database is closed. SQLite removes the `-wal` file when its
+/// last connection closes; a process that ends with the store's thread still running leaves
+/// it behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_up_failure_stops_what_had_started_and_closes_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = AgentConfig::embedded(dir.path(), edgesync_e2e::free_port());
+    config.http_port = Some(taken.local_addr().unwrap().port());
+    let (status, stderr) = run_to_exit(&config.write());
+    assert!(!status.success(), "the agent ran without its HTTP port");
+    assert!(
+        stderr.contains("binding http.listen"),
+        "the error must say what failed: {stderr}"
+    );
+    assert!(
+        stderr.contains("Stopped"),
+        "the agent did not stop what had started: {stderr}"
+    );
+    let db = dir.path().join(edgesync_agent::config::DB_FILE);
+    assert!(db.exists(), "the store was not opened before the failure");
+    let wal = PathBuf::from(format!("{}-wal", db.display()));
+    assert!(
+        !wal.exists(),
+        "the database was not closed: {} is left behind",
+        wal.display()
+    );
 }
 
 /// Runs `edgesync-agent run` on `config` to its end (at most 30 s): the exit status and
