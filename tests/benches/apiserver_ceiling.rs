@@ -11,6 +11,13 @@
 //! 1,000 Devices, `CEILING_CONCURRENCY` writers (default 32) for 8 s per form, each writing a
 //! ~200-byte reported state to the next device. Reported: writes/s, p50/p99, and the API
 //! server's CPU (one core = 100%) in all and per write (what other clients lose to each).
+//!
+//! Then what a write rate costs everyone else, with nothing of edgesync running: the
+//! controller's write form, as the identity `deploy/` gives the controller (its writes in
+//! their own priority level), paced at fixed rates up to the least rate the 1,000-device
+//! freshness aim needs, while another client GETs a ConfigMap in a loop. Its p99 at each rate
+//! against a quiet server says which rates any writer, edgesync or not, can hold on this
+//! machine without slowing other clients down.
 
 #![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
@@ -19,12 +26,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use edgesync_crds::{Device, DeviceStatus};
+use edgesync_e2e::bystander;
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::create_devices;
 use edgesync_e2e::measure::{TICKS_PER_SECOND, cpu_ticks, percentile_ms, scaled};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 /// Devices written round robin.
@@ -32,9 +41,42 @@ fn devices() -> usize {
     scaled(1000, 200)
 }
 
-/// Writing time per form.
+/// Writing time per form, and per paced rate.
 fn run() -> Duration {
     scaled(Duration::from_secs(8), Duration::from_secs(1))
+}
+
+/// The controller's form, `rate` writes a second for `run`, by at most `concurrency` writers
+/// at once; returns the writes done. Writes that cannot start on time (all writers busy)
+/// start late, so a rate above what the server takes shows as fewer writes.
+async fn paced(api: &Api<Device>, names: &[String], rate: f64, concurrency: usize) -> usize {
+    let cache = Cache::default();
+    let writers = Arc::new(Semaphore::new(concurrency));
+    let written = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    let mut issued = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    while started.elapsed() < run() {
+        tick.tick().await;
+        let due = (rate * started.elapsed().as_secs_f64()) as usize;
+        while issued < due {
+            let permit = writers.clone().acquire_owned().await.unwrap();
+            let (api, cache, written) = (api.clone(), cache.clone(), written.clone());
+            let name = names[issued % names.len()].clone();
+            issued += 1;
+            let n = issued as u64;
+            set.spawn(async move {
+                let form = "PUT /status from the last written object (the controller's path)";
+                if let Ok(true) = write(&api, &cache, form, &name, n).await {
+                    written.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(permit);
+            });
+        }
+    }
+    while set.join_next().await.is_some() {}
+    written.load(Ordering::Relaxed)
 }
 
 fn reported(n: u64) -> serde_json::Map<String, serde_json::Value> {
@@ -216,8 +258,82 @@ async fn main() {
     }
     println!();
     // Read by `hack/bench.sh` and handed to the freshness bench.
-    println!(
-        "write ceiling (the controller's path): {:.0} writes/s",
-        ceiling.unwrap_or(0.0)
+    let ceiling = ceiling.unwrap_or(0.0);
+    println!("write ceiling (the controller's path): {ceiling:.0} writes/s");
+    price_of_rates(cp, &ns.name, &names, ceiling, concurrency).await;
+}
+
+/// What a paced write rate costs another client of the API server (see the module's doc).
+async fn price_of_rates(
+    cp: &ControlPlane,
+    ns: &str,
+    names: &[String],
+    ceiling: f64,
+    concurrency: usize,
+) {
+    // The least rate that meets the 1,000-device freshness aim, p99 <= 1.2 x 1000 / ceiling
+    // + 1 s: with every device changing each second, a device written every T seconds has
+    // states up to T old, so 1,000 devices need 1,000 / bound writes a second at the least.
+    let bound = 1.2 * 1000.0 / ceiling.max(1.0) + 1.0;
+    let needed = 1000.0 / bound;
+    let mut rates = scaled(vec![25.0, 50.0, 100.0, 200.0], vec![50.0]);
+    rates.retain(|r| *r < needed);
+    rates.push(needed.round());
+    let controller = Api::<Device>::namespaced(
+        ControlPlane::client_from(cp.deployed_controller_kubeconfig()).await,
+        ns,
     );
+    let other = bystander::identity(cp, ns);
+    let pid = cp.apiserver_pid().unwrap();
+    // The server settles after the ceiling's load (its garbage collector, its watch caches).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let quiet = bystander::get_latencies(&other, ns, run()).await;
+    let quiet_p99 = percentile_ms(&quiet, 0.99);
+    println!();
+    println!(
+        "What a paced write rate costs another client, with nothing else running: the controller's form as the deployed controller's identity, {} s per rate; the last rate is the least the 1,000-device freshness aim needs (1000 / {bound:.2} s)",
+        run().as_secs()
+    );
+    println!();
+    println!(
+        "| writes/s asked | writes/s done | share of the ceiling | another client's GET p50 / p99 ms | p99 vs quiet | API server CPU |"
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| 0 (quiet) | 0 | 0% | {:.1} / {quiet_p99:.1} | 1.0 x | - |",
+        percentile_ms(&quiet, 0.5)
+    );
+    let mut kept = None;
+    for rate in rates {
+        let cpu_before = cpu_ticks(pid);
+        let started = Instant::now();
+        let (done, busy) = tokio::join!(
+            paced(&controller, names, rate, concurrency),
+            bystander::get_latencies(&other, ns, run())
+        );
+        let secs = started.elapsed().as_secs_f64();
+        let cpu = (cpu_ticks(pid) - cpu_before) as f64 / TICKS_PER_SECOND / secs;
+        let p99 = percentile_ms(&busy, 0.99);
+        let done_rate = done as f64 / secs;
+        if p99 <= 2.0 * quiet_p99 {
+            kept = Some(done_rate);
+        }
+        println!(
+            "| {rate:.0} | {done_rate:.0} | {:.0}% | {:.1} / {p99:.1} | {:.1} x | {:.0}% |",
+            100.0 * done_rate / ceiling.max(1.0),
+            percentile_ms(&busy, 0.5),
+            p99 / quiet_p99,
+            100.0 * cpu
+        );
+    }
+    println!();
+    match kept {
+        Some(r) => println!(
+            "The highest of these rates at which another client's GET p99 stayed within 2 x quiet: {r:.0} writes/s ({:.0}% of the ceiling)",
+            100.0 * r / ceiling.max(1.0)
+        ),
+        None => {
+            println!("At every one of these rates another client's GET p99 went past 2 x quiet")
+        }
+    }
 }

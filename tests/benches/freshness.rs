@@ -23,18 +23,17 @@
 #![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edgesync_e2e::bystander;
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::measure::{
     TICKS_PER_SECOND, aim, busy_share, cpu_ticks, machine_ticks, percentile_ms, scaled,
 };
 use edgesync_e2e::stack::{Stack, StackOptions};
 use futures_util::StreamExt as _;
-use kube::Api;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::json;
@@ -61,89 +60,6 @@ struct Ledger {
     latencies: Vec<Duration>,
     /// Measured publishes.
     count: u64,
-}
-
-/// Another client of the API server, as an operator's tool or another controller would be:
-/// a ServiceAccount of `ns` allowed to read one ConfigMap, its requests in the API server's
-/// usual priority level for service accounts (the harness admin's would be exempt from API
-/// Priority and Fairness). Returns the path of its kubeconfig.
-fn bystander_identity(cp: &ControlPlane, ns: &str) -> PathBuf {
-    cp.kubectl_ok(&["-n", ns, "create", "configmap", "bystander"]);
-    let rbac = format!(
-        "apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: bystander
-  namespace: {ns}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata:
-  name: bystander
-  namespace: {ns}
-rules:
-  - apiGroups: [\"\"]
-    resources: [\"configmaps\"]
-    resourceNames: [\"bystander\"]
-    verbs: [\"get\"]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata:
-  name: bystander
-  namespace: {ns}
-roleRef:
-  apiGroup: rbac.authorization.k8s.io
-  kind: Role
-  name: bystander
-subjects:
-  - kind: ServiceAccount
-    name: bystander
-    namespace: {ns}
-"
-    );
-    let out = cp.kubectl_stdin(&["apply", "-f", "-"], &rbac);
-    assert!(
-        out.status.success(),
-        "the bystander's RBAC: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    cp.service_account_kubeconfig(ns, "bystander")
-}
-
-/// The other client GETs its ConfigMap in a loop (20 ms apart) for `run`; returns the sorted
-/// latencies. It runs on a thread and runtime of its own, as another program would: on the
-/// bench's runtime, its replies would wait behind the publishers and the watch, and that wait
-/// would be counted as the API server's.
-async fn bystander(kubeconfig: &Path, ns: &str, run: Duration) -> Vec<Duration> {
-    let (kubeconfig, ns) = (kubeconfig.to_owned(), ns.to_owned());
-    tokio::task::spawn_blocking(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("bystander runtime")
-            .block_on(get_loop(&kubeconfig, &ns, run))
-    })
-    .await
-    .expect("bystander thread")
-}
-
-async fn get_loop(kubeconfig: &Path, ns: &str, run: Duration) -> Vec<Duration> {
-    use k8s_openapi::api::core::v1::ConfigMap;
-    // Made here: a client belongs to the runtime that made it.
-    let api: Api<ConfigMap> = Api::namespaced(ControlPlane::client_from(kubeconfig).await, ns);
-    let started = Instant::now();
-    let mut latencies = Vec::new();
-    while started.elapsed() < run {
-        let t = Instant::now();
-        if api.get("bystander").await.is_ok() {
-            latencies.push(t.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(!latencies.is_empty(), "the bystander's GETs all failed");
-    latencies.sort();
-    latencies
 }
 
 /// One fleet's figures.
@@ -178,8 +94,8 @@ async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
     )
     .await;
     let api = stack.devices().await;
-    let other = bystander_identity(cp, &stack.ns.name);
-    let quiet = bystander(&other, &stack.ns.name, Duration::from_secs(5)).await;
+    let other = bystander::identity(cp, &stack.ns.name);
+    let quiet = bystander::get_latencies(&other, &stack.ns.name, Duration::from_secs(5)).await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let started = Instant::now();
     let watch = {
@@ -302,7 +218,7 @@ async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
         machine_ticks(),
     );
     ledger.lock().unwrap().measure_from = Some(Instant::now());
-    let busy = bystander(&other, &stack.ns.name, run()).await;
+    let busy = bystander::get_latencies(&other, &stack.ns.name, run()).await;
     let share = |ticks: u64| ticks as f64 / TICKS_PER_SECOND / run().as_secs_f64();
     let cpu = share(cpu_ticks(agent_pid) - cpu_before.0);
     let apiserver_cpu = share(cpu_ticks(apiserver_pid) - cpu_before.1);

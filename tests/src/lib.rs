@@ -1,5 +1,6 @@
 //! Test harness for edgesync: real parts, started and stopped by the tests themselves.
 //!
+//! - [`bystander`]: another client of the API server, for what a load costs everyone else.
 //! - [`cluster`]: one real Kubernetes control plane (etcd + kube-apiserver, built from the
 //!   official Go modules by `hack/ensure-k8s.sh`) shared by all tests of a test binary, with
 //!   the CRDs applied and one namespace per test.
@@ -24,6 +25,7 @@
 #![allow(clippy::print_stdout)]
 
 pub mod agent;
+pub mod bystander;
 pub mod cluster;
 pub mod contract;
 pub mod controller;
