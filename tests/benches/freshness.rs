@@ -11,8 +11,9 @@
 //! registration, which happens once per device), then, over a steady run after a warm-up,
 //! p50 and p99, API writes per update, the agent's CPU, and what the load costs another
 //! client of the API server: the p99 of a loop of ConfigMap GETs during the run, against the
-//! same loop on a quiet server. The API server's CPU and the share of the machine busy during
-//! the run say whether that client's wait is for a CPU.
+//! same loop on a quiet server. The CPU of the controller, the API server and etcd, and the
+//! share of the machine busy during the run, say where the machine's CPU went and whether
+//! that client's wait is for a CPU.
 //!
 //! Both API clients are what they would be in a cluster: the controller has the identity
 //! `deploy/` gives it (its ServiceAccount's RBAC, its writes in the priority level of
@@ -212,16 +213,22 @@ async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
         .metric("edgesync_controller_status_writes_total")
         .await;
     let apiserver_pid = cp.apiserver_pid().expect("the API server runs");
+    let etcd_pid = cp.etcd_pid().expect("etcd runs");
+    let controller_pid = stack.controller.pid().expect("the controller runs");
     let cpu_before = (
         cpu_ticks(agent_pid),
         cpu_ticks(apiserver_pid),
         machine_ticks(),
+        cpu_ticks(controller_pid),
+        cpu_ticks(etcd_pid),
     );
     ledger.lock().unwrap().measure_from = Some(Instant::now());
     let busy = bystander::get_latencies(&other, &stack.ns.name, run()).await;
     let share = |ticks: u64| ticks as f64 / TICKS_PER_SECOND / run().as_secs_f64();
     let cpu = share(cpu_ticks(agent_pid) - cpu_before.0);
     let apiserver_cpu = share(cpu_ticks(apiserver_pid) - cpu_before.1);
+    let controller_cpu = share(cpu_ticks(controller_pid) - cpu_before.3);
+    let etcd_cpu = share(cpu_ticks(etcd_pid) - cpu_before.4);
     let machine_busy = busy_share(cpu_before.2, machine_ticks());
     stop.store(true, Ordering::Relaxed);
     // Let the last states land, then stop.
@@ -245,7 +252,7 @@ async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
     );
     let bystander = (percentile_ms(&quiet, 0.99), percentile_ms(&busy, 0.99));
     let row = format!(
-        "| {devices} devices x 1 Hz | {:.1} | {:.0} | {:.0} | {} | {:.2} | {:.1}% | {:.1} -> {:.1} | {:.0}% | {:.0}% |",
+        "| {devices} devices x 1 Hz | {:.1} | {:.0} | {:.0} | {} | {:.2} | {:.1}% | {:.1} -> {:.1} | {:.0}% | {:.0}% | {:.0}% | {:.0}% |",
         onboarded.as_secs_f64(),
         p50,
         p99,
@@ -258,7 +265,9 @@ async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
         100.0 * cpu,
         bystander.0,
         bystander.1,
+        100.0 * controller_cpu,
         100.0 * apiserver_cpu,
+        100.0 * etcd_cpu,
         100.0 * machine_busy,
     );
     Fleet {
@@ -289,9 +298,9 @@ async fn main() {
     }
     println!();
     println!(
-        "| load | every device has a status after, s | p50 ms | p99 ms | converged | API writes per update | agent CPU (one core) | another client's GET p99 ms, quiet -> during | API server CPU (one core) | machine CPU busy |"
+        "| load | every device has a status after, s | p50 ms | p99 ms | converged | API writes per update | agent CPU (one core = 100%) | another client's GET p99 ms, quiet -> during | controller CPU | API server CPU | etcd CPU | machine CPU busy (both cores) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (_, f) in &judged {
         println!("{}", f.row);
     }

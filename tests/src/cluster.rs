@@ -434,6 +434,11 @@ metadata:
         self.apiserver.lock().ok().and_then(|p| p.pid())
     }
 
+    /// etcd's process id (for CPU measurements).
+    pub fn etcd_pid(&self) -> Option<u32> {
+        self.etcd.lock().ok().and_then(|p| p.pid())
+    }
+
     /// Stops the API server (etcd keeps running), as in an API server outage.
     pub fn stop_apiserver(&self) {
         self.apiserver.lock().expect("apiserver lock").stop();

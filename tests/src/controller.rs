@@ -154,6 +154,11 @@ impl Controller {
         }
     }
 
+    /// The controller's process id (for CPU measurements).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     /// Base URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
