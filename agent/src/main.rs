@@ -144,12 +144,15 @@ fn run(config: &std::path::Path) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let signals = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            signals.cancel();
-        });
-        edgesync_agent::app::run(settings, shutdown).await
+        // The signal is awaited next to the agent, not in a task of its own: nothing is
+        // left running when the agent returns.
+        let agent = edgesync_agent::app::run(settings, shutdown.clone());
+        let mut agent = std::pin::pin!(agent);
+        tokio::select! {
+            result = &mut agent => return result,
+            () = wait_for_signal() => shutdown.cancel(),
+        }
+        agent.await
     })
 }
 
