@@ -83,7 +83,7 @@ pub struct ReportingOverrides {
 pub struct DeviceStatus {
     /// Last reported state (free-form JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::preserve_unknown_object")]
+    #[schemars(schema_with = "crate::replaced_whole_object")]
     pub reported: Option<Map<String, Value>>,
     /// Shadow version of `reported`. Never decreases within one agent epoch; a node's newer
     /// epoch (a reinstalled agent) starts again from its own versions.

@@ -850,3 +850,58 @@ async fn a_batch_in_flight_at_sigterm_is_written_and_answered() {
         assert_eq!(status_version(&api, d).await, Some(1), "{d}");
     }
 }
+
+/// The reported document is replaced whole and recorded by the API server's field management
+/// as one field: a Device's `managedFields` does not list each leaf of each device's state
+/// (which made it about half of every stored Device), and a key the device dropped is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reported_document_is_one_managed_field_and_replaced_whole() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("managed");
+    create_node(cp, &ns.name, "edge-1", "t1", "");
+    create_devices(cp, &ns.name, "edge-1", &["cnc-1".into()]);
+    let c = Controller::start(cp, &[]);
+    let api: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+    let mut state: serde_json::Map<String, serde_json::Value> = (0..24)
+        .map(|i| (format!("metric{i:02}"), json!(i)))
+        .collect();
+    state.insert("axes".into(), json!({"x": 1.5, "y": -2.5}));
+    for version in 1..=2u64 {
+        if version == 2 {
+            state.remove("metric00");
+            state.insert("spindleRpm".into(), json!(1200));
+        }
+        let answer = post_batch(
+            &c.url(),
+            &ns.name,
+            "edge-1",
+            "t1",
+            &batch(version, vec![report("cnc-1", version, json!(state))]),
+        )
+        .await;
+        assert_eq!(
+            (answer.status, answer.result(0)),
+            (200, "accepted"),
+            "{answer:?}"
+        );
+    }
+    let device = api.get("cnc-1").await.unwrap();
+    let status = device.status.unwrap();
+    assert_eq!(status.reported_version, Some(2));
+    assert_eq!(
+        status.reported.unwrap(),
+        state,
+        "the stored document is exactly the last report"
+    );
+    let entries = device.metadata.managed_fields.unwrap_or_default();
+    let reported: Vec<&serde_json::Value> = entries
+        .iter()
+        .filter_map(|e| e.fields_v1.as_ref())
+        .filter_map(|f| f.0.pointer("/f:status/f:reported"))
+        .collect();
+    assert_eq!(
+        reported,
+        [&json!({})],
+        "status.reported must be managed as one field by one manager: {entries:?}"
+    );
+}
