@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use edgesync_e2e::agent::{AgentConfig, agent_binary, spawn_agent};
 use edgesync_e2e::pki::{Issued, TestCa};
-use edgesync_e2e::process::ManagedProcess;
+use edgesync_e2e::process::{ManagedProcess, ProcessSpec};
 use edgesync_e2e::wait;
 use serde_json::json;
 
@@ -330,26 +330,23 @@ async fn a_tls_subscriber_that_stops_reading_does_not_hold_the_shutdown() {
     let mut agent = spawn_agent(&config);
     wait::port_open("the TLS listener", tls_port, Duration::from_secs(30)).await;
 
-    // Subscribed over TLS.
-    let mut sub = Command::new("mosquitto_sub")
-        .args(["-h", "localhost", "-p", &tls_port.to_string(), "--cafile"])
-        .arg(plant.cert())
-        .args(["-i", "stalled", "-q", "0", "-t", "line/#"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run mosquitto_sub ({e}): install Debian's mosquitto-clients (make deps)")
-        });
-    let mut first_line = std::io::BufReader::new(sub.stdout.take().unwrap());
-    let (got, receiving) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::BufRead::read_line(&mut first_line, &mut line);
-        // The pipe goes back with the line and stays open, unread, until the end.
-        let _ = got.send((line, first_line));
-    });
+    // Subscribed over TLS; what it prints goes to its log.
+    let sub = ManagedProcess::spawn(
+        ProcessSpec::new("mosquitto_sub", "mosquitto_sub")
+            .arg("-h")
+            .arg("localhost")
+            .arg("-p")
+            .arg(tls_port.to_string())
+            .arg("--cafile")
+            .arg(plant.cert())
+            .arg("-i")
+            .arg("stalled")
+            .arg("-q")
+            .arg("0")
+            .arg("-t")
+            .arg("line/#"),
+        dir.path(),
+    );
     let mut flood = connect_when_up(
         port,
         connect_packet("flood", true, None, None),
@@ -358,21 +355,19 @@ async fn a_tls_subscriber_that_stops_reading_does_not_hold_the_shutdown() {
     .await;
     // Published until the subscriber prints one: it is subscribed and receiving.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let _pipe = loop {
-        let p = rumqttc::Publish::new("line/0/hello", rumqttc::QoS::AtMostOnce, "hi");
-        flood.send(&rumqttc::Packet::Publish(p)).await;
-        if let Ok((line, pipe)) = receiving.recv_timeout(Duration::from_millis(200)) {
-            assert_eq!(line.trim(), "hi");
-            break pipe;
-        }
+    while !sub.log_tail(5).lines().any(|l| l.trim() == "hi") {
         assert!(
             std::time::Instant::now() < deadline,
-            "the TLS subscriber received nothing within 30 s"
+            "the TLS subscriber received nothing within 30 s (is mosquitto-clients installed? make deps):\n{}",
+            sub.log_tail(20)
         );
-    };
+        let p = rumqttc::Publish::new("line/0/hello", rumqttc::QoS::AtMostOnce, "hi");
+        flood.send(&rumqttc::Packet::Publish(p)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Stopped: it reads nothing from now on, as a hung device would.
     let stopped = Command::new("kill")
-        .args(["-STOP", &sub.id().to_string()])
+        .args(["-STOP", &sub.pid().unwrap().to_string()])
         .status()
         .unwrap();
     assert!(stopped.success());
@@ -397,8 +392,7 @@ async fn a_tls_subscriber_that_stops_reading_does_not_hold_the_shutdown() {
     let stopping = std::time::Instant::now();
     let status = tokio::task::block_in_place(|| agent.stop());
     let took = stopping.elapsed();
-    let _ = sub.kill();
-    let _ = sub.wait();
+    drop(sub);
     let log = agent.log_tail(30);
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
     assert!(
