@@ -243,6 +243,10 @@ async fn start_embedded_broker(
                 .as_ref()
                 .map(|s| s.group.clone().unwrap_or_else(|| "+".to_owned())),
             kubeedge_twin: settings.ingest.kubeedge_twin,
+            agent_filters: crate::mqtt::agent_filters(
+                &settings.mqtt.topic_prefix,
+                &settings.ingest,
+            ),
         },
         store,
         metrics,

@@ -112,11 +112,21 @@ pub enum BrokerLimit {
     Accept,
     /// `broker.max_client_bytes_per_sec`: reading from a client paused to hold it to its rate.
     ReadRate,
+    /// A SUBSCRIBE's retained messages cut short at the per-packet scan budget.
+    RetainedScan,
+    /// `broker.max_sessions_per_user`: a user's new persistent session refused.
+    UserSessions,
+    /// `broker.max_pending_connections`: the oldest connection still without a CONNECT
+    /// closed to make room for a new one.
+    PendingConnections,
+    /// `broker.max_password_checks`: a CONNECT refused because every password check slot
+    /// was busy.
+    PasswordChecks,
 }
 
 impl BrokerLimit {
     /// Every limit, in declaration order (the index into the counters).
-    pub const ALL: [BrokerLimit; 14] = [
+    pub const ALL: [BrokerLimit; 18] = [
         Self::Connections,
         Self::ConnectBytes,
         Self::ConnectTimeout,
@@ -131,6 +141,10 @@ impl BrokerLimit {
         Self::SessionExpiry,
         Self::Accept,
         Self::ReadRate,
+        Self::RetainedScan,
+        Self::UserSessions,
+        Self::PendingConnections,
+        Self::PasswordChecks,
     ];
 
     /// The label value.
@@ -150,6 +164,10 @@ impl BrokerLimit {
             Self::SessionExpiry => "session_expiry",
             Self::Accept => "accept_error",
             Self::ReadRate => "read_rate",
+            Self::RetainedScan => "retained_scan",
+            Self::UserSessions => "user_sessions",
+            Self::PendingConnections => "pending_connections",
+            Self::PasswordChecks => "password_checks",
         }
     }
 }

@@ -63,7 +63,7 @@ pub struct Access {
     /// One username/password shared by all devices (`mqtt.username`/`password`).
     pub shared: Option<(String, edgesync_protocol::secret::Secret)>,
     /// Per-device identities (`broker.password_file`).
-    pub passwords: Option<PasswordFile>,
+    pub passwords: Option<Arc<PasswordFile>>,
 }
 
 /// Why a CONNECT was refused, for the log and the metric.
@@ -73,6 +73,8 @@ pub enum Refusal {
     AgentIdentity,
     /// No or wrong credentials.
     Credentials,
+    /// Every password check slot stayed busy until the CONNECT deadline.
+    Busy,
 }
 
 impl Refusal {
@@ -81,6 +83,7 @@ impl Refusal {
         match self {
             Self::AgentIdentity => ConnectReturnCode::NotAuthorized,
             Self::Credentials => ConnectReturnCode::BadUserNamePassword,
+            Self::Busy => ConnectReturnCode::ServiceUnavailable,
         }
     }
 
@@ -93,21 +96,77 @@ impl Refusal {
             Self::Credentials => {
                 "bad or missing username/password (broker.password_file or mqtt.username/password)"
             }
+            Self::Busy => {
+                "no password check could start in time (broker.max_password_checks; many clients logging in at once)"
+            }
+        }
+    }
+}
+
+/// What [`Access::identify`] found: an identity, or a password-file login whose hash must
+/// still be checked (costly: see [`PasswordCheck`]).
+pub enum Login {
+    /// Known without a password-file check.
+    Known(Identity),
+    /// A username and password to check against the password file.
+    Check(PasswordCheck),
+}
+
+/// A password-file check, run off the async runtime: PBKDF2 at up to
+/// `broker.max_password_iterations` rounds would otherwise hold a runtime worker, and with
+/// it every device served by that worker, for as long as a guessing client likes.
+pub struct PasswordCheck {
+    file: Arc<PasswordFile>,
+    username: String,
+    password: Vec<u8>,
+}
+
+impl PasswordCheck {
+    /// Runs the check on the blocking pool, at most `permits` at once; waits for a permit
+    /// until `deadline` (the connection's CONNECT deadline).
+    ///
+    /// # Errors
+    /// [`Refusal::Credentials`] for a wrong password or unknown user (same cost either way),
+    /// [`Refusal::Busy`] when no check could start before the deadline.
+    pub async fn run(
+        self,
+        permits: &Arc<tokio::sync::Semaphore>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Identity, Refusal> {
+        let permit = match tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await
+        {
+            Ok(Ok(p)) => p,
+            _ => return Err(Refusal::Busy),
+        };
+        let Self {
+            file,
+            username,
+            password,
+        } = self;
+        let checked = tokio::task::spawn_blocking(move || {
+            let ok = file.verify(&username, &password);
+            drop(permit);
+            ok.then_some(username)
+        })
+        .await;
+        match checked {
+            Ok(Some(username)) => Ok(Identity {
+                username: Some(Arc::from(username)),
+                ..Identity::default()
+            }),
+            _ => Err(Refusal::Credentials),
         }
     }
 }
 
 impl Access {
-    /// Authenticates `connect`; `certificate` is the name in the client's verified TLS
-    /// certificate, on a listener that requires one.
+    /// Identifies `connect`; `certificate` is the name in the client's verified TLS
+    /// certificate, on a listener that requires one. Cheap: a password-file login comes back
+    /// as a [`Login::Check`] to run off the runtime.
     ///
     /// # Errors
     /// Why it is refused.
-    pub fn authenticate(
-        &self,
-        connect: &Connect,
-        certificate: Option<&str>,
-    ) -> Result<Identity, Refusal> {
+    pub fn identify(&self, connect: &Connect, certificate: Option<&str>) -> Result<Login, Refusal> {
         let login = connect.login.as_ref();
         if connect.client_id == self.agent_client_id
             || login.is_some_and(|l| l.username == AGENT_USERNAME)
@@ -117,10 +176,10 @@ impl Access {
                     & constant_time_eq(l.password.as_bytes(), self.agent_secret.expose().as_bytes())
             }) && connect.client_id == self.agent_client_id;
             return if proven {
-                Ok(Identity {
-                    username: None,
+                Ok(Login::Known(Identity {
                     is_agent: true,
-                })
+                    ..Identity::default()
+                }))
             } else {
                 Err(Refusal::AgentIdentity)
             };
@@ -128,35 +187,38 @@ impl Access {
         if let Some(name) = certificate {
             // The certificate is the identity (Mosquitto's use_identity_as_username): the
             // CONNECT's username and password are not consulted.
-            return Ok(Identity {
+            return Ok(Login::Known(Identity {
                 username: Some(Arc::from(name)),
-                is_agent: false,
-            });
+                ..Identity::default()
+            }));
         }
         if self.shared.is_none() && self.passwords.is_none() {
             // No authentication configured: only allowed on loopback or with
             // broker.allow_anonymous (checked when the config was read). An unverified
             // username names nobody, so the ACL treats the client as anonymous.
-            return Ok(Identity::default());
+            return Ok(Login::Known(Identity::default()));
         }
         let Some(login) = login else {
             return Err(Refusal::Credentials);
         };
-        let by_file = self
-            .passwords
-            .as_ref()
-            .is_some_and(|p| p.verify(&login.username, login.password.as_bytes()));
         let by_shared = self.shared.as_ref().is_some_and(|(user, pass)| {
             constant_time_eq(login.username.as_bytes(), user.as_bytes())
                 & pass.matches(login.password.as_bytes())
         });
-        if by_file || by_shared {
-            Ok(Identity {
+        if by_shared {
+            return Ok(Login::Known(Identity {
                 username: Some(Arc::from(login.username.as_str())),
-                is_agent: false,
-            })
-        } else {
-            Err(Refusal::Credentials)
+                is_shared: true,
+                ..Identity::default()
+            }));
+        }
+        match &self.passwords {
+            Some(file) => Ok(Login::Check(PasswordCheck {
+                file: file.clone(),
+                username: login.username.clone(),
+                password: login.password.as_bytes().to_vec(),
+            })),
+            None => Err(Refusal::Credentials),
         }
     }
 }
@@ -176,6 +238,20 @@ mod tests {
             clean_session: false,
             last_will: None,
             login: login.map(|(u, p)| Login::new(u, p)),
+        }
+    }
+
+    impl Access {
+        /// The identity, for logins that need no password-file check.
+        fn authenticate(
+            &self,
+            connect: &Connect,
+            certificate: Option<&str>,
+        ) -> Result<Identity, Refusal> {
+            match self.identify(connect, certificate)? {
+                super::Login::Known(who) => Ok(who),
+                super::Login::Check(_) => panic!("a password-file check"),
+            }
         }
     }
 

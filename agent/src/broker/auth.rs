@@ -21,9 +21,7 @@ const DEFAULT_ITERATIONS: NonZeroU32 = match NonZeroU32::new(101) {
     Some(n) => n,
     None => NonZeroU32::MIN,
 };
-/// Every CONNECT pays the iterations of its user's hash, so a typo'd extra zero or a hostile
-/// edit must not turn each connection into seconds of CPU on a small ARM box.
-const MAX_ITERATIONS: u32 = 1_000_000;
+
 const REMEDY: &str =
     "create the file with mosquitto_passwd from Mosquitto 2.0 (PBKDF2-SHA512, $7$)";
 
@@ -105,6 +103,9 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Debug)]
 pub struct PasswordFile {
     users: HashMap<String, (usize, StoredHash)>,
+    /// The costliest iteration count in the file: an unknown user's decoy check costs as
+    /// much, so the answer's timing does not tell which users exist.
+    decoy_iterations: NonZeroU32,
 }
 
 impl PasswordFile {
@@ -112,7 +113,11 @@ impl PasswordFile {
     /// blank lines and `#` comments ignored. Accepts `$7$` (PBKDF2-SHA512) and `$6$`
     /// (salted SHA-512) hashes; any other format, a malformed line or a user listed twice
     /// is an error naming the line.
-    pub fn parse(text: &str) -> Result<Self, AuthFileError> {
+    ///
+    /// Every CONNECT pays the iterations of its user's hash, so a hash with more than
+    /// `max_iterations` (a typo'd extra zero, a hostile edit) is an error naming the line and
+    /// `broker.max_password_iterations`.
+    pub fn parse(text: &str, max_iterations: u32) -> Result<Self, AuthFileError> {
         let mut users: HashMap<String, (usize, StoredHash)> = HashMap::new();
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
@@ -133,25 +138,38 @@ impl PasswordFile {
                 user: user.to_owned(),
                 reason,
             };
-            let stored = parse_hash(hash).map_err(bad)?;
+            let stored = parse_hash(hash, max_iterations).map_err(bad)?;
             if let Some((first, _)) = users.insert(user.to_owned(), (line, stored)) {
                 return Err(bad(format!(
                     "duplicate user, first defined on line {first}"
                 )));
             }
         }
-        Ok(Self { users })
+        let decoy_iterations = users
+            .values()
+            .filter_map(|(_, h)| match h {
+                StoredHash::Pbkdf2 { iterations, .. } => Some(*iterations),
+                StoredHash::Sha512 { .. } => None,
+            })
+            .max()
+            .unwrap_or(DEFAULT_ITERATIONS);
+        Ok(Self {
+            users,
+            decoy_iterations,
+        })
     }
 
     /// Whether `password` is this user's. An unknown user gets `false` after a decoy
-    /// PBKDF2 run, so the answer's timing does not tell which usernames exist.
+    /// PBKDF2 run as costly as the file's costliest hash, so the answer's timing does not
+    /// tell which usernames exist. Costs up to `broker.max_password_iterations` PBKDF2
+    /// rounds: call it off the async runtime.
     pub fn verify(&self, username: &str, password: &[u8]) -> bool {
         match self.users.get(username) {
             Some((_, stored)) => stored.verify(password),
             None => {
                 let decoy = [0u8; HASH_LEN];
                 let alg = pbkdf2::PBKDF2_HMAC_SHA512;
-                let _ = pbkdf2::verify(alg, DEFAULT_ITERATIONS, &decoy, password, &decoy);
+                let _ = pbkdf2::verify(alg, self.decoy_iterations, &decoy, password, &decoy);
                 false
             }
         }
@@ -168,15 +186,19 @@ impl PasswordFile {
     }
 }
 
-fn parse_hash(hash: &str) -> Result<StoredHash, String> {
+fn parse_hash(hash: &str, max_iterations: u32) -> Result<StoredHash, String> {
     if let Some(rest) = hash.strip_prefix("$7$") {
         let parts: Vec<&str> = rest.split('$').collect();
         let [iterations, salt, digest] = parts[..] else {
             return Err("malformed $7$ hash: expected $7$<iterations>$<salt>$<hash>".into());
         };
         let iterations = match iterations.parse::<u32>().ok().and_then(NonZeroU32::new) {
-            Some(n) if n.get() <= MAX_ITERATIONS => n,
-            _ => return Err(format!("iterations must be 1 to {MAX_ITERATIONS}")),
+            Some(n) if n.get() <= max_iterations => n,
+            _ => {
+                return Err(format!(
+                    "iterations must be 1 to {max_iterations} (broker.max_password_iterations; every CONNECT pays them)"
+                ));
+            }
         };
         let (salt, hash) = (decode(salt, "salt")?, decode(digest, "hash")?);
         Ok(StoredHash::Pbkdf2 {
@@ -561,12 +583,12 @@ mod tests {
     }
 
     fn parse_err(text: &str) -> String {
-        PasswordFile::parse(text).unwrap_err().to_string()
+        PasswordFile::parse(text, 1_000).unwrap_err().to_string()
     }
 
     #[test]
     fn real_mosquitto_passwd_output_verifies() {
-        let file = PasswordFile::parse(REAL_FILE).unwrap();
+        let file = PasswordFile::parse(REAL_FILE, 1_000).unwrap();
         assert_eq!(file.len(), 2);
         assert!(file.verify("user", b"secret"));
         assert!(!file.verify("user", b"secret2"));
@@ -578,7 +600,7 @@ mod tests {
     #[test]
     fn pbkdf2_line_made_with_ring_verifies() {
         let text = format!("# devices\n\n{}\r\n", pbkdf2_line("press-1", b"pw-1", 101));
-        let file = PasswordFile::parse(&text).unwrap();
+        let file = PasswordFile::parse(&text, 1_000).unwrap();
         assert!(!file.is_empty());
         assert!(file.verify("press-1", b"pw-1"));
         assert!(!file.verify("press-1", b"pw-2"));
@@ -592,8 +614,8 @@ mod tests {
         ctx.update(b"hunter2");
         ctx.update(salt);
         let hash = STANDARD.encode(ctx.finish());
-        let file =
-            PasswordFile::parse(&format!("old:$6${}${hash}", STANDARD.encode(salt))).unwrap();
+        let file = PasswordFile::parse(&format!("old:$6${}${hash}", STANDARD.encode(salt)), 1_000)
+            .unwrap();
         assert!(file.verify("old", b"hunter2"));
         assert!(!file.verify("old", b"hunter3"));
     }
@@ -611,7 +633,7 @@ mod tests {
         assert!(parse_err(":$6$x$y").contains("empty username"));
         assert!(parse_err("a:$7$101$c2FsdA==").contains("malformed $7$"));
         assert!(parse_err("a:$7$0$c2FsdA==$aGFzaA==").contains("iterations"));
-        assert!(parse_err("a:$7$1000001$c2FsdA==$aGFzaA==").contains("iterations"));
+        assert!(parse_err("a:$7$1001$c2FsdA==$aGFzaA==").contains("max_password_iterations"));
         assert!(parse_err("a:$6$!!$aGFzaA==").contains("salt is not valid base64"));
         assert!(parse_err("a:$6$c2FsdA==$aGFzaA==").contains("hash is 4 bytes"));
     }
@@ -629,7 +651,7 @@ mod tests {
 
     #[test]
     fn debug_output_hides_hashes() {
-        let file = PasswordFile::parse(REAL_FILE).unwrap();
+        let file = PasswordFile::parse(REAL_FILE, 1_000).unwrap();
         assert!(!format!("{file:?}").contains("24kV1Ze5"));
     }
 

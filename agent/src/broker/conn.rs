@@ -16,10 +16,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::access::Refusal;
+use super::access::{Login, Refusal};
 use super::pace::ReadBudget;
 use super::router::{Flow, Identity, Link, wire_cost};
-use super::{ConnectionSlot, Shared, TlsAcceptor};
+use super::{ConnectionSlot, Entry, Shared, TlsAcceptor};
 use crate::metrics::{BrokerDenial, BrokerLimit};
 /// Outgoing bytes gathered into one write.
 const WRITE_CHUNK: usize = 64 * 1024;
@@ -108,8 +108,7 @@ pub(super) async fn serve_tcp(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    slot: ConnectionSlot,
-    agent_only: bool,
+    entry: Entry,
 ) {
     let deadline = Instant::now() + shared.limits.connect_timeout;
     let _ = stream.set_nodelay(true);
@@ -117,9 +116,8 @@ pub(super) async fn serve_tcp(
     let peer = Peer {
         addr: peer,
         certificate: None,
-        agent_only,
     };
-    serve(rd, wr, peer, shared, slot, deadline).await;
+    serve(rd, wr, peer, shared, entry, deadline).await;
 }
 
 /// Who is at the other end, as far as the transport tells.
@@ -127,8 +125,6 @@ struct Peer {
     addr: SocketAddr,
     /// The name in a verified client certificate.
     certificate: Option<String>,
-    /// On the agent's own listener: only the agent is admitted.
-    agent_only: bool,
 }
 
 /// A TLS client: the handshake and the CONNECT together must finish within
@@ -138,12 +134,22 @@ pub(super) async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    slot: ConnectionSlot,
+    entry: Entry,
     tls: Arc<TlsAcceptor>,
 ) {
     let deadline = Instant::now() + shared.limits.connect_timeout;
     let _ = stream.set_nodelay(true);
-    let stream = match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
+    let evicted = match &entry {
+        Entry::Device(ticket) => ticket.evicted.clone(),
+        Entry::Agent(_) => CancellationToken::new(),
+    };
+    let handshake = tokio::select! {
+        _ = evicted.cancelled() => {
+            return debug!(%peer, "Closed before its TLS handshake ended, to make room (broker.max_pending_connections)");
+        }
+        h = tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)) => h,
+    };
+    let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let why = format!("TLS handshake failed: {e}");
@@ -178,9 +184,8 @@ pub(super) async fn serve_tls(
     let peer = Peer {
         addr: peer,
         certificate: identity,
-        agent_only: false,
     };
-    serve(rd, wr, peer, shared, slot, deadline).await;
+    serve(rd, wr, peer, shared, entry, deadline).await;
 }
 
 /// Serves one client until it disconnects, fails, or `stop` is cancelled.
@@ -189,7 +194,7 @@ async fn serve<R, W>(
     mut wr: W,
     from: Peer,
     shared: Arc<Shared>,
-    slot: ConnectionSlot,
+    entry: Entry,
     connect_deadline: Instant,
 ) where
     R: AsyncRead + Unpin,
@@ -197,11 +202,17 @@ async fn serve<R, W>(
 {
     let limits = shared.limits;
     let peer = from.addr;
+    let agent_only = matches!(entry, Entry::Agent(_));
+    let evicted = match &entry {
+        Entry::Device(ticket) => ticket.evicted.clone(),
+        Entry::Agent(_) => CancellationToken::new(),
+    };
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let first = tokio::select! {
         // A CONNECT still on its way when the broker stops would start a session (and, for
         // a persistent one, wait on a session writer that has already ended).
         _ = shared.stop.cancelled() => return debug!(%peer, "Broker stopping; closed before CONNECT"),
+        _ = evicted.cancelled() => return debug!(%peer, "No CONNECT yet; closed to make room (broker.max_pending_connections)"),
         first = tokio::time::timeout_at(
             connect_deadline,
             read_connect(&mut rd, &mut buf, limits.max_connect_bytes),
@@ -245,19 +256,57 @@ async fn serve<R, W>(
     let client_id = connect.client_id.clone();
     let keep_alive = connect.keep_alive;
 
-    // Held until the connection ends, except by the agent's own connection, which does not
-    // count against broker.max_connections.
-    let mut slot = Some(slot);
-    let identified = shared
-        .access
-        .authenticate(&connect, from.certificate.as_deref())
-        .and_then(|who| {
-            if from.agent_only && !who.is_agent {
-                Err(Refusal::AgentIdentity)
-            } else {
-                Ok(who)
+    // The CONNECT has come: a device connection trades its place among those without one
+    // for a client's slot, held until the connection ends (the agent's own connection does
+    // not count against broker.max_connections).
+    let slot = match entry {
+        Entry::Agent(slot) => Some(slot),
+        Entry::Device(ticket) => {
+            drop(ticket);
+            match ConnectionSlot::try_take(&shared.open, limits.max_connections) {
+                Some(slot) => Some(slot),
+                None => None,
             }
-        });
+        }
+    };
+    let mut slot = match slot {
+        Some(slot) => Some(slot),
+        None => {
+            shared.metrics.broker_limit(BrokerLimit::Connections);
+            debug!(%peer, "MQTT connection refused: broker.max_connections reached");
+            let _ = tx.send(Packet::ConnAck(ConnAck::new(
+                ConnectReturnCode::ServiceUnavailable,
+                false,
+            )));
+            drop(tx);
+            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+            return;
+        }
+    };
+    let identified = match shared
+        .access
+        .identify(&connect, from.certificate.as_deref())
+    {
+        Ok(Login::Known(who)) => Ok(who),
+        Ok(Login::Check(check)) => {
+            let checked = tokio::select! {
+                _ = shared.stop.cancelled() => Err(Refusal::Busy),
+                c = check.run(&shared.password_checks, connect_deadline + limits.connect_timeout) => c,
+            };
+            if checked == Err(Refusal::Busy) {
+                shared.metrics.broker_limit(BrokerLimit::PasswordChecks);
+            }
+            checked
+        }
+        Err(refusal) => Err(refusal),
+    }
+    .and_then(|who| {
+        if agent_only && !who.is_agent {
+            Err(Refusal::AgentIdentity)
+        } else {
+            Ok(who)
+        }
+    });
     let is_agent = identified.as_ref().is_ok_and(|who| who.is_agent);
     if is_agent {
         slot.take();
@@ -434,7 +483,7 @@ async fn admit(
         if !router.needs_persisting(&connect.client_id, connect.clean_session) {
             return Ok(());
         }
-        router.persist_new(&connect.client_id, who.username.as_ref())
+        router.persist_new(&connect.client_id, who)
     };
     let written = match written {
         Some(rx) => tokio::select! {

@@ -74,6 +74,8 @@ pub struct BrokerSettings {
     pub sparkplug_group: Option<String>,
     /// Whether KubeEdge's device twin topics are served.
     pub kubeedge_twin: bool,
+    /// Everything the agent's client subscribes to (held for it before devices connect).
+    pub agent_filters: Vec<String>,
 }
 
 /// State shared by the connection tasks.
@@ -83,6 +85,82 @@ struct Shared {
     limits: crate::config::BrokerLimits,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
+    /// Device connections past their CONNECT (`broker.max_connections`).
+    open: Arc<AtomicUsize>,
+    /// Device connections still without one (`broker.max_pending_connections`).
+    pending: PendingSockets,
+    /// Password-file checks running at once (`broker.max_password_checks`).
+    password_checks: Arc<tokio::sync::Semaphore>,
+}
+
+/// How a connection came in, and what it holds until it ends.
+pub(crate) enum Entry {
+    /// On the agent's own listener: only the agent is admitted; counted apart.
+    Agent(ConnectionSlot),
+    /// On a device listener: a place among the connections without a CONNECT, traded for
+    /// a [`ConnectionSlot`] once the CONNECT has come.
+    Device(PendingTicket),
+}
+
+/// Connections that have not sent their CONNECT yet, oldest first. They have their own
+/// budget, apart from established clients: when it is full, the oldest is closed to make
+/// room, so a flood of silent sockets costs its sender turnover instead of locking devices
+/// out (a device's CONNECT follows its accept within milliseconds).
+struct PendingSockets {
+    waiting: Mutex<std::collections::VecDeque<(u64, CancellationToken)>>,
+    next: std::sync::atomic::AtomicU64,
+    cap: usize,
+}
+
+/// A connection's place among those without a CONNECT; gives it up when dropped. Its token
+/// is cancelled when the connection is closed to make room.
+pub(crate) struct PendingTicket {
+    id: u64,
+    pub(crate) evicted: CancellationToken,
+    shared: Arc<Shared>,
+}
+
+impl PendingSockets {
+    fn new(cap: usize) -> Self {
+        Self {
+            waiting: Mutex::default(),
+            next: std::sync::atomic::AtomicU64::new(0),
+            cap,
+        }
+    }
+}
+
+impl PendingTicket {
+    fn take(shared: &Arc<Shared>) -> Self {
+        let p = &shared.pending;
+        let id = p.next.fetch_add(1, Ordering::Relaxed);
+        let evicted = CancellationToken::new();
+        if let Ok(mut waiting) = p.waiting.lock() {
+            while waiting.len() >= p.cap {
+                let Some((_, oldest)) = waiting.pop_front() else {
+                    break;
+                };
+                oldest.cancel();
+                shared.metrics.broker_limit(BrokerLimit::PendingConnections);
+            }
+            waiting.push_back((id, evicted.clone()));
+        }
+        Self {
+            id,
+            evicted,
+            shared: shared.clone(),
+        }
+    }
+}
+
+impl Drop for PendingTicket {
+    fn drop(&mut self) {
+        if let Ok(mut waiting) = self.shared.pending.waiting.lock()
+            && let Some(i) = waiting.iter().position(|(id, _)| *id == self.id)
+        {
+            waiting.remove(i);
+        }
+    }
 }
 
 /// What the TLS listener's connections need.
@@ -155,8 +233,12 @@ impl EmbeddedBroker {
     ) -> anyhow::Result<Self> {
         let passwords = match &settings.config.password_file {
             Some(path) => Some(
-                PasswordFile::parse(&read_file("broker.password_file", path)?)
-                    .with_context(|| format!("broker.password_file {}", path.display()))?,
+                PasswordFile::parse(
+                    &read_file("broker.password_file", path)?,
+                    settings.config.limits.max_password_iterations,
+                )
+                .map(Arc::new)
+                .with_context(|| format!("broker.password_file {}", path.display()))?,
             ),
             None => None,
         };
@@ -170,6 +252,16 @@ impl EmbeddedBroker {
             .await
             .context("reading the embedded broker's sessions")?;
         let now = conn::unix_now();
+        if settings
+            .config
+            .has_authentication(settings.credentials.is_some())
+            || settings.config.requires_client_certs()
+        {
+            router.require_owners();
+        }
+        // Before any listener is bound: from the first byte of a first start, a device's
+        // message for the agent waits in the agent's session for its commit.
+        router.reserve_agent(&settings.agent_filters, now);
         for stored in &sessions {
             router.restore(stored, now);
         }
@@ -209,6 +301,9 @@ impl EmbeddedBroker {
             limits,
             metrics,
             stop,
+            open: Arc::default(),
+            pending: PendingSockets::new(limits.max_pending_connections),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(limits.max_password_checks)),
         });
         Ok(Self {
             listener,
@@ -255,7 +350,6 @@ impl EmbeddedBroker {
             self.persist_wake.clone(),
         ));
         let housekeeping = tokio::spawn(housekeeping(self.shared.clone()));
-        let open = Arc::new(AtomicUsize::new(0));
         let agent_open = Arc::new(AtomicUsize::new(0));
         let mut accept_errors = RateLimitedWarning::default();
         loop {
@@ -273,27 +367,23 @@ impl EmbeddedBroker {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    // Counted from accept, CONNECT or not: a half-open socket holds as much
-                    // as a connected client. The device listeners share the cap.
-                    let (counter, cap) = match via {
-                        Via::Agent => (&agent_open, AGENT_LISTENER_CONNECTIONS),
-                        _ => (&open, self.shared.limits.max_connections),
+                    let entry = match via {
+                        Via::Agent => {
+                            if agent_open.load(Ordering::Relaxed) >= AGENT_LISTENER_CONNECTIONS {
+                                self.shared.metrics.broker_limit(BrokerLimit::Connections);
+                                drop(stream);
+                                continue;
+                            }
+                            Entry::Agent(ConnectionSlot::take(agent_open.clone()))
+                        }
+                        // Counted among the connections without a CONNECT until it comes:
+                        // a half-open socket costs a place there, not a client's.
+                        _ => Entry::Device(PendingTicket::take(&self.shared)),
                     };
-                    if counter.load(Ordering::Relaxed) >= cap {
-                        self.shared.metrics.broker_limit(BrokerLimit::Connections);
-                        drop(stream);
-                        continue;
-                    }
-                    let slot = ConnectionSlot::take(counter.clone());
                     let shared = self.shared.clone();
                     match via {
-                        Via::Devices => {
-                            tasks.spawn(conn::serve_tcp(stream, peer, shared, slot, false))
-                        }
-                        Via::Agent => {
-                            tasks.spawn(conn::serve_tcp(stream, peer, shared, slot, true))
-                        }
-                        Via::Tls(t) => tasks.spawn(conn::serve_tls(stream, peer, shared, slot, t)),
+                        Via::Tls(t) => tasks.spawn(conn::serve_tls(stream, peer, shared, entry, t)),
+                        _ => tasks.spawn(conn::serve_tcp(stream, peer, shared, entry)),
                     };
                 }
                 Err(e) => {
@@ -341,6 +431,15 @@ impl ConnectionSlot {
     fn take(open: Arc<AtomicUsize>) -> Self {
         open.fetch_add(1, Ordering::Relaxed);
         Self(open)
+    }
+
+    /// A slot if fewer than `cap` are taken.
+    fn try_take(open: &Arc<AtomicUsize>, cap: usize) -> Option<Self> {
+        open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < cap).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Self(open.clone()))
     }
 }
 

@@ -15,7 +15,7 @@
 //! the agent's commit (a publisher over its share is paused, not dropped: see
 //! [`Router::should_pause`]), retained messages, and subscriptions per client.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -39,6 +39,10 @@ use crate::store::{SessionDelta, StoredSession};
 pub const MAX_INFLIGHT: usize = 1000;
 /// Retained topics kept (their bytes are bounded by `broker.max_retained_bytes`).
 pub const MAX_RETAINED: usize = 10_000;
+/// Retained topics examined for one SUBSCRIBE packet at most: the work done under the
+/// broker's lock for it stays bounded (a few milliseconds) however many filters it holds.
+/// Four subscriptions to `#` with the retained store full fit in it.
+pub const RETAINED_SCAN_BUDGET: usize = 4 * MAX_RETAINED;
 /// Fixed per-message overhead counted against byte limits (the message's bookkeeping).
 const MESSAGE_OVERHEAD: usize = 64;
 
@@ -55,12 +59,21 @@ fn cost(p: &Publish) -> usize {
     p.payload.len() + p.topic.len() + MESSAGE_OVERHEAD
 }
 
-/// What a packet costs in a connection's write backlog (the writer subtracts the same).
+/// What one queued packet holds until it is written, beyond what it points to: its slot in
+/// the connection's channel.
+const PACKET_SLOT: usize = std::mem::size_of::<Packet>() + 16;
+
+/// What a packet costs in a connection's write backlog (the writer subtracts the same): its
+/// real memory, so a client that sends PINGREQs or SUBSCRIBEs and never reads the answers
+/// reaches `broker.max_write_backlog_bytes` at the same memory as one that never reads
+/// messages.
 pub fn wire_cost(packet: &Packet) -> usize {
-    match packet {
-        Packet::Publish(p) => p.payload.len() + p.topic.len() + 16,
-        _ => 16,
-    }
+    PACKET_SLOT
+        + match packet {
+            Packet::Publish(p) => p.payload.len() + p.topic.len(),
+            Packet::SubAck(a) => a.return_codes.len() * std::mem::size_of::<SubscribeReasonCode>(),
+            _ => 0,
+        }
 }
 
 /// Whether `topic` is within the configured length and depth (checked before anything walks
@@ -70,6 +83,11 @@ fn within_topic_limits(topic: &str, limits: &BrokerLimits) -> bool {
         && topic.bytes().filter(|b| *b == b'/').count() < limits.max_topic_levels
 }
 
+/// The owner recorded for the agent's own session: not a username any device can log in
+/// with (the broker treats it as an attempt to be the agent), so a session recorded under a
+/// former agent client id is recognised, and never handed to a device.
+pub const AGENT_OWNER: &str = super::access::AGENT_USERNAME;
+
 /// Who a connection is, as established by authentication (see `access.rs`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
@@ -78,6 +96,9 @@ pub struct Identity {
     /// The agent's own client, proven by its per-process secret: its acknowledgements gate
     /// the devices', and no ACL or client limit applies to it.
     pub is_agent: bool,
+    /// Logged in with the shared `mqtt.username`: many devices behind one name, so limits
+    /// per user do not apply to it.
+    pub is_shared: bool,
 }
 
 /// The write side of a connection, as the router sees it.
@@ -293,7 +314,8 @@ pub struct Denials {
 pub struct Router {
     sessions: HashMap<Arc<str>, Session>,
     trie: Trie,
-    retained: HashMap<String, Publish>,
+    /// Sorted, so a filter's retained messages are found in the range of its literal head.
+    retained: BTreeMap<String, Publish>,
     retained_bytes: usize,
     /// The agent's client id: its acknowledgements gate the publishers'.
     gate: Arc<str>,
@@ -313,6 +335,10 @@ pub struct Router {
     /// Bytes of devices' messages waiting in the agent's session for its commit.
     gate_bytes: usize,
     denials: Denials,
+    /// What the agent's session is subscribed to from the start ([`Router::reserve_agent`]).
+    agent_filters: Vec<String>,
+    /// Restored sessions need an owner ([`Router::require_owners`]).
+    owners_required: bool,
 }
 
 impl Router {
@@ -326,7 +352,7 @@ impl Router {
         Self {
             sessions: HashMap::new(),
             trie: Trie::default(),
-            retained: HashMap::new(),
+            retained: BTreeMap::new(),
             retained_bytes: 0,
             gate: Arc::from(gate),
             next_uid: 0,
@@ -340,6 +366,8 @@ impl Router {
             queued_bytes: 0,
             gate_bytes: 0,
             denials: Denials::default(),
+            agent_filters: Vec::new(),
+            owners_required: false,
         }
     }
 
@@ -387,23 +415,74 @@ impl Router {
         self.denials.last = Some(format!("{} by client {client}: {what}", action.label()));
     }
 
-    /// Recreates a persistent session read from disk, offline, with its subscriptions.
-    /// Filters beyond the current limits are dropped (and removed from disk): a filter
-    /// stored by an older version must not take the agent down at every start.
+    /// Requires every restored session to have an owner: set when clients must
+    /// authenticate, so a session recorded while anonymous clients were allowed cannot be
+    /// taken by whichever user asks for its client id first.
+    pub fn require_owners(&mut self) {
+        self.owners_required = true;
+    }
+
+    /// Creates the agent's session, offline, holding `filters` (everything the agent's
+    /// client subscribes to), before any client can connect. A device's QoS1 message that
+    /// arrives before the agent's client has connected and subscribed (every first start,
+    /// and every start after the configuration changed) is then queued for the agent and
+    /// acknowledged only once the agent has committed it, instead of matching nothing and
+    /// being acknowledged at once. Call it before [`Router::restore`].
+    pub fn reserve_agent(&mut self, filters: &[String], now_s: u64) {
+        let gate = self.gate.clone();
+        let uid = self.uid();
+        let identity = Identity {
+            is_agent: true,
+            ..Identity::default()
+        };
+        let mut session = Session::new(uid, true, identity);
+        session.last_seen_s = now_s;
+        for f in filters {
+            self.trie.insert(f, &gate, QoS::AtLeastOnce);
+            session.filters.insert(f.clone(), QoS::AtLeastOnce);
+        }
+        self.agent_filters = filters.to_vec();
+        self.sessions.insert(gate, session);
+    }
+
+    /// Recreates a persistent session read from disk, offline, with its subscriptions, under
+    /// today's configuration: filters beyond the current limits or refused by the current
+    /// ACL are dropped, and sessions no client may hold any more are forgotten (a former
+    /// client id of the agent, or a session without an owner where clients must now log
+    /// in). Both are removed from disk too.
     pub fn restore(&mut self, stored: &StoredSession, now_s: u64) {
         let client: Arc<str> = Arc::from(stored.client.as_str());
+        if client == self.gate {
+            return self.restore_agent(stored);
+        }
+        if let Some(why) = self.unclaimable(stored) {
+            warn!(
+                client = truncated(&client),
+                reason = why,
+                "Stored MQTT session removed"
+            );
+            if let Some(p) = self.pending_mut(&client) {
+                p.forget();
+            }
+            return;
+        }
         let uid = self.uid();
-        // Only the agent can connect under its id, so its restored session is the agent's;
-        // any other stays reserved to the user that owned it.
+        // Any other session stays reserved to the user that owned it.
         let identity = Identity {
             username: stored.owner.as_deref().map(Arc::from),
-            is_agent: client == self.gate,
+            ..Identity::default()
         };
         let mut session = Session::new(uid, true, identity);
         session.last_seen_s = stored.last_seen_s.unwrap_or(now_s);
         let mut dropped = Vec::new();
         for (filter, qos) in &stored.filters {
-            if !valid_filter(filter) || !within_topic_limits(filter, &self.limits) {
+            let allowed = valid_filter(filter)
+                && within_topic_limits(filter, &self.limits)
+                && self
+                    .acl
+                    .as_ref()
+                    .is_none_or(|acl| acl.can_subscribe(stored.owner.as_deref(), &client, filter));
+            if !allowed {
                 dropped.push(filter.clone());
                 continue;
             }
@@ -417,9 +496,9 @@ impl Router {
         }
         if !dropped.is_empty() {
             warn!(
-                client = &*client,
+                client = truncated(&client),
                 dropped = dropped.len(),
-                "Stored subscriptions beyond broker.max_topic_bytes / max_topic_levels were removed"
+                "Stored subscriptions outside today's ACL or broker.max_topic_bytes / max_topic_levels were removed"
             );
             if let Some(p) = self.pending_mut(&client) {
                 for f in dropped {
@@ -429,6 +508,58 @@ impl Router {
         }
         self.persisted.insert(client.clone());
         self.sessions.insert(client, session);
+    }
+
+    /// Why a stored session may not be restored, if it may not.
+    fn unclaimable(&self, stored: &StoredSession) -> Option<&'static str> {
+        let former_agent = match stored.owner.as_deref() {
+            Some(owner) => owner == AGENT_OWNER,
+            // Recorded before sessions named the agent as their owner: the agent's session
+            // is the one that holds the agent's own shadow filters.
+            None => {
+                !self.agent_filters.is_empty()
+                    && self
+                        .agent_filters
+                        .iter()
+                        .take(2)
+                        .all(|f| stored.filters.iter().any(|(g, _)| g == f))
+            }
+        };
+        if former_agent {
+            return Some("the agent's session under a former mqtt.client_id");
+        }
+        if stored.owner.is_none() && self.owners_required {
+            return Some("recorded for an anonymous client, and clients must now log in");
+        }
+        None
+    }
+
+    /// The agent's stored session: today's filters only, as [`Router::reserve_agent`] set
+    /// them; filters of an earlier configuration are removed from disk.
+    fn restore_agent(&mut self, stored: &StoredSession) {
+        let client = self.gate.clone();
+        if !self.sessions.contains_key(&client) {
+            // Not reserved (tests of restore alone): the filters as stored.
+            let filters: Vec<String> = stored.filters.iter().map(|(f, _)| f.clone()).collect();
+            self.reserve_agent(&filters, stored.last_seen_s.unwrap_or(0));
+        }
+        let current: HashSet<&str> = self.agent_filters.iter().map(String::as_str).collect();
+        let stale: Vec<String> = stored
+            .filters
+            .iter()
+            .filter(|(f, _)| !current.contains(f.as_str()))
+            .map(|(f, _)| f.clone())
+            .collect();
+        let marked = stored.owner.as_deref() == Some(AGENT_OWNER);
+        if let Some(p) = self.pending_mut(&client) {
+            for f in stale {
+                p.filters.insert(f, None);
+            }
+            if !marked {
+                p.owner = Some(Arc::from(AGENT_OWNER));
+            }
+        }
+        self.persisted.insert(client);
     }
 
     /// Whether connecting `client_id` with a persistent session must first write it to
@@ -443,13 +574,18 @@ impl Router {
     pub fn persist_new(
         &mut self,
         client_id: &str,
-        owner: Option<&Arc<str>>,
+        who: &Identity,
     ) -> Option<oneshot::Receiver<bool>> {
         let client: Arc<str> = Arc::from(client_id);
+        let owner = if who.is_agent {
+            Some(Arc::from(AGENT_OWNER))
+        } else {
+            who.username.clone()
+        };
         let p = self.pending_mut(&client)?;
         let (written, rx) = oneshot::channel();
         p.record = true;
-        p.owner = owner.cloned();
+        p.owner = owner;
         p.written.push(written);
         Some(rx)
     }
@@ -508,8 +644,24 @@ impl Router {
         // which broker.max_connections bounds, so a flood of left-behind sessions cannot
         // lock devices out. A returning session is always admitted (refusing it, or evicting
         // an idle one, would make its device discard what it has not had acknowledged).
-        if !connect.clean_session
-            && !self.sessions.contains_key(connect.client_id.as_str())
+        let is_new_persistent =
+            !connect.clean_session && !self.sessions.contains_key(connect.client_id.as_str());
+        if is_new_persistent
+            && !who.is_shared
+            && let Some(user) = &who.username
+            && self
+                .sessions
+                .values()
+                .filter(|s| s.persistent && s.identity.username.as_ref() == Some(user))
+                .count()
+                >= self.limits.max_sessions_per_user
+        {
+            // One identity holding thousands of sessions (each a row on disk and a queue in
+            // memory) would crowd out every other device's.
+            self.metrics.broker_limit(BrokerLimit::UserSessions);
+            return Err(ConnectReturnCode::ServiceUnavailable);
+        }
+        if is_new_persistent
             && self.sessions.len() >= self.limits.max_sessions
             && self.sessions.values().filter(|s| s.persistent).count() >= self.limits.max_sessions
         {
@@ -1051,69 +1203,145 @@ impl Router {
             return;
         };
         let identity = session.identity.clone();
-        let mut count = session.filters.len();
-        let mut codes = Vec::with_capacity(subscribe.filters.len());
-        let mut granted = Vec::new();
-        for f in subscribe.filters {
-            if !valid_filter(&f.path) || f.path.contains('\0') {
-                codes.push(SubscribeReasonCode::Failure);
-                continue;
+        // One decision per distinct filter, whatever the packet repeats: a SUBSCRIBE that
+        // names one filter 100,000 times is granted (and sent the retained messages) once.
+        // The last occurrence's QoS wins, as if the copies had come one after another.
+        let mut wanted: Vec<(&str, QoS)> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for f in &subscribe.filters {
+            match index.get(f.path.as_str()) {
+                Some(&i) => wanted[i].1 = f.qos,
+                None => {
+                    index.insert(&f.path, wanted.len());
+                    wanted.push((&f.path, f.qos));
+                }
             }
-            if !identity.is_agent {
-                if !within_topic_limits(&f.path, &self.limits) {
-                    self.metrics.broker_limit(BrokerLimit::Topic);
-                    codes.push(SubscribeReasonCode::Failure);
-                    continue;
-                }
-                let is_new = self
-                    .sessions
-                    .get(client)
-                    .is_some_and(|s| !s.filters.contains_key(&f.path));
-                if is_new && count >= self.limits.max_subscriptions {
-                    self.metrics.broker_limit(BrokerLimit::Subscriptions);
-                    codes.push(SubscribeReasonCode::Failure);
-                    continue;
-                }
-                if let Some(acl) = &self.acl
-                    && !acl.can_subscribe(identity.username.as_deref(), client, &f.path)
-                {
-                    let what = format!("filter {:?}", f.path);
-                    self.deny(BrokerDenial::Subscribe, client, &what);
-                    codes.push(SubscribeReasonCode::Failure);
-                    continue;
-                }
-                count += usize::from(is_new);
-            }
-            let qos = min_qos(f.qos, QoS::AtLeastOnce);
-            self.trie.insert(&f.path, client, qos);
-            let persistent = match self.sessions.get_mut(client) {
-                Some(s) => {
-                    s.filters.insert(f.path.clone(), qos);
-                    s.persistent
-                }
-                None => false,
-            };
-            if persistent && let Some(p) = self.pending_mut(client) {
-                p.filters.insert(f.path.clone(), Some(qos as u8));
-            }
-            codes.push(SubscribeReasonCode::Success(qos));
-            granted.push((f.path, qos));
         }
+        let mut count = session.filters.len();
+        let mut decided: Vec<SubscribeReasonCode> = Vec::with_capacity(wanted.len());
+        let mut granted = Vec::new();
+        for &(path, requested) in &wanted {
+            let code = self.grant(client, &identity, path, requested, &mut count);
+            if let SubscribeReasonCode::Success(qos) = code {
+                granted.push((path.to_owned(), qos));
+            }
+            decided.push(code);
+        }
+        let codes = subscribe
+            .filters
+            .iter()
+            .map(|f| decided[index[f.path.as_str()]])
+            .collect();
+        drop(index);
+        drop(wanted);
         let Some(session) = self.sessions.get_mut(client) else {
             return;
         };
         session.send(Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
-        // MQTT 3.1.1, 3.3.1-6: retained messages go to every new subscription.
+        self.send_retained(client, &granted);
+    }
+
+    /// Decides one distinct filter of a SUBSCRIBE and, when granted, records it.
+    fn grant(
+        &mut self,
+        client: &Arc<str>,
+        identity: &Identity,
+        path: &str,
+        requested: QoS,
+        count: &mut usize,
+    ) -> SubscribeReasonCode {
+        if !valid_filter(path) || path.contains('\0') {
+            return SubscribeReasonCode::Failure;
+        }
+        if !identity.is_agent {
+            if !within_topic_limits(path, &self.limits) {
+                self.metrics.broker_limit(BrokerLimit::Topic);
+                return SubscribeReasonCode::Failure;
+            }
+            let is_new = self
+                .sessions
+                .get(client)
+                .is_some_and(|s| !s.filters.contains_key(path));
+            if is_new && *count >= self.limits.max_subscriptions {
+                self.metrics.broker_limit(BrokerLimit::Subscriptions);
+                return SubscribeReasonCode::Failure;
+            }
+            if let Some(acl) = &self.acl
+                && !acl.can_subscribe(identity.username.as_deref(), client, path)
+            {
+                let what = format!("filter {:?}", truncated(path));
+                self.deny(BrokerDenial::Subscribe, client, &what);
+                return SubscribeReasonCode::Failure;
+            }
+            *count += usize::from(is_new);
+        }
+        let qos = min_qos(requested, QoS::AtLeastOnce);
+        self.trie.insert(path, client, qos);
+        let persistent = match self.sessions.get_mut(client) {
+            Some(s) => {
+                s.filters.insert(path.to_owned(), qos);
+                s.persistent
+            }
+            None => false,
+        };
+        if persistent && let Some(p) = self.pending_mut(client) {
+            p.filters.insert(path.to_owned(), Some(qos as u8));
+        }
+        SubscribeReasonCode::Success(qos)
+    }
+
+    /// MQTT 3.1.1, 3.3.1-6: retained messages go to every new subscription. The work is
+    /// bounded per SUBSCRIBE ([`RETAINED_SCAN_BUDGET`] topics examined; a filter without
+    /// wildcards is one lookup, one with a literal head examines only the topics under it),
+    /// and so is what it queues: QoS0 copies stop at the client's write backlog, QoS1 copies
+    /// at its session queue, each counted as the live messages are.
+    fn send_retained(&mut self, client: &Arc<str>, granted: &[(String, QoS)]) {
+        let Some(session) = self.sessions.get_mut(client) else {
+            return;
+        };
+        let mut budget = RETAINED_SCAN_BUDGET;
+        let mut cut_short = false;
         for (filter, qos) in granted {
-            for (topic, kept) in &self.retained {
-                if !filter_matches(&filter, topic) {
+            let head = literal_head(filter);
+            let candidates: Box<dyn Iterator<Item = (&String, &Publish)>> =
+                if head.len() == filter.len() {
+                    Box::new(self.retained.get_key_value(filter.as_str()).into_iter())
+                } else {
+                    Box::new(
+                        self.retained
+                            .range::<str, _>((
+                                std::ops::Bound::Included(head),
+                                std::ops::Bound::Unbounded,
+                            ))
+                            .take_while(move |(t, _)| t.starts_with(head)),
+                    )
+                };
+            for (topic, kept) in candidates {
+                if budget == 0 {
+                    cut_short = true;
+                    break;
+                }
+                budget -= 1;
+                if !filter_matches(filter, topic) {
                     continue;
                 }
                 let mut p = kept.clone();
-                p.qos = min_qos(p.qos, qos);
+                p.qos = min_qos(p.qos, *qos);
                 p.retain = true;
                 if p.qos == QoS::AtMostOnce {
-                    session.send(Packet::Publish(p));
+                    match &session.link {
+                        Some((_, link))
+                            if !session.identity.is_agent
+                                && link.backlog() >= self.limits.max_write_backlog_bytes =>
+                        {
+                            self.metrics
+                                .broker_dropped_qos0
+                                .fetch_add(1, Ordering::Relaxed);
+                            self.metrics.broker_limit(BrokerLimit::WriteBacklog);
+                        }
+                        Some((_, link)) => link.send(Packet::Publish(p)),
+                        None => {}
+                    }
                     continue;
                 }
                 let c = cost(&p);
@@ -1133,6 +1361,16 @@ impl Router {
                     cost: c,
                 });
             }
+            if cut_short {
+                break;
+            }
+        }
+        if cut_short {
+            self.metrics.broker_limit(BrokerLimit::RetainedScan);
+            debug!(
+                client = &**client,
+                "Retained messages for a SUBSCRIBE cut short at the per-packet scan budget"
+            );
         }
         session.pump();
     }
@@ -1150,6 +1388,20 @@ impl Router {
         }
         self.reply(client, Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
     }
+}
+
+/// The part of a filter before its first wildcard: every topic it matches starts with it.
+fn literal_head(filter: &str) -> &str {
+    filter.find(['+', '#']).map_or(filter, |i| &filter[..i])
+}
+
+/// At most the first 128 bytes of client-chosen text, for logs and replies.
+fn truncated(text: &str) -> &str {
+    let mut end = text.len().min(128);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// A topic name a client may publish to (MQTT 3.1.1, 4.7.3: not empty, no wildcards).
@@ -1257,8 +1509,8 @@ mod tests {
 
     fn who(id: &str) -> Identity {
         Identity {
-            username: None,
             is_agent: id == AGENT,
+            ..Identity::default()
         }
     }
 
@@ -1382,7 +1634,7 @@ mod tests {
         );
         let user = |name: &str| Identity {
             username: Some(Arc::from(name)),
-            is_agent: false,
+            ..Identity::default()
         };
         let c = &connect_packet("press-1", false);
         assert_eq!(
@@ -1466,7 +1718,7 @@ mod tests {
             }]
         );
         // A forget that failed to be written goes back beneath a newer record.
-        let _written = r.persist_new("m1", None).unwrap();
+        let _written = r.persist_new("m1", &who("m1")).unwrap();
         r.requeue(deltas);
         let (deltas, written) = r.take_pending();
         assert_eq!(written.len(), 1);

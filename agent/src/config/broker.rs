@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// The most PBKDF2 iterations `broker.max_password_iterations` may allow.
+pub const PASSWORD_ITERATIONS_CEILING: u32 = 1_000_000;
+
 /// `[broker]` as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -63,6 +66,14 @@ pub struct RawBroker {
     /// reads from that client more slowly, so one flooding client cannot take the CPU from
     /// the others (0: no limit). The agent's own client is exempt.
     pub max_client_bytes_per_sec: u64,
+    /// Persistent sessions one authenticated user (password file or certificate) may hold.
+    pub max_sessions_per_user: usize,
+    /// Connections that have not sent their CONNECT yet; beyond, the oldest is closed.
+    pub max_pending_connections: usize,
+    /// Highest PBKDF2 iteration count accepted in the password file (every CONNECT pays it).
+    pub max_password_iterations: u32,
+    /// Password checks running at once (on their own threads); beyond, CONNECTs wait.
+    pub max_password_checks: usize,
     /// A second listener speaking MQTT over TLS (e.g. `"0.0.0.0:8883"`); empty: none.
     pub tls_listen: String,
     /// PEM certificate chain the TLS listener presents.
@@ -128,6 +139,10 @@ impl Default for RawBroker {
             max_sessions: l.max_sessions,
             session_expiry_secs: l.session_expiry.as_secs(),
             max_client_bytes_per_sec: l.max_client_bytes_per_sec,
+            max_sessions_per_user: l.max_sessions_per_user,
+            max_pending_connections: l.max_pending_connections,
+            max_password_iterations: l.max_password_iterations,
+            max_password_checks: l.max_password_checks,
             tls_listen: String::new(),
             tls_cert_file: None,
             tls_key_file: None,
@@ -170,6 +185,14 @@ pub struct BrokerLimits {
     pub session_expiry: Duration,
     /// Read rate per client, bytes per second (zero: unlimited).
     pub max_client_bytes_per_sec: u64,
+    /// Persistent sessions per authenticated user (not the shared login).
+    pub max_sessions_per_user: usize,
+    /// Connections without a CONNECT yet.
+    pub max_pending_connections: usize,
+    /// Highest PBKDF2 iteration count in the password file.
+    pub max_password_iterations: u32,
+    /// Concurrent password checks.
+    pub max_password_checks: usize,
 }
 
 impl Default for BrokerLimits {
@@ -199,6 +222,18 @@ impl Default for BrokerLimits {
             // sends (about 2 MB/s of QoS1 shadow updates in `make bench`); a line of
             // plain publishers behind one gateway connection may need more.
             max_client_bytes_per_sec: 8 * 1024 * 1024,
+            // A gateway may run a few clients under one identity; a device needs one.
+            max_sessions_per_user: 16,
+            // Enough for a whole line reconnecting at once after a switch reboot; the
+            // oldest silent socket makes room, so idle sockets cannot lock devices out.
+            max_pending_connections: 256,
+            // Mosquitto 2.0's mosquitto_passwd writes 101; ten times that keeps a CONNECT
+            // under a millisecond of CPU on a small ARM box. Raise it for files made with
+            // more.
+            max_password_iterations: 1_000,
+            // One per core of a small box: a flood of guesses queues behind these and never
+            // holds the runtime's workers.
+            max_password_checks: 2,
         }
     }
 }
@@ -251,10 +286,22 @@ impl BrokerConfig {
                 raw.max_write_backlog_bytes,
             ),
             ("broker.max_sessions", raw.max_sessions),
+            ("broker.max_sessions_per_user", raw.max_sessions_per_user),
+            (
+                "broker.max_pending_connections",
+                raw.max_pending_connections,
+            ),
+            ("broker.max_password_checks", raw.max_password_checks),
         ] {
             if v == 0 {
                 errs.push(format!("{key} must be > 0 (got 0)"));
             }
+        }
+        if !(1..=PASSWORD_ITERATIONS_CEILING).contains(&raw.max_password_iterations) {
+            errs.push(format!(
+                "broker.max_password_iterations must be 1 to {} (got {})",
+                PASSWORD_ITERATIONS_CEILING, raw.max_password_iterations
+            ));
         }
         // Deep filters are walked recursively; this bound is what keeps the stack safe.
         if raw.max_topic_levels > 256 {
@@ -308,6 +355,10 @@ impl BrokerConfig {
                 max_sessions: raw.max_sessions,
                 session_expiry: Duration::from_secs(raw.session_expiry_secs),
                 max_client_bytes_per_sec: raw.max_client_bytes_per_sec,
+                max_sessions_per_user: raw.max_sessions_per_user,
+                max_pending_connections: raw.max_pending_connections,
+                max_password_iterations: raw.max_password_iterations,
+                max_password_checks: raw.max_password_checks,
             },
         }
     }

@@ -15,7 +15,9 @@ use serde::Deserialize;
 
 mod broker;
 mod ingest;
-pub use broker::{BrokerConfig, BrokerLimits, CertIdentity, RawBroker, TlsListener};
+pub use broker::{
+    BrokerConfig, BrokerLimits, CertIdentity, PASSWORD_ITERATIONS_CEILING, RawBroker, TlsListener,
+};
 pub use ingest::{Format, IngestSettings, RawIngest, SparkplugSettings};
 
 /// `store.min_commit_interval_ms` by default: at 1,000 messages/s it lets about five messages

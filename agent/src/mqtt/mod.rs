@@ -204,6 +204,28 @@ pub struct Mqtt {
     sparkplug: Option<Arc<Sparkplug>>,
     twins: Option<Arc<Twins>>,
     limits: Limits,
+    /// What the agent's client subscribes to (see [`agent_filters`]).
+    filters: Vec<String>,
+}
+
+/// Every filter the agent's own client subscribes to: each dialect's topics. The embedded
+/// broker holds these for the agent's session before it accepts any device, so no device
+/// message the agent takes can be acknowledged before the agent holds it.
+pub fn agent_filters(prefix: &str, ingest: &IngestSettings) -> Vec<String> {
+    let mut filters = vec![
+        format!("{prefix}/+/shadow/update"),
+        format!("{prefix}/+/shadow/get"),
+    ];
+    filters.extend(ingest.json.iter().map(IngestPattern::filter));
+    if let Some(s) = &ingest.sparkplug {
+        filters.extend(edgesync_protocol::sparkplug::topic::subscriptions(
+            s.group.as_deref(),
+        ));
+    }
+    if ingest.kubeedge_twin {
+        filters.extend(edgesync_protocol::kubeedge::subscriptions());
+    }
+    filters
 }
 
 impl Mqtt {
@@ -255,6 +277,7 @@ impl Mqtt {
                 .map(|s| Arc::new(Sparkplug::new(s, metrics.clone()))),
             twins: ingest.kubeedge_twin.then(|| Arc::new(Twins::default())),
             limits,
+            filters: agent_filters(&settings.topic_prefix, ingest),
         })
     }
 
@@ -282,17 +305,7 @@ impl Mqtt {
         let (intake_tx, intake_rx) = mpsc::channel(INTAKE_CAPACITY);
         let (job_tx, job_rx) = mpsc::channel(RESPONDER_CAPACITY);
         let prefix = self.settings.topic_prefix.clone();
-        let mut filters = vec![
-            format!("{prefix}/+/shadow/update"),
-            format!("{prefix}/+/shadow/get"),
-        ];
-        filters.extend(self.ingest.iter().map(IngestPattern::filter));
-        if let Some(s) = &self.sparkplug {
-            filters.extend(s.filters());
-        }
-        if self.twins.is_some() {
-            filters.extend(edgesync_protocol::kubeedge::subscriptions());
-        }
+        let filters = self.filters.clone();
         let redeliver = Arc::new(tokio::sync::Notify::new());
         let publisher = self.publisher(metrics.clone());
         let processor = Processor {

@@ -43,11 +43,6 @@ impl Sparkplug {
         }
     }
 
-    /// The subscriptions: births, data and deaths in the configured group.
-    pub(super) fn filters(&self) -> Vec<String> {
-        topic::subscriptions(self.group.as_deref())
-    }
-
     /// Whether `topic` is one of ours.
     pub(super) fn matches(&self, topic: &str) -> bool {
         topic::parse(topic).is_some_and(|t| self.group.as_deref().is_none_or(|g| g == t.group))
