@@ -263,10 +263,7 @@ async fn serve<R, W>(
         Entry::Agent(slot) => Some(slot),
         Entry::Device(ticket) => {
             drop(ticket);
-            match ConnectionSlot::try_take(&shared.open, limits.max_connections) {
-                Some(slot) => Some(slot),
-                None => None,
-            }
+            ConnectionSlot::try_take(&shared.open, limits.max_connections)
         }
     };
     let mut slot = match slot {

@@ -1410,6 +1410,11 @@ fn valid_topic(topic: &str) -> bool {
 }
 
 #[cfg(test)]
+mod attacks;
+#[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use rumqttc::{Login, Protocol};
@@ -1417,19 +1422,19 @@ mod tests {
 
     use super::*;
 
-    const AGENT: &str = "agent";
+    pub(super) const AGENT: &str = "agent";
 
-    struct Client {
-        id: Arc<str>,
-        conn: u64,
-        rx: UnboundedReceiver<Packet>,
-        closed: CancellationToken,
+    pub(super) struct Client {
+        pub(super) id: Arc<str>,
+        pub(super) conn: u64,
+        pub(super) rx: UnboundedReceiver<Packet>,
+        pub(super) closed: CancellationToken,
         /// Sent right after the CONNACK.
         early: Vec<Packet>,
     }
 
     impl Client {
-        fn drain(&mut self) -> Vec<Packet> {
+        pub(super) fn drain(&mut self) -> Vec<Packet> {
             let mut out = std::mem::take(&mut self.early);
             while let Ok(p) = self.rx.try_recv() {
                 out.push(p);
@@ -1438,7 +1443,7 @@ mod tests {
         }
     }
 
-    fn connect_packet(id: &str, clean: bool) -> Connect {
+    pub(super) fn connect_packet(id: &str, clean: bool) -> Connect {
         Connect {
             protocol: Protocol::V4,
             keep_alive: 30,
@@ -1449,7 +1454,7 @@ mod tests {
         }
     }
 
-    fn connect(router: &mut Router, id: &str, clean: bool) -> Client {
+    pub(super) fn connect(router: &mut Router, id: &str, clean: bool) -> Client {
         let (tx, rx) = mpsc::unbounded_channel();
         let closed = CancellationToken::new();
         let link = Link::new(tx, Arc::default(), closed.clone(), Arc::default());
@@ -1469,7 +1474,7 @@ mod tests {
         c
     }
 
-    fn subscribe(router: &mut Router, c: &mut Client, filter: &str) {
+    pub(super) fn subscribe(router: &mut Router, c: &mut Client, filter: &str) {
         let s = Subscribe::new(filter, QoS::AtLeastOnce);
         assert_eq!(
             router.handle(&c.id, c.conn, Packet::Subscribe(s)),
@@ -1478,7 +1483,7 @@ mod tests {
         c.drain();
     }
 
-    fn publish(router: &mut Router, c: &Client, topic: &str, pkid: u16) {
+    pub(super) fn publish(router: &mut Router, c: &Client, topic: &str, pkid: u16) {
         let mut p = Publish::new(topic, QoS::AtLeastOnce, "{}");
         p.pkid = pkid;
         assert_eq!(
@@ -1487,7 +1492,7 @@ mod tests {
         );
     }
 
-    fn publishes(packets: &[Packet]) -> Vec<(String, u16, bool)> {
+    pub(super) fn publishes(packets: &[Packet]) -> Vec<(String, u16, bool)> {
         packets
             .iter()
             .filter_map(|p| match p {
@@ -1497,7 +1502,7 @@ mod tests {
             .collect()
     }
 
-    fn pubacks(packets: &[Packet]) -> Vec<u16> {
+    pub(super) fn pubacks(packets: &[Packet]) -> Vec<u16> {
         packets
             .iter()
             .filter_map(|p| match p {
@@ -1507,14 +1512,14 @@ mod tests {
             .collect()
     }
 
-    fn who(id: &str) -> Identity {
+    pub(super) fn who(id: &str) -> Identity {
         Identity {
             is_agent: id == AGENT,
             ..Identity::default()
         }
     }
 
-    fn router() -> Router {
+    pub(super) fn router() -> Router {
         Router::new(AGENT, BrokerLimits::default(), None, Arc::default())
     }
 
@@ -1835,7 +1840,7 @@ mod tests {
         assert_eq!(publishes(&sub.drain()).len(), 1);
     }
 
-    fn limited(limits: BrokerLimits) -> Router {
+    pub(super) fn limited(limits: BrokerLimits) -> Router {
         Router::new(AGENT, limits, None, Arc::default())
     }
 
