@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 QUICK ?= 0
 
-.PHONY: demo test bench arm fmt-check clippy unit deps k8s mosquitto sparkplug promtool crds
+.PHONY: demo test bench arm fmt-check clippy unit fuzz deps k8s mosquitto sparkplug promtool crds
 
 ## demo: the whole system end to end on this machine (control plane, controller, agent with its embedded broker, simulated machines)
 demo: k8s
@@ -47,6 +47,11 @@ clippy:
 ## unit: only the tests that need neither broker nor apiserver
 unit:
 	$(CARGO) test -p edgesync-protocol -p edgesync-crds -p edgesync-examples
+
+## fuzz: the decoders (MQTT packets into the embedded broker, Sparkplug B, KubeEdge twin) and the broker's router under many more generated inputs than `make test` runs (FUZZ_CASES, default 100000 each); a failure prints the smallest input that breaks it
+FUZZ_CASES ?= 100000
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p edgesync-protocol -p edgesync-agent --lib -- fuzz_ the_router_keeps_its_promises
 
 ## crds: regenerate crds/*.yaml from the Rust types
 crds:

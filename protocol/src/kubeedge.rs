@@ -210,11 +210,14 @@ pub fn error_result(event_id: &str, code: u16, reason: &str, now_ms: u64) -> Val
     json!({"event_id": event_id, "timestamp": now_ms, "code": code, "reason": reason})
 }
 
-/// The `event_id` of a request, whatever else it holds (empty when there is none).
-pub fn event_id(payload: &[u8]) -> String {
+/// The `event_id` of a request, whatever else it holds, to echo in its reply: empty when
+/// there is none, or when it is longer than `limits.max_client_token_bytes` (a reply never
+/// echoes unbounded input; such a request is refused anyway).
+pub fn event_id(payload: &[u8], limits: &Limits) -> String {
     serde_json::from_slice::<Value>(payload)
         .ok()
         .and_then(|v| v.get("event_id")?.as_str().map(str::to_owned))
+        .filter(|id| id.len() <= limits.max_client_token_bytes)
         .unwrap_or_default()
 }
 
@@ -298,6 +301,60 @@ pub fn delta(device: &str, doc: &ShadowDocument, now_ms: u64) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_never_echoes_an_oversized_event_id() {
+        let limits = Limits::default();
+        let long = "e".repeat(900_000);
+        let payload = format!(r#"{{"event_id":"{long}","twin":{{}}}}"#);
+        assert_eq!(event_id(payload.as_bytes(), &limits), "");
+        assert_eq!(event_id(br#"{"event_id":"e1"}"#, &limits), "e1");
+    }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Valid requests to mutate, so the generator reaches past the first byte.
+        const SEEDS: [&str; 3] = [
+            r#"{"event_id":"e1","timestamp":1,"twin":{"temp":{"actual":{"value":"21"},"metadata":{"type":"int"}}}}"#,
+            r#"{"event_id":"e2","twin":{"mode":{"actual":{"value":"auto"}}}}"#,
+            r#"{"event_id":"e3"}"#,
+        ];
+
+        fn mutated() -> impl Strategy<Value = Vec<u8>> {
+            (
+                0..SEEDS.len(),
+                prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+            )
+                .prop_map(|(seed, edits)| {
+                    let mut bytes = SEEDS[seed].as_bytes().to_vec();
+                    for (at, b) in edits {
+                        let i = at.index(bytes.len());
+                        bytes[i] = b;
+                    }
+                    bytes
+                })
+        }
+
+        proptest! {
+            /// Arbitrary and mutated payloads and topics: never a panic, and a refusal's
+            /// message and echoed event id stay short whatever the input's size.
+            #[test]
+            fn fuzz_twin_decoders(
+                payload in prop_oneof![prop::collection::vec(any::<u8>(), 0..512), mutated()],
+                topic in "\\$hw/events/device/[a-z/+#]{0,24}/twin/(update|get|[a-z]{0,6})",
+            ) {
+                let limits = Limits::default();
+                let _ = parse_topic(&topic);
+                prop_assert!(event_id(&payload, &limits).len() <= limits.max_client_token_bytes);
+                if let Err(e) = parse_update(&payload, &limits) {
+                    prop_assert!(e.to_string().len() <= 1024, "{}", e);
+                }
+            }
+        }
+    }
 
     #[test]
     fn topics_in_both_id_forms() {

@@ -33,6 +33,8 @@ pub struct RawIngest {
     pub max_edge_nodes: Option<usize>,
     /// `sparkplug-b`: aliases, metric names and devices remembered per edge node.
     pub max_metrics_per_node: Option<usize>,
+    /// Bytes of metric, alias and device names remembered for all edge nodes together.
+    pub max_name_bytes: Option<usize>,
     /// `sparkplug-b`: least time between two rebirth requests to one edge node.
     pub rebirth_interval_ms: Option<u64>,
 }
@@ -73,6 +75,7 @@ pub fn ingest_settings(raw: &[RawIngest], errs: &mut Vec<String>) -> IngestSetti
             ("group", m.group.is_some()),
             ("max_edge_nodes", m.max_edge_nodes.is_some()),
             ("max_metrics_per_node", m.max_metrics_per_node.is_some()),
+            ("max_name_bytes", m.max_name_bytes.is_some()),
             ("rebirth_interval_ms", m.rebirth_interval_ms.is_some()),
         ];
         match m.format {
@@ -134,10 +137,14 @@ pub fn ingest_settings(raw: &[RawIngest], errs: &mut Vec<String>) -> IngestSetti
                     max_edge_nodes: m.max_edge_nodes.unwrap_or(d.max_edge_nodes),
                     max_metrics_per_node: m.max_metrics_per_node.unwrap_or(d.max_metrics_per_node),
                     rebirth_interval_ms: m.rebirth_interval_ms.unwrap_or(d.rebirth_interval_ms),
+                    max_name_bytes: m.max_name_bytes.unwrap_or(d.max_name_bytes),
                 };
-                if host.max_edge_nodes == 0 || host.max_metrics_per_node == 0 {
+                if host.max_edge_nodes == 0
+                    || host.max_metrics_per_node == 0
+                    || host.max_name_bytes == 0
+                {
                     errs.push(format!(
-                        "ingest[{i}]: max_edge_nodes and max_metrics_per_node must be at least 1"
+                        "ingest[{i}]: max_edge_nodes, max_metrics_per_node and max_name_bytes must be at least 1"
                     ));
                 }
                 out.sparkplug = Some(SparkplugSettings {

@@ -62,7 +62,7 @@ impl Processor {
     /// Validates a twin request and queues it to the store; the event id travels as the
     /// job's client token.
     pub(super) async fn twin(&self, t: &TwinTopic, publish: &Publish) -> (Pending, Option<String>) {
-        let event_id = kubeedge::event_id(&publish.payload);
+        let event_id = kubeedge::event_id(&publish.payload, &self.limits);
         if let Err(e) = validate_device_id(&t.device) {
             let e = ShadowError::from(e);
             super::refused(&self.metrics, e.reason(), &publish.topic, &e.to_string());

@@ -35,7 +35,14 @@ pub struct HostSettings {
     pub max_metrics_per_node: usize,
     /// Least time between two rebirth requests to one node.
     pub rebirth_interval_ms: u64,
+    /// Bytes of names (metric, alias and device names) remembered for all nodes together;
+    /// a birth or a new device beyond is refused.
+    pub max_name_bytes: usize,
 }
+
+/// The longest metric name a birth may declare: a name is a path of state keys, each at
+/// most 128 bytes, so anything longer could not be stored anyway.
+pub const MAX_METRIC_NAME_BYTES: usize = 1024;
 
 impl Default for HostSettings {
     fn default() -> Self {
@@ -43,6 +50,7 @@ impl Default for HostSettings {
             max_edge_nodes: 1024,
             max_metrics_per_node: 65_536,
             rebirth_interval_ms: 5_000,
+            max_name_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -87,6 +95,12 @@ pub enum Refused {
         "Sparkplug edge node declares more than {0} metrics and devices (raise max_metrics_per_node)"
     )]
     MetricLimit(usize),
+    /// The names every node declared together would pass `max_name_bytes`, or one metric
+    /// name is longer than [`MAX_METRIC_NAME_BYTES`].
+    #[error(
+        "Sparkplug names beyond {0} bytes (metric names over 1024 bytes, or all nodes' names past max_name_bytes)"
+    )]
+    NameBytes(usize),
 }
 
 impl Refused {
@@ -98,6 +112,7 @@ impl Refused {
             Self::IdConflict { .. } => "sparkplug_id_conflict",
             Self::NodeLimit(_) => "sparkplug_node_limit",
             Self::MetricLimit(_) => "sparkplug_metric_limit",
+            Self::NameBytes(_) => "sparkplug_name_bytes",
         }
     }
 }
@@ -194,13 +209,49 @@ struct Node {
     /// Whether the node's own birth carried state (then the node is a device too).
     has_state: bool,
     last_rebirth_ms: Option<u64>,
+    /// Bytes of the names above, as last counted ([`Node::count_bytes`]).
+    bytes: usize,
 }
+
+/// What remembering a name costs beyond its bytes (map entry, string header).
+const NAME_OVERHEAD: usize = 48;
 
 impl Node {
     fn entries(&self) -> usize {
         self.aliases.len()
             + self.metrics.values().map(HashMap::len).sum::<usize>()
             + self.devices.len()
+    }
+
+    fn count_bytes(&self) -> usize {
+        let device = |d: &Option<String>| d.as_ref().map_or(0, String::len);
+        let metrics: usize = self
+            .metrics
+            .iter()
+            .map(|(d, m)| device(d) + m.keys().map(|n| n.len() + NAME_OVERHEAD).sum::<usize>())
+            .sum();
+        let aliases: usize = self
+            .aliases
+            .values()
+            .map(|k| k.name.len() + device(&k.device) + NAME_OVERHEAD)
+            .sum();
+        let devices: usize = self.devices.iter().map(|d| d.len() + NAME_OVERHEAD).sum();
+        metrics + aliases + devices
+    }
+
+    /// What a device's (or, for `None`, the node's own) metrics and aliases cost now.
+    fn bytes_of(&self, device: &Option<String>) -> usize {
+        let own = |d: &Option<String>| d == device;
+        let metrics = self.metrics.get(device).map_or(0, |m| {
+            m.keys().map(|n| n.len() + NAME_OVERHEAD).sum::<usize>()
+        });
+        let aliases: usize = self
+            .aliases
+            .values()
+            .filter(|k| own(&k.device))
+            .map(|k| k.name.len() + NAME_OVERHEAD)
+            .sum();
+        metrics + aliases
     }
 }
 
@@ -210,6 +261,8 @@ pub struct Host {
     settings: HostSettings,
     nodes: HashMap<(String, String), Node>,
     owners: HashMap<String, Identity>,
+    /// Bytes of all nodes' names ([`HostSettings::max_name_bytes`]).
+    bytes: usize,
 }
 
 impl Host {
@@ -260,19 +313,63 @@ impl Host {
         }
         let key = (identity.group.clone(), identity.edge_node.clone());
         if !self.nodes.contains_key(&key) && self.nodes.len() >= self.settings.max_edge_nodes {
-            return Err(Refused::NodeLimit(self.settings.max_edge_nodes));
+            // A birth may take the place of a node never born: a client sending data under
+            // many made-up node ids must not lock out a real edge node.
+            if topic.kind != Kind::NBirth || !self.forget_an_unborn_node() {
+                return Err(Refused::NodeLimit(self.settings.max_edge_nodes));
+            }
         }
         let max_entries = self.settings.max_metrics_per_node;
+        let max_bytes = self.settings.max_name_bytes;
+        let host_bytes = self.bytes;
         let node = self.nodes.entry(key).or_default();
+        // Checked before anything is learned, so a refused message changes nothing.
         if matches!(topic.kind, Kind::NBirth | Kind::DBirth) {
-            // Checked before anything is learned, so a refused birth changes nothing.
-            let replaced = match topic.kind {
-                Kind::NBirth => node.entries(),
-                _ => node.metrics.get(&identity.device).map_or(0, HashMap::len),
+            let (replaced, replaced_bytes) = match topic.kind {
+                Kind::NBirth => (node.entries(), node.bytes),
+                _ => (
+                    node.metrics.get(&identity.device).map_or(0, HashMap::len),
+                    node.bytes_of(&identity.device),
+                ),
             };
             if node.entries() - replaced + 2 * payload.metrics.len() + 1 > max_entries {
                 return Err(Refused::MetricLimit(max_entries));
             }
+            let mut declared = 0;
+            for m in &payload.metrics {
+                let n = m.name.as_ref().map_or(0, String::len);
+                if n > MAX_METRIC_NAME_BYTES {
+                    return Err(Refused::NameBytes(MAX_METRIC_NAME_BYTES));
+                }
+                declared +=
+                    2 * (n + NAME_OVERHEAD + identity.device.as_ref().map_or(0, String::len));
+            }
+            let after = host_bytes - replaced_bytes.min(host_bytes) + declared;
+            if after > max_bytes {
+                return Err(Refused::NameBytes(max_bytes));
+            }
+        } else if let Some(d) = &identity.device
+            && !node.devices.contains(d)
+        {
+            // A device first heard in a data or death message is remembered too: bounded
+            // like the devices a birth declares.
+            if node.entries() + 1 > max_entries {
+                return Err(Refused::MetricLimit(max_entries));
+            }
+            if host_bytes + d.len() + NAME_OVERHEAD > max_bytes {
+                return Err(Refused::NameBytes(max_bytes));
+            }
+        }
+        let recount = matches!(topic.kind, Kind::NBirth | Kind::DBirth | Kind::NDeath)
+            || identity
+                .device
+                .as_ref()
+                .is_some_and(|d| !node.devices.contains(d));
+        if topic.kind == Kind::DBirth {
+            // A device's new birth replaces its aliases: the old ones would otherwise
+            // accumulate, birth after birth.
+            let device = &identity.device;
+            node.aliases.retain(|_, k| k.device != *device);
         }
         let mut out = Outcome::default();
         let mut rebirth = false;
@@ -295,8 +392,10 @@ impl Host {
                 }
             }
             Kind::NDeath => {
+                // The death must name the session it ends (spec: the NDEATH's bdSeq equals
+                // its NBIRTH's): one without, or with another, ends nothing.
                 let death = bd_seq(&payload);
-                if node.born && node.bd_seq.is_some() && death.is_some() && death != node.bd_seq {
+                if node.born && node.bd_seq.is_some() && death != node.bd_seq {
                     out.issues.push(Issue::StaleDeath);
                     return Ok(out);
                 }
@@ -339,6 +438,9 @@ impl Host {
                     node.devices.insert(d.clone());
                 } else if reported.is_empty() && !node.has_state {
                     // An NDATA with nothing to report for a node that is not a device.
+                    if recount {
+                        recount_bytes(&mut self.bytes, node);
+                    }
                     return Ok(finish(node, out, rebirth, topic, now_ms, self.settings));
                 } else {
                     node.has_state = true;
@@ -352,7 +454,29 @@ impl Host {
             }
             Kind::NCmd | Kind::DCmd => {}
         }
+        if recount {
+            recount_bytes(&mut self.bytes, node);
+        }
         Ok(finish(node, out, rebirth, topic, now_ms, self.settings))
+    }
+
+    /// Forgets one node that was never born (heard only in data messages), with the device
+    /// ids it claimed; false when every node remembered is born.
+    fn forget_an_unborn_node(&mut self) -> bool {
+        let Some(key) = self
+            .nodes
+            .iter()
+            .find(|(_, n)| !n.born)
+            .map(|(k, _)| k.clone())
+        else {
+            return false;
+        };
+        if let Some(node) = self.nodes.remove(&key) {
+            self.bytes -= node.bytes.min(self.bytes);
+        }
+        self.owners
+            .retain(|_, who| (who.group.as_str(), who.edge_node.as_str()) != (&key.0, &key.1));
+        true
     }
 
     /// The command that writes `delta` (desired minus reported) to a Sparkplug device:
@@ -407,6 +531,13 @@ impl Host {
             .encode_to_vec(),
         })
     }
+}
+
+/// Counts a node's names again after a message that may have changed them.
+fn recount_bytes(host_bytes: &mut usize, node: &mut Node) {
+    let before = node.bytes;
+    node.bytes = node.count_bytes();
+    *host_bytes = *host_bytes - before.min(*host_bytes) + node.bytes;
 }
 
 /// Adds the rebirth request, paced per node.

@@ -405,3 +405,197 @@ proptest::proptest! {
         let _ = handle(&mut host, topics[kind], &body, T0);
     }
 }
+
+fn named_birth(seq: u64, names: &[String], first_alias: u64) -> Vec<u8> {
+    let metrics = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            metric(
+                Some(n),
+                Some(first_alias + i as u64),
+                Some(dt::DOUBLE),
+                MetricValue::DoubleValue(1.0),
+            )
+        })
+        .collect();
+    payload(Some(seq), metrics)
+}
+
+#[test]
+fn names_are_bounded_in_bytes_per_name_and_for_all_nodes() {
+    let mut host = Host::new(HostSettings {
+        max_name_bytes: 64 * 1024,
+        ..HostSettings::default()
+    });
+    let long = vec!["x".repeat(MAX_METRIC_NAME_BYTES + 1)];
+    let err = handle(
+        &mut host,
+        "spBv1.0/g/DBIRTH/a/d",
+        &named_birth(0, &long, 1),
+        T0,
+    );
+    assert_eq!(err, Err(Refused::NameBytes(MAX_METRIC_NAME_BYTES)));
+    // 1,000-byte names: births from many nodes stop at the bytes bound, not before.
+    let names: Vec<String> = (0..10).map(|i| format!("{i:0>1000}")).collect();
+    let mut accepted = 0;
+    for node in 0..100 {
+        let topic = format!("spBv1.0/g/DBIRTH/n{node}/d");
+        match handle(&mut host, &topic, &named_birth(0, &names, 1), T0) {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                assert_eq!(e, Refused::NameBytes(64 * 1024));
+                break;
+            }
+        }
+    }
+    assert!(
+        (1..4).contains(&accepted),
+        "{accepted} births of 20 KB names in 64 KiB"
+    );
+    assert!(host.bytes <= 64 * 1024);
+}
+
+#[test]
+fn a_device_reborn_with_new_aliases_does_not_grow_the_node() {
+    let mut host = Host::new(HostSettings {
+        max_metrics_per_node: 100,
+        ..HostSettings::default()
+    });
+    let names: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    for birth in 0..1_900u64 {
+        let body = named_birth(birth % 256, &names, birth * 10);
+        handle(&mut host, "spBv1.0/g/DBIRTH/a/d", &body, T0).unwrap();
+    }
+    let node = &host.nodes[&("g".to_owned(), "a".to_owned())];
+    assert_eq!(node.aliases.len(), 10);
+}
+
+#[test]
+fn devices_first_heard_in_data_are_bounded_like_births() {
+    let mut host = Host::new(HostSettings {
+        max_metrics_per_node: 100,
+        ..HostSettings::default()
+    });
+    handle(&mut host, "spBv1.0/g/NBIRTH/a", &nbirth(1), T0).unwrap();
+    let mut devices = 0;
+    for i in 0..1_000u64 {
+        let topic = format!("spBv1.0/g/DDATA/a/dev{i}");
+        match handle(&mut host, &topic, &ddata((i + 1) % 256, 10, 1.0), T0) {
+            Ok(out) => devices += out.updates.len(),
+            Err(e) => {
+                assert_eq!(e, Refused::MetricLimit(100));
+                break;
+            }
+        }
+    }
+    assert!(
+        devices < 100,
+        "{devices} devices for a node limited to 100 entries"
+    );
+}
+
+#[test]
+fn a_birth_takes_the_place_of_a_node_never_born() {
+    let mut host = Host::new(HostSettings {
+        max_edge_nodes: 4,
+        ..HostSettings::default()
+    });
+    for g in 0..4 {
+        let topic = format!("spBv1.0/g{g}/NDATA/squatter");
+        let _ = handle(&mut host, &topic, &ddata(1, 1, 1.0), T0);
+    }
+    assert_eq!(host.edge_nodes(), 4);
+    let more = handle(
+        &mut host,
+        "spBv1.0/g9/NDATA/squatter",
+        &ddata(1, 1, 1.0),
+        T0,
+    );
+    assert_eq!(more, Err(Refused::NodeLimit(4)));
+    handle(&mut host, "spBv1.0/plant/NBIRTH/real", &nbirth(1), T0).unwrap();
+    assert_eq!(host.edge_nodes(), 4);
+    // Born nodes are never displaced.
+    let mut born = Host::new(HostSettings {
+        max_edge_nodes: 1,
+        ..HostSettings::default()
+    });
+    handle(&mut born, "spBv1.0/g/NBIRTH/a", &nbirth(1), T0).unwrap();
+    let err = handle(&mut born, "spBv1.0/g/NBIRTH/b", &nbirth(1), T0);
+    assert_eq!(err, Err(Refused::NodeLimit(1)));
+}
+
+#[test]
+fn a_death_without_its_births_bdseq_ends_nothing() {
+    let mut host = born_host();
+    let no_bdseq = payload(None, Vec::new());
+    let out = handle(&mut host, "spBv1.0/Plant1/NDEATH/GW1", &no_bdseq, T0).unwrap();
+    assert_eq!(out.issues, [Issue::StaleDeath]);
+    assert!(out.updates.is_empty());
+    let out = handle(&mut host, "spBv1.0/Plant1/NDEATH/GW1", &nbirth(7), T0).unwrap();
+    assert!(out.updates.iter().all(|u| !u.connected));
+}
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn mutated() -> impl Strategy<Value = Vec<u8>> {
+        (
+            0..3usize,
+            prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        )
+            .prop_map(|(seed, edits)| {
+                let mut bytes = match seed {
+                    0 => nbirth(1),
+                    1 => dbirth(1),
+                    _ => ddata(2, 10, 1.0),
+                };
+                for (at, b) in edits {
+                    let i = at.index(bytes.len());
+                    bytes[i] = b;
+                }
+                bytes
+            })
+    }
+
+    proptest! {
+        /// Arbitrary and mutated payloads under any message kind, in sequence: never a
+        /// panic, and the host's memory stays within its bounds.
+        #[test]
+        fn fuzz_sparkplug_host(
+            messages in prop::collection::vec((
+                0..8usize,
+                0..3usize,
+                0..3usize,
+                prop_oneof![prop::collection::vec(any::<u8>(), 0..256), mutated()],
+            ), 1..24)
+        ) {
+            const KINDS: [&str; 8] =
+                ["NBIRTH", "NDEATH", "NDATA", "DBIRTH", "DDEATH", "DDATA", "NCMD", "DCMD"];
+            let settings = HostSettings {
+                max_edge_nodes: 2,
+                max_metrics_per_node: 16,
+                max_name_bytes: 4096,
+                ..HostSettings::default()
+            };
+            let mut host = Host::new(settings);
+            for (kind, node, device, body) in messages {
+                let kind = KINDS[kind];
+                let topic = if kind.starts_with('D') {
+                    format!("spBv1.0/g/{kind}/n{node}/d{device}")
+                } else {
+                    format!("spBv1.0/g/{kind}/n{node}")
+                };
+                let _ = handle(&mut host, &topic, &body, T0);
+                prop_assert!(host.edge_nodes() <= settings.max_edge_nodes);
+                prop_assert!(host.bytes <= settings.max_name_bytes);
+                for n in host.nodes.values() {
+                    prop_assert!(n.entries() <= settings.max_metrics_per_node);
+                    prop_assert_eq!(n.bytes, n.count_bytes());
+                }
+            }
+        }
+    }
+}
