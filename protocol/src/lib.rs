@@ -13,6 +13,7 @@
 //! panics, whatever the input.
 
 pub mod errors;
+pub mod identity;
 pub mod kubeedge;
 pub mod limits;
 pub mod merge;

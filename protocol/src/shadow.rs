@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::identity::Dialect;
 use crate::limits::{self, LimitError, Limits};
 use crate::merge;
 
@@ -80,13 +81,27 @@ pub enum ShadowError {
         "desired state is owned by the cloud and cannot be written by a device; change the Device's spec.desired instead"
     )]
     DesiredIsReadOnly,
+    /// The device id belongs to a device of another dialect (see [`crate::identity`]).
+    #[error(
+        "device id '{device}' belongs to {} and cannot be used by {} (two identities never share a device; give one of them another name)",
+        owner.describe(),
+        by.describe()
+    )]
+    IdentityTaken {
+        /// The contested id.
+        device: String,
+        /// The dialect it belongs to.
+        owner: Dialect,
+        /// The dialect that asked for it.
+        by: Dialect,
+    },
 }
 
 impl ShadowError {
     /// The HTTP-style status code: 400 malformed, 409 version conflict, 413 too large.
     pub fn code(&self) -> u16 {
         match self {
-            ShadowError::VersionConflict { .. } => 409,
+            ShadowError::VersionConflict { .. } | ShadowError::IdentityTaken { .. } => 409,
             ShadowError::Limit(e) if e.is_too_large() => 413,
             ShadowError::Malformed(_) | ShadowError::Limit(_) | ShadowError::DesiredIsReadOnly => {
                 400
@@ -100,6 +115,7 @@ impl ShadowError {
             ShadowError::Malformed(_) => "malformed",
             ShadowError::VersionConflict { .. } => "version_conflict",
             ShadowError::DesiredIsReadOnly => "desired_read_only",
+            ShadowError::IdentityTaken { .. } => "identity_taken",
             ShadowError::Limit(e) => match e {
                 LimitError::PayloadTooLarge { .. } => "payload_too_large",
                 LimitError::StateTooLarge { .. } => "state_too_large",
@@ -127,6 +143,8 @@ pub struct UpdateRequest {
     /// The device's connection state, when its protocol tells it (Sparkplug B births and
     /// deaths); `None` leaves it as it is.
     pub connected: Option<bool>,
+    /// The dialect the device spoke: a device id belongs to the first that writes it.
+    pub dialect: Dialect,
 }
 
 impl UpdateRequest {
@@ -200,6 +218,7 @@ impl UpdateRequest {
             client_token,
             version,
             connected: None,
+            dialect: Dialect::Native,
         })
     }
 
@@ -216,6 +235,7 @@ impl UpdateRequest {
             client_token: None,
             version: None,
             connected: None,
+            dialect: Dialect::Native,
         })
     }
 }
@@ -562,6 +582,7 @@ mod tests {
             client_token: None,
             version: None,
             connected: Some(false),
+            dialect: Dialect::Native,
         };
         assert!(doc.apply_reported(&death, &limits, NOW).unwrap().changed);
         assert_eq!((doc.version, doc.connected), (1, Some(false)));
@@ -932,7 +953,7 @@ mod tests {
         fn document_serde_round_trips(patch in crate::merge::tests::arb_json()) {
             let mut doc = ShadowDocument::default();
             if let Value::Object(p) = patch {
-                let req = UpdateRequest { reported: Some(p), client_token: None, version: None, connected: None };
+                let req = UpdateRequest { reported: Some(p), client_token: None, version: None, connected: None, dialect: Dialect::Native };
                 let _ = doc.apply_reported(&req, &Limits { max_depth: 16, ..Limits::default() }, NOW);
             }
             let text = serde_json::to_string(&doc).unwrap();

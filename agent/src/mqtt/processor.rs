@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use edgesync_protocol::Limits;
-use edgesync_protocol::limits::validate_device_id;
+use edgesync_protocol::identity::{self, Dialect, Name};
 use edgesync_protocol::mqtt::{IngestPattern, Rejected, ShadowOp, parse_shadow_topic};
 use edgesync_protocol::shadow::{ShadowError, UpdateRequest};
 use rumqttc::Publish;
@@ -78,12 +78,12 @@ impl Processor {
                 device,
                 op: ShadowOp::Get,
             } => {
-                if let Err(e) = validate_device_id(device) {
+                if let Err(e) = identity::device_id(Name::Native(device)) {
                     return (self.reject(&ShadowError::from(e), None), None);
                 }
                 // Not awaited here: the responder waits for it in order, while this stage
                 // goes on queuing other devices' updates into the same commit.
-                return match self.store.submit_get(device.clone()).await {
+                return match self.store.submit_get(device.clone(), Dialect::Native).await {
                     Ok(rx) => (Pending::Get(rx), None),
                     Err(e) => (Pending::Got(Err(e)), None),
                 };
@@ -97,7 +97,7 @@ impl Processor {
                 UpdateRequest::parse_plain(&publish.payload, &self.limits),
             ),
         };
-        if let Err(e) = validate_device_id(device) {
+        if let Err(e) = identity::device_id(Name::Native(device)) {
             let token = parsed.ok().and_then(|r| r.client_token);
             return (self.reject(&ShadowError::from(e), token.clone()), token);
         }

@@ -99,6 +99,7 @@ impl Sparkplug {
                     client_token: None,
                     version: None,
                     connected: Some(u.connected),
+                    dialect: edgesync_protocol::identity::Dialect::Sparkplug,
                 },
             ));
         }

@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use edgesync_protocol::identity::{self, Dialect, Name};
 use edgesync_protocol::kubeedge::{self, TwinOp, TwinTopic};
-use edgesync_protocol::limits::validate_device_id;
 use edgesync_protocol::mqtt::Rejected;
 use edgesync_protocol::shadow::{ShadowDocument, ShadowError, UpdateRequest};
 use rumqttc::{Publish, QoS};
@@ -63,7 +63,7 @@ impl Processor {
     /// job's client token.
     pub(super) async fn twin(&self, t: &TwinTopic, publish: &Publish) -> (Pending, Option<String>) {
         let event_id = kubeedge::event_id(&publish.payload, &self.limits);
-        if let Err(e) = validate_device_id(&t.device) {
+        if let Err(e) = identity::device_id(Name::KubeEdge(&t.device)) {
             let e = ShadowError::from(e);
             super::refused(&self.metrics, e.reason(), &publish.topic, &e.to_string());
             return (
@@ -75,7 +75,11 @@ impl Processor {
             twins.remember(&t.device, &t.id);
         }
         match t.op {
-            TwinOp::Get => match self.store.submit_get(t.device.clone()).await {
+            TwinOp::Get => match self
+                .store
+                .submit_get(t.device.clone(), Dialect::KubeEdge)
+                .await
+            {
                 Ok(rx) => (Pending::Get(rx), Some(event_id)),
                 Err(e) => (Pending::Got(Err(e)), Some(event_id)),
             },
@@ -93,6 +97,7 @@ impl Processor {
                         client_token: None,
                         version: None,
                         connected: None,
+                        dialect: Dialect::KubeEdge,
                     };
                     match self.store.submit_update(t.device.clone(), req, true).await {
                         Ok(rx) => (Pending::Update(rx), Some(event_id)),

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use edgesync_protocol::Limits;
+use edgesync_protocol::identity::Dialect;
 use edgesync_protocol::shadow::{
     Applied, EpochSeconds, ShadowDocument, ShadowError, UpdateRequest,
 };
@@ -31,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::StoreSettings;
 
 mod broker_sessions;
+mod claims;
 mod epoch;
 mod health;
 mod pending;
@@ -236,6 +238,8 @@ enum Command {
     },
     Get {
         device: String,
+        /// Who asks: a device of another dialect is not found.
+        dialect: Dialect,
         reply: Reply<Option<ShadowDocument>>,
     },
     NextBatch {
@@ -431,7 +435,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::Closed`].
     pub async fn get(&self, device: String) -> Result<Option<ShadowDocument>, StoreError> {
-        self.submit_get(device)
+        self.submit_get(device, Dialect::Native)
             .await?
             .await
             .map_err(|_| StoreError::Closed)?
@@ -447,10 +451,15 @@ impl Store {
     pub async fn submit_get(
         &self,
         device: String,
+        dialect: Dialect,
     ) -> Result<oneshot::Receiver<Result<Option<ShadowDocument>, StoreError>>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Get { device, reply })
+            .send(Command::Get {
+                device,
+                dialect,
+                reply,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         Ok(rx)
@@ -686,6 +695,7 @@ mod tests {
             client_token: None,
             version: None,
             connected: None,
+            dialect: Dialect::Native,
         }
     }
 
@@ -932,7 +942,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_v4_database_upgrades_to_v5_keeping_its_pending_reports() {
+    async fn a_v4_database_upgrades_to_the_current_schema_keeping_its_pending_reports() {
         let dir = tempfile::tempdir().unwrap();
         let s = settings(dir.path());
         let (store, h) = Store::open(&s, Limits::default()).unwrap();
@@ -942,10 +952,11 @@ mod tests {
             .unwrap();
         drop(store);
         h.join().unwrap();
-        // As a v4 agent left it: the outbox's age index, user_version 4.
+        // As a v4 agent left it: the outbox's age index, no device claims, user_version 4.
         let side = Connection::open(&s.path).unwrap();
         side.execute_batch(
-            "CREATE INDEX outbox_by_age ON outbox (enqueued_at_ms); PRAGMA user_version = 4;",
+            "CREATE INDEX outbox_by_age ON outbox (enqueued_at_ms); DROP TABLE device_claims;
+             PRAGMA user_version = 4;",
         )
         .unwrap();
         drop(side);
@@ -960,7 +971,7 @@ mod tests {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap();
-        assert_eq!((version, indexes), (5, 0));
+        assert_eq!((version, indexes), (6, 0));
         let batch = read_batch(&store).await;
         assert_eq!(batch.covered(), vec![("press-1".to_owned(), 1)]);
     }
@@ -1188,6 +1199,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_device_id_belongs_to_the_first_dialect_that_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let sparkplug = |v| UpdateRequest {
+            dialect: Dialect::Sparkplug,
+            ..req(v)
+        };
+        {
+            let (store, _h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
+            let first = store.update("gw1".into(), sparkplug(json!({"a": 1})));
+            assert!(matches!(
+                first.await.unwrap(),
+                UpdateOutcome::Accepted { .. }
+            ));
+            let taken = store
+                .update("gw1".into(), req(json!({"a": 2})))
+                .await
+                .unwrap();
+            let UpdateOutcome::Rejected(e) = taken else {
+                panic!("another dialect wrote gw1: {taken:?}");
+            };
+            assert_eq!(e.code(), 409);
+            assert!(e.to_string().contains("Sparkplug B"), "{e}");
+            assert_eq!(store.get("gw1".into()).await.unwrap(), None, "hidden");
+            let own = store.submit_get("gw1".into(), Dialect::Sparkplug).await;
+            let doc = own.unwrap().await.unwrap().unwrap().unwrap();
+            assert_eq!(doc.state.reported["a"], json!(1));
+        }
+        // The claim outlives a restart, whichever dialect speaks first then.
+        let (store, _h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
+        let again = store
+            .update("gw1".into(), req(json!({"a": 3})))
+            .await
+            .unwrap();
+        assert!(matches!(
+            again,
+            UpdateOutcome::Rejected(ShadowError::IdentityTaken { .. })
+        ));
+        let other = store
+            .update("gw2".into(), req(json!({"a": 3})))
+            .await
+            .unwrap();
+        assert!(matches!(other, UpdateOutcome::Accepted { .. }));
+        let late = store
+            .update("gw2".into(), sparkplug(json!({"a": 4})))
+            .await
+            .unwrap();
+        assert!(matches!(
+            late,
+            UpdateOutcome::Rejected(ShadowError::IdentityTaken { .. })
+        ));
+    }
+
+    #[tokio::test]
     async fn rejected_updates_and_device_cap_store_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
@@ -1275,6 +1339,7 @@ mod throughput {
                 client_token: None,
                 version: None,
                 connected: None,
+                dialect: Dialect::Native,
             };
             pending.push_back(
                 store

@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use super::{StoreError, broker_sessions, sqlite_err};
 use crate::config::Durability;
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 const MIGRATIONS: &[&str] = &[
     // v1
     "CREATE TABLE shadows (
@@ -40,6 +40,8 @@ const MIGRATIONS: &[&str] = &[
     // index only cost WAL frames on every enqueue and acknowledgement. The read-only CLI
     // sorts the table itself, as it does rarely and the table holds one row per device.
     "DROP INDEX outbox_by_age",
+    // v6: the dialect each device id belongs to (one identity namespace for all dialects).
+    super::claims::MIGRATION_V6,
 ];
 
 pub(super) fn open_rw(path: &Path, durability: Durability) -> Result<Connection, StoreError> {

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgesync_protocol::Limits;
-use edgesync_protocol::shadow::ShadowDocument;
+use edgesync_protocol::identity::Dialect;
+use edgesync_protocol::shadow::{ShadowDocument, ShadowError};
 use edgesync_protocol::wire::Report;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::mpsc;
 
+use super::claims;
 use super::pending::Pending;
 use super::witness::{self, Witness};
 use super::{
@@ -66,6 +68,8 @@ pub(super) struct Writer {
     min_interval: Duration,
     max_devices: usize,
     shadows: HashMap<String, ShadowDocument>,
+    /// The dialect each device id belongs to (`claims.rs`).
+    claims: HashMap<String, Dialect>,
     /// Devices updated in the current group, written once each before the commit: a device
     /// updated many times in one group costs one serialization and two row writes.
     dirty: HashSet<String>,
@@ -110,6 +114,7 @@ impl Writer {
         let path = settings.path.clone();
         let err = sqlite_err(&path);
         let shadows = read_shadows(&conn, &path)?;
+        let claims = claims::load(&conn).map_err(&err)?;
         // Above anything handed out before, even if the last `seq` writes were lost.
         let seq_reserved = get_meta_u64(&conn, META_SEQ_RESERVED).map_err(&err)?;
         let seq = get_meta_u64(&conn, META_SEQ)
@@ -129,6 +134,7 @@ impl Writer {
             min_interval: settings.min_commit_interval,
             max_devices: settings.max_devices,
             shadows,
+            claims,
             dirty: HashSet::new(),
             pending,
             stale: false,
@@ -357,6 +363,7 @@ impl Writer {
     fn reload(&mut self) -> Result<(), StoreError> {
         self.stale = true;
         self.shadows = read_shadows(&self.conn, &self.path)?;
+        self.claims = claims::load(&self.conn).map_err(sqlite_err(&self.path))?;
         self.pending = read_pending(&self.conn).map_err(sqlite_err(&self.path))?;
         self.seq_reserved =
             get_meta_u64(&self.conn, META_SEQ_RESERVED).map_err(sqlite_err(&self.path))?;
@@ -426,6 +433,17 @@ impl Writer {
                 full_reply,
                 reply,
             } => {
+                let claimed = self.claims.get(&device).copied();
+                if let Some(owner) = claimed
+                    && owner != request.dialect
+                {
+                    let taken = ShadowError::IdentityTaken {
+                        device,
+                        owner,
+                        by: request.dialect,
+                    };
+                    return Ok(defer(reply, UpdateOutcome::Rejected(taken)));
+                }
                 let is_new = !self.shadows.contains_key(&device);
                 if is_new && self.shadows.len() >= self.max_devices {
                     return Ok(defer(reply, UpdateOutcome::DeviceLimit));
@@ -448,6 +466,13 @@ impl Writer {
                         let current =
                             (full_reply || !doc.state.desired.is_empty()).then(|| doc.clone());
                         if applied.changed {
+                            if claimed.is_none() {
+                                // Written now, inside this group's transaction: a failed
+                                // commit reloads the claims with the shadows.
+                                claims::record(&self.conn, &device, request.dialect)
+                                    .map_err(&err)?;
+                                self.claims.insert(device.clone(), request.dialect);
+                            }
                             self.dirty.insert(device);
                         } else if is_new {
                             self.shadows.remove(&device);
@@ -494,7 +519,23 @@ impl Writer {
                 };
                 defer(reply, outcome)
             }
-            Command::Get { device, reply } => defer(reply, self.shadows.get(&device).cloned()),
+            Command::Get {
+                device,
+                dialect,
+                reply,
+            } => {
+                // Another dialect's device is not found: its grants do not reach it.
+                let visible = self
+                    .claims
+                    .get(&device)
+                    .is_none_or(|owner| *owner == dialect);
+                defer(
+                    reply,
+                    visible
+                        .then(|| self.shadows.get(&device).cloned())
+                        .flatten(),
+                )
+            }
             Command::NextBatch {
                 max_reports,
                 max_bytes,

@@ -296,7 +296,7 @@ impl Host {
         now_ms: u64,
     ) -> Result<Outcome, Refused> {
         let payload = Payload::decode(payload).map_err(|e| Refused::Decode(e.to_string()))?;
-        let id = topic::device_id(topic.edge_node, topic.device)?;
+        let id = sparkplug_id(topic.edge_node, topic.device)?;
         let identity = Identity {
             group: topic.group.to_owned(),
             edge_node: topic.edge_node.to_owned(),
@@ -410,7 +410,7 @@ impl Host {
                     });
                 }
                 for d in &node.devices {
-                    if let Ok(device) = topic::device_id(topic.edge_node, Some(d)) {
+                    if let Ok(device) = sparkplug_id(topic.edge_node, Some(d)) {
                         out.updates.push(StateUpdate {
                             device,
                             reported: Map::new(),
@@ -531,6 +531,12 @@ impl Host {
             .encode_to_vec(),
         })
     }
+}
+
+/// A Sparkplug name's device id, through the one mapping every dialect uses.
+fn sparkplug_id(edge_node: &str, device: Option<&str>) -> Result<String, LimitError> {
+    crate::identity::device_id(crate::identity::Name::Sparkplug { edge_node, device })
+        .map(|(id, _)| id)
 }
 
 /// Counts a node's names again after a message that may have changed them.
