@@ -20,12 +20,62 @@ use tracing::warn;
 /// Re-reads of one Secret triggered by mismatching tokens are at most this frequent.
 const MISMATCH_REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// What a caller is told for every authentication failure, whatever the cause: telling an
+/// unauthenticated caller whether a node exists, or naming its Secret, would help it guess.
+/// The controller's log says which cause it was ([`Denied`]).
+pub const UNAUTHORIZED_MESSAGE: &str = "authentication failed: send `Authorization: Bearer <token>` with the token in the Secret named by the EdgeNode's spec.tokenSecretRef, for an EdgeNode that exists in this namespace (the controller's log names the cause)";
+
+/// Why a request was not authenticated: for the log only, never for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    /// No or malformed `Authorization` header.
+    MissingToken,
+    /// A token that does not match the node's Secret.
+    WrongToken,
+    /// The Secret, or its key, does not exist.
+    NoSecret {
+        /// `namespace/name`.
+        secret: String,
+        /// The key looked for.
+        key: String,
+    },
+    /// No such EdgeNode.
+    UnknownNode,
+}
+
+impl Denied {
+    /// A short, bounded label for the log's `reason` field.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::MissingToken => "missing_token",
+            Self::WrongToken => "wrong_token",
+            Self::NoSecret { .. } => "no_token_secret",
+            Self::UnknownNode => "unknown_node",
+        }
+    }
+
+    /// What the operator should know (logged at debug; no token value ever).
+    pub fn detail(&self) -> String {
+        match self {
+            Self::MissingToken => "no bearer token (a proxy stripping Authorization?)".into(),
+            Self::WrongToken => "the token does not match the node's Secret".into(),
+            Self::NoSecret { secret, key } => format!(
+                "the node's token Secret {secret} (key {key:?}) does not exist or has no such key; an operator must create it"
+            ),
+            Self::UnknownNode => {
+                "no such EdgeNode: create it (with a tokenSecretRef) before its agent connects"
+                    .into()
+            }
+        }
+    }
+}
+
 /// Why a request was not authenticated.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// No or malformed `Authorization` header, or a token that does not match.
-    #[error("{0}")]
-    Unauthorized(String),
+    #[error("{}", .0.detail())]
+    Unauthorized(Denied),
     /// The Secret could not be read because the API server is unavailable.
     #[error("cannot verify the token: {0}")]
     Unavailable(String),
@@ -66,13 +116,7 @@ impl TokenVerifier {
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                AuthError::Unauthorized(
-                    "missing bearer token: send `Authorization: Bearer <token>` with the token \
-                     from the Secret named by the EdgeNode's spec.tokenSecretRef"
-                        .into(),
-                )
-            })?;
+            .ok_or(AuthError::Unauthorized(Denied::MissingToken))?;
         let namespace = node.metadata.namespace.clone().unwrap_or_default();
         let secret = &node.spec.token_secret_ref;
         let key = (namespace, secret.name.clone(), secret.key.clone());
@@ -121,14 +165,11 @@ impl TokenVerifier {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         match cache.get(&key).and_then(|e| e.token.as_ref()) {
             Some(t) if t.matches(token.as_bytes()) => Ok(()),
-            Some(_) => Err(AuthError::Unauthorized(
-                "wrong token for this node: it does not match the node's Secret".into(),
-            )),
-            None => Err(AuthError::Unauthorized(format!(
-                "the node's token Secret {}/{} (key {:?}) does not exist or has no such key; \
-                 an operator must create it",
-                key.0, key.1, key.2
-            ))),
+            Some(_) => Err(AuthError::Unauthorized(Denied::WrongToken)),
+            None => Err(AuthError::Unauthorized(Denied::NoSecret {
+                secret: format!("{}/{}", key.0, key.1),
+                key: key.2.clone(),
+            })),
         }
     }
 

@@ -52,12 +52,22 @@ async fn every_auth_failure_is_401_and_changes_nothing() {
             Some("token-other"),
         ),
     ];
+    let mut messages = std::collections::BTreeSet::new();
     for (what, node, token) in cases {
         let a = post_raw(&url, &ns.name, node, token, body(), false).await;
         assert_eq!(a.status, 401, "{what}: {a:?}");
         assert_eq!(a.code(), "unauthorized", "{what}");
-        assert!(!a.body["error"]["message"].as_str().unwrap().is_empty());
+        let message = a.body["error"]["message"].as_str().unwrap().to_owned();
+        // Nothing that tells an unauthenticated caller whether the node exists or which
+        // Secret holds its token.
+        assert!(!message.contains("edge-"), "{what}: {message}");
+        messages.insert(message);
     }
+    assert_eq!(
+        messages.len(),
+        1,
+        "one answer for every cause: {messages:?}"
+    );
     // The other namespace's token is valid only there.
     let a = post_raw(
         &url,

@@ -30,9 +30,9 @@ use edgesync_protocol::wire::ErrorBody;
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{debug, warn};
 
-use crate::auth::{AuthError, TokenVerifier};
+use crate::auth::{AuthError, Denied, TokenVerifier, UNAUTHORIZED_MESSAGE};
 use crate::cache::Caches;
 use crate::cli::RunOptions;
 use crate::desired::DesiredHub;
@@ -195,7 +195,7 @@ async fn authenticate(
     node: &str,
     headers: &HeaderMap,
 ) -> Result<Arc<EdgeNode>, ApiError> {
-    let unauthorized = |message: String| {
+    let unauthorized = |denied: Denied| {
         s.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
         // A flood of bad requests costs one log line per interval, with the count held back.
         let allowed = s
@@ -203,16 +203,29 @@ async fn authenticate(
             .lock()
             .map_or(None, |mut t| t.allow(Instant::now()));
         if let Some(repeated) = allowed {
-            warn!(namespace = ns, node, reason = %message, repeated, "Refused a request: authentication failed (see edgesync_controller_auth_failures_total)");
+            warn!(
+                namespace = ns,
+                node,
+                reason = denied.label(),
+                repeated,
+                "Refused a request: authentication failed (see edgesync_controller_auth_failures_total; RUST_LOG=edgesync_controller=debug shows each cause)"
+            );
         }
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-    };
-    let unknown = || {
-        format!(
-            "no EdgeNode {node} in namespace {ns}: create it (with a tokenSecretRef) before its \
-             agent connects"
+        debug!(
+            namespace = ns,
+            node,
+            reason = denied.label(),
+            detail = denied.detail(),
+            "Authentication failed"
+        );
+        // The same answer for every cause (see UNAUTHORIZED_MESSAGE).
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            UNAUTHORIZED_MESSAGE,
         )
     };
+    let unknown = || Denied::UnknownNode;
     let edge_node = match s.caches.node(ns, node) {
         Some(n) => n,
         // Not cached: almost always a node that does not exist. The API server is asked only
