@@ -104,7 +104,7 @@ async fn a_first_start_acknowledges_only_what_it_has_stored() {
         assert!(Instant::now() < deadline, "the broker never opened its port");
         tokio::time::sleep(Duration::from_micros(200)).await;
     };
-    let mut burst = encode(&connect_packet("early", false, None, None)).to_vec();
+    let mut burst = encode(&connect_packet("early", true, None, None)).to_vec();
     for i in 1..=MESSAGES {
         let topic = format!("factory/first-{i}/state");
         let body = json!({"n": i}).to_string();
