@@ -471,26 +471,27 @@ async fn connections_and_packets_beyond_their_limits_are_closed() {
     let dir = tempfile::tempdir().unwrap();
     let extra = "[broker]\nmax_connections = 3\nmax_packet_bytes = 4096\n";
     let (mut agent, port) = start(dir.path(), extra, None).await;
-    // Three sockets held (CONNECT or not, each counts): a fourth is closed at once. Retried
-    // until the start-up probe's own connection has been released.
+    // Three clients connected: a fourth CONNECT is refused (server unavailable) and closed.
+    // Sockets without a CONNECT have a budget of their own (broker.max_pending_connections).
+    // Retried until the start-up probe's own connection has been released.
     let held = wait::until(
-        "a fourth connection refused",
+        "a fourth client refused",
         Duration::from_secs(20),
         || async {
             let mut held = Vec::new();
-            for _ in 0..3 {
-                held.push(RawClient::open(port).await);
-            }
-            let mut fourth = RawClient::open(port).await;
-            if !fourth.closed_within(Duration::from_secs(1)).await {
-                return None;
-            }
-            for c in &mut held {
-                if c.closed_within(Duration::from_millis(200)).await {
+            for i in 0..3 {
+                let hello = connect_packet(&format!("held-{i}"), true, None, None);
+                let (c, code) = RawClient::connect(port, hello).await;
+                if code != ConnectReturnCode::Success {
                     return None;
                 }
+                held.push(c);
             }
-            Some(held)
+            let (mut fourth, code) =
+                RawClient::connect(port, connect_packet("fourth", true, None, None)).await;
+            (code == ConnectReturnCode::ServiceUnavailable
+                && fourth.closed_within(Duration::from_secs(1)).await)
+                .then_some(held)
         },
     )
     .await;
