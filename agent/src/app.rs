@@ -283,13 +283,14 @@ async fn start_embedded_broker(
 /// Raises the soft open-files limit to the hard one: systemd and containerd start services
 /// at 1,024, which the broker's connections and the agent's own files would exhaust.
 fn raise_open_files_limit(settings: &Settings) {
-    let wanted = settings.mqtt.embedded.limits.max_connections as u64 + 256;
+    let limits = &settings.mqtt.embedded.limits;
+    let wanted = (limits.max_connections + limits.max_pending_connections) as u64 + 256;
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(soft) if matches!(settings.mqtt.broker, Broker::Embedded { .. }) && soft < wanted => {
             tracing::warn!(
                 open_files = soft,
                 wanted,
-                "The open-files limit is below broker.max_connections + 256: raise LimitNOFILE (systemd) or ulimit -n, or lower broker.max_connections"
+                "The open-files limit is below broker.max_connections + broker.max_pending_connections + 256: raise LimitNOFILE (systemd) or ulimit -n, or lower broker.max_connections"
             );
         }
         Ok(soft) => tracing::debug!(open_files = soft, "Open-files limit"),

@@ -101,7 +101,10 @@ async fn a_first_start_acknowledges_only_what_it_has_stored() {
         if wait::accepts(port).await {
             break RawClient::open(port).await;
         }
-        assert!(Instant::now() < deadline, "the broker never opened its port");
+        assert!(
+            Instant::now() < deadline,
+            "the broker never opened its port"
+        );
         tokio::time::sleep(Duration::from_micros(200)).await;
     };
     let mut burst = encode(&connect_packet("early", true, None, None)).to_vec();
@@ -159,9 +162,11 @@ async fn a_subscribe_repeating_one_filter_costs_one_grant_and_one_set_of_retaine
     let mut greedy = Vec::new();
     let peak = peak_rss_during(pid, async {
         for g in 0..10 {
-            let (mut c, code) =
-                RawClient::connect(port, connect_packet(&format!("greedy-{g}"), true, None, None))
-                    .await;
+            let (mut c, code) = RawClient::connect(
+                port,
+                connect_packet(&format!("greedy-{g}"), true, None, None),
+            )
+            .await;
             assert_eq!(code, ConnectReturnCode::Success);
             let filters =
                 (0..100_000).map(|_| SubscribeFilter::new("cfg/#".into(), QoS::AtLeastOnce));
@@ -200,7 +205,10 @@ async fn a_subscribe_repeating_one_filter_costs_one_grant_and_one_set_of_retaine
         }
     }
     assert_eq!(codes, 100_000);
-    assert!(c.recv(Duration::from_millis(300)).await.is_none(), "sent again");
+    assert!(
+        c.recv(Duration::from_millis(300)).await.is_none(),
+        "sent again"
+    );
     assert!(agent.is_running());
     agent.stop();
 }
@@ -255,7 +263,10 @@ async fn idle_sockets_before_connect_do_not_lock_devices_out() {
     for c in idle.iter_mut().take(300) {
         closed += usize::from(c.closed_within(Duration::from_millis(20)).await);
     }
-    assert!(closed >= 250, "only {closed} of the oldest idle sockets closed");
+    assert!(
+        closed >= 250,
+        "only {closed} of the oldest idle sockets closed"
+    );
     agent.stop();
 }
 
@@ -444,7 +455,10 @@ async fn password_guessing_neither_stalls_devices_nor_tells_which_users_exist() 
     }
     eprintln!("{tries} guesses; a device's slowest round trip {worst:?}");
     assert!(tries > 4, "the guessers did not run");
-    assert!(worst < Duration::from_millis(500), "a device stalled {worst:?}");
+    assert!(
+        worst < Duration::from_millis(500),
+        "a device stalled {worst:?}"
+    );
     agent.stop();
 }
 
@@ -483,4 +497,167 @@ fn append_pbkdf2_user(file: &Path, user: &str, password: &str, iterations: u32) 
     let mut text = std::fs::read_to_string(file).unwrap();
     text.push_str(std::str::from_utf8(&out.stdout).unwrap());
     std::fs::write(file, text).unwrap();
+}
+
+mod sparkplug {
+    use edgesync_protocol::sparkplug::proto::{Metric, MetricValue, Payload, datatype};
+    use prost::Message as _;
+
+    use super::*;
+
+    fn body(seq: Option<u64>, metrics: Vec<Metric>) -> Vec<u8> {
+        Payload {
+            timestamp: Some(1),
+            metrics,
+            seq,
+            ..Payload::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn double(name: &str, alias: u64, v: f64) -> Metric {
+        Metric {
+            name: Some(name.to_owned()),
+            alias: Some(alias),
+            datatype: Some(datatype::DOUBLE),
+            value: Some(MetricValue::DoubleValue(v)),
+            ..Metric::default()
+        }
+    }
+
+    fn nbirth(v: f64) -> Vec<u8> {
+        let bd = Metric {
+            name: Some("bdSeq".into()),
+            datatype: Some(datatype::INT64),
+            value: Some(MetricValue::LongValue(0)),
+            ..Metric::default()
+        };
+        body(Some(0), vec![bd, double("temp", 1, v)])
+    }
+
+    /// Publishes every message at QoS1 and waits for every acknowledgement (the agent has
+    /// then handled each, refused or not), in windows the broker lets through unpaused.
+    async fn publish_all(c: &mut RawClient, messages: Vec<(String, Vec<u8>)>) {
+        let mut pkid = 0u16;
+        for window in messages.chunks(200) {
+            for (topic, payload) in window {
+                pkid = pkid % 60_000 + 1;
+                c.send(&publish(topic, QoS::AtLeastOnce, pkid, payload.clone()))
+                    .await;
+            }
+            let mut acked = 0;
+            while acked < window.len() {
+                match c.recv(Duration::from_secs(20)).await {
+                    Some(Packet::PubAck(_)) => acked += 1,
+                    Some(_) => {}
+                    None => panic!("{acked} of {} acknowledged", window.len()),
+                }
+            }
+        }
+    }
+
+    fn reported(dir: &Path, device: &str) -> serde_json::Value {
+        shadow(dir, device).map_or(serde_json::Value::Null, |s| s["state"]["reported"].clone())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sparkplug_names_devices_and_nodes_stay_within_bounds_and_identities_never_meet() {
+        let dir = tempfile::tempdir().unwrap();
+        let ingest = "[[ingest]]\nformat = \"sparkplug-b\"\nmax_metrics_per_node = 100\n";
+        let config = embedded(dir.path(), ingest);
+        let port = config.embedded_port.unwrap();
+        let mut agent = start(config, None).await;
+        let (mut c, _) = RawClient::connect(port, connect_packet("gw", true, None, None)).await;
+        publish_all(&mut c, vec![("spBv1.0/g/NBIRTH/GW".into(), nbirth(1.0))]).await;
+        assert_eq!(reported(dir.path(), "gw")["temp"], json!(1.0));
+
+        // Births declaring 120 KB metric names: refused, and nothing of them kept.
+        let pid = agent.pid().unwrap();
+        let before = rss_kib(pid);
+        let births = (0..300u64)
+            .map(|i| {
+                let name = format!("{i}{}", "n".repeat(120 * 1024));
+                let topic = format!("spBv1.0/g/DBIRTH/GW/d{i}");
+                (
+                    topic,
+                    body(Some(i % 255 + 1), vec![double(&name, 100 + i, 1.0)]),
+                )
+            })
+            .collect();
+        let peak = peak_rss_during(pid, publish_all(&mut c, births)).await;
+        let after = rss_kib(pid);
+        eprintln!(
+            "RSS before {} MB, peak {} MB, after {} MB",
+            before / 1024,
+            peak / 1024,
+            after / 1024
+        );
+        assert!(
+            after.saturating_sub(before) < 40 * 1024,
+            "{} MB kept after births of huge names (it was 259 MB)",
+            after.saturating_sub(before) / 1024
+        );
+
+        // Data under 1,000 made-up device names: no more devices than the node's bound.
+        let data = (0..1_000u64)
+            .map(|i| {
+                let topic = format!("spBv1.0/g/DDATA/GW/x{i}");
+                (topic, body(Some(i % 256), vec![double("v", 1, 1.0)]))
+            })
+            .collect();
+        publish_all(&mut c, data).await;
+        let db = dir.path().join(edgesync_agent::config::DB_FILE);
+        let list = edgesync_agent::cli::shadow_list(&db).unwrap();
+        let made_up = list["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["device"].as_str().unwrap().starts_with("gw.x"))
+            .count();
+        assert!(made_up < 100, "{made_up} devices for a node bounded at 100");
+
+        // One identity namespace: a JSON client named like the Sparkplug node is refused,
+        // and a Sparkplug device named like an existing JSON device is too.
+        let (mut json_client, _) =
+            RawClient::connect(port, connect_packet("json", true, None, None)).await;
+        publish_all(
+            &mut json_client,
+            vec![
+                ("factory/gw/state".into(), br#"{"x":1}"#.to_vec()),
+                ("factory/line.press-9/state".into(), br#"{"j":1}"#.to_vec()),
+            ],
+        )
+        .await;
+        publish_all(
+            &mut c,
+            vec![
+                ("spBv1.0/g/NBIRTH/line".into(), nbirth(2.0)),
+                (
+                    "spBv1.0/g/DBIRTH/line/press-9".into(),
+                    body(Some(1), vec![double("s", 5, 3.0)]),
+                ),
+            ],
+        )
+        .await;
+        assert_eq!(reported(dir.path(), "gw"), json!({"temp": 1.0}));
+        assert_eq!(reported(dir.path(), "line.press-9"), json!({"j": 1}));
+
+        // NDATA under 1,024 made-up groups fills the node table; a real node's birth still
+        // gets in.
+        let squat = (0..1_024u64)
+            .map(|g| {
+                let topic = format!("spBv1.0/q{g}/NDATA/squat");
+                (topic, body(Some(1), vec![double("v", 1, 1.0)]))
+            })
+            .collect();
+        publish_all(&mut c, squat).await;
+        publish_all(
+            &mut c,
+            vec![("spBv1.0/plant/NBIRTH/real".into(), nbirth(4.0))],
+        )
+        .await;
+        assert_eq!(reported(dir.path(), "real")["temp"], json!(4.0));
+        assert!(agent.is_running());
+        agent.stop();
+    }
 }
