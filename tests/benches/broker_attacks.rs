@@ -4,7 +4,9 @@
 //! Four well-behaved devices publish QoS1 shadow reports (each PUBACK comes only after the
 //! agent's commit) for a fixed window; their acknowledged rate under each attack is reported
 //! as a ratio to their rate with no attack, with the agent's peak RSS. The attacks are those
-//! of `tests/tests/broker_hardening.rs` at bench scale, with default `[broker]` limits. The
+//! of `tests/tests/broker_hardening.rs` and `broker_second_round.rs` at bench scale, with
+//! default `[broker]` limits (a password file or a Sparkplug B mapping where the attack needs
+//! one). The
 //! attackers run in this process, on the same two cores as the agent and the devices.
 
 #![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
@@ -33,16 +35,20 @@ const AGENT_ID: &str = "edgesync-agent-edge-1";
 
 /// The well-behaved devices: each publishes its reports at QoS1 with up to 100 in flight.
 /// Returns the acknowledged rate over [`window()`], after [`warmup()`].
-async fn good_rate(port: u16, round: usize) -> f64 {
+async fn good_rate(port: u16, round: usize, login: Option<(&str, &str)>) -> f64 {
+    let login = login.map(|(u, p)| (u.to_owned(), p.to_owned()));
     let acked = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
     let mut devices = JoinSet::new();
     for k in 0..GOOD_DEVICES {
-        let (acked, stop) = (acked.clone(), stop.clone());
+        let (acked, stop, login) = (acked.clone(), stop.clone(), login.clone());
         devices.spawn(async move {
             let id = format!("good-{round}-{k}");
             let mut o = MqttOptions::new(&id, "127.0.0.1", port);
             o.set_keep_alive(Duration::from_secs(60)).set_inflight(100);
+            if let Some((user, pass)) = login {
+                o.set_credentials(user, pass);
+            }
             let (c, mut el) = AsyncClient::new(o, 1000);
             let topic = format!("edgesync/{id}/shadow/update");
             let publisher = tokio::spawn(async move {
@@ -219,13 +225,165 @@ async fn start_attack(name: &str, port: u16, stop: CancellationToken, tasks: &mu
             }
             while set.join_next().await.is_some() {}
         }
+        "repeated filter: 10 clients subscribe cfg/# x100,000 (5 retained), never read" => {
+            retain_small(port, 5).await;
+            let mut held = Vec::new();
+            for g in 0..10 {
+                let hello = connect_packet(&format!("greedy-{g}"), true, None, None);
+                let (mut c, _) = RawClient::connect(port, hello).await;
+                let filters = (0..100_000)
+                    .map(|_| rumqttc::SubscribeFilter::new("cfg/#".into(), QoS::AtLeastOnce));
+                let mut s = Subscribe::new_many(filters);
+                s.pkid = 1;
+                c.send(&Packet::Subscribe(s)).await;
+                held.push(c);
+            }
+            tasks.spawn(async move {
+                stop.cancelled().await;
+                drop(held);
+            });
+        }
+        "filter scan: 64 wildcard filters vs 5,000 retained, resubscribed nonstop" => {
+            retain_small(port, 5_000).await;
+            tasks.spawn(async move {
+                let (mut c, _) =
+                    RawClient::connect(port, connect_packet("scanner", true, None, None)).await;
+                let filters = (0..64).map(|i| {
+                    rumqttc::SubscribeFilter::new(format!("+/{i}/none/#"), QoS::AtLeastOnce)
+                });
+                let mut s = Subscribe::new_many(filters);
+                s.pkid = 1;
+                let packet = encode(&Packet::Subscribe(s));
+                while !stop.is_cancelled() {
+                    if !c.send_raw(&packet).await {
+                        return;
+                    }
+                    let _ = c.recv(Duration::from_secs(10)).await;
+                }
+            });
+        }
+        "ping flood: PINGREQs never read" => {
+            tasks.spawn(async move {
+                let pings: Vec<u8> = [0xC0u8, 0x00].repeat(64 * 1024);
+                while !stop.is_cancelled() {
+                    let (mut c, _) =
+                        RawClient::connect(port, connect_packet("pinger", true, None, None)).await;
+                    while !stop.is_cancelled() && c.send_raw(&pings).await {}
+                }
+            });
+        }
+        "idle sockets: 900 never sending CONNECT" => {
+            let mut held = Vec::new();
+            for _ in 0..900 {
+                held.push(RawClient::open(port).await);
+            }
+            tasks.spawn(async move {
+                stop.cancelled().await;
+                drop(held);
+            });
+        }
+        "password guessing: 4 clients vs a 200,000-iteration user" => {
+            for g in 0..4 {
+                let stop = stop.clone();
+                tasks.spawn(async move {
+                    while !stop.is_cancelled() {
+                        let guess =
+                            connect_packet(&format!("g{g}"), true, Some(("slow", "x")), None);
+                        let _ = RawClient::connect(port, guess).await;
+                    }
+                });
+            }
+        }
+        "sparkplug: DBIRTHs declaring 120 KB metric names" => {
+            tasks.spawn(async move {
+                let (mut c, _) =
+                    RawClient::connect(port, connect_packet("spam-node", true, None, None)).await;
+                for i in 0u64.. {
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    let name = format!("{i}{}", "n".repeat(120 * 1024));
+                    let metric = edgesync_protocol::sparkplug::proto::Metric {
+                        name: Some(name),
+                        alias: Some(i),
+                        datatype: Some(edgesync_protocol::sparkplug::proto::datatype::DOUBLE),
+                        value: Some(
+                            edgesync_protocol::sparkplug::proto::MetricValue::DoubleValue(1.0),
+                        ),
+                        ..Default::default()
+                    };
+                    let body = prost::Message::encode_to_vec(
+                        &edgesync_protocol::sparkplug::proto::Payload {
+                            seq: Some(i % 256),
+                            metrics: vec![metric],
+                            ..Default::default()
+                        },
+                    );
+                    let topic = format!("spBv1.0/g/DBIRTH/spam/d{i}");
+                    let p = publish_packet(&topic, QoS::AtMostOnce, 0, body, false);
+                    if !c.send_raw(&encode(&p)).await {
+                        return;
+                    }
+                }
+            });
+        }
         other => unreachable!("{other}"),
     }
 }
 
+/// `n` small retained messages under `ret/<k>/v`.
+async fn retain_small(port: u16, n: usize) {
+    let (mut c, _) = RawClient::connect(port, connect_packet("retainer", true, None, None)).await;
+    for k in 0..n {
+        let mut p = Publish::new(format!("ret/{k}/v"), QoS::AtLeastOnce, "on");
+        p.retain = true;
+        p.pkid = (k % 60_000 + 1) as u16;
+        c.send(&Packet::Publish(p)).await;
+        let _ = c.recv(Duration::from_secs(10)).await;
+    }
+}
+
+/// The `[broker]` / `[[ingest]]` settings an attack needs, and the good devices' login.
+fn setup(attack: &str, dir: &std::path::Path) -> (String, Option<(&'static str, &'static str)>) {
+    match attack {
+        a if a.starts_with("password guessing") => {
+            let file = dir.join("passwd");
+            let good = pbkdf2_line("good", "pw", 101);
+            let slow = pbkdf2_line("slow", "right", 200_000);
+            std::fs::write(&file, format!("{good}{slow}")).unwrap();
+            let extra = format!(
+                "[broker]\npassword_file = \"{}\"\nmax_password_iterations = 200000\n",
+                file.display()
+            );
+            (extra, Some(("good", "pw")))
+        }
+        a if a.starts_with("sparkplug") => (
+            "[[ingest]]\nformat = \"sparkplug-b\"\nmax_metrics_per_node = 100\n".into(),
+            None,
+        ),
+        _ => (String::new(), None),
+    }
+}
+
+/// A `$7$` password line, made with Python's standard library (Debian's mosquitto_passwd
+/// cannot choose the iterations).
+fn pbkdf2_line(user: &str, password: &str, iterations: u32) -> String {
+    let script = format!(
+        "import base64,hashlib,os\nsalt=os.urandom(12)\n\
+         h=hashlib.pbkdf2_hmac('sha512',b'{password}',salt,{iterations})\n\
+         print('{user}:$7${iterations}$'+base64.b64encode(salt).decode()+'$'+base64.b64encode(h).decode())"
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("python3 (Debian's python3 package)");
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    const ATTACKS: [&str; 9] = [
+    const ATTACKS: [&str; 15] = [
         "none",
         "get loop: one device asks shadow/get nonstop, 100 in flight",
         "hijack: reconnects with the agent's client id",
@@ -235,6 +393,12 @@ async fn main() {
         "slow subscriber: # at QoS1, never reads",
         "half-sent CONNECTs: 500 sockets, 60 KB each",
         "session flood: 5,000 persistent sessions subscribed to #",
+        "repeated filter: 10 clients subscribe cfg/# x100,000 (5 retained), never read",
+        "filter scan: 64 wildcard filters vs 5,000 retained, resubscribed nonstop",
+        "ping flood: PINGREQs never read",
+        "idle sockets: 900 never sending CONNECT",
+        "password guessing: 4 clients vs a 200,000-iteration user",
+        "sparkplug: DBIRTHs declaring 120 KB metric names",
     ];
     println!(
         "edgesync embedded broker under attack: {GOOD_DEVICES} good devices, QoS1 shadow reports, {} s per attack, default [broker] limits",
@@ -242,11 +406,22 @@ async fn main() {
     );
     let mut rows = Vec::new();
     let mut baseline = 0.0;
+    // EDGESYNC_BENCH_ATTACKS=word,word: only the attacks whose names contain one (and the
+    // baseline), to measure one change quickly.
+    let only: Vec<String> = std::env::var("EDGESYNC_BENCH_ATTACKS")
+        .map(|v| v.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
     for (round, attack) in ATTACKS.iter().enumerate() {
+        if round > 0 && !only.is_empty() && !only.iter().any(|w| attack.contains(w.as_str())) {
+            continue;
+        }
         // A fresh agent per attack, so none inherits another's sessions or retained bytes.
         let dir = tempfile::tempdir().unwrap();
         let port = edgesync_e2e::free_port();
-        let mut agent = spawn_agent(&AgentConfig::embedded(dir.path(), port));
+        let (extra, login) = setup(attack, dir.path());
+        let mut config = AgentConfig::embedded(dir.path(), port);
+        config.extra = extra;
+        let mut agent = spawn_agent(&config);
         let pid = agent.pid().unwrap();
         while tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -268,7 +443,7 @@ async fn main() {
                 }
             })
         };
-        let rate = good_rate(port, round).await;
+        let rate = good_rate(port, round, login).await;
         stop.cancel();
         sampler.await.unwrap();
         tasks.abort_all();

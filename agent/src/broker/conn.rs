@@ -369,17 +369,33 @@ async fn serve<R, W>(
             }
         }
         if !packets.is_empty() {
-            let Ok(mut router) = shared.router.lock() else {
-                break 'conn "broker state poisoned".into();
-            };
-            for p in packets.drain(..) {
-                match router.handle(&client, conn, p) {
-                    Flow::Continue => {}
-                    Flow::Disconnect => {
-                        graceful = true;
-                        break 'conn "client disconnected".into();
+            let charge = {
+                let Ok(mut router) = shared.router.lock() else {
+                    break 'conn "broker state poisoned".into();
+                };
+                for p in packets.drain(..) {
+                    match router.handle(&client, conn, p) {
+                        Flow::Continue => {}
+                        Flow::Disconnect => {
+                            graceful = true;
+                            break 'conn "client disconnected".into();
+                        }
+                        Flow::Close(why) => break 'conn why.into(),
                     }
-                    Flow::Close(why) => break 'conn why.into(),
+                }
+                router.take_charge(&client)
+            };
+            // Work the packets caused beyond their bytes (retained topics examined) is paid
+            // from the same read budget.
+            if charge > 0
+                && let Some(wait) = budget
+                    .as_mut()
+                    .and_then(|b| b.spend(charge, std::time::Instant::now()))
+            {
+                shared.metrics.broker_limit(BrokerLimit::ReadRate);
+                tokio::select! {
+                    _ = closed.cancelled() => break 'conn "closed by the broker".into(),
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
         }

@@ -43,6 +43,11 @@ pub const MAX_RETAINED: usize = 10_000;
 /// broker's lock for it stays bounded (a few milliseconds) however many filters it holds.
 /// Four subscriptions to `#` with the retained store full fit in it.
 pub const RETAINED_SCAN_BUDGET: usize = 4 * MAX_RETAINED;
+/// What examining one retained topic for a SUBSCRIBE costs the client, in bytes of its read
+/// budget (`broker.max_client_bytes_per_sec`): a client that resubscribes nonstop to filters
+/// that make the broker examine thousands of topics is read more slowly, in proportion to
+/// the work it causes, not only to the bytes it sends.
+pub const SCAN_CHARGE_BYTES: usize = 64;
 /// Fixed per-message overhead counted against byte limits (the message's bookkeeping).
 const MESSAGE_OVERHEAD: usize = 64;
 
@@ -188,6 +193,9 @@ struct Session {
     parked: bool,
     /// When it was last connected (Unix seconds; for expiry).
     last_seen_s: u64,
+    /// Work done for it beyond the bytes it sent, in bytes of its read budget, not yet
+    /// charged ([`Router::take_charge`]).
+    charge: usize,
 }
 
 impl Session {
@@ -209,6 +217,7 @@ impl Session {
             paused: false,
             parked: false,
             last_seen_s: 0,
+            charge: 0,
         }
     }
 
@@ -803,6 +812,14 @@ impl Router {
         Flow::Continue
     }
 
+    /// The work done for `client` since the last call, in bytes of its read budget (the
+    /// connection spends them as if read).
+    pub fn take_charge(&mut self, client: &Arc<str>) -> usize {
+        self.sessions
+            .get_mut(client)
+            .map_or(0, |s| std::mem::take(&mut s.charge))
+    }
+
     /// Whether reading from `client` should pause until the agent has committed some of its
     /// messages: it has more than its share waiting, or all publishers together have more
     /// than `broker.max_queued_bytes` waiting. Backpressure through TCP, so nothing is
@@ -1365,6 +1382,7 @@ impl Router {
                 break;
             }
         }
+        session.charge += (RETAINED_SCAN_BUDGET - budget) * SCAN_CHARGE_BYTES;
         if cut_short {
             self.metrics.broker_limit(BrokerLimit::RetainedScan);
             debug!(

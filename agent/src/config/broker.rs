@@ -231,9 +231,9 @@ impl Default for BrokerLimits {
             // under a millisecond of CPU on a small ARM box. Raise it for files made with
             // more.
             max_password_iterations: 1_000,
-            // One per core of a small box: a flood of guesses queues behind these and never
-            // holds the runtime's workers.
-            max_password_checks: 2,
+            // One: on a two-core box a flood of guesses then takes at most one core, and
+            // queues behind it instead of holding the runtime's workers.
+            max_password_checks: 1,
         }
     }
 }

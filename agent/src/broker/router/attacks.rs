@@ -102,6 +102,10 @@ fn retained_delivery_is_bounded_per_subscribe() {
     );
     assert_eq!(r.metrics.broker_limit_count(BrokerLimit::RetainedScan), 1);
     assert!(publishes(&c.drain()).is_empty());
+    // The work is charged to the client's read budget, as if it had sent that much.
+    let charged = r.take_charge(&c.id);
+    assert_eq!(charged, RETAINED_SCAN_BUDGET * SCAN_CHARGE_BYTES);
+    assert_eq!(r.take_charge(&c.id), 0);
     // A filter with a literal head examines only its range: found at once, within budget.
     let s = Subscribe::new("line/42/+", QoS::AtMostOnce);
     r.handle(&c.id, c.conn, Packet::Subscribe(s));
