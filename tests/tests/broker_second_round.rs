@@ -377,6 +377,25 @@ async fn one_user_holds_a_bounded_number_of_persistent_sessions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_id_cannot_be_squatted_by_another_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    mosquitto_passwd(&passwd, "press-1", "pw-1");
+    mosquitto_passwd(&passwd, "press-2", "pw-2");
+    let extra = format!("[broker]\npassword_file = \"{}\"\n", passwd.display());
+    let config = embedded(dir.path(), &extra);
+    let port = config.embedded_port.unwrap();
+    let (p1, p2) = (Some(("press-1", "pw-1")), Some(("press-2", "pw-2")));
+    let mut agent = start(config, p1).await;
+    let squat = connect_packet("press-1", false, p2, None);
+    let (_c, code) = RawClient::connect(port, squat).await;
+    assert_eq!(code, ConnectReturnCode::NotAuthorized);
+    let (_c, code) = RawClient::connect(port, connect_packet("press-1", false, p1, None)).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_guessing_neither_stalls_devices_nor_tells_which_users_exist() {
     let dir = tempfile::tempdir().unwrap();
     let passwd = dir.path().join("passwd");

@@ -175,6 +175,11 @@ impl PasswordFile {
         }
     }
 
+    /// The usernames.
+    pub fn usernames(&self) -> impl Iterator<Item = &str> {
+        self.users.keys().map(String::as_str)
+    }
+
     /// Number of users.
     pub fn len(&self) -> usize {
         self.users.len()

@@ -259,6 +259,9 @@ impl EmbeddedBroker {
         {
             router.require_owners();
         }
+        if let Some(file) = &passwords {
+            router.reserve_client_ids(file.usernames().map(str::to_owned));
+        }
         // Before any listener is bound: from the first byte of a first start, a device's
         // message for the agent waits in the agent's session for its commit.
         router.reserve_agent(&settings.agent_filters, now);

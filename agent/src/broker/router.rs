@@ -348,6 +348,9 @@ pub struct Router {
     agent_filters: Vec<String>,
     /// Restored sessions need an owner ([`Router::require_owners`]).
     owners_required: bool,
+    /// Client ids that are the name of a password-file user: only that user may use them
+    /// ([`Router::reserve_client_ids`]).
+    reserved_ids: HashSet<String>,
 }
 
 impl Router {
@@ -377,6 +380,7 @@ impl Router {
             denials: Denials::default(),
             agent_filters: Vec::new(),
             owners_required: false,
+            reserved_ids: HashSet::new(),
         }
     }
 
@@ -429,6 +433,14 @@ impl Router {
     /// taken by whichever user asks for its client id first.
     pub fn require_owners(&mut self) {
         self.owners_required = true;
+    }
+
+    /// Binds client ids to identities: a client id that is the name of one of `users` (the
+    /// password file's) may be used only by that user. A device whose client id is its
+    /// username (the usual setup, and the one `broker.acl_own_topics` assumes) cannot have
+    /// its id, and with it its persistent session, squatted by another user.
+    pub fn reserve_client_ids(&mut self, users: impl IntoIterator<Item = String>) {
+        self.reserved_ids = users.into_iter().collect();
     }
 
     /// Creates the agent's session, offline, holding `filters` (everything the agent's
@@ -625,6 +637,13 @@ impl Router {
                 &connect.client_id,
                 "reserved client id",
             );
+            return Err(ConnectReturnCode::NotAuthorized);
+        }
+        if self.reserved_ids.contains(connect.client_id.as_str())
+            && who.username.as_deref() != Some(connect.client_id.as_str())
+        {
+            let what = "client id is another user's name".to_owned();
+            self.deny(BrokerDenial::Connect, &connect.client_id, &what);
             return Err(ConnectReturnCode::NotAuthorized);
         }
         if let Some(existing) = self.sessions.get(connect.client_id.as_str())

@@ -382,8 +382,11 @@ impl Host {
                 node.metrics.clear();
                 let reported = learn(node, None, &payload.metrics, &mut out.issues);
                 node.has_state = !reported.is_empty();
+                // A born node owns its id whether or not it reports state: the same node id
+                // born in another group is refused (IdConflict), so one client cannot hold
+                // the node table with births of one name in every group.
+                self.owners.insert(id.clone(), identity);
                 if node.has_state {
-                    self.owners.insert(id.clone(), identity);
                     out.updates.push(StateUpdate {
                         device: id,
                         reported,

@@ -268,3 +268,27 @@ fn one_user_holds_a_bounded_number_of_persistent_sessions() {
     let (l, _rx) = link();
     assert!(r.connect(connect_packet("s6", false), shared, l).is_ok());
 }
+
+#[test]
+fn a_users_name_is_its_client_id_alone() {
+    let mut r = limited(BrokerLimits::default());
+    r.reserve_client_ids(["press-1".to_owned()]);
+    let (l, _rx) = link();
+    assert_eq!(
+        r.connect(connect_packet("press-1", false), user("press-2"), l)
+            .err(),
+        Some(ConnectReturnCode::NotAuthorized),
+        "another user squatting press-1's id"
+    );
+    let (l, _rx) = link();
+    assert!(
+        r.connect(connect_packet("press-1", false), user("press-1"), l)
+            .is_ok()
+    );
+    // Ids that name no user stay free for anyone.
+    let (l, _rx) = link();
+    assert!(
+        r.connect(connect_packet("line-7", false), user("press-2"), l)
+            .is_ok()
+    );
+}

@@ -526,6 +526,24 @@ fn a_birth_takes_the_place_of_a_node_never_born() {
 }
 
 #[test]
+fn one_node_id_is_born_in_one_group_only() {
+    let mut host = Host::new(HostSettings::default());
+    handle(
+        &mut host,
+        "spBv1.0/g0/NBIRTH/u",
+        &payload(Some(0), Vec::new()),
+        T0,
+    )
+    .unwrap();
+    for g in 1..50 {
+        let topic = format!("spBv1.0/g{g}/NBIRTH/u");
+        let err = handle(&mut host, &topic, &payload(Some(0), Vec::new()), T0).unwrap_err();
+        assert_eq!(err.reason(), "sparkplug_id_conflict");
+    }
+    assert_eq!(host.edge_nodes(), 1);
+}
+
+#[test]
 fn a_death_without_its_births_bdseq_ends_nothing() {
     let mut host = born_host();
     let no_bdseq = payload(None, Vec::new());
