@@ -123,7 +123,7 @@ pub struct PasswordCheck {
 
 impl PasswordCheck {
     /// Runs the check on the blocking pool, at most `permits` at once; waits for a permit
-    /// until `deadline` (the connection's CONNECT deadline).
+    /// until `deadline` (`broker.connect_timeout_secs` after the CONNECT came).
     ///
     /// # Errors
     /// [`Refusal::Credentials`] for a wrong password or unknown user (same cost either way),

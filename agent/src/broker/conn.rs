@@ -288,7 +288,7 @@ async fn serve<R, W>(
         Ok(Login::Check(check)) => {
             let checked = tokio::select! {
                 _ = shared.stop.cancelled() => Err(Refusal::Busy),
-                c = check.run(&shared.password_checks, connect_deadline + limits.connect_timeout) => c,
+                c = check.run(&shared.password_checks, Instant::now() + limits.connect_timeout) => c,
             };
             if checked == Err(Refusal::Busy) {
                 shared.metrics.broker_limit(BrokerLimit::PasswordChecks);
