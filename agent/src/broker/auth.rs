@@ -12,6 +12,7 @@ use std::num::NonZeroU32;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use edgesync_protocol::secret::constant_time_eq;
 use ring::{digest, pbkdf2};
 
 /// Both hash formats store a SHA-512 sized digest.
@@ -88,15 +89,10 @@ impl StoredHash {
                 let mut ctx = digest::Context::new(&digest::SHA512);
                 ctx.update(password);
                 ctx.update(salt);
-                ct_eq(ctx.finish().as_ref(), hash)
+                constant_time_eq(ctx.finish().as_ref(), hash)
             }
         }
     }
-}
-
-/// Equality in time independent of where the inputs differ (the length is not secret).
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The users of a Mosquitto password file and their hashed passwords.
