@@ -139,10 +139,7 @@ pub(super) async fn serve_tls(
 ) {
     let deadline = Instant::now() + shared.limits.connect_timeout;
     let _ = stream.set_nodelay(true);
-    let evicted = match &entry {
-        Entry::Device(ticket) => ticket.evicted.clone(),
-        Entry::Agent(_) => CancellationToken::new(),
-    };
+    let evicted = entry.evicted();
     let handshake = tokio::select! {
         _ = evicted.cancelled() => {
             return debug!(%peer, "Closed before its TLS handshake ended, to make room (broker.max_pending_connections)");
@@ -203,10 +200,7 @@ async fn serve<R, W>(
     let limits = shared.limits;
     let peer = from.addr;
     let agent_only = matches!(entry, Entry::Agent(_));
-    let evicted = match &entry {
-        Entry::Device(ticket) => ticket.evicted.clone(),
-        Entry::Agent(_) => CancellationToken::new(),
-    };
+    let evicted = entry.evicted();
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let first = tokio::select! {
         // A CONNECT still on its way when the broker stops would start a session (and, for
@@ -266,20 +260,12 @@ async fn serve<R, W>(
             ConnectionSlot::try_take(&shared.open, limits.max_connections)
         }
     };
-    let mut slot = match slot {
-        Some(slot) => Some(slot),
-        None => {
-            shared.metrics.broker_limit(BrokerLimit::Connections);
-            debug!(%peer, "MQTT connection refused: broker.max_connections reached");
-            let _ = tx.send(Packet::ConnAck(ConnAck::new(
-                ConnectReturnCode::ServiceUnavailable,
-                false,
-            )));
-            drop(tx);
-            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-            return;
-        }
+    let Some(slot) = slot else {
+        shared.metrics.broker_limit(BrokerLimit::Connections);
+        debug!(%peer, "MQTT connection refused: broker.max_connections reached");
+        return refuse(tx, writer, ConnectReturnCode::ServiceUnavailable).await;
     };
+    let mut slot = Some(slot);
     let identified = match shared
         .access
         .identify(&connect, from.certificate.as_deref())
@@ -343,10 +329,7 @@ async fn serve<R, W>(
             // Logged at debug: a client retrying bad credentials must not flood the log;
             // refusals are counted and summarised every 10 s.
             debug!(%peer, client = client_id, ?code, reason = why, "MQTT connection refused");
-            let _ = tx.send(Packet::ConnAck(ConnAck::new(code, false)));
-            drop(tx);
-            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-            return;
+            return refuse(tx, writer, code).await;
         }
     };
     drop(tx); // the router's link is now the only sender
@@ -457,6 +440,17 @@ async fn serve<R, W>(
     }
     closed.cancel();
     let _ = writer.await;
+}
+
+/// Answers a refused CONNECT and lets the writer send it (2 s at most) before closing.
+async fn refuse(
+    tx: mpsc::UnboundedSender<Packet>,
+    writer: tokio::task::JoinHandle<()>,
+    code: ConnectReturnCode,
+) {
+    let _ = tx.send(Packet::ConnAck(ConnAck::new(code, false)));
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }
 
 /// Counts a refusal for the rate-limited summary in the log.
@@ -622,7 +616,7 @@ mod tests {
                 let limits = BrokerLimits::default();
                 let mut router = Router::new("agent", limits, None, Arc::default());
                 let (tx, _rx) = mpsc::unbounded_channel();
-                let link = super::super::super::router::Link::new(
+                let link = Link::new(
                     tx,
                     Arc::default(),
                     CancellationToken::new(),

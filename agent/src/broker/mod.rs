@@ -116,8 +116,19 @@ struct PendingSockets {
 /// is cancelled when the connection is closed to make room.
 pub(crate) struct PendingTicket {
     id: u64,
-    pub(crate) evicted: CancellationToken,
+    evicted: CancellationToken,
     shared: Arc<Shared>,
+}
+
+impl Entry {
+    /// Cancelled when the connection is closed to make room for newer ones (never for the
+    /// agent's own listener).
+    pub(crate) fn evicted(&self) -> CancellationToken {
+        match self {
+            Entry::Device(ticket) => ticket.evicted.clone(),
+            Entry::Agent(_) => CancellationToken::new(),
+        }
+    }
 }
 
 impl PendingSockets {
