@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use edgesync_e2e::agent::{AgentConfig, spawn_agent};
 use edgesync_e2e::measure::scaled;
+use edgesync_e2e::mosquitto::pbkdf2_password_line;
 use edgesync_e2e::raw_mqtt::{RawClient, connect_packet, encode, rss_kib};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, Subscribe};
 use tokio::task::JoinSet;
@@ -348,8 +349,8 @@ fn setup(attack: &str, dir: &std::path::Path) -> (String, Option<(&'static str, 
     match attack {
         a if a.starts_with("password guessing") => {
             let file = dir.join("passwd");
-            let good = pbkdf2_line("good", "pw", 101);
-            let slow = pbkdf2_line("slow", "right", 200_000);
+            let good = pbkdf2_password_line("good", "pw", 101);
+            let slow = pbkdf2_password_line("slow", "right", 200_000);
             std::fs::write(&file, format!("{good}{slow}")).unwrap();
             let extra = format!(
                 "[broker]\npassword_file = \"{}\"\nmax_password_iterations = 200000\n",
@@ -363,22 +364,6 @@ fn setup(attack: &str, dir: &std::path::Path) -> (String, Option<(&'static str, 
         ),
         _ => (String::new(), None),
     }
-}
-
-/// A `$7$` password line, made with Python's standard library (Debian's mosquitto_passwd
-/// cannot choose the iterations).
-fn pbkdf2_line(user: &str, password: &str, iterations: u32) -> String {
-    let script = format!(
-        "import base64,hashlib,os\nsalt=os.urandom(12)\n\
-         h=hashlib.pbkdf2_hmac('sha512',b'{password}',salt,{iterations})\n\
-         print('{user}:$7${iterations}$'+base64.b64encode(salt).decode()+'$'+base64.b64encode(h).decode())"
-    );
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .output()
-        .expect("python3 (Debian's python3 package)");
-    String::from_utf8(out.stdout).unwrap()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

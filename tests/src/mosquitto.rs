@@ -148,3 +148,45 @@ fn current_user() -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_else(|| "root".to_owned())
 }
+
+/// Adds `user` with `password` to the Mosquitto password file `file` (created if missing),
+/// with Mosquitto's own `mosquitto_passwd` (PBKDF2-SHA512, its default 101 iterations).
+///
+/// # Panics
+/// When `mosquitto_passwd` is missing or fails.
+pub fn mosquitto_passwd(file: &Path, user: &str, password: &str) {
+    let mut cmd = Command::new("mosquitto_passwd");
+    cmd.arg("-b");
+    if !file.exists() {
+        cmd.arg("-c");
+    }
+    let status = cmd
+        .arg(file)
+        .arg(user)
+        .arg(password)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!("mosquitto_passwd not found ({e}): install Debian's mosquitto (make deps)")
+        });
+    assert!(status.success(), "mosquitto_passwd failed");
+}
+
+/// A password file line (`$7$`, PBKDF2-SHA512) for `user` with `iterations`, which Debian's
+/// mosquitto_passwd cannot choose; made with Python's standard library. Ends with a newline.
+///
+/// # Panics
+/// When `python3` is missing or fails.
+pub fn pbkdf2_password_line(user: &str, password: &str, iterations: u32) -> String {
+    let script = format!(
+        "import base64,hashlib,os\nsalt=os.urandom(12)\n\
+         h=hashlib.pbkdf2_hmac('sha512',b'{password}',salt,{iterations})\n\
+         print('{user}:$7${iterations}$'+base64.b64encode(salt).decode()+'$'+base64.b64encode(h).decode())"
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap_or_else(|e| panic!("python3 not found ({e}): install Debian's python3"));
+    assert!(out.status.success(), "python3 failed");
+    String::from_utf8(out.stdout).expect("python3 prints ASCII")
+}

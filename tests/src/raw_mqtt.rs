@@ -152,3 +152,32 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }
+
+/// A PUBLISH with packet id `pkid`.
+pub fn publish(topic: &str, qos: rumqttc::QoS, pkid: u16, payload: impl Into<Vec<u8>>) -> Packet {
+    let mut p = rumqttc::Publish::new(topic, qos, payload.into());
+    p.pkid = pkid;
+    Packet::Publish(p)
+}
+
+/// Peak resident memory (KiB) of process `pid` while `attack` runs, sampled every 20 ms.
+///
+/// # Panics
+/// When `/proc/<pid>/status` cannot be read.
+pub async fn peak_rss_during<F: std::future::Future<Output = ()>>(pid: u32, attack: F) -> u64 {
+    let stop = tokio::sync::watch::Sender::new(false);
+    let mut stopped = stop.subscribe();
+    let sampler = tokio::spawn(async move {
+        let mut peak = rss_kib(pid);
+        loop {
+            peak = peak.max(rss_kib(pid));
+            tokio::select! {
+                _ = stopped.changed() => return peak.max(rss_kib(pid)),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    });
+    attack.await;
+    let _ = stop.send(true);
+    sampler.await.expect("the RSS sampler")
+}

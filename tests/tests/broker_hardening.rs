@@ -11,8 +11,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use edgesync_e2e::agent::{AgentConfig, spawn_agent};
+use edgesync_e2e::mosquitto::mosquitto_passwd;
 use edgesync_e2e::process::ManagedProcess;
-use edgesync_e2e::raw_mqtt::{RawClient, connect_packet, connect_when_up, encode, rss_kib};
+use edgesync_e2e::raw_mqtt::{
+    RawClient, connect_packet, connect_when_up, encode, peak_rss_during, publish, rss_kib,
+};
 use edgesync_e2e::wait;
 use rumqttc::{
     ConnectReturnCode, LastWill, Packet, Publish, QoS, Subscribe, SubscribeFilter,
@@ -42,12 +45,6 @@ fn shadow(dir: &Path, device: &str) -> Option<serde_json::Value> {
     edgesync_agent::cli::shadow_get(&db(dir), device).unwrap()
 }
 
-fn publish(topic: &str, qos: QoS, pkid: u16, payload: impl Into<Vec<u8>>) -> Packet {
-    let mut p = Publish::new(topic, qos, payload.into());
-    p.pkid = pkid;
-    Packet::Publish(p)
-}
-
 fn subscribe(pkid: u16, filter: &str) -> Packet {
     let mut s = Subscribe::new(filter, QoS::AtLeastOnce);
     s.pkid = pkid;
@@ -62,25 +59,6 @@ async fn suback(c: &mut RawClient) -> Vec<SubscribeReasonCode> {
             None => panic!("no SUBACK"),
         }
     }
-}
-
-/// Peak resident memory of `pid` while `attack` runs.
-async fn peak_rss_during<F: std::future::Future<Output = ()>>(pid: u32, attack: F) -> u64 {
-    let stop = tokio::sync::watch::Sender::new(false);
-    let mut stopped = stop.subscribe();
-    let sampler = tokio::spawn(async move {
-        let mut peak = rss_kib(pid);
-        loop {
-            peak = peak.max(rss_kib(pid));
-            tokio::select! {
-                _ = stopped.changed() => return peak.max(rss_kib(pid)),
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
-        }
-    });
-    attack.await;
-    stop.send(true).unwrap();
-    sampler.await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,24 +321,6 @@ async fn a_subscriber_that_never_reads_and_half_sent_connects_are_bounded() {
     );
     assert!(agent.is_running());
     agent.stop();
-}
-
-/// Writes a password file with Mosquitto's own tool.
-fn mosquitto_passwd(file: &Path, user: &str, password: &str) {
-    let mut cmd = std::process::Command::new("mosquitto_passwd");
-    cmd.arg("-b");
-    if !file.exists() {
-        cmd.arg("-c");
-    }
-    let status = cmd
-        .arg(file)
-        .arg(user)
-        .arg(password)
-        .status()
-        .unwrap_or_else(|e| {
-            panic!("mosquitto_passwd not found ({e}): install Debian's mosquitto (make deps)")
-        });
-    assert!(status.success(), "mosquitto_passwd failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,8 +12,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use edgesync_e2e::agent::{AgentConfig, spawn_agent};
+use edgesync_e2e::mosquitto::{mosquitto_passwd, pbkdf2_password_line};
 use edgesync_e2e::process::ManagedProcess;
-use edgesync_e2e::raw_mqtt::{RawClient, connect_packet, connect_when_up, encode, rss_kib};
+use edgesync_e2e::raw_mqtt::{
+    RawClient, connect_packet, connect_when_up, encode, peak_rss_during, publish, rss_kib,
+};
 use edgesync_e2e::wait;
 use rumqttc::{
     ConnAck, ConnectReturnCode, Packet, Publish, QoS, Subscribe, SubscribeFilter,
@@ -38,31 +41,6 @@ fn embedded(dir: &Path, extra: &str) -> AgentConfig {
 
 fn shadow(dir: &Path, device: &str) -> Option<serde_json::Value> {
     edgesync_agent::cli::shadow_get(&dir.join(edgesync_agent::config::DB_FILE), device).unwrap()
-}
-
-fn publish(topic: &str, qos: QoS, pkid: u16, payload: impl Into<Vec<u8>>) -> Packet {
-    let mut p = Publish::new(topic, qos, payload.into());
-    p.pkid = pkid;
-    Packet::Publish(p)
-}
-
-/// Peak resident memory of `pid` while `attack` runs.
-async fn peak_rss_during<F: std::future::Future<Output = ()>>(pid: u32, attack: F) -> u64 {
-    let stop = tokio::sync::watch::Sender::new(false);
-    let mut stopped = stop.subscribe();
-    let sampler = tokio::spawn(async move {
-        let mut peak = rss_kib(pid);
-        loop {
-            peak = peak.max(rss_kib(pid));
-            tokio::select! {
-                _ = stopped.changed() => return peak.max(rss_kib(pid)),
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
-        }
-    });
-    attack.await;
-    stop.send(true).unwrap();
-    sampler.await.unwrap()
 }
 
 /// A device connects, publishes QoS1 and gets its acknowledgement (so the agent stored it);
@@ -400,7 +378,9 @@ async fn password_guessing_neither_stalls_devices_nor_tells_which_users_exist() 
     let dir = tempfile::tempdir().unwrap();
     let passwd = dir.path().join("passwd");
     mosquitto_passwd(&passwd, "press-1", "pw-1");
-    append_pbkdf2_user(&passwd, "slow", "right", 200_000);
+    let mut text = std::fs::read_to_string(&passwd).unwrap();
+    text.push_str(&pbkdf2_password_line("slow", "right", 200_000));
+    std::fs::write(&passwd, text).unwrap();
     let extra = format!(
         "[broker]\npassword_file = \"{}\"\nmax_password_iterations = 200000\n",
         passwd.display()
@@ -479,43 +459,6 @@ async fn password_guessing_neither_stalls_devices_nor_tells_which_users_exist() 
     // Checks on the runtime stalled it for seconds (3.4 s); off it, about 10 ms here.
     assert!(worst < Duration::from_secs(1), "a device stalled {worst:?}");
     agent.stop();
-}
-
-/// Writes a password file with Mosquitto's own tool.
-fn mosquitto_passwd(file: &Path, user: &str, password: &str) {
-    let mut cmd = std::process::Command::new("mosquitto_passwd");
-    cmd.arg("-b");
-    if !file.exists() {
-        cmd.arg("-c");
-    }
-    let status = cmd
-        .arg(file)
-        .arg(user)
-        .arg(password)
-        .status()
-        .unwrap_or_else(|e| {
-            panic!("mosquitto_passwd not found ({e}): install Debian's mosquitto (make deps)")
-        });
-    assert!(status.success(), "mosquitto_passwd failed");
-}
-
-/// Appends a `$7$` (PBKDF2-SHA512) line with `iterations`, which Debian's mosquitto_passwd
-/// cannot choose, made with Python's standard library.
-fn append_pbkdf2_user(file: &Path, user: &str, password: &str, iterations: u32) {
-    let script = format!(
-        "import base64,hashlib,os\nsalt=os.urandom(12)\n\
-         h=hashlib.pbkdf2_hmac('sha512',b'{password}',salt,{iterations})\n\
-         print('{user}:$7${iterations}$'+base64.b64encode(salt).decode()+'$'+base64.b64encode(h).decode())"
-    );
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .output()
-        .unwrap_or_else(|e| panic!("python3 not found ({e}): install Debian's python3"));
-    assert!(out.status.success(), "python3 failed");
-    let mut text = std::fs::read_to_string(file).unwrap();
-    text.push_str(std::str::from_utf8(&out.stdout).unwrap());
-    std::fs::write(file, text).unwrap();
 }
 
 mod sparkplug {

@@ -224,15 +224,7 @@ async fn tls_with_a_password_file_authenticates_by_password() {
     let plant = TestCa::new(pki.path(), "plant");
     let server = plant.server("broker");
     let passwd = pki.path().join("passwd");
-    let status = Command::new("mosquitto_passwd")
-        .args(["-b", "-c"])
-        .arg(&passwd)
-        .args(["lathe-1", "s3cret"])
-        .status()
-        .unwrap_or_else(|e| {
-            panic!("mosquitto_passwd not found ({e}): install mosquitto (make deps)")
-        });
-    assert!(status.success());
+    edgesync_e2e::mosquitto::mosquitto_passwd(&passwd, "lathe-1", "s3cret");
     let broker = format!(
         "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\npassword_file = \"{}\"\nacl_own_topics = true\n",
         server.cert.display(),
