@@ -13,6 +13,8 @@
 //! panics, whatever the input.
 
 pub mod errors;
+#[cfg(test)]
+mod fuzzing;
 pub mod identity;
 pub mod kubeedge;
 pub mod limits;

@@ -559,25 +559,6 @@ mod fuzz {
 
     use super::*;
 
-    fn mutated() -> impl Strategy<Value = Vec<u8>> {
-        (
-            0..3usize,
-            prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
-        )
-            .prop_map(|(seed, edits)| {
-                let mut bytes = match seed {
-                    0 => nbirth(1),
-                    1 => dbirth(1),
-                    _ => ddata(2, 10, 1.0),
-                };
-                for (at, b) in edits {
-                    let i = at.index(bytes.len());
-                    bytes[i] = b;
-                }
-                bytes
-            })
-    }
-
     proptest! {
         /// Arbitrary and mutated payloads under any message kind, in sequence: never a
         /// panic, and the host's memory stays within its bounds.
@@ -587,7 +568,7 @@ mod fuzz {
                 0..8usize,
                 0..3usize,
                 0..3usize,
-                prop_oneof![prop::collection::vec(any::<u8>(), 0..256), mutated()],
+                crate::fuzzing::bytes(vec![nbirth(1), dbirth(1), ddata(2, 10, 1.0)]),
             ), 1..24)
         ) {
             const KINDS: [&str; 8] =
