@@ -54,15 +54,43 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A loopback port that was free a moment ago. The OS hands out ports round-robin, so a port
-/// just released is not handed out again soon; callers still check that the server they start
-/// on it actually listens.
+/// A loopback port that was free a moment ago, for a server a test is about to start.
+///
+/// The port comes from below the kernel's ephemeral range (`ip_local_port_range`), never from
+/// it: an ephemeral port released here can be taken at once as the local end of any outgoing
+/// connection (a flood test opens thousands), and the server then fails with "Address already
+/// in use". Below the range only servers bind. One counter per process hands out each port
+/// once; its start depends on the process id, so test binaries that overlap rarely meet, and a
+/// port something else holds is skipped.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind an ephemeral loopback port");
-    listener
-        .local_addr()
-        .expect("ephemeral listener has an address")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = server_port_range();
+    let span = u32::from(high - low);
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = low + u16::try_from(offset).expect("invariant: offset < span <= u16::MAX");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}: every one is in use");
+}
+
+/// The ports servers in tests use: from 10000 up to the start of the ephemeral range.
+fn server_port_range() -> (u16, u16) {
+    const LOW: u16 = 10_000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    assert!(
+        ephemeral_start > LOW + 1_000,
+        "the ephemeral port range starts at {ephemeral_start}, leaving too few ports below it \
+         for test servers; raise it with `sysctl net.ipv4.ip_local_port_range=\"32768 60999\"`"
+    );
+    (LOW, ephemeral_start)
 }
 
 /// `127.0.0.1:port`.
@@ -111,4 +139,18 @@ pub fn release_binary(package: &str, bin: &str, dir: &str) -> PathBuf {
         .unwrap_or_else(|e| panic!("cannot run cargo build for {package}: {e}"));
     assert!(status.success(), "building the release {package} failed");
     target.join("release").join(bin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_and_outside_the_ephemeral_range() {
+        let (low, high) = server_port_range();
+        let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+        assert!(ports.iter().all(|p| (low..high).contains(p)), "{ports:?}");
+        let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+    }
 }
