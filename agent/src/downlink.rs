@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::backoff::Reconnect;
+use crate::backoff::Backoff;
 use crate::config::CloudSettings;
 use crate::metrics::Metrics;
 use crate::mqtt::DevicePublisher;
@@ -89,7 +89,7 @@ impl Downlink {
 
     /// Follows the stream until `shutdown`, reconnecting with capped, jittered backoff.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut reconnect = Reconnect::new(RECONNECT_MIN, RECONNECT_MAX);
+        let mut reconnect = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
         loop {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -118,17 +118,13 @@ impl Downlink {
         }
     }
 
-    async fn follow(&self, reconnect: &mut Reconnect) -> Result<(), StreamEnd> {
+    async fn follow(&self, reconnect: &mut Backoff) -> Result<(), StreamEnd> {
         let cursor = self
             .store
             .get_meta(META_DESIRED_CURSOR)
             .await?
             .unwrap_or_default();
-        let url = if cursor.is_empty() {
-            self.url.clone()
-        } else {
-            format!("{}?since={}", self.url, percent_encode(&cursor))
-        };
+        let url = since_url(&self.url, &cursor);
         let resp = self
             .http
             .get(url)
@@ -216,24 +212,30 @@ impl Downlink {
     }
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
+/// The stream's URL, resuming after `cursor` (none when empty).
+fn since_url(base: &str, cursor: &str) -> String {
+    if cursor.is_empty() {
+        return base.to_owned();
     }
-    out
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("since", cursor)
+        .finish();
+    format!("{base}?{query}")
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn cursor_is_query_safe() {
-        assert_eq!(super::percent_encode("12345"), "12345");
-        assert_eq!(super::percent_encode("a b&c=d"), "a%20b%26c%3Dd");
+        let base = "https://cloud:8443/v1/namespaces/ns/nodes/n/desired";
+        assert_eq!(super::since_url(base, ""), base);
+        assert_eq!(
+            super::since_url(base, "12345"),
+            format!("{base}?since=12345")
+        );
+        assert_eq!(
+            super::since_url(base, "a b&c=d"),
+            format!("{base}?since=a+b%26c%3Dd")
+        );
     }
 }

@@ -17,10 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::access::{Login, Refusal};
-use super::pace::ReadBudget;
 use super::router::{Flow, Identity, Link, wire_cost};
 use super::{ConnectionSlot, Entry, Shared, TlsAcceptor};
 use crate::metrics::{BrokerDenial, BrokerLimit};
+use edgesync_protocol::rate::TokenBucket;
 /// Outgoing bytes gathered into one write.
 const WRITE_CHUNK: usize = 64 * 1024;
 
@@ -295,8 +295,13 @@ async fn serve<R, W>(
         slot.take();
     }
     // The agent's own client is never paced: it drains what every device sent.
-    let mut budget = ReadBudget::new(limits.max_client_bytes_per_sec, std::time::Instant::now())
-        .filter(|_| !is_agent);
+    // `broker.max_client_bytes_per_sec` with a burst of one second's worth: a client beyond it
+    // is read more slowly, so TCP pushes back on it and one flooding client cannot starve
+    // the others of CPU.
+    let mut budget = (limits.max_client_bytes_per_sec > 0 && !is_agent).then(|| {
+        let rate = limits.max_client_bytes_per_sec as f64;
+        TokenBucket::new(rate, rate, Instant::now().into_std())
+    });
     let accepted = match identified {
         Err(refusal) => {
             deny(&shared, BrokerDenial::Connect, peer, refusal.describe());
@@ -371,9 +376,7 @@ async fn serve<R, W>(
             // Work the packets caused beyond their bytes (retained topics examined) is paid
             // from the same read budget.
             if charge > 0
-                && let Some(wait) = budget
-                    .as_mut()
-                    .and_then(|b| b.spend(charge, std::time::Instant::now()))
+                && let Some(wait) = overdrawn(&mut budget, charge)
             {
                 shared.metrics.broker_limit(BrokerLimit::ReadRate);
                 tokio::select! {
@@ -412,9 +415,7 @@ async fn serve<R, W>(
             n = read => match n {
                 Ok(0) => break "connection closed".into(),
                 Ok(n) => {
-                    if let Some(wait) = budget
-                        .as_mut()
-                        .and_then(|b| b.spend(n, std::time::Instant::now()))
+                    if let Some(wait) = overdrawn(&mut budget, n)
                     {
                         shared.metrics.broker_limit(BrokerLimit::ReadRate);
                         tokio::select! {
@@ -544,6 +545,14 @@ async fn write_loop(
         out.clear();
     }
     let _ = tokio::time::timeout(CLOSE_FLUSH, wr.shutdown()).await;
+}
+
+/// Spends `bytes` from a client's read budget; how long to wait when it is overdrawn.
+fn overdrawn(budget: &mut Option<TokenBucket>, bytes: usize) -> Option<Duration> {
+    let wait = budget
+        .as_mut()?
+        .take(bytes as f64, Instant::now().into_std());
+    (!wait.is_zero()).then_some(wait)
 }
 
 fn encode(packet: &Packet, out: &mut BytesMut) {

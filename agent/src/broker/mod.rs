@@ -24,7 +24,6 @@
 pub mod access;
 pub mod auth;
 mod conn;
-mod pace;
 mod router;
 mod tls;
 mod trie;

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
-use crate::backoff::Reconnect;
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -43,10 +43,10 @@ pub(super) async fn drive(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut reconnect = Reconnect::new(RECONNECT_MIN, RECONNECT_MAX);
+    let mut reconnect = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
     // Set while messages wait for the store to commit again: when to probe it next.
     let mut probe_at: Option<tokio::time::Instant> = None;
-    let mut probe_backoff = Reconnect::new(PROBE_MIN, PROBE_MAX);
+    let mut probe_backoff = Backoff::new(PROBE_MIN, PROBE_MAX);
     // Subscriptions still to be queued after a (re)connect.
     let mut subscribe_pending = false;
     loop {

@@ -1,0 +1,419 @@
+//! When the uplink sends what: every timing rule of the uplink as one pure state machine.
+//! Time is an argument (`now`), never read here, and the jitter is injected, so each rule is
+//! a fast unit test.
+//!
+//! The rules: a batch may start while fewer than `max_in_flight` are out and no retry delay
+//! is running; it skips devices a batch in flight already carries at that version and devices
+//! sent within `device_min_interval`; it pays the reports/s and bytes/s token buckets before
+//! it goes; a heartbeat goes out after `heartbeat` without any batch. A change waits `linger`
+//! on an idle link and the batch window while a batch is out. An answer settles the batch: a
+//! 2xx resets the backoff and restores the batch size, a retryable failure waits the next
+//! backoff delay (or `Retry-After`), 413 halves the batch size, a refusal waits the longest
+//! delay.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgesync_protocol::rate::TokenBucket;
+
+use super::answer::Outcome;
+use crate::backoff::{Backoff, Jitter};
+use crate::config::UplinkSettings;
+use crate::store::InFlight;
+
+/// What the next batch reads from the outbox.
+#[derive(Debug)]
+pub struct Read {
+    /// Reports at most (halved after a 413).
+    pub max_reports: usize,
+    /// Devices to leave out, with the version already on its way (`u64::MAX`: all versions).
+    pub skip: Arc<InFlight>,
+    /// When the outbox has nothing to send: send a heartbeat instead.
+    pub heartbeat: bool,
+}
+
+/// The uplink's timing state.
+#[derive(Debug)]
+pub struct Schedule {
+    settings: UplinkSettings,
+    backoff: Backoff,
+    /// No batch starts before this (a retry delay).
+    not_before: Instant,
+    batch_max: usize,
+    batches_in_flight: usize,
+    /// The newest version of each device that a batch in flight carries. Shared with the
+    /// store's batch read, which drops its reference before answering: updates then change
+    /// the map in place instead of copying it.
+    devices_in_flight: Arc<InFlight>,
+    /// When each device last went out (only with a `device_min_interval`).
+    last_sent: HashMap<String, Instant>,
+    /// When the last batch or heartbeat went out.
+    last_activity: Instant,
+    reports: Option<TokenBucket>,
+    bytes: Option<TokenBucket>,
+}
+
+impl Schedule {
+    /// A schedule starting at `now`: a heartbeat is due at once.
+    pub fn new(settings: UplinkSettings, now: Instant, jitter: Jitter) -> Self {
+        let reports = settings
+            .reports_per_second
+            .map(|r| TokenBucket::new(f64::from(r), f64::from(r), now));
+        let bytes = settings
+            .bytes_per_second
+            .map(|b| TokenBucket::new(b as f64, b as f64, now));
+        Self {
+            backoff: Backoff::with_jitter(settings.retry_initial, settings.retry_max, jitter),
+            not_before: now,
+            batch_max: settings.batch_max_reports,
+            batches_in_flight: 0,
+            devices_in_flight: Arc::default(),
+            last_sent: HashMap::new(),
+            last_activity: now.checked_sub(settings.heartbeat).unwrap_or(now),
+            reports,
+            bytes,
+            settings,
+        }
+    }
+
+    /// What the next batch reads, when one may start at `now`.
+    pub fn next(&mut self, now: Instant) -> Option<Read> {
+        if self.batches_in_flight >= self.settings.max_in_flight || now < self.not_before {
+            return None;
+        }
+        let mut skip = Arc::clone(&self.devices_in_flight);
+        let min = self.settings.device_min_interval;
+        if !min.is_zero() {
+            self.last_sent
+                .retain(|_, sent| now.saturating_duration_since(*sent) < min);
+            Arc::make_mut(&mut skip).extend(self.last_sent.keys().map(|d| (d.clone(), u64::MAX)));
+        }
+        Some(Read {
+            max_reports: self.batch_max,
+            skip,
+            heartbeat: self.heartbeat_due(now),
+        })
+    }
+
+    /// Whether the bytes/s limit needs each batch's size.
+    pub fn counts_bytes(&self) -> bool {
+        self.bytes.is_some()
+    }
+
+    /// Charges a batch of `reports` reports and `bytes` bytes to the rate limits; how long it
+    /// must wait before it goes.
+    pub fn admit(&mut self, reports: usize, bytes: usize, now: Instant) -> Duration {
+        let by_reports = self
+            .reports
+            .as_mut()
+            .map_or(Duration::ZERO, |b| b.take(reports as f64, now));
+        let by_bytes = self
+            .bytes
+            .as_mut()
+            .map_or(Duration::ZERO, |b| b.take(bytes as f64, now));
+        by_reports.max(by_bytes)
+    }
+
+    /// Records a batch (or heartbeat) carrying `covered` going out at `now`.
+    pub fn sent(&mut self, covered: &[(String, u64)], now: Instant) {
+        self.batches_in_flight += 1;
+        self.last_activity = now;
+        let in_flight = Arc::make_mut(&mut self.devices_in_flight);
+        for (device, version) in covered {
+            let newest = in_flight.entry(device.clone()).or_default();
+            *newest = (*newest).max(*version);
+            if !self.settings.device_min_interval.is_zero() {
+                self.last_sent.insert(device.clone(), now);
+            }
+        }
+    }
+
+    /// Records the answer to a batch that carried `covered`; returns how long no batch may
+    /// start (zero when the next may start at once).
+    pub fn settle(
+        &mut self,
+        covered: &[(String, u64)],
+        outcome: &Outcome,
+        now: Instant,
+    ) -> Duration {
+        self.batches_in_flight = self.batches_in_flight.saturating_sub(1);
+        let in_flight = Arc::make_mut(&mut self.devices_in_flight);
+        for (device, version) in covered {
+            // A newer batch may carry the device too.
+            if in_flight.get(device) == Some(version) {
+                in_flight.remove(device);
+            }
+        }
+        let delay = match outcome {
+            Outcome::Acked { .. } => {
+                self.backoff.reset();
+                self.batch_max = (self.batch_max * 2).min(self.settings.batch_max_reports);
+                Duration::ZERO
+            }
+            Outcome::Retry { after, .. } => after.unwrap_or_else(|| self.backoff.failed()),
+            Outcome::TooLarge => {
+                self.batch_max = (self.batch_max / 2).max(1);
+                Duration::ZERO
+            }
+            Outcome::Refused { .. } => self.backoff.longest(),
+        };
+        self.not_before = now + delay;
+        delay
+    }
+
+    /// How long a change waits before it is read: `linger` on an idle link, the batch window
+    /// while a batch is out (so changes gather into the next one). `None` while the in-flight
+    /// window is full: the next answer wakes the uplink.
+    pub fn change_delay(&self) -> Option<Duration> {
+        if self.batches_in_flight >= self.settings.max_in_flight {
+            None
+        } else if self.batches_in_flight == 0 {
+            Some(self.settings.linger)
+        } else {
+            Some(self.settings.batch_window)
+        }
+    }
+
+    /// When to look again if nothing else happens (no change, no answer): the end of a retry
+    /// delay, a due heartbeat, or a device's minimum interval running out.
+    pub fn wake_at(&self, now: Instant) -> Option<Instant> {
+        let retry = (self.not_before > now).then_some(self.not_before);
+        let heartbeat =
+            (self.batches_in_flight == 0).then(|| self.last_activity + self.settings.heartbeat);
+        let interval = self
+            .last_sent
+            .values()
+            .min()
+            .map(|sent| *sent + self.settings.device_min_interval);
+        [retry, heartbeat, interval]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| at.max(retry.unwrap_or(at)))
+    }
+
+    /// Reports per batch now (halved after a 413, doubled back after each 2xx).
+    pub fn batch_max(&self) -> usize {
+        self.batch_max
+    }
+
+    fn heartbeat_due(&self, now: Instant) -> bool {
+        self.batches_in_flight == 0
+            && now.saturating_duration_since(self.last_activity) >= self.settings.heartbeat
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn settings() -> UplinkSettings {
+        UplinkSettings {
+            batch_window: ms(50),
+            linger: ms(0),
+            batch_max_reports: 100,
+            batch_max_bytes: 1 << 20,
+            reports_per_second: None,
+            bytes_per_second: None,
+            device_min_interval: Duration::ZERO,
+            max_in_flight: 2,
+            retry_initial: ms(100),
+            retry_max: ms(1000),
+            heartbeat: Duration::from_secs(30),
+            gzip: false,
+        }
+    }
+
+    fn schedule(settings: UplinkSettings, t0: Instant) -> Schedule {
+        Schedule::new(settings, t0, |d| d)
+    }
+
+    fn one(device: &str, version: u64) -> Vec<(String, u64)> {
+        vec![(device.to_owned(), version)]
+    }
+
+    fn retry() -> Outcome {
+        Outcome::Retry {
+            after: None,
+            reason: "HTTP 503".into(),
+        }
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_and_an_ack_resets_the_schedule() {
+        let t0 = Instant::now();
+        let mut s = schedule(settings(), t0);
+        let mut now = t0;
+        let mut delays = Vec::new();
+        for _ in 0..5 {
+            assert!(s.next(now).is_some());
+            s.sent(&one("a", 1), now);
+            let delay = s.settle(&one("a", 1), &retry(), now);
+            assert!(
+                s.next(now + delay - ms(1)).is_none(),
+                "no batch during the delay"
+            );
+            assert_eq!(s.wake_at(now), Some(now + delay));
+            delays.push(delay);
+            now += delay;
+        }
+        assert_eq!(delays, [ms(100), ms(200), ms(400), ms(800), ms(1000)]);
+
+        s.next(now).unwrap();
+        s.sent(&one("a", 1), now);
+        assert_eq!(
+            s.settle(&one("a", 1), &Outcome::Acked { covered: 1 }, now),
+            ms(0)
+        );
+        s.sent(&one("a", 2), now);
+        assert_eq!(
+            s.settle(&one("a", 2), &retry(), now),
+            ms(100),
+            "after a success the next failure starts from retry_initial again"
+        );
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_refusals_wait_the_longest_delay() {
+        let t0 = Instant::now();
+        let mut s = schedule(settings(), t0);
+        s.sent(&[], t0);
+        let after = Outcome::Retry {
+            after: Some(Duration::from_secs(7)),
+            reason: "HTTP 429".into(),
+        };
+        assert_eq!(s.settle(&[], &after, t0), Duration::from_secs(7));
+        s.sent(&[], t0);
+        let refused = Outcome::Refused {
+            status: 401,
+            body: String::new(),
+        };
+        assert_eq!(s.settle(&[], &refused, t0), ms(1000));
+    }
+
+    #[test]
+    fn too_large_halves_the_batch_and_acks_grow_it_back() {
+        let t0 = Instant::now();
+        let mut s = schedule(settings(), t0);
+        for expected in [50, 25, 12] {
+            s.sent(&[], t0);
+            assert_eq!(s.settle(&[], &Outcome::TooLarge, t0), ms(0), "no wait");
+            assert_eq!(s.next(t0).unwrap().max_reports, expected);
+        }
+        for expected in [24, 48, 96, 100, 100] {
+            s.sent(&[], t0);
+            s.settle(&[], &Outcome::Acked { covered: 0 }, t0);
+            assert_eq!(s.next(t0).unwrap().max_reports, expected);
+        }
+    }
+
+    #[test]
+    fn at_most_max_in_flight_batches_and_changes_gather_while_one_is_out() {
+        let t0 = Instant::now();
+        let mut s = schedule(settings(), t0);
+        assert_eq!(s.change_delay(), Some(ms(0)), "an idle link sends at once");
+        s.sent(&one("a", 1), t0);
+        assert_eq!(s.change_delay(), Some(ms(50)), "the batch window");
+        assert!(s.next(t0).is_some());
+        s.sent(&one("b", 1), t0);
+        assert!(s.next(t0).is_none(), "two in flight");
+        assert_eq!(s.change_delay(), None);
+        s.settle(&one("a", 1), &Outcome::Acked { covered: 1 }, t0);
+        assert!(s.next(t0).is_some());
+        assert_eq!(s.change_delay(), Some(ms(50)), "one still out");
+    }
+
+    #[test]
+    fn devices_in_flight_are_skipped_until_their_own_batch_is_answered() {
+        let t0 = Instant::now();
+        let mut s = schedule(settings(), t0);
+        s.sent(&one("a", 1), t0);
+        assert_eq!(s.next(t0).unwrap().skip.get("a"), Some(&1));
+        // A newer version of `a` goes out in a second batch...
+        s.sent(&one("a", 2), t0);
+        // ...and the first batch's answer does not clear it.
+        s.settle(&one("a", 1), &Outcome::Acked { covered: 1 }, t0);
+        assert_eq!(s.next(t0).unwrap().skip.get("a"), Some(&2));
+        s.settle(&one("a", 2), &retry(), t0);
+        assert!(s.next(t0 + ms(100)).unwrap().skip.is_empty());
+    }
+
+    #[test]
+    fn heartbeats_follow_a_quiet_heartbeat_interval_with_nothing_in_flight() {
+        let t0 = Instant::now();
+        let mut s = schedule(settings(), t0);
+        assert!(s.next(t0).unwrap().heartbeat, "due at start");
+        s.sent(&[], t0);
+        assert!(!s.next(t0).unwrap().heartbeat, "one is out");
+        s.settle(&[], &Outcome::Acked { covered: 0 }, t0);
+        let thirty = Duration::from_secs(30);
+        assert_eq!(s.wake_at(t0), Some(t0 + thirty));
+        assert!(!s.next(t0 + thirty - ms(1)).unwrap().heartbeat);
+        assert!(s.next(t0 + thirty).unwrap().heartbeat);
+        // Any batch counts as activity.
+        s.sent(&one("a", 1), t0 + ms(10));
+        assert_eq!(s.wake_at(t0 + ms(10)), None, "an answer wakes the uplink");
+        s.settle(&one("a", 1), &Outcome::Acked { covered: 1 }, t0 + ms(20));
+        assert_eq!(s.wake_at(t0 + ms(20)), Some(t0 + ms(10) + thirty));
+    }
+
+    #[test]
+    fn a_device_goes_out_at_most_once_per_min_interval() {
+        let t0 = Instant::now();
+        let mut s = schedule(
+            UplinkSettings {
+                device_min_interval: Duration::from_secs(1),
+                ..settings()
+            },
+            t0,
+        );
+        s.sent(&one("a", 1), t0);
+        s.settle(&one("a", 1), &Outcome::Acked { covered: 1 }, t0 + ms(5));
+        let skip = s.next(t0 + ms(999)).unwrap().skip;
+        assert_eq!(skip.get("a"), Some(&u64::MAX), "any version of a waits");
+        assert_eq!(s.wake_at(t0 + ms(999)), Some(t0 + Duration::from_secs(1)));
+        assert!(s.next(t0 + Duration::from_secs(1)).unwrap().skip.is_empty());
+    }
+
+    #[test]
+    fn rate_limits_delay_batches_beyond_their_budget() {
+        let t0 = Instant::now();
+        let mut s = schedule(
+            UplinkSettings {
+                reports_per_second: Some(100),
+                bytes_per_second: Some(10_000),
+                ..settings()
+            },
+            t0,
+        );
+        assert!(s.counts_bytes());
+        assert_eq!(s.admit(100, 1000, t0), ms(0), "one second's burst");
+        assert_eq!(s.admit(50, 0, t0), ms(500), "reports/s");
+        assert_eq!(s.admit(0, 20_000, t0), ms(1100), "bytes/s: 9,000 left of the burst");
+        let mut unlimited = schedule(settings(), t0);
+        assert!(!unlimited.counts_bytes());
+        assert_eq!(unlimited.admit(1_000_000, usize::MAX, t0), ms(0));
+    }
+
+    #[test]
+    fn a_retry_delay_holds_back_heartbeats_and_intervals_too() {
+        let t0 = Instant::now();
+        let mut s = schedule(
+            UplinkSettings {
+                heartbeat: ms(10),
+                ..settings()
+            },
+            t0,
+        );
+        s.sent(&[], t0);
+        let delay = s.settle(&[], &retry(), t0);
+        assert_eq!(s.wake_at(t0), Some(t0 + delay));
+        assert!(s.next(t0 + ms(50)).is_none());
+    }
+}
