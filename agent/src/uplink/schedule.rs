@@ -395,7 +395,11 @@ mod tests {
         assert!(s.counts_bytes());
         assert_eq!(s.admit(100, 1000, t0), ms(0), "one second's burst");
         assert_eq!(s.admit(50, 0, t0), ms(500), "reports/s");
-        assert_eq!(s.admit(0, 20_000, t0), ms(1100), "bytes/s: 9,000 left of the burst");
+        assert_eq!(
+            s.admit(0, 20_000, t0),
+            ms(1100),
+            "bytes/s: 9,000 left of the burst"
+        );
         let mut unlimited = schedule(settings(), t0);
         assert!(!unlimited.counts_bytes());
         assert_eq!(unlimited.admit(1_000_000, usize::MAX, t0), ms(0));
