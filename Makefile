@@ -44,9 +44,9 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## unit: only the tests that need neither broker nor apiserver
+## unit: every test that needs neither a broker nor an API server (each crate's own tests: pure logic, the embedded broker's router, the store on a temporary SQLite file), in under a minute once built
 unit:
-	$(CARGO) test -p edgesync-protocol -p edgesync-crds -p edgesync-examples
+	$(CARGO) test --workspace --lib --bins
 
 ## fuzz: the decoders (MQTT packets into the embedded broker, Sparkplug B, KubeEdge twin) and the broker's router under many more generated inputs than `make test` runs (FUZZ_CASES, default 100000 each); a failure prints the smallest input that breaks it
 FUZZ_CASES ?= 100000

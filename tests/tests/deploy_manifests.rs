@@ -165,7 +165,8 @@ fn kustomize_base_and_overlays_build_and_pass_server_dry_run() {
 }
 
 /// Every metric the alerts and the dashboard query is one the binaries export: a renamed
-/// metric would otherwise leave an alert that can never fire.
+/// metric would otherwise leave an alert that can never fire. Both binaries' `/metrics` pass
+/// `promtool check metrics` (Prometheus' own parser and linter).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_and_dashboard_query_only_metrics_the_binaries_export() {
     use edgesync_e2e::agent::{AgentConfig, metrics, spawn_agent};
@@ -186,7 +187,14 @@ async fn alerts_and_dashboard_query_only_metrics_the_binaries_export() {
         },
     )
     .await;
-    let exported: std::collections::BTreeSet<String> = [controller.metrics().await, agent_text]
+    let controller_text = controller.metrics().await;
+    promtool_check_metrics("edgesync-controller", &controller_text);
+    // The agent helper returns the whole HTTP response.
+    let agent_body = agent_text
+        .split_once("\r\n\r\n")
+        .map_or(agent_text.as_str(), |(_, body)| body);
+    promtool_check_metrics("edgesync-agent", agent_body);
+    let exported: std::collections::BTreeSet<String> = [controller_text, agent_text]
         .iter()
         .flat_map(|text| text.lines().map(str::to_owned).collect::<Vec<_>>())
         .filter_map(|l| {
@@ -229,13 +237,43 @@ async fn alerts_and_dashboard_query_only_metrics_the_binaries_export() {
     );
 }
 
-/// promtool (Prometheus' own checker, built from the Go module proxy) accepts every alert rule.
-#[test]
-fn alert_rules_pass_promtool() {
-    let promtool = edgesync_e2e::ensured(
+/// Prometheus' own checker, built from the Go module proxy.
+fn promtool() -> std::path::PathBuf {
+    edgesync_e2e::ensured(
         "hack/ensure-promtool.sh",
         "builds promtool with Go from the Go module proxy",
+    )
+}
+
+/// `promtool check metrics` accepts `text` (a scrape of `who`): it parses and lints it.
+fn promtool_check_metrics(who: &str, text: &str) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics refuses {who}'s /metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// promtool accepts every alert rule.
+#[test]
+fn alert_rules_pass_promtool() {
+    let promtool = promtool();
     let rule =
         std::fs::read_to_string(workspace_root().join("deploy/monitoring/prometheusrule.yaml"))
             .unwrap();
