@@ -12,7 +12,8 @@
 //! that newer report until its own batch is answered, so the older one need not hold a batch
 //! (and the agent's window of batches in flight) for a write that would be replaced anyway.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+mod coalescer;
+
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
@@ -30,6 +31,7 @@ use crate::cache::Caches;
 use crate::device_status::apply_report;
 use crate::metrics::Metrics;
 use crate::stamp::{CONFLICT, Stamp, Stamped, Verdict, conflict_message, judge};
+use coalescer::{Answers, Coalescer, Pending};
 
 /// Re-reads after resourceVersion conflicts before a write is given up (and retried by the
 /// agent's next batch).
@@ -52,32 +54,9 @@ pub enum Outcome {
     Unavailable(String),
 }
 
-struct Pending {
-    node: String,
-    report: Stamped,
-}
-
-struct Waiter {
-    stamp: Stamp,
-    node: String,
-    arrived: Instant,
-    tx: oneshot::Sender<Outcome>,
-}
-
-#[derive(Default)]
-struct State {
-    pending: HashMap<DeviceKey, Pending>,
-    waiters: HashMap<DeviceKey, Vec<Waiter>>,
-    queue: VecDeque<DeviceKey>,
-    queued: HashSet<DeviceKey>,
-    busy: HashSet<DeviceKey>,
-    /// Newest stamp this replica knows to be durable, per device.
-    durable: HashMap<DeviceKey, Stamp>,
-}
-
 /// The coalescing status writer.
 pub struct StatusWriter {
-    state: Mutex<State>,
+    state: Mutex<Coalescer<oneshot::Sender<Outcome>>>,
     wake: Notify,
     budget: Arc<WriteBudget>,
     client: Client,
@@ -94,7 +73,7 @@ impl StatusWriter {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(Coalescer::default()),
             wake: Notify::new(),
             budget,
             client,
@@ -103,7 +82,7 @@ impl StatusWriter {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Coalescer<oneshot::Sender<Outcome>>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -136,57 +115,18 @@ impl StatusWriter {
         known_durable: Option<Stamp>,
     ) -> oneshot::Receiver<Outcome> {
         let (tx, rx) = oneshot::channel();
-        let stamp = report.stamp;
-        let mut st = self.lock();
-        let durable = st
-            .durable
-            .get(&key)
-            .copied()
-            .max(known_durable)
-            .unwrap_or_default();
-        // An equal stamp goes on to the write, which compares the bodies.
-        if durable > stamp {
-            let _ = tx.send(Outcome::Durable(durable));
-            return rx;
-        }
-        if let Some(p) = st.pending.get(&key)
-            && p.report.stamp == stamp
-            && p.report.report.reported != report.report.reported
-        {
-            let _ = tx.send(conflict(&key, &report));
-            return rx;
-        }
-        let newer_pending = st
-            .pending
-            .get(&key)
-            .is_some_and(|p| p.report.stamp >= stamp);
-        let waiters = st.waiters.entry(key.clone()).or_default();
-        if !newer_pending {
-            settle_superseded(waiters, node, stamp);
-        }
-        waiters.push(Waiter {
-            stamp,
-            node: node.to_owned(),
-            arrived: Instant::now(),
-            tx,
-        });
-        if !newer_pending {
-            st.pending.insert(
-                key.clone(),
-                Pending {
-                    node: node.to_owned(),
-                    report,
-                },
-            );
-        }
-        if !st.queued.contains(&key) && !st.busy.contains(&key) {
-            st.queued.insert(key.clone());
-            st.queue.push_back(key);
+        let (answers, wake) = {
+            let mut st = self.lock();
+            let done = st.submit(key, node, report, known_durable, tx, Instant::now());
+            self.metrics
+                .writer_pending
+                .store(st.pending() as u64, Ordering::Relaxed);
+            done
+        };
+        self.answer(answers, false);
+        if wake {
             self.wake.notify_one();
         }
-        self.metrics
-            .writer_pending
-            .store(st.pending.len() as u64, Ordering::Relaxed);
         rx
     }
 
@@ -194,18 +134,10 @@ impl StatusWriter {
         loop {
             let job = {
                 let mut st = self.lock();
-                let mut job = None;
-                while let Some(key) = st.queue.pop_front() {
-                    st.queued.remove(&key);
-                    if let Some(p) = st.pending.remove(&key) {
-                        st.busy.insert(key.clone());
-                        job = Some((key, p));
-                        break;
-                    }
-                }
+                let job = st.take();
                 self.metrics
                     .writer_pending
-                    .store(st.pending.len() as u64, Ordering::Relaxed);
+                    .store(st.pending() as u64, Ordering::Relaxed);
                 job
             };
             let Some((key, pending)) = job else {
@@ -218,41 +150,26 @@ impl StatusWriter {
         }
     }
 
-    /// Completes the waiters a write settled and re-queues the device if a newer report
-    /// arrived while it was being written.
+    /// Answers the waiters a write settled and wakes a worker if a newer report arrived
+    /// while it was being written.
     fn finish(&self, key: DeviceKey, attempted: Stamp, outcome: Outcome) {
-        let mut st = self.lock();
-        st.busy.remove(&key);
-        let settled_up_to = match &outcome {
-            Outcome::Durable(v) => {
-                let d = st.durable.entry(key.clone()).or_default();
-                *d = (*d).max(*v);
-                *v
-            }
-            _ => attempted,
-        };
-        if let Some(waiters) = st.waiters.get_mut(&key) {
-            let mut keep = Vec::with_capacity(waiters.len());
-            for w in waiters.drain(..) {
-                if w.stamp <= settled_up_to {
-                    if matches!(outcome, Outcome::Durable(_)) {
-                        self.metrics
-                            .report_durable_latency
-                            .observe(w.arrived.elapsed());
-                    }
-                    let _ = w.tx.send(outcome.clone());
-                } else if !w.tx.is_closed() {
-                    keep.push(w);
-                }
-            }
-            *waiters = keep;
-            if waiters.is_empty() {
-                st.waiters.remove(&key);
-            }
-        }
-        if st.pending.contains_key(&key) && st.queued.insert(key.clone()) {
-            st.queue.push_back(key);
+        let (answers, wake) = self.lock().finish(key, attempted, &outcome);
+        self.answer(answers, true);
+        if wake {
             self.wake.notify_one();
+        }
+    }
+
+    /// Sends each waiter its outcome (a receiver may be gone: its batch timed out);
+    /// `written`: the answers of a write, whose durable latency is measured.
+    fn answer(&self, answers: Answers<oneshot::Sender<Outcome>>, written: bool) {
+        for (waiter, outcome) in answers {
+            if written && matches!(outcome, Outcome::Durable(_)) {
+                self.metrics
+                    .report_durable_latency
+                    .observe(waiter.arrived.elapsed());
+            }
+            let _ = waiter.handle.send(outcome);
         }
     }
 
@@ -344,24 +261,6 @@ impl StatusWriter {
 }
 
 /// The answer to a report whose stamp already holds another state.
-/// Answers the waiters of `node` older than `newer`, which that node has just submitted: the
-/// node's agent holds `newer` until its own batch is answered, and resends it should that fail,
-/// so nothing is lost by letting the older reports go. Waiters of another node (a device moved
-/// between nodes) keep waiting for a write.
-fn settle_superseded(waiters: &mut Vec<Waiter>, node: &str, newer: Stamp) {
-    if waiters.is_empty() {
-        return;
-    }
-    let (settled, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(waiters)
-        .into_iter()
-        .partition(|w| w.stamp < newer && w.node == node);
-    *waiters = kept.into_iter().filter(|w| !w.tx.is_closed()).collect();
-    for w in settled {
-        // The receiver may be gone (its batch timed out): nothing to tell then.
-        let _ = w.tx.send(Outcome::Superseded(newer));
-    }
-}
-
 fn conflict((namespace, name): &DeviceKey, report: &Stamped) -> Outcome {
     Outcome::Rejected(
         CONFLICT,
@@ -374,44 +273,4 @@ fn gone(namespace: &str, name: &str) -> Outcome {
         "unknown_device",
         format!("device {namespace}/{name} was deleted"),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn waiter(version: u64, node: &str) -> (Waiter, oneshot::Receiver<Outcome>) {
-        let (tx, rx) = oneshot::channel();
-        let w = Waiter {
-            stamp: Stamp::new(1, version),
-            node: node.to_owned(),
-            arrived: Instant::now(),
-            tx,
-        };
-        (w, rx)
-    }
-
-    #[test]
-    fn a_newer_report_of_the_same_node_settles_only_older_waiters_of_that_node() {
-        let (older, mut older_rx) = waiter(3, "n1");
-        let (same, mut same_rx) = waiter(5, "n1");
-        let (other_node, mut other_rx) = waiter(2, "n2");
-        let (gone, gone_rx) = waiter(4, "n2");
-        drop(gone_rx);
-        let mut waiters = vec![older, same, other_node, gone];
-        settle_superseded(&mut waiters, "n1", Stamp::new(1, 5));
-        assert_eq!(
-            older_rx.try_recv().unwrap(),
-            Outcome::Superseded(Stamp::new(1, 5))
-        );
-        // Equal stamps wait for the write; another node's report is never answered for it,
-        // and a waiter nobody listens to any more is dropped.
-        assert!(same_rx.try_recv().is_err());
-        assert!(other_rx.try_recv().is_err());
-        let left: Vec<(u64, &str)> = waiters
-            .iter()
-            .map(|w| (w.stamp.version, w.node.as_str()))
-            .collect();
-        assert_eq!(left, [(5, "n1"), (2, "n2")]);
-    }
 }
