@@ -80,6 +80,7 @@ pub struct AppState {
 }
 
 mod body;
+mod checks;
 mod desired;
 
 pub use body::BodyBudget;

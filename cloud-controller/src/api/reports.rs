@@ -1,7 +1,6 @@
 //! `POST .../reports`: a batch from an agent, checked report by report and answered once
 //! every accepted report is durable.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -11,21 +10,21 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use edgesync_crds::{Device, DeviceSpec};
-use edgesync_protocol::limits::{self, Limits};
+use edgesync_protocol::limits::Limits;
 use edgesync_protocol::wire::{
     Report, ReportBatch, ReportBatchResponse, ReportResult, ReportStatus,
 };
 use futures_util::StreamExt as _;
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
-use serde_json::Map;
 use tokio::sync::oneshot;
 use tracing::{Instrument, debug, info, info_span};
 
 use super::body::{read_body, reserve_body};
+use super::checks;
 use super::{ApiError, AppState, Shared, authenticate, unavailable};
 use crate::epoch::EpochError;
-use crate::stamp::{CONFLICT, Stamp, Stamped, Verdict, conflict_message, judge};
+use crate::stamp::{Stamp, Stamped};
 use crate::writer::Outcome;
 
 /// Unknown devices of one batch looked up or registered at once.
@@ -164,69 +163,20 @@ async fn handle_reports(
         max_depth: s.opts.max_depth,
         ..Limits::default()
     };
-    // The newest version of each device in this batch; an older duplicate is stale.
-    let mut newest: HashMap<&str, u64> = HashMap::new();
-    for r in &batch.reports {
-        let v = newest.entry(r.device.as_str()).or_default();
-        *v = (*v).max(r.version);
-    }
-    let newest: HashMap<String, u64> = newest.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-
+    let newest = checks::newest_versions(&batch.reports);
     let mut results: Vec<ReportResult> = Vec::with_capacity(batch.reports.len());
-    let mut waits: Vec<(usize, oneshot::Receiver<Outcome>)> = Vec::new();
+    let mut waits: Vec<(usize, Stamp, oneshot::Receiver<Outcome>)> = Vec::new();
     // Reports that passed the checks needing no lookup, with their place in `results`.
     let mut checked = Vec::with_capacity(batch.reports.len());
     let auto_register = edge_node.spec.auto_register_devices;
     for report in batch.reports {
-        let result = |status, reason| result_for(&report, status, reason);
-        if newest
-            .get(&report.device)
-            .is_some_and(|v| *v > report.version)
-        {
-            results.push(result(
-                ReportStatus::Stale,
-                Some("a newer version of this device is in the same batch".into()),
-            ));
-            continue;
+        let mut result = result_for(&report, ReportStatus::Accepted, None);
+        match checks::precheck(&report, &newest, &doc_limits) {
+            Some(settled) => settle(s, &mut result, settled),
+            // Settled below.
+            None => checked.push((results.len(), report)),
         }
-        if report.version == 0 || report.version > i64::MAX as u64 {
-            // Checked before auto-registration: a report that can never be written must not
-            // create its Device either.
-            s.metrics.reject("invalid_version");
-            results.push(result(
-                ReportStatus::Rejected,
-                Some(format!(
-                    "invalid_version: {} is outside 1..={} (a Kubernetes int64)",
-                    report.version,
-                    i64::MAX
-                )),
-            ));
-            continue;
-        }
-        if let Err(e) = limits::validate_device_id(&report.device) {
-            s.metrics.reject("invalid_device_id");
-            results.push(result(
-                ReportStatus::Rejected,
-                Some(format!("invalid_device_id: {e}")),
-            ));
-            continue;
-        }
-        let state_ok = limits::check_state(&report.reported, &doc_limits).and_then(|()| {
-            edgesync_protocol::shadow::check_size(&Map::new(), &report.reported, &doc_limits)
-        });
-        if let Err(e) = state_ok {
-            let code = if e.is_too_large() {
-                "too_large"
-            } else {
-                "invalid_state"
-            };
-            s.metrics.reject(code);
-            results.push(result(ReportStatus::Rejected, Some(format!("{code}: {e}"))));
-            continue;
-        }
-        // Settled below.
-        results.push(result(ReportStatus::Accepted, None));
-        checked.push((results.len() - 1, report));
+        results.push(result);
     }
 
     // Devices not yet known register concurrently: each costs the API server a create, and
@@ -250,48 +200,22 @@ async fn handle_reports(
             }
             Err(Refusal::Unavailable(m)) => return Err(unavailable(m)),
         };
-        if device.spec.node_name != node {
-            s.metrics.reject("forbidden");
-            s.events.emit(
-                device.as_ref(),
-                kube::runtime::events::EventType::Warning,
-                "ReportRejected",
-                format!(
-                    "Edge node {node} reported this device, which belongs to node {}; its report was rejected",
-                    device.spec.node_name
-                ),
-            );
-            results[i] = result(
-                ReportStatus::Rejected,
-                Some(format!(
-                    "forbidden: device {ns}/{} belongs to node {}, not {node}",
-                    report.device, device.spec.node_name
-                )),
-            );
-            continue;
-        }
         let stamp = Stamp::new(generation, report.version);
-        // What the cache holds settles retries and stale reports without a write; a stamp's
-        // state never changes once written, so a lagging cache cannot mislead these.
-        match judge(device.status.as_ref(), stamp, &report.reported) {
-            Verdict::Newer => {}
-            Verdict::Same => {
-                results[i] = result(ReportStatus::Accepted, None);
-                continue;
-            }
-            Verdict::Older(_) => {
-                results[i] = result(
-                    ReportStatus::Stale,
-                    Some("a newer report is already durable".into()),
+        let owner = (device.spec.node_name.as_str(), device.status.as_ref());
+        if let Some(settled) = checks::against_device(&report, stamp, &epoch, (ns, node), owner) {
+            if settled.code == Some("forbidden") {
+                s.events.emit(
+                    device.as_ref(),
+                    kube::runtime::events::EventType::Warning,
+                    "ReportRejected",
+                    format!(
+                        "Edge node {node} reported this device, which belongs to node {}; its report was rejected",
+                        device.spec.node_name
+                    ),
                 );
-                continue;
             }
-            Verdict::Conflict => {
-                s.metrics.reject(CONFLICT);
-                let why = conflict_message(ns, &report.device, report.version, &epoch);
-                results[i] = result(ReportStatus::Rejected, Some(format!("{CONFLICT}: {why}")));
-                continue;
-            }
+            settle(s, &mut results[i], settled);
+            continue;
         }
         let known = Stamp::of_status(device.status.as_ref());
         let key = (ns.to_owned(), report.device.clone());
@@ -300,13 +224,13 @@ async fn handle_reports(
             epoch: Arc::clone(&epoch),
             stamp,
         };
-        waits.push((i, s.writer.submit(key, node, stamped, Some(known))));
+        waits.push((i, stamp, s.writer.submit(key, node, stamped, Some(known))));
     }
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(s.opts.durable_wait_seconds);
     let mut unavailable_reason = None;
     let mut timed_out = false;
-    for (i, rx) in waits {
+    for (i, stamp, rx) in waits {
         let outcome = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(o)) => o,
             Ok(Err(_)) => Outcome::Unavailable("the status writer stopped".into()),
@@ -315,28 +239,13 @@ async fn handle_reports(
                 continue;
             }
         };
-        let r = &mut results[i];
-        match outcome {
-            Outcome::Durable(d) if d == Stamp::new(generation, r.version) => {}
-            Outcome::Durable(_) => {
-                r.status = ReportStatus::Stale;
-                r.reason = Some("a newer report is already durable".into());
-            }
-            // The agent keeps the newer report until that one's batch is answered.
-            Outcome::Superseded(newer) => {
-                s.metrics.reports_superseded.fetch_add(1, Ordering::Relaxed);
-                r.status = ReportStatus::Stale;
-                r.reason = Some(format!(
-                    "superseded by version {} of the same device, queued for writing",
-                    newer.version
-                ));
-            }
-            Outcome::Rejected(code, message) => {
-                s.metrics.reject(code);
-                r.status = ReportStatus::Rejected;
-                r.reason = Some(format!("{code}: {message}"));
-            }
-            Outcome::Unavailable(m) => unavailable_reason = Some(m),
+        if matches!(outcome, Outcome::Superseded(_)) {
+            s.metrics.reports_superseded.fetch_add(1, Ordering::Relaxed);
+        }
+        match checks::written(stamp, outcome) {
+            Ok(None) => {}
+            Ok(Some(settled)) => settle(s, &mut results[i], settled),
+            Err(m) => unavailable_reason = Some(m),
         }
     }
     if let Some(m) = unavailable_reason {
@@ -385,6 +294,15 @@ async fn handle_reports(
         seq: batch.seq,
         results,
     })
+}
+
+/// Puts a settled report into its answer, counting a rejection under its reason.
+fn settle(s: &AppState, result: &mut ReportResult, settled: checks::Settled) {
+    if let Some(code) = settled.code {
+        s.metrics.reject(code);
+    }
+    result.status = settled.status;
+    result.reason = (!settled.reason.is_empty()).then_some(settled.reason);
 }
 
 /// The answer for one report.
