@@ -25,6 +25,22 @@ targets=(
   "armv7-unknown-linux-gnueabihf armhf arm-linux-gnueabihf qemu-system-arm -M virt,highmem=off -cpu cortex-a15"
 )
 
+# Built agents, by a hash of everything that goes into them, outside the clone.
+agent_cache="${XDG_CACHE_HOME:-$HOME/.cache}/edgesync/arm-agent"
+
+# A hash of the agent's inputs for `triple`: its sources and its dependencies' (the
+# workspace manifests and lock file), the compilers, and this script.
+inputs_hash() {
+  {
+    echo "$1"
+    /usr/bin/rustc -V
+    "${CARGO:-cargo}" -V
+    (cd "$root" && find agent protocol -type f \( -name '*.rs' -o -name Cargo.toml \) -print0 \
+      | sort -z | xargs -0 sha256sum)
+    sha256sum "$root/Cargo.toml" "$root/Cargo.lock" "$here/build-arm.sh" | sed "s|$root/||"
+  } | sha256sum | cut -c1-16
+}
+
 only="${ARM_TARGETS:-}"
 for spec in "${targets[@]}"; do
   read -r triple arch prefix qemu machine <<<"$spec"
@@ -32,14 +48,29 @@ for spec in "${targets[@]}"; do
   env_triple="${triple//-/_}"
   upper="$(tr '[:lower:]' '[:upper:]' <<<"$env_triple")"
   start=$SECONDS
-  # Debian's rustc has the ARM standard libraries; rustup's cargo drives it.
-  env RUSTC=/usr/bin/rustc \
-    "CARGO_TARGET_${upper}_LINKER=$prefix-gcc" \
-    "CC_${env_triple}=$prefix-gcc" "AR_${env_triple}=$prefix-ar" \
-    "${CARGO:-cargo}" build -q --profile release-small --target "$triple" \
-    -p edgesync-agent --bin edgesync-agent --target-dir "$target_dir"
   bin="$target_dir/$triple/release-small/edgesync-agent"
-  log "$triple: $(stat -c %s "$bin") bytes, cargo took $((SECONDS - start)) s"
+  # A fresh clone finds the binary its sources were last built into outside the clone.
+  key="$(inputs_hash "$triple")"
+  cached="$agent_cache/$triple/$key/edgesync-agent"
+  if [[ -f "$cached" && ! -f "$bin" ]]; then
+    mkdir -p "$(dirname "$bin")"
+    cp "$cached" "$bin"
+    log "$triple: $(stat -c %s "$bin") bytes, from the cache (inputs $key)"
+  else
+    # Debian's rustc has the ARM standard libraries; rustup's cargo drives it.
+    env RUSTC=/usr/bin/rustc \
+      "CARGO_TARGET_${upper}_LINKER=$prefix-gcc" \
+      "CC_${env_triple}=$prefix-gcc" "AR_${env_triple}=$prefix-ar" \
+      "${CARGO:-cargo}" build -q --profile release-small --target "$triple" \
+      -p edgesync-agent --bin edgesync-agent --target-dir "$target_dir"
+    log "$triple: $(stat -c %s "$bin") bytes, cargo took $((SECONDS - start)) s"
+    if [[ ! -f "$cached" ]]; then
+      # The newest few builds per target are kept.
+      mkdir -p "$(dirname "$cached")"
+      cp "$bin" "$cached.tmp" && mv "$cached.tmp" "$cached"
+      ls -1dt "$agent_cache/$triple"/*/ | tail -n +4 | xargs -r rm -rf
+    fi
+  fi
 
   vm="$target_dir/$triple/vm"
   mkdir -p "$vm"
