@@ -8,6 +8,12 @@
 //! 3. the **responder** takes messages in arrival order, waits for each one's commit, then
 //!    publishes the replies and only then acks the message to the broker.
 //!
+//! Each device dialect is one module with the same parts: its subscriptions (`filters`),
+//! what the processor queues for a message on its topics, how the responder answers it, and
+//! how a desired change goes out to its devices: `shadow` (the native shadow topics),
+//! `plain` (JSON ingest mappings), `sparkplug` (Sparkplug B) and `twin` (KubeEdge device
+//! twins). The embedded broker's ACL for each dialect's topics is in `broker::auth`.
+//!
 //! So a QoS1 message is acknowledged only after its effect is durable in SQLite; if the agent
 //! dies first, the broker redelivers it on the persistent session, and re-applying a merge
 //! patch that is already applied changes nothing.
@@ -16,9 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use edgesync_protocol::Limits;
-use edgesync_protocol::mqtt::{DeltaMessage, IngestPattern, Rejected, ShadowOp, reply_topic};
+use edgesync_protocol::mqtt::IngestPattern;
 use edgesync_protocol::shadow::ShadowDocument;
-use edgesync_protocol::sparkplug::Command;
 use rumqttc::{AsyncClient, EventLoop, MqttOptions, Publish, QoS, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -26,11 +31,13 @@ use tracing::warn;
 
 use crate::config::{Broker, IngestSettings, MqttSettings};
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError, UpdateOutcome};
+use crate::store::{Store, StoreError};
 
 mod driver;
+mod plain;
 mod processor;
 mod responder;
+mod shadow;
 mod sparkplug;
 mod twin;
 
@@ -59,53 +66,22 @@ const REQUEST_CHANNEL_CAPACITY: usize = 64 * 1024;
 /// be redelivered forever, so this is the MQTT maximum.
 const MAX_INCOMING_PACKET: usize = 268_435_455;
 
-/// What a message is.
-#[derive(Debug)]
-enum Route {
-    Shadow {
-        device: String,
-        op: ShadowOp,
-    },
-    Ingest {
-        device: String,
-    },
-    /// Sparkplug B: which devices it concerns is known only once it is decoded.
-    Sparkplug,
-    /// A KubeEdge device twin request.
-    Twin(edgesync_protocol::kubeedge::TwinTopic),
-    Unknown,
-}
+/// The store's answer to a queued request.
+type StoreReply<T> = oneshot::Receiver<Result<T, StoreError>>;
 
-/// What the responder waits for before replying and acking.
-enum Pending {
-    /// Nothing to wait for (rejected before reaching the store, or unknown topic).
-    Done,
-    /// A rejection to send.
-    Reject(Rejected),
-    /// A committed (or failed) update.
-    Update(oneshot::Receiver<Result<UpdateOutcome, StoreError>>),
-    /// A shadow read, answered once the group it was read in has committed.
-    Get(oneshot::Receiver<Result<Option<ShadowDocument>, StoreError>>),
-    /// A shadow read's answer.
-    Got(Result<Option<ShadowDocument>, StoreError>),
-    /// Updates of several devices from one message (Sparkplug B), then a command to publish.
-    Many(Box<Many>),
-}
-
-/// The updates one message made, each awaited before the message is acked.
-struct Many {
-    updates: Vec<(String, oneshot::Receiver<Result<UpdateOutcome, StoreError>>)>,
-    /// An update could not even be queued (store closed): do not ack.
-    unqueued: bool,
-    /// Published once the updates are committed.
-    command: Option<Command>,
+/// A message queued to the store by its dialect, for the responder to await and answer.
+enum Waiting {
+    Shadow(shadow::Waiting),
+    Plain(plain::Waiting),
+    Sparkplug(sparkplug::Waiting),
+    Twin(twin::Waiting),
+    /// On no dialect's topic: acked, nothing else.
+    Nothing,
 }
 
 struct Job {
     publish: Publish,
-    route: Route,
-    client_token: Option<String>,
-    pending: Pending,
+    waiting: Waiting,
 }
 
 /// Counts a refused message under `reason` and warns about it at its 1st, 2nd, 4th, 8th...
@@ -136,46 +112,18 @@ pub struct DevicePublisher {
 }
 
 impl DevicePublisher {
-    /// Publishes `update/delta` (QoS1: desired state must reach the device); to a Sparkplug B
-    /// device, a DCMD (NCMD for an edge node) with the metrics its birth declared instead.
+    /// Sends a desired change to `device` in its dialect: `twin/update/delta` to a KubeEdge
+    /// twin, a DCMD (NCMD for an edge node) to a Sparkplug B device, `update/delta` on the
+    /// shadow topics to anyone else.
     pub async fn publish_delta(&self, device: &str, doc: &ShadowDocument) {
         let delta = doc.delta();
-        if delta.is_empty() || self.publish_twin_delta(device, doc) {
-            return;
-        }
-        if let Some(sparkplug) = &self.sparkplug
-            && let Some(command) = sparkplug.command(device, &delta)
+        if delta.is_empty()
+            || self.publish_twin_delta(device, doc)
+            || self.publish_sparkplug_delta(device, &delta)
         {
-            if let Some(c) = command {
-                self.publish_command(c, &self.metrics.sparkplug_writes);
-            }
             return;
         }
-        let msg = DeltaMessage {
-            state: delta,
-            version: doc.version,
-            timestamp: doc.timestamp,
-        };
-        let topic = reply_topic(&self.prefix, device, ShadowOp::Update, "delta");
-        let Ok(payload) = serde_json::to_vec(&msg) else {
-            return;
-        };
-        // Dropped when the request queue is full: the device still gets it from shadow/get or
-        // with its next accepted update.
-        self.publish_counted(
-            topic,
-            QoS::AtLeastOnce,
-            payload,
-            &self.metrics.deltas_published,
-        );
-    }
-}
-
-impl DevicePublisher {
-    /// Publishes a Sparkplug B command at QoS 0, as the specification requires of commands
-    /// (a lost one is sent again with the next change or birth), and counts it in `counter`.
-    fn publish_command(&self, c: Command, counter: &std::sync::atomic::AtomicU64) {
-        self.publish_counted(c.topic, QoS::AtMostOnce, c.payload, counter);
+        self.publish_shadow_delta(device, doc, delta);
     }
 
     /// Queues a publish without waiting (nothing in the pipeline may wait on rumqttc's request
@@ -212,18 +160,13 @@ pub struct Mqtt {
 /// broker holds these for the agent's session before it accepts any device, so no device
 /// message the agent takes can be acknowledged before the agent holds it.
 pub fn agent_filters(prefix: &str, ingest: &IngestSettings) -> Vec<String> {
-    let mut filters = vec![
-        format!("{prefix}/+/shadow/update"),
-        format!("{prefix}/+/shadow/get"),
-    ];
-    filters.extend(ingest.json.iter().map(IngestPattern::filter));
+    let mut filters = Vec::from(shadow::filters(prefix));
+    filters.extend(plain::filters(&ingest.json));
     if let Some(s) = &ingest.sparkplug {
-        filters.extend(edgesync_protocol::sparkplug::topic::subscriptions(
-            s.group.as_deref(),
-        ));
+        filters.extend(sparkplug::filters(s));
     }
     if ingest.kubeedge_twin {
-        filters.extend(edgesync_protocol::kubeedge::subscriptions());
+        filters.extend(twin::filters());
     }
     filters
 }

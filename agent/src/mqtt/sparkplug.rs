@@ -10,11 +10,22 @@ use edgesync_protocol::Limits;
 use edgesync_protocol::limits::check_state;
 use edgesync_protocol::shadow::{ShadowError, UpdateRequest};
 use edgesync_protocol::sparkplug::{Command, Host, topic};
+use rumqttc::Publish;
 use serde_json::{Map, Value};
 use tracing::{debug, warn};
 
+use super::processor::Processor;
+use super::responder::{Responder, Settled};
+use super::{DevicePublisher, StoreReply};
 use crate::config::SparkplugSettings;
 use crate::metrics::Metrics;
+use crate::store::UpdateOutcome;
+
+/// The agent's subscriptions for the mapping: births, deaths and data of its group (all
+/// groups when none is set).
+pub(super) fn filters(settings: &SparkplugSettings) -> Vec<String> {
+    topic::subscriptions(settings.group.as_deref())
+}
 
 /// The Sparkplug B host application's memory, shared by the intake (which learns from
 /// births) and the desired-state publisher (which writes commands with what they declared).
@@ -26,11 +37,20 @@ pub struct Sparkplug {
 }
 
 /// What one Sparkplug message asks the store and the broker to do.
-pub(super) struct Handled {
+struct Handled {
     /// One update per device the message is about.
-    pub(super) updates: Vec<(String, UpdateRequest)>,
+    updates: Vec<(String, UpdateRequest)>,
     /// A rebirth request to publish.
-    pub(super) rebirth: Option<Command>,
+    rebirth: Option<Command>,
+}
+
+/// The updates one message made, each awaited before the message is acked.
+pub(super) struct Waiting {
+    updates: Vec<(String, StoreReply<UpdateOutcome>)>,
+    /// An update could not even be queued (store closed): do not ack.
+    unqueued: bool,
+    /// Published once the updates are committed.
+    command: Option<Command>,
 }
 
 impl Sparkplug {
@@ -44,12 +64,12 @@ impl Sparkplug {
     }
 
     /// Whether `topic` is one of ours.
-    pub(super) fn matches(&self, topic: &str) -> bool {
+    fn matches(&self, topic: &str) -> bool {
         topic::parse(topic).is_some_and(|t| self.group.as_deref().is_none_or(|g| g == t.group))
     }
 
     /// Handles one message; `None` when it was refused as a whole (counted and logged).
-    pub(super) fn handle(&self, topic: &str, payload: &[u8], limits: &Limits) -> Option<Handled> {
+    fn handle(&self, topic: &str, payload: &[u8], limits: &Limits) -> Option<Handled> {
         let parsed = topic::parse(topic)?;
         if payload.len() > limits.max_payload_bytes {
             let e = ShadowError::from(edgesync_protocol::LimitError::PayloadTooLarge {
@@ -112,11 +132,7 @@ impl Sparkplug {
     /// The command writing `delta` to `device`: `None` when the device is not a Sparkplug
     /// device heard since the agent started (the caller then uses the shadow topics),
     /// `Some(None)` when nothing in `delta` is a writable metric.
-    pub(super) fn command(
-        &self,
-        device: &str,
-        delta: &Map<String, Value>,
-    ) -> Option<Option<Command>> {
+    fn command(&self, device: &str, delta: &Map<String, Value>) -> Option<Option<Command>> {
         let host = self
             .host
             .lock()
@@ -143,6 +159,86 @@ impl Sparkplug {
             topic,
             &format!("Sparkplug B: {message}"),
         );
+    }
+}
+
+impl Processor {
+    /// Queues the updates of a Sparkplug B message, if it is one: one per device it
+    /// concerns, which is known only once it is decoded.
+    pub(super) async fn sparkplug(&self, publish: &Publish) -> Option<Waiting> {
+        let sparkplug = self
+            .sparkplug
+            .as_ref()
+            .filter(|s| s.matches(&publish.topic))?;
+        let Some(handled) = sparkplug.handle(&publish.topic, &publish.payload, &self.limits) else {
+            return Some(Waiting {
+                updates: Vec::new(),
+                unqueued: false,
+                command: None,
+            });
+        };
+        let mut waiting = Waiting {
+            updates: Vec::with_capacity(handled.updates.len()),
+            unqueued: false,
+            command: handled.rebirth,
+        };
+        for (device, req) in handled.updates {
+            match self.store.submit_update(device.clone(), req, false).await {
+                Ok(rx) => waiting.updates.push((device, rx)),
+                Err(_) => waiting.unqueued = true,
+            }
+        }
+        Some(waiting)
+    }
+}
+
+impl Responder {
+    /// Waits for each device's update from one message, then publishes its command; returns
+    /// whether the message may be acked (every update committed or refused for good).
+    pub(super) async fn sparkplug(&self, w: Waiting) -> bool {
+        let mut ack = !w.unqueued;
+        for (device, rx) in w.updates {
+            match self.settle(&device, rx).await {
+                Settled::Accepted { applied, current } => {
+                    self.delta_due(&device, applied.changed, current.as_ref())
+                        .await;
+                }
+                Settled::Refused(_) => {}
+                Settled::NotCommitted { .. } => ack = false,
+            }
+        }
+        if !ack {
+            self.redeliver.notify_one();
+        }
+        if let Some(c) = w.command {
+            self.publisher
+                .publish_command(c, &self.metrics.sparkplug_rebirths);
+        }
+        ack
+    }
+}
+
+impl DevicePublisher {
+    /// Writes `delta` to a Sparkplug B device heard since the agent started as a DCMD (NCMD
+    /// for an edge node) with the metrics its birth declared; false when it is not one.
+    pub(super) fn publish_sparkplug_delta(&self, device: &str, delta: &Map<String, Value>) -> bool {
+        let Some(command) = self
+            .sparkplug
+            .as_ref()
+            .and_then(|s| s.command(device, delta))
+        else {
+            return false;
+        };
+        if let Some(c) = command {
+            self.publish_command(c, &self.metrics.sparkplug_writes);
+        }
+        true
+    }
+
+    /// Publishes a Sparkplug B command at QoS 0, as the specification requires of commands
+    /// (a lost one is sent again with the next change or birth), and counts it in `counter`.
+    fn publish_command(&self, c: Command, counter: &std::sync::atomic::AtomicU64) {
+        self.publish_counted(c.topic, rumqttc::QoS::AtMostOnce, c.payload, counter);
     }
 }
 

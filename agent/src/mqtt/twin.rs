@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use edgesync_protocol::identity::{self, Dialect, Name};
@@ -14,12 +13,31 @@ use edgesync_protocol::mqtt::Rejected;
 use edgesync_protocol::shadow::{ShadowDocument, ShadowError, UpdateRequest};
 use rumqttc::{Publish, QoS};
 use serde_json::Value;
-use tracing::warn;
 
 use super::processor::{Processor, store_unavailable};
-use super::responder::Responder;
-use super::{DevicePublisher, Job, Pending};
-use crate::store::UpdateOutcome;
+use super::responder::{Responder, Settled};
+use super::{DevicePublisher, StoreReply};
+use crate::store::{StoreError, UpdateOutcome};
+
+/// The agent's subscriptions for the dialect.
+pub(super) fn filters() -> Vec<String> {
+    kubeedge::subscriptions()
+}
+
+/// A twin request between the processor and the responder.
+pub(super) struct Waiting {
+    topic: TwinTopic,
+    /// The request's event id, echoed in every answer.
+    event_id: String,
+    state: State,
+}
+
+enum State {
+    /// Refused before reaching the store.
+    Rejected(Rejected),
+    Update(StoreReply<UpdateOutcome>),
+    Get(StoreReply<Option<ShadowDocument>>),
+}
 
 /// Twin devices remembered at most (their reply topics); beyond, deltas for new ones go to
 /// the shadow topics until the agent restarts. The store's device cap is far lower by default.
@@ -59,37 +77,35 @@ fn now_ms() -> u64 {
 }
 
 impl Processor {
-    /// Validates a twin request and queues it to the store; the event id travels as the
-    /// job's client token.
-    pub(super) async fn twin(&self, t: &TwinTopic, publish: &Publish) -> (Pending, Option<String>) {
+    /// Validates a twin request on `topic`, if it is one, and queues it to the store.
+    pub(super) async fn twin(&self, publish: &Publish) -> Option<Waiting> {
+        let twins = self.twins.as_ref()?;
+        let t = kubeedge::parse_topic(&publish.topic)?;
         let event_id = kubeedge::event_id(&publish.payload, &self.limits);
+        let waiting = |topic, state| Waiting {
+            topic,
+            event_id,
+            state,
+        };
         if let Err(e) = identity::device_id(Name::KubeEdge(&t.device)) {
             let e = ShadowError::from(e);
             super::refused(&self.metrics, e.reason(), &publish.topic, &e.to_string());
-            return (
-                Pending::Reject(Rejected::from_error(&e, None)),
-                Some(event_id),
-            );
+            return Some(waiting(t, State::Rejected(Rejected::from_error(&e, None))));
         }
-        if let Some(twins) = &self.twins {
-            twins.remember(&t.device, &t.id);
-        }
-        match t.op {
+        twins.remember(&t.device, &t.id);
+        let state = match t.op {
             TwinOp::Get => match self
                 .store
                 .submit_get(t.device.clone(), Dialect::KubeEdge)
                 .await
             {
-                Ok(rx) => (Pending::Get(rx), Some(event_id)),
-                Err(e) => (Pending::Got(Err(e)), Some(event_id)),
+                Ok(rx) => State::Get(rx),
+                Err(_) => State::Rejected(store_unavailable(None)),
             },
             TwinOp::Update => match kubeedge::parse_update(&publish.payload, &self.limits) {
                 Err(e) => {
                     super::refused(&self.metrics, e.reason(), &publish.topic, &e.to_string());
-                    (
-                        Pending::Reject(Rejected::from_error(&e, None)),
-                        Some(event_id),
-                    )
+                    State::Rejected(Rejected::from_error(&e, None))
                 }
                 Ok(u) => {
                     let req = UpdateRequest {
@@ -100,12 +116,13 @@ impl Processor {
                         dialect: Dialect::KubeEdge,
                     };
                     match self.store.submit_update(t.device.clone(), req, true).await {
-                        Ok(rx) => (Pending::Update(rx), Some(event_id)),
-                        Err(_) => (Pending::Reject(store_unavailable(None)), Some(event_id)),
+                        Ok(rx) => State::Update(rx),
+                        Err(_) => State::Rejected(store_unavailable(None)),
                     }
                 }
             },
-        }
+        };
+        Some(waiting(t, state))
     }
 }
 
@@ -132,37 +149,36 @@ impl DevicePublisher {
 impl Responder {
     /// Waits for a twin request's outcome and answers it; returns whether the message may be
     /// acked.
-    pub(super) async fn run_twin(&self, t: &TwinTopic, job: &mut Job) -> bool {
-        let event_id = job.client_token.clone().unwrap_or_default();
+    pub(super) async fn twin(&self, publish: &Publish, w: Waiting) -> bool {
+        let Waiting {
+            topic: t,
+            event_id,
+            state,
+        } = w;
         let result = match t.op {
             TwinOp::Update => "update/result",
             TwinOp::Get => "get/result",
         };
         let now = now_ms();
         let error = |code: u16, reason: &str| kubeedge::error_result(&event_id, code, reason, now);
-        match std::mem::replace(&mut job.pending, Pending::Done) {
-            Pending::Reject(r) => {
+        match state {
+            State::Rejected(r) => {
                 self.twin_reply(&t.id, result, &error(r.code, &r.message));
                 true
             }
-            Pending::Got(Err(_)) => {
-                let r = store_unavailable(None);
-                self.twin_reply(&t.id, result, &error(r.code, &r.message));
-                true
-            }
-            Pending::Get(rx) => {
-                let body = match rx.await {
-                    Ok(Ok(Some(doc))) => kubeedge::get_result(&event_id, Some(&doc), now),
-                    Ok(Ok(None)) => error(404, &format!("Device {} not found", t.device)),
-                    _ => error(503, &store_unavailable(None).message),
+            // A read is acked whatever its outcome: there is nothing to redeliver.
+            State::Get(rx) => {
+                let body = match rx.await.unwrap_or(Err(StoreError::Closed)) {
+                    Ok(Some(doc)) => kubeedge::get_result(&event_id, Some(&doc), now),
+                    Ok(None) => error(404, &format!("Device {} not found", t.device)),
+                    Err(_) => error(503, &store_unavailable(None).message),
                 };
                 self.twin_reply(&t.id, result, &body);
                 true
             }
-            Pending::Update(rx) => match rx.await {
-                Ok(Ok(UpdateOutcome::Accepted { applied, current })) => {
-                    self.accepted(applied.changed);
-                    let patch = kubeedge::parse_update(&job.publish.payload, &Default::default())
+            State::Update(rx) => match self.settle(&t.device, rx).await {
+                Settled::Accepted { applied, current } => {
+                    let patch = kubeedge::parse_update(&publish.payload, &Default::default())
                         .map(|u| u.reported)
                         .unwrap_or_default();
                     self.twin_reply(
@@ -178,44 +194,23 @@ impl Responder {
                         .await;
                     true
                 }
-                Ok(Ok(UpdateOutcome::Rejected(e))) => {
-                    self.metrics.reject(e.reason());
-                    self.twin_reply(&t.id, result, &error(e.code(), &e.to_string()));
+                Settled::Refused(r) => {
+                    self.twin_reply(&t.id, result, &error(r.code, &r.message));
                     true
                 }
-                Ok(Ok(UpdateOutcome::DeviceLimit)) => {
-                    self.device_limit(&t.device);
-                    self.twin_reply(
-                        &t.id,
-                        result,
-                        &error(503, "agent device limit reached (store.max_devices)"),
-                    );
-                    true
-                }
-                Ok(Err(e)) => {
-                    self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                    self.redeliver.notify_one();
-                    warn!(device = t.device, error = %e, "Update not committed; leaving it unacknowledged for redelivery");
-                    self.twin_reply(&t.id, result, &error(503, &store_unavailable(None).message));
-                    false
-                }
-                Err(_) => {
-                    self.redeliver.notify_one();
+                Settled::NotCommitted { replied } => {
+                    if replied {
+                        let r = store_unavailable(None);
+                        self.twin_reply(&t.id, result, &error(r.code, &r.message));
+                    }
                     false
                 }
             },
-            _ => true,
         }
     }
 
     fn twin_reply(&self, id: &str, suffix: &str, body: &Value) {
         let topic = kubeedge::reply_topic(id, suffix);
-        if self
-            .client
-            .try_publish(topic, QoS::AtMostOnce, false, body.to_string())
-            .is_err()
-        {
-            self.metrics.replies_dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        self.publish_reply(topic, QoS::AtMostOnce, body.to_string().into_bytes());
     }
 }
