@@ -176,16 +176,20 @@ impl Schedule {
     }
 
     /// When to look again if nothing else happens (no change, no answer): the end of a retry
-    /// delay, a due heartbeat, or a device's minimum interval running out.
+    /// delay, a due heartbeat, or a device's minimum interval running out. With the in-flight
+    /// window full only an answer can start a batch, so no interval wakes the uplink then
+    /// (one that ran out would wake it again and again).
     pub fn wake_at(&self, now: Instant) -> Option<Instant> {
         let retry = (self.not_before > now).then_some(self.not_before);
         let heartbeat =
             (self.batches_in_flight == 0).then(|| self.last_activity + self.settings.heartbeat);
+        let window_open = self.batches_in_flight < self.settings.max_in_flight;
         let interval = self
             .last_sent
             .values()
             .min()
-            .map(|sent| *sent + self.settings.device_min_interval);
+            .map(|sent| *sent + self.settings.device_min_interval)
+            .filter(|_| window_open);
         [retry, heartbeat, interval]
             .into_iter()
             .flatten()
@@ -379,6 +383,26 @@ mod tests {
         assert_eq!(skip.get("a"), Some(&u64::MAX), "any version of a waits");
         assert_eq!(s.wake_at(t0 + ms(999)), Some(t0 + Duration::from_secs(1)));
         assert!(s.next(t0 + Duration::from_secs(1)).unwrap().skip.is_empty());
+    }
+
+    #[test]
+    fn a_full_window_waits_for_an_answer_not_for_intervals_that_ran_out() {
+        let t0 = Instant::now();
+        let mut s = schedule(
+            UplinkSettings {
+                device_min_interval: ms(100),
+                max_in_flight: 1,
+                ..settings()
+            },
+            t0,
+        );
+        s.sent(&one("a", 1), t0);
+        // Long after a's interval ran out, the one batch is still out.
+        let later = t0 + Duration::from_secs(10);
+        assert!(s.next(later).is_none());
+        assert_eq!(s.wake_at(later), None, "only the answer can start a batch");
+        s.settle(&one("a", 1), &Outcome::Acked { covered: 1 }, later);
+        assert!(s.next(later).unwrap().skip.is_empty());
     }
 
     #[test]
