@@ -72,11 +72,9 @@ impl Outbox {
     /// Reads the table and the batch numbers again (a transaction failed), keeping when the
     /// batches in flight were read.
     pub(super) fn reload(&mut self, conn: &Connection) -> rusqlite::Result<()> {
-        let batch_read_ms = std::mem::take(&mut self.batch_read_ms);
-        *self = Self {
-            batch_read_ms,
-            ..Self::load(conn)?
-        };
+        let fresh = Self::load(conn)?;
+        (self.pending, self.seq, self.seq_reserved) =
+            (fresh.pending, fresh.seq, fresh.seq_reserved);
         Ok(())
     }
 
