@@ -15,6 +15,7 @@
 mod answer;
 mod schedule;
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -85,7 +86,10 @@ impl Uplink {
     pub async fn run(self, shutdown: CancellationToken, shutdown_timeout: Duration) {
         let this = Arc::new(self);
         let mut schedule = Schedule::new(this.settings.clone(), now(), full_jitter);
-        let mut in_flight: JoinSet<(Vec<(String, u64)>, Outcome)> = JoinSet::new();
+        let mut in_flight: JoinSet<Outcome> = JoinSet::new();
+        // What each batch in flight carries, by task: a task that panicked still gives its
+        // devices back to the schedule.
+        let mut carrying: HashMap<tokio::task::Id, Vec<(String, u64)>> = HashMap::new();
         while !shutdown.is_cancelled() {
             // Start every batch the schedule allows now.
             while let Some(read) = schedule.next(now()) {
@@ -113,7 +117,10 @@ impl Uplink {
                 schedule.sent(&covered, now());
                 let me = this.clone();
                 let span = info_span!("batch", seq = batch.seq, reports = batch.reports.len());
-                in_flight.spawn(async move { me.send(batch, covered).await }.instrument(span));
+                let sent = covered.clone();
+                let task =
+                    in_flight.spawn(async move { me.send(batch, &sent).await }.instrument(span));
+                carrying.insert(task.id(), covered);
             }
             // A signal seen while starting batches (waiting on the rate limit or the store)
             // ends the loop here: below, nothing but a timer would wake it.
@@ -124,11 +131,18 @@ impl Uplink {
             let wake_at = schedule.wake_at(now()).map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                done = in_flight.join_next(), if !in_flight.is_empty() => {
-                    if let Some(Ok((covered, outcome))) = done {
-                        let delay = schedule.settle(&covered, &outcome, now());
-                        this.log(&outcome, delay, schedule.batch_max());
-                    }
+                done = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                    let (id, outcome) = match done {
+                        Some(Ok((id, outcome))) => (id, outcome),
+                        Some(Err(e)) => (e.id(), Outcome::Retry {
+                            after: None,
+                            reason: format!("the batch's task failed: {e}"),
+                        }),
+                        None => continue,
+                    };
+                    let covered = carrying.remove(&id).unwrap_or_default();
+                    let delay = schedule.settle(&covered, &outcome, now());
+                    this.log(&outcome, delay, schedule.batch_max());
                     this.refresh_gauges();
                 }
                 // An idle link sends a change at once (after `linger`, 0 by default). While a
@@ -163,7 +177,7 @@ impl Uplink {
                 .await
             {
                 let covered = batch.covered();
-                let _ = this.send(batch, covered).await;
+                let _ = this.send(batch, &covered).await;
             }
         };
         tokio::select! {
@@ -246,11 +260,7 @@ impl Uplink {
             .store(oldest_age, Ordering::Relaxed);
     }
 
-    async fn send(
-        &self,
-        batch: PendingBatch,
-        covered: Vec<(String, u64)>,
-    ) -> (Vec<(String, u64)>, Outcome) {
+    async fn send(&self, batch: PendingBatch, covered: &[(String, u64)]) -> Outcome {
         let store = self.store.health();
         let (pending_devices, oldest_pending_age_seconds) = store.outbox();
         let (lost_commits, lost_commits_detail) = store
@@ -281,11 +291,10 @@ impl Uplink {
             .batch_latency
             .observe(now().saturating_duration_since(started));
         self.metrics.batches_sent.fetch_add(1, Ordering::Relaxed);
-        let outcome = match outcome {
-            Ok(resp) => self.apply_results(body.seq, &covered, resp).await,
+        match outcome {
+            Ok(resp) => self.apply_results(body.seq, covered, resp).await,
             Err(o) => o,
-        };
-        (covered, outcome)
+        }
     }
 
     async fn post(&self, body: &ReportBatch) -> Result<ReportBatchResponse, Outcome> {
