@@ -37,8 +37,6 @@ enum State {
     Rejected(Rejected),
     Update(StoreReply<UpdateOutcome>),
     Get(StoreReply<Option<ShadowDocument>>),
-    /// The store could not take the read.
-    GetFailed,
 }
 
 impl Processor {
@@ -68,7 +66,7 @@ impl Processor {
                 .await
             {
                 Ok(rx) => waiting(None, State::Get(rx)),
-                Err(_) => waiting(None, State::GetFailed),
+                Err(_) => waiting(None, State::Rejected(store_unavailable(None))),
             },
             ShadowOp::Update => match UpdateRequest::parse(&publish.payload, &self.limits) {
                 Err(e) => waiting(None, State::Rejected(self.reject(&e, None))),
@@ -100,10 +98,6 @@ impl Responder {
         match state {
             State::Rejected(r) => {
                 self.shadow_reply(&device, op, "rejected", &r);
-                true
-            }
-            State::GetFailed => {
-                self.shadow_reply(&device, op, "rejected", &store_unavailable(None));
                 true
             }
             // A read is acked whatever its outcome: there is nothing to redeliver.
