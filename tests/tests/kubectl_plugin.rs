@@ -11,6 +11,7 @@ use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::{Controller, batch, create_node, post_batch, report};
 use edgesync_e2e::{release_binary, wait};
 use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// The environment kubectl needs to find the plugin and the test cluster.
 fn env(cp: &ControlPlane) -> Vec<(String, String)> {
@@ -149,7 +150,10 @@ async fn status_get_set_and_tail_against_a_running_controller() {
     );
 
     // set follows the device until In-Sync; tail prints each change.
-    let tail = command(cp, &["tail", "press-1", "-n", n, "--count", "2"])
+    // No --count: besides the new report, the controller may first publish In-Sync turning
+    // False for the new generation (or not, when the report is quicker), so the test reads
+    // lines until the one it waits for.
+    let mut tail = command(cp, &["tail", "press-1", "-n", n])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -186,19 +190,29 @@ async fn status_get_set_and_tail_against_a_running_controller() {
         "{}",
         text(&set)
     );
-    let tail = tokio::time::timeout(Duration::from_secs(30), tail.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    let lines = String::from_utf8_lossy(&tail.stdout).to_string();
-    assert!(tail.status.success(), "{lines}");
+    let mut out = BufReader::new(tail.stdout.take().unwrap()).lines();
+    let mut lines = Vec::new();
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = out.next_line().await.unwrap() {
+            lines.push(line);
+            let l = lines.last().unwrap();
+            if l.contains("version=2") && l.contains("\"speed\":5") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "tail printed: {lines:#?}");
     assert!(
-        lines
-            .lines()
-            .nth(1)
-            .is_some_and(|l| l.contains("version=2") && l.contains("\"speed\":5")),
-        "{lines}"
+        lines[0].contains("version=1") && lines[0].contains("\"speed\":3"),
+        "the first line is the state at start: {lines:#?}"
     );
+    tail.kill().await.unwrap();
+    // --count ends the follow.
+    let once = ok(cp, &["tail", "press-2", "-n", n, "--count", "1"]).await;
+    assert_eq!(once.lines().count(), 1, "{once}");
+    assert!(once.contains("version=1"), "{once}");
 
     // Errors: exit code 1 and a message that says what is wrong.
     let missing = run(cp, &["get", "nope", "-n", n]).await;
