@@ -43,7 +43,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let _lock = crate::lock::acquire(&settings.data_dir)?;
     let (store, store_thread) = Store::open(&settings.store, settings.limits)
         .with_context(|| format!("opening the database {}", settings.store.path.display()))?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new());
+    metrics.register_collector(store.health());
     let mut parts = Parts {
         tasks: JoinSet::new(),
         intake_stop: shutdown.child_token(),

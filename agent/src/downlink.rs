@@ -8,7 +8,6 @@
 //! three heartbeat intervals) is treated as dead and reconnected.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use edgesync_protocol::wire::{self, DesiredEvent};
@@ -176,7 +175,7 @@ impl Downlink {
                 return Ok(());
             }
         };
-        self.metrics.desired_events.fetch_add(1, Ordering::Relaxed);
+        self.metrics.desired_events.inc();
         let cursor = match event {
             DesiredEvent::Desired {
                 device,

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -87,7 +86,7 @@ async fn serve(
                         "the database cannot commit ({problem}): nothing is acknowledged until it can; free space on the data_dir's filesystem\n"
                     ),
                 )
-            } else if metrics.mqtt_connected.load(Ordering::Relaxed) {
+            } else if metrics.mqtt_connected.get() == 1 {
                 ("200 OK", "text/plain", "ok\n".to_owned())
             } else {
                 (
@@ -97,11 +96,7 @@ async fn serve(
                 )
             }
         }
-        ("GET", "/metrics") => {
-            let mut text = metrics.render();
-            store.render(&mut text);
-            ("200 OK", "text/plain; version=0.0.4", text)
-        }
+        ("GET", "/metrics") => ("200 OK", crate::metrics::CONTENT_TYPE, metrics.render()),
         ("GET", _) => (
             "404 Not Found",
             "text/plain",
@@ -152,7 +147,7 @@ mod tests {
 
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
-        metrics.mqtt_connected.store(true, Ordering::Relaxed);
+        metrics.mqtt_connected.set(1);
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         assert!(
             get(addr, "/metrics")

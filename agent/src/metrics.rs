@@ -1,83 +1,109 @@
-//! The agent's metrics, rendered in the Prometheus text format by [`Metrics::render`].
+//! The agent's metrics: one registry, rendered in the OpenMetrics text format by
+//! [`Metrics::render`].
 //!
-//! Plain atomics rather than a metrics library: the set is small and fixed, labels are bounded
-//! (reject reasons, batch outcomes), and the agent's binary stays small.
+//! Every metric is registered once, in [`Metrics::new`], with its name and help; the code
+//! that counts holds a typed handle (counter, gauge, histogram). Families with a fixed set
+//! of labels are created with all of them, so each starts at zero and `rate()` works from
+//! the first scrape. Values that live elsewhere (the store's health) are read at scrape
+//! time through a [`Collector`] registered with [`Metrics::register_collector`].
 
-use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
-pub use edgesync_protocol::prom::Histogram;
-use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Upper bounds (seconds) of the batch latency buckets: fine below a second (HTTP round
+/// trips), then by the second up to 30 s (a batch waiting for the controller's durable
+/// writes under a saturated write budget).
+const LATENCY_BUCKETS: [f64; 17] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0,
+];
+
+/// A label set of one label, both parts fixed at compile time.
+type Label = [(&'static str, &'static str); 1];
+
+/// A counter per value of one label.
+type Counters = Family<Label, Counter>;
 
 /// Every metric the agent exports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
+    registry: Mutex<Registry>,
     /// MQTT messages received (all topics we subscribe to).
-    pub mqtt_received: AtomicU64,
+    pub mqtt_received: Counter,
     /// Updates accepted and committed.
-    pub updates_accepted: AtomicU64,
+    pub updates_accepted: Counter,
     /// Updates rejected, by reason.
-    pub updates_rejected: Mutex<BTreeMap<&'static str, u64>>,
-    /// Broker connection state.
-    pub mqtt_connected: AtomicBool,
+    updates_rejected: Counters,
+    /// Broker connection state (1 connected).
+    pub mqtt_connected: Gauge,
     /// MQTT connection errors.
-    pub mqtt_connection_errors: AtomicU64,
-    /// Whether the last request to the controller got an HTTP answer.
-    pub cloud_connected: AtomicBool,
+    pub mqtt_connection_errors: Counter,
+    /// 1 when the last request to the controller got an HTTP answer.
+    pub cloud_connected: Gauge,
     /// Batches sent (including heartbeats).
-    pub batches_sent: AtomicU64,
+    pub batches_sent: Counter,
     /// Batch attempts that failed and will be retried.
-    pub batches_retried: AtomicU64,
+    pub batches_retried: Counter,
     /// Reports acknowledged as accepted.
-    pub reports_accepted: AtomicU64,
+    pub reports_accepted: Counter,
     /// Reports acknowledged as stale.
-    pub reports_stale: AtomicU64,
+    pub reports_stale: Counter,
     /// Reports the controller rejected (dropped).
-    pub reports_rejected: AtomicU64,
-    /// Time spent waiting on the upstream rate limit.
-    pub rate_limited_micros: AtomicU64,
+    pub reports_rejected: Counter,
+    /// Seconds spent waiting on the upstream rate limit.
+    pub rate_limited_seconds: Counter<f64, AtomicU64>,
     /// Devices with a pending report.
-    pub outbox_pending: AtomicU64,
-    /// Age of the oldest pending report.
-    pub outbox_oldest_age_seconds: AtomicU64,
+    pub outbox_pending: Gauge,
+    /// Age of the oldest pending report, seconds.
+    pub outbox_oldest_age_seconds: Gauge,
     /// Desired-state events received.
-    pub desired_events: AtomicU64,
+    pub desired_events: Counter,
     /// Deltas published to devices.
-    pub deltas_published: AtomicU64,
+    pub deltas_published: Counter,
     /// Replies to devices dropped because the MQTT request queue was full.
-    pub replies_dropped: AtomicU64,
+    pub replies_dropped: Counter,
     /// PUBACKs not sent because the MQTT request queue was full (redelivered later).
-    pub acks_deferred: AtomicU64,
+    pub acks_deferred: Counter,
     /// Store commits that failed.
-    pub store_errors: AtomicU64,
+    pub store_errors: Counter,
     /// Reconnects made so the broker resends messages whose commit had failed.
-    pub mqtt_redeliveries: AtomicU64,
+    pub mqtt_redeliveries: Counter,
     /// Batch round-trip latency.
-    pub batch_latency: Histogram,
+    batch_latency: Histogram,
     /// Embedded broker: connected clients (the agent's own connection included).
-    pub broker_clients: AtomicU64,
+    pub broker_clients: Gauge,
     /// Embedded broker: PUBLISH packets received from clients.
-    pub broker_messages_in: AtomicU64,
+    pub broker_messages_in: Counter,
     /// Embedded broker: QoS0 messages dropped for a subscriber that does not keep up.
-    pub broker_dropped_qos0: AtomicU64,
+    pub broker_dropped_qos0: Counter,
     /// Embedded broker: QoS1 messages dropped for a session whose queue was full.
-    pub broker_dropped_queue: AtomicU64,
+    pub broker_dropped_queue: Counter,
     /// Embedded broker: times each limit was hit, indexed by [`BrokerLimit`].
-    pub broker_limit_hits: [AtomicU64; BrokerLimit::ALL.len()],
+    broker_limit_hits: [Counter; BrokerLimit::ALL.len()],
     /// Embedded broker: actions refused by authentication or the ACL, indexed by
     /// [`BrokerDenial`].
-    pub broker_denied: [AtomicU64; BrokerDenial::ALL.len()],
+    broker_denied: [Counter; BrokerDenial::ALL.len()],
     /// Embedded broker: clients paused because their messages wait for the agent's commit.
-    pub broker_paused: AtomicU64,
+    pub broker_paused: Counter,
     /// Sparkplug B messages used only in part, by issue.
-    pub sparkplug_issues: Mutex<BTreeMap<&'static str, u64>>,
+    sparkplug_issues: Counters,
     /// Sparkplug B rebirth requests published.
-    pub sparkplug_rebirths: AtomicU64,
+    pub sparkplug_rebirths: Counter,
     /// Sparkplug B commands (NCMD/DCMD) published for desired changes.
-    pub sparkplug_writes: AtomicU64,
+    pub sparkplug_writes: Counter,
     /// Sparkplug B edge nodes remembered.
-    pub sparkplug_edge_nodes: AtomicU64,
+    sparkplug_edge_nodes: Gauge,
 }
 
 /// A limit of the embedded broker (the `limit` label).
@@ -211,296 +237,326 @@ impl BrokerDenial {
     }
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Registers `metric` under `name` and returns it (a handle sharing its value).
+fn add<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// Registers a family of counters with one label, and returns the counter of each of
+/// `values` (created now, so each is exported from the start).
+fn labelled<const N: usize>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    values: [&'static str; N],
+) -> [Counter; N] {
+    let family = add(registry, name, help, Counters::default());
+    values.map(|v| family.get_or_create(&[(label, v)]).clone())
+}
+
+/// Registers a family of counters with one open set of values, `known` created now.
+fn open_family(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    known: &[&'static str],
+) -> Counters {
+    let family = add(registry, name, help, Counters::default());
+    for v in known {
+        drop(family.get_or_create(&[(label, *v)]));
+    }
+    family
+}
+
 impl Metrics {
+    /// Every metric, registered with its name and help. Counters are named without
+    /// `_total`: the OpenMetrics encoder appends it to the samples.
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let r = &mut r;
+        let counter =
+            |r: &mut Registry, name: &str, help: &str| add(r, name, help, Counter::default());
+        let gauge = |r: &mut Registry, name: &str, help: &str| add(r, name, help, Gauge::default());
+        let mqtt_received = counter(
+            r,
+            "edgesync_agent_mqtt_messages_received",
+            "MQTT messages received on subscribed topics.",
+        );
+        let updates_accepted = counter(
+            r,
+            "edgesync_agent_updates_accepted",
+            "Shadow updates accepted and committed to SQLite.",
+        );
+        let updates_rejected = open_family(
+            r,
+            "edgesync_agent_updates_rejected",
+            "Shadow updates rejected, by reason.",
+            "reason",
+            &["malformed", "device_limit"],
+        );
+        let sparkplug_issues = open_family(
+            r,
+            "edgesync_agent_sparkplug_issues",
+            "Sparkplug B messages used only in part (seq gaps, unknown aliases, unmapped metrics...), by issue.",
+            "issue",
+            &["seq_gap", "unknown_alias"],
+        );
+        let [sparkplug_rebirths, sparkplug_writes] = labelled(
+            r,
+            "edgesync_agent_sparkplug_commands",
+            "Sparkplug B commands published: rebirth requests and writes of desired values.",
+            "command",
+            ["rebirth", "write"],
+        );
+        let sparkplug_edge_nodes = gauge(
+            r,
+            "edgesync_agent_sparkplug_edge_nodes",
+            "Sparkplug B edge nodes whose births the agent remembers.",
+        );
+        let mqtt_connected = gauge(
+            r,
+            "edgesync_agent_mqtt_connected",
+            "1 when connected to the MQTT broker.",
+        );
+        let mqtt_connection_errors = counter(
+            r,
+            "edgesync_agent_mqtt_connection_errors",
+            "MQTT connection errors (each followed by a reconnect).",
+        );
+        let cloud_connected = gauge(
+            r,
+            "edgesync_agent_cloud_connected",
+            "1 when the last controller request got an HTTP answer.",
+        );
+        let batches_sent = counter(
+            r,
+            "edgesync_agent_batches_sent",
+            "Report batches sent upstream (heartbeats included).",
+        );
+        let batches_retried = counter(
+            r,
+            "edgesync_agent_batches_retried",
+            "Batch attempts that failed and will be retried.",
+        );
+        let [reports_accepted, reports_stale, reports_rejected] = labelled(
+            r,
+            "edgesync_agent_reports",
+            "Reports acknowledged by the controller, by result.",
+            "result",
+            ["accepted", "stale", "rejected"],
+        );
+        let rate_limited_seconds = add(
+            r,
+            "edgesync_agent_rate_limited_seconds",
+            "Time spent waiting on the upstream rate limit.",
+            Counter::<f64, AtomicU64>::default(),
+        );
+        let outbox_pending = gauge(
+            r,
+            "edgesync_agent_outbox_pending_devices",
+            "Devices with a report not yet acknowledged by the controller.",
+        );
+        let outbox_oldest_age_seconds = gauge(
+            r,
+            "edgesync_agent_outbox_oldest_pending_age_seconds",
+            "Age of the oldest unacknowledged report.",
+        );
+        let desired_events = counter(
+            r,
+            "edgesync_agent_desired_events",
+            "Desired-state events received from the controller.",
+        );
+        let deltas_published = counter(
+            r,
+            "edgesync_agent_deltas_published",
+            "Delta messages published to devices.",
+        );
+        let replies_dropped = counter(
+            r,
+            "edgesync_agent_replies_dropped",
+            "Replies to devices dropped because the MQTT request queue was full.",
+        );
+        let acks_deferred = counter(
+            r,
+            "edgesync_agent_acks_deferred",
+            "PUBACKs not sent because the MQTT request queue was full; the broker redelivers those messages.",
+        );
+        let store_errors = counter(
+            r,
+            "edgesync_agent_store_errors",
+            "SQLite transactions that failed (nothing in them was acknowledged).",
+        );
+        let mqtt_redeliveries = counter(
+            r,
+            "edgesync_agent_mqtt_redeliveries",
+            "Reconnects to the broker made so it resends messages whose commit had failed.",
+        );
+        let broker_clients = gauge(
+            r,
+            "edgesync_agent_broker_clients",
+            "Embedded broker: connected MQTT clients (the agent included; 0 with an external broker).",
+        );
+        let broker_messages_in = counter(
+            r,
+            "edgesync_agent_broker_messages_received",
+            "Embedded broker: PUBLISH packets received from clients.",
+        );
+        let [broker_dropped_qos0, broker_dropped_queue] = labelled(
+            r,
+            "edgesync_agent_broker_messages_dropped",
+            "Embedded broker: messages dropped, by reason (qos0_backlog: a subscriber not reading; queue_full: a session's or all sessions' queued bytes at their limit).",
+            "reason",
+            ["qos0_backlog", "queue_full"],
+        );
+        let broker_limit_hits = labelled(
+            r,
+            "edgesync_agent_broker_limit_hits",
+            "Embedded broker: times a configured limit ([broker] max_*) refused, dropped or closed something, by limit.",
+            "limit",
+            BrokerLimit::ALL.map(BrokerLimit::label),
+        );
+        let broker_denied = labelled(
+            r,
+            "edgesync_agent_broker_denied",
+            "Embedded broker: client actions refused by authentication or the ACL, by action.",
+            "action",
+            BrokerDenial::ALL.map(BrokerDenial::label),
+        );
+        let broker_paused = counter(
+            r,
+            "edgesync_agent_broker_client_pauses",
+            "Embedded broker: times reading from a client paused because its messages wait for the agent's commit (backpressure, nothing lost).",
+        );
+        let batch_latency = add(
+            r,
+            "edgesync_agent_batch_latency_seconds",
+            "Round trip of one report batch to the controller.",
+            Histogram::new(LATENCY_BUCKETS),
+        );
+        Self {
+            registry: Mutex::new(std::mem::take(r)),
+            mqtt_received,
+            updates_accepted,
+            updates_rejected,
+            mqtt_connected,
+            mqtt_connection_errors,
+            cloud_connected,
+            batches_sent,
+            batches_retried,
+            reports_accepted,
+            reports_stale,
+            reports_rejected,
+            rate_limited_seconds,
+            outbox_pending,
+            outbox_oldest_age_seconds,
+            desired_events,
+            deltas_published,
+            replies_dropped,
+            acks_deferred,
+            store_errors,
+            mqtt_redeliveries,
+            batch_latency,
+            broker_clients,
+            broker_messages_in,
+            broker_dropped_qos0,
+            broker_dropped_queue,
+            broker_limit_hits,
+            broker_denied,
+            broker_paused,
+            sparkplug_issues,
+            sparkplug_rebirths,
+            sparkplug_writes,
+            sparkplug_edge_nodes,
+        }
+    }
+
+    /// Adds metrics read at scrape time from state kept elsewhere.
+    pub fn register_collector(&self, collector: impl Collector) {
+        self.registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .register_collector(Box::new(collector));
+    }
+
     /// Counts a hit of an embedded-broker limit.
     pub fn broker_limit(&self, limit: BrokerLimit) {
-        self.broker_limit_hits[limit as usize].fetch_add(1, Ordering::Relaxed);
+        self.broker_limit_hits[limit as usize].inc();
     }
 
     /// Counts an action the embedded broker refused.
     pub fn broker_denied(&self, action: BrokerDenial) {
-        self.broker_denied[action as usize].fetch_add(1, Ordering::Relaxed);
+        self.broker_denied[action as usize].inc();
     }
 
     /// Times `limit` was hit.
     pub fn broker_limit_count(&self, limit: BrokerLimit) -> u64 {
-        self.broker_limit_hits[limit as usize].load(Ordering::Relaxed)
+        self.broker_limit_hits[limit as usize].get()
     }
 
     /// Counts a rejected update.
     pub fn reject(&self, reason: &'static str) {
-        if let Ok(mut m) = self.updates_rejected.lock() {
-            *m.entry(reason).or_default() += 1;
-        }
+        self.updates_rejected
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// Updates rejected so far for `reason`.
+    pub fn rejections(&self, reason: &'static str) -> u64 {
+        self.updates_rejected
+            .get(&[("reason", reason)])
+            .map_or(0, |c| c.get())
     }
 
     /// Counts a Sparkplug B issue; returns how many of its kind there have been.
     pub fn sparkplug_issue(&self, issue: &'static str) -> u64 {
-        self.sparkplug_issues.lock().map_or(0, |mut m| {
-            let n = m.entry(issue).or_default();
-            *n += 1;
-            *n
-        })
+        self.sparkplug_issues
+            .get_or_create(&[("issue", issue)])
+            .inc()
+            + 1
     }
 
     /// Sets the number of Sparkplug B edge nodes remembered.
     pub fn set_sparkplug_edge_nodes(&self, n: u64) {
-        self.sparkplug_edge_nodes.store(n, Ordering::Relaxed);
+        self.sparkplug_edge_nodes.set(gauge_value(n));
     }
 
-    /// Updates rejected so far for `reason`.
-    pub fn rejections(&self, reason: &str) -> u64 {
-        self.updates_rejected
-            .lock()
-            .map_or(0, |m| m.get(reason).copied().unwrap_or(0))
+    /// Records one batch's round trip.
+    pub fn observe_batch_latency(&self, took: Duration) {
+        self.batch_latency.observe(took.as_secs_f64());
     }
 
-    /// Prometheus text exposition.
+    /// The OpenMetrics text exposition of every registered metric.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
-        };
-        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        counter(
-            &mut out,
-            "edgesync_agent_mqtt_messages_received_total",
-            "MQTT messages received on subscribed topics.",
-            &self.mqtt_received,
-        );
-        counter(
-            &mut out,
-            "edgesync_agent_updates_accepted_total",
-            "Shadow updates accepted and committed to SQLite.",
-            &self.updates_accepted,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP edgesync_agent_updates_rejected_total Shadow updates rejected, by reason.\n# TYPE edgesync_agent_updates_rejected_total counter"
-        );
-        if let Ok(m) = self.updates_rejected.lock() {
-            for (reason, n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "edgesync_agent_updates_rejected_total{{reason=\"{reason}\"}} {n}"
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP edgesync_agent_sparkplug_issues_total Sparkplug B messages used only in part (seq gaps, unknown aliases, unmapped metrics...), by issue.\n# TYPE edgesync_agent_sparkplug_issues_total counter"
-        );
-        if let Ok(m) = self.sparkplug_issues.lock() {
-            for (issue, n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "edgesync_agent_sparkplug_issues_total{{issue=\"{issue}\"}} {n}"
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP edgesync_agent_sparkplug_commands_total Sparkplug B commands published: rebirth requests and writes of desired values.\n# TYPE edgesync_agent_sparkplug_commands_total counter"
-        );
-        for (command, v) in [
-            ("rebirth", &self.sparkplug_rebirths),
-            ("write", &self.sparkplug_writes),
-        ] {
-            let _ = writeln!(
-                out,
-                "edgesync_agent_sparkplug_commands_total{{command=\"{command}\"}} {}",
-                v.load(Ordering::Relaxed)
-            );
-        }
-        gauge(
-            &mut out,
-            "edgesync_agent_sparkplug_edge_nodes",
-            "Sparkplug B edge nodes whose births the agent remembers.",
-            self.sparkplug_edge_nodes.load(Ordering::Relaxed),
-        );
-        gauge(
-            &mut out,
-            "edgesync_agent_mqtt_connected",
-            "1 when connected to the MQTT broker.",
-            u64::from(self.mqtt_connected.load(Ordering::Relaxed)),
-        );
-        counter(
-            &mut out,
-            "edgesync_agent_mqtt_connection_errors_total",
-            "MQTT connection errors (each followed by a reconnect).",
-            &self.mqtt_connection_errors,
-        );
-        gauge(
-            &mut out,
-            "edgesync_agent_cloud_connected",
-            "1 when the last controller request got an HTTP answer.",
-            u64::from(self.cloud_connected.load(Ordering::Relaxed)),
-        );
-        counter(
-            &mut out,
-            "edgesync_agent_batches_sent_total",
-            "Report batches sent upstream (heartbeats included).",
-            &self.batches_sent,
-        );
-        counter(
-            &mut out,
-            "edgesync_agent_batches_retried_total",
-            "Batch attempts that failed and will be retried.",
-            &self.batches_retried,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP edgesync_agent_reports_total Reports acknowledged by the controller, by result.\n# TYPE edgesync_agent_reports_total counter"
-        );
-        for (result, v) in [
-            ("accepted", &self.reports_accepted),
-            ("stale", &self.reports_stale),
-            ("rejected", &self.reports_rejected),
-        ] {
-            let _ = writeln!(
-                out,
-                "edgesync_agent_reports_total{{result=\"{result}\"}} {}",
-                v.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP edgesync_agent_rate_limited_seconds_total Time spent waiting on the upstream rate limit.\n# TYPE edgesync_agent_rate_limited_seconds_total counter\nedgesync_agent_rate_limited_seconds_total {}",
-            self.rate_limited_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        gauge(
-            &mut out,
-            "edgesync_agent_outbox_pending_devices",
-            "Devices with a report not yet acknowledged by the controller.",
-            self.outbox_pending.load(Ordering::Relaxed),
-        );
-        gauge(
-            &mut out,
-            "edgesync_agent_outbox_oldest_pending_age_seconds",
-            "Age of the oldest unacknowledged report.",
-            self.outbox_oldest_age_seconds.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "edgesync_agent_desired_events_total",
-            "Desired-state events received from the controller.",
-            &self.desired_events,
-        );
-        counter(
-            &mut out,
-            "edgesync_agent_deltas_published_total",
-            "Delta messages published to devices.",
-            &self.deltas_published,
-        );
-        counter(
-            &mut out,
-            "edgesync_agent_replies_dropped_total",
-            "Replies to devices dropped because the MQTT request queue was full.",
-            &self.replies_dropped,
-        );
-        counter(
-            &mut out,
-            "edgesync_agent_acks_deferred_total",
-            "PUBACKs not sent because the MQTT request queue was full; the broker redelivers those messages.",
-            &self.acks_deferred,
-        );
-        counter(
-            &mut out,
-            "edgesync_agent_store_errors_total",
-            "SQLite transactions that failed (nothing in them was acknowledged).",
-            &self.store_errors,
-        );
-        counter(
-            &mut out,
-            "edgesync_agent_mqtt_redeliveries_total",
-            "Reconnects to the broker made so it resends messages whose commit had failed.",
-            &self.mqtt_redeliveries,
-        );
-        gauge(
-            &mut out,
-            "edgesync_agent_broker_clients",
-            "Embedded broker: connected MQTT clients (the agent included; 0 with an external broker).",
-            self.broker_clients.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "edgesync_agent_broker_messages_received_total",
-            "Embedded broker: PUBLISH packets received from clients.",
-            &self.broker_messages_in,
-        );
-        labeled_counter(
-            &mut out,
-            "edgesync_agent_broker_messages_dropped_total",
-            "Embedded broker: messages dropped, by reason (qos0_backlog: a subscriber not reading; queue_full: a session's or all sessions' queued bytes at their limit).",
-            "reason",
-            [
-                ("qos0_backlog", &self.broker_dropped_qos0),
-                ("queue_full", &self.broker_dropped_queue),
-            ],
-        );
-        labeled_counter(
-            &mut out,
-            "edgesync_agent_broker_limit_hits_total",
-            "Embedded broker: times a configured limit ([broker] max_*) refused, dropped or closed something, by limit.",
-            "limit",
-            BrokerLimit::ALL
-                .iter()
-                .map(|l| l.label())
-                .zip(&self.broker_limit_hits),
-        );
-        labeled_counter(
-            &mut out,
-            "edgesync_agent_broker_denied_total",
-            "Embedded broker: client actions refused by authentication or the ACL, by action.",
-            "action",
-            BrokerDenial::ALL
-                .iter()
-                .map(|a| a.label())
-                .zip(&self.broker_denied),
-        );
-        counter(
-            &mut out,
-            "edgesync_agent_broker_client_pauses_total",
-            "Embedded broker: times reading from a client paused because its messages wait for the agent's commit (backpressure, nothing lost).",
-            &self.broker_paused,
-        );
-        self.batch_latency.render(
-            &mut out,
-            "edgesync_agent_batch_latency_seconds",
-            "Round trip of one report batch to the controller.",
-        );
+        let mut out = String::with_capacity(16 * 1024);
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &registry);
         out
     }
 }
 
-/// A counter with one label, one line per value.
-fn labeled_counter<'a>(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    label: &str,
-    values: impl IntoIterator<Item = (&'a str, &'a AtomicU64)>,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (value, v) in values {
-        let _ = writeln!(
-            out,
-            "{name}{{{label}=\"{value}\"}} {}",
-            v.load(Ordering::Relaxed)
-        );
-    }
+/// A count as a gauge's value (saturating: gauges are `i64`).
+pub fn gauge_value(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn broker_labels_are_indexed_in_declaration_order() {
@@ -512,22 +568,42 @@ mod tests {
         }
         let m = Metrics::default();
         m.broker_limit(BrokerLimit::Accept);
+        let text = m.render();
         assert!(
-            m.render()
-                .contains("edgesync_agent_broker_limit_hits_total{limit=\"accept_error\"} 1")
+            text.contains("edgesync_agent_broker_limit_hits_total{limit=\"accept_error\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("edgesync_agent_broker_limit_hits_total{limit=\"sessions\"} 0"),
+            "every limit is exported from the start: {text}"
         );
     }
 
     #[test]
-    fn renders_prometheus_text() {
+    fn renders_openmetrics_text() {
         let m = Metrics::default();
-        m.updates_accepted.fetch_add(3, Ordering::Relaxed);
+        m.updates_accepted.inc_by(3);
         m.reject("too_deep");
-        m.batch_latency.observe(Duration::from_millis(30));
+        assert_eq!(m.rejections("too_deep"), 1);
+        assert_eq!(m.sparkplug_issue("seq_gap"), 1);
+        assert_eq!(m.sparkplug_issue("seq_gap"), 2);
+        m.observe_batch_latency(Duration::from_millis(30));
+        m.mqtt_connected.set(1);
         let text = m.render();
-        assert!(text.contains("edgesync_agent_updates_accepted_total 3"));
+        assert!(
+            text.contains("# TYPE edgesync_agent_updates_accepted counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("edgesync_agent_updates_accepted_total 3"),
+            "{text}"
+        );
         assert!(text.contains("edgesync_agent_updates_rejected_total{reason=\"too_deep\"} 1"));
+        assert!(text.contains("edgesync_agent_updates_rejected_total{reason=\"malformed\"} 0"));
+        assert!(text.contains("edgesync_agent_sparkplug_issues_total{issue=\"seq_gap\"} 2"));
+        assert!(text.contains("edgesync_agent_mqtt_connected 1"), "{text}");
         assert!(text.contains("edgesync_agent_batch_latency_seconds_bucket{le=\"0.05\"} 1"));
         assert!(text.contains("edgesync_agent_batch_latency_seconds_bucket{le=\"0.025\"} 0"));
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -13,7 +13,6 @@
 //!   most once per `--agent-epoch-switch-seconds` (429 before that).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -170,9 +169,7 @@ impl NodeEpochs {
                 // The first epoch a node ever has retires nothing and is not throttled.
                 let wait = self.switch_wait(&key);
                 if record.current.is_some() && !wait.is_zero() {
-                    self.metrics
-                        .epoch_switches_throttled
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.epoch_switches_throttled.inc();
                     return Err(EpochError::TooSoon(wait));
                 }
                 self.switch(&key, epoch).await
@@ -198,9 +195,7 @@ impl NodeEpochs {
     }
 
     fn superseded(&self, key: &(String, String), epoch: &str, current: &str) -> EpochError {
-        self.metrics
-            .superseded_epoch_batches
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.superseded_epoch_batches.inc();
         let (ns, node) = key;
         EpochError::Superseded(format!(
             "agent epoch {epoch} of node {ns}/{node} was superseded by epoch {current} (the agent \
@@ -252,9 +247,7 @@ impl NodeEpochs {
                             .unwrap_or_else(|e| e.into_inner())
                             .insert(key.clone(), Instant::now());
                     }
-                    self.metrics
-                        .agent_epoch_changes
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.agent_epoch_changes.inc();
                     info!(
                         namespace = %ns,
                         node = %name,

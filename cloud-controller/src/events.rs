@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -101,7 +100,7 @@ impl Events {
                 .get(&key)
                 .is_some_and(|t| now.duration_since(*t) < MIN_INTERVAL)
             {
-                self.metrics.events_dropped.fetch_add(1, Ordering::Relaxed);
+                self.metrics.events_dropped.inc();
                 return;
             }
             if last.len() >= REMEMBERED {
@@ -122,9 +121,9 @@ impl Events {
             secondary: None,
         };
         if self.tx.try_send((event, reference)).is_ok() {
-            self.metrics.events_emitted.fetch_add(1, Ordering::Relaxed);
+            self.metrics.events_emitted.inc();
         } else {
-            self.metrics.events_dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.events_dropped.inc();
         }
     }
 }

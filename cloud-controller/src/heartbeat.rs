@@ -5,7 +5,6 @@
 //! writes. A node coming back, or a condition changing status, is written within a second.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -147,7 +146,7 @@ impl Heartbeats {
             if let Err(e) = write_status(&api, &name, &status).await {
                 warn!(namespace, node = name, error = %e, "EdgeNode heartbeat write failed");
             } else {
-                metrics.node_status_writes.fetch_add(1, Ordering::Relaxed);
+                metrics.node_status_writes.inc();
             }
         });
     }

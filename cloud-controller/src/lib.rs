@@ -74,7 +74,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     // Every task the controller starts, so shutdown can wait for all of them.
     let tasks = TaskTracker::new();
-    let metrics = Arc::new(metrics::Metrics::default());
+    let metrics = Arc::new(metrics::Metrics::new());
     let hub = Arc::new(desired::DesiredHub::new());
     let caches = cache::Caches::start(&watch_client, Arc::clone(&hub), &shutdown, &tasks);
     let budget = Arc::new(budget::WriteBudget::new(
@@ -86,7 +86,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             latency_target: Duration::from_millis(opts.write_latency_target_ms),
         },
     ));
-    let _ = metrics.write_budget.set(Arc::clone(&budget));
+    metrics.watch_budget(Arc::clone(&budget));
     let status_writer = writer::StatusWriter::new(
         client.clone(),
         caches.clone(),
@@ -129,7 +129,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         out_of_sync_seen: std::sync::Mutex::default(),
     };
     tasks.spawn(liveness.run(shutdown.clone()));
-    let _ = metrics.leader.set(Arc::clone(&leader));
+    metrics.watch_leadership(Arc::clone(&leader));
 
     let state = Arc::new(api::AppState {
         verifier: auth::TokenVerifier::new(

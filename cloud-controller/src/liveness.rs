@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use edgesync_crds::{
@@ -153,9 +152,7 @@ impl Liveness {
         let api: Api<EdgeNode> = Api::namespaced(self.client.clone(), &ns);
         match crate::heartbeat::write_status(&api, &name, &status).await {
             Ok(()) => {
-                self.metrics
-                    .node_status_writes
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.node_status_writes.inc();
                 if silent_for.is_some() {
                     info!(namespace = ns, node = name, message, "Edge node is offline");
                     self.events.transition(
@@ -287,9 +284,7 @@ impl Liveness {
             .await
         {
             Ok(_) => {
-                self.metrics
-                    .condition_writes
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.condition_writes.inc();
             }
             Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
             Err(e) => {

@@ -1,337 +1,444 @@
-//! The controller's metrics, rendered in the Prometheus text format.
+//! The controller's metrics: one registry, rendered in the OpenMetrics text format by
+//! [`Metrics::render`].
+//!
+//! Every metric is registered once, in [`Metrics::new`], with its name and help; the code
+//! that counts holds a typed handle. Families with a known set of labels are created with
+//! them, so each starts at zero. Values owned elsewhere (the write budget, leadership) are
+//! read at scrape time through collectors registered by [`Metrics::watch_budget`] and
+//! [`Metrics::watch_leadership`].
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use edgesync_protocol::prom::{self, Histogram};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Metric, Registry};
+
+use crate::budget::WriteBudget;
+use crate::lease::Leadership;
+
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Upper bounds (seconds) of the latency buckets: fine below a second (HTTP round trips,
+/// single writes), then by the second up to 30 s (the time a report waits for its coalesced
+/// Kubernetes write under a saturated budget).
+const LATENCY_BUCKETS: [f64; 17] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0,
+];
+
+/// A counter per value of one label.
+type Counters = Family<[(&'static str, &'static str); 1], Counter>;
 
 /// Every metric the controller exports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    /// Batches received, by HTTP status class of the answer.
-    pub batches: Mutex<BTreeMap<u16, u64>>,
+    registry: Mutex<Registry>,
+    /// Batches answered, by HTTP status.
+    batches: Family<[(&'static str, u16); 1], Counter>,
     /// Reports received in well-formed, authorised batches.
-    pub reports_received: AtomicU64,
-    /// Report results, by outcome.
-    pub reports_accepted: AtomicU64,
+    pub reports_received: Counter,
+    /// Reports accepted.
+    pub reports_accepted: Counter,
     /// Reports already superseded by a newer durable version.
-    pub reports_stale: AtomicU64,
+    pub reports_stale: Counter,
+    /// All reports rejected (the `rejected` result).
+    reports_rejected_all: Counter,
     /// Of the stale reports, those the same node replaced with a newer one before they were
     /// written.
-    pub reports_superseded: AtomicU64,
+    pub reports_superseded: Counter,
     /// Reports rejected, by reason code.
-    pub reports_rejected: Mutex<BTreeMap<&'static str, u64>>,
+    reports_rejected: Counters,
     /// Requests refused with 401.
-    pub auth_failures: AtomicU64,
+    pub auth_failures: Counter,
     /// Lookups of EdgeNodes missing from the cache that were answered without asking the API
     /// server (negative cache or lookup budget).
-    pub unknown_node_lookups_skipped: AtomicU64,
+    pub unknown_node_lookups_skipped: Counter,
     /// Connections being served.
-    pub connections_open: AtomicU64,
+    pub connections_open: Gauge,
     /// Connections closed at once because `--max-connections` were open.
-    pub connections_refused: AtomicU64,
+    pub connections_refused: Counter,
     /// Connections closed for a slow TLS handshake, slow headers or idleness.
-    pub connections_timed_out: AtomicU64,
+    pub connections_timed_out: Counter,
     /// `accept` failures (out of file descriptors).
-    pub accept_errors: AtomicU64,
+    pub accept_errors: Counter,
     /// Requests shed before reading their body, by reason (`node_rate`, `body_budget`).
-    pub requests_shed: Mutex<BTreeMap<&'static str, u64>>,
+    requests_shed: Counters,
     /// Requests whose body did not arrive within `--http-body-timeout-seconds`.
-    pub body_timeouts: AtomicU64,
+    pub body_timeouts: Counter,
     /// Requests refused with 429 by a node's token bucket.
-    pub node_rate_limited: AtomicU64,
+    pub node_rate_limited: Counter,
     /// Batches answered 429 because their writes did not finish within the durable wait.
-    pub write_backlog_refusals: AtomicU64,
+    pub write_backlog_refusals: Counter,
     /// Device status writes that reached the API server successfully.
-    pub status_writes: AtomicU64,
+    pub status_writes: Counter,
     /// Status writes that hit a resourceVersion conflict and were retried.
-    pub status_write_conflicts: AtomicU64,
+    pub status_write_conflicts: Counter,
     /// Status writes that failed (API server unreachable or error).
-    pub status_write_errors: AtomicU64,
+    pub status_write_errors: Counter,
     /// Devices with a report waiting to be written.
-    pub writer_pending: AtomicU64,
+    pub writer_pending: Gauge,
     /// Devices created by auto-registration.
-    pub devices_registered: AtomicU64,
+    pub devices_registered: Counter,
     /// Kubernetes Events queued for publishing.
-    pub events_emitted: AtomicU64,
+    pub events_emitted: Counter,
     /// Events not emitted: paced (one per object and reason per minute) or the queue full.
-    pub events_dropped: AtomicU64,
+    pub events_dropped: Counter,
     /// Nodes that started reporting with a new agent epoch (a reinstall or a new database).
-    pub agent_epoch_changes: AtomicU64,
+    pub agent_epoch_changes: Counter,
     /// Batches refused with 409 because they carried a node's retired agent epoch.
-    pub superseded_epoch_batches: AtomicU64,
+    pub superseded_epoch_batches: Counter,
     /// Batches refused with 429 because their node switched epochs too recently.
-    pub epoch_switches_throttled: AtomicU64,
+    pub epoch_switches_throttled: Counter,
     /// EdgeNode status writes (heartbeats, Ready transitions).
-    pub node_status_writes: AtomicU64,
+    pub node_status_writes: Counter,
     /// Device condition writes by the liveness loop (Online/InSync).
-    pub condition_writes: AtomicU64,
+    pub condition_writes: Counter,
     /// Open desired-state streams.
-    pub desired_streams: AtomicU64,
+    pub desired_streams: Gauge,
     /// Desired-state events sent.
-    pub desired_events: AtomicU64,
-    /// The write budget, read when rendered.
-    pub write_budget: std::sync::OnceLock<std::sync::Arc<crate::budget::WriteBudget>>,
-    /// This replica's leadership, read when rendered (no stale copy after a pause).
-    pub leader: std::sync::OnceLock<std::sync::Arc<crate::lease::Leadership>>,
-    /// Whether the last Kubernetes call succeeded.
-    pub kubernetes_up: AtomicBool,
+    pub desired_events: Counter,
+    /// 1 when the last Kubernetes call succeeded.
+    pub kubernetes_up: Gauge,
     /// Time from a report's arrival to its durable write (or supersession).
-    pub report_durable_latency: Histogram,
+    report_durable_latency: Histogram,
     /// Duration of one status write call.
-    pub status_write_latency: Histogram,
+    status_write_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Registers `metric` under `name` and returns it (a handle sharing its value).
+fn add<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Metrics {
+    /// Every metric, registered with its name and help. Counters are named without
+    /// `_total`: the OpenMetrics encoder appends it to the samples.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let r = &mut registry;
+        let counter =
+            |r: &mut Registry, name: &str, help: &str| add(r, name, help, Counter::default());
+        let gauge = |r: &mut Registry, name: &str, help: &str| add(r, name, help, Gauge::default());
+        let batches: Family<[(&'static str, u16); 1], Counter> = add(
+            r,
+            "edgesync_controller_batches",
+            "Report batches answered, by HTTP status.",
+            Family::default(),
+        );
+        // The answers an agent is told how to handle (DESIGN.md), each exported from the start.
+        for code in [200, 400, 401, 403, 408, 409, 413, 429, 503] {
+            drop(batches.get_or_create(&[("code", code)]));
+        }
+        let reports_received = counter(
+            r,
+            "edgesync_controller_reports_received",
+            "Reports received in authorised, well-formed batches.",
+        );
+        let reports_superseded = counter(
+            r,
+            "edgesync_controller_reports_superseded",
+            "Reports answered stale before any write because their node sent a newer report of the device (included in the stale results).",
+        );
+        let results: Counters = add(
+            r,
+            "edgesync_controller_report_results",
+            "Report results sent to agents, by result.",
+            Family::default(),
+        );
+        let [reports_accepted, reports_stale, reports_rejected_all] =
+            ["accepted", "stale", "rejected"]
+                .map(|v| results.get_or_create(&[("result", v)]).clone());
+        let reports_rejected: Counters = add(
+            r,
+            "edgesync_controller_reports_rejected",
+            "Reports rejected, by reason.",
+            Family::default(),
+        );
+        // Known from the start, so an alert on it has a series before the first rejection.
+        drop(reports_rejected.get_or_create(&[("reason", "forbidden")]));
+        let auth_failures = counter(
+            r,
+            "edgesync_controller_auth_failures",
+            "Requests refused with 401 (missing, wrong or unverifiable token, unknown node).",
+        );
+        let unknown_node_lookups_skipped = counter(
+            r,
+            "edgesync_controller_unknown_node_lookups_skipped",
+            "Requests for EdgeNodes missing from the cache answered 401 without an API call (recently looked up, or over the lookup budget).",
+        );
+        let connections_refused = counter(
+            r,
+            "edgesync_controller_connections_refused",
+            "Connections closed at once because --max-connections were open.",
+        );
+        let connections_timed_out = counter(
+            r,
+            "edgesync_controller_connections_timed_out",
+            "Connections closed for a slow TLS handshake, slow request headers, or no traffic for --http-idle-timeout-seconds.",
+        );
+        let accept_errors = counter(
+            r,
+            "edgesync_controller_accept_errors",
+            "Failed accepts (out of file descriptors: raise the open-files limit or lower --max-connections).",
+        );
+        let body_timeouts = counter(
+            r,
+            "edgesync_controller_body_timeouts",
+            "Requests answered 408 because their body did not arrive within --http-body-timeout-seconds.",
+        );
+        let node_rate_limited = counter(
+            r,
+            "edgesync_controller_node_rate_limited",
+            "Requests refused with 429 by a node's token bucket.",
+        );
+        let write_backlog_refusals = counter(
+            r,
+            "edgesync_controller_write_backlog_refusals",
+            "Batches answered 429 because their status writes did not finish in time.",
+        );
+        let status_writes = counter(
+            r,
+            "edgesync_controller_status_writes",
+            "Device status writes accepted by the API server.",
+        );
+        let status_write_conflicts = counter(
+            r,
+            "edgesync_controller_status_write_conflicts",
+            "Device status writes retried after a resourceVersion conflict.",
+        );
+        let status_write_errors = counter(
+            r,
+            "edgesync_controller_status_write_errors",
+            "Device status writes that failed (API server unreachable or refusing).",
+        );
+        let devices_registered = counter(
+            r,
+            "edgesync_controller_devices_registered",
+            "Devices created by auto-registration.",
+        );
+        let events_emitted = counter(
+            r,
+            "edgesync_controller_events",
+            "Kubernetes Events emitted on Devices and EdgeNodes.",
+        );
+        let events_dropped = counter(
+            r,
+            "edgesync_controller_events_dropped",
+            "Events not emitted: one per object and reason per minute at most, or the publishing queue full.",
+        );
+        let agent_epoch_changes = counter(
+            r,
+            "edgesync_controller_agent_epoch_changes",
+            "Nodes whose agent started reporting with a new epoch (reinstalled, or its database recreated); its reports supersede the old epoch's.",
+        );
+        let superseded_epoch_batches = counter(
+            r,
+            "edgesync_controller_superseded_epoch_batches",
+            "Batches refused with 409 because they carried a retired agent epoch: a second agent runs with the node's identity, or one restored from an old backup.",
+        );
+        let epoch_switches_throttled = counter(
+            r,
+            "edgesync_controller_epoch_switches_throttled",
+            "Batches answered 429 because their node already switched to a new agent epoch within --agent-epoch-switch-seconds.",
+        );
+        let node_status_writes = counter(
+            r,
+            "edgesync_controller_node_status_writes",
+            "EdgeNode status writes (heartbeats and Ready transitions).",
+        );
+        let condition_writes = counter(
+            r,
+            "edgesync_controller_condition_writes",
+            "Device Online/InSync condition writes by the liveness loop.",
+        );
+        let desired_events = counter(
+            r,
+            "edgesync_controller_desired_events",
+            "Desired-state events sent to agents.",
+        );
+        let requests_shed: Counters = add(
+            r,
+            "edgesync_controller_requests_shed",
+            "Report batches answered before their body was read, by reason: node_rate (the node's token bucket is empty), body_budget (--max-body-bytes-in-flight reached).",
+            Family::default(),
+        );
+        for reason in ["node_rate", "body_budget"] {
+            drop(requests_shed.get_or_create(&[("reason", reason)]));
+        }
+        let connections_open = gauge(
+            r,
+            "edgesync_controller_connections_open",
+            "Connections being served.",
+        );
+        let writer_pending = gauge(
+            r,
+            "edgesync_controller_writer_pending_devices",
+            "Devices with a report waiting for its status write.",
+        );
+        let desired_streams = gauge(
+            r,
+            "edgesync_controller_desired_streams",
+            "Open desired-state streams (connected agents).",
+        );
+        let kubernetes_up = gauge(
+            r,
+            "edgesync_controller_kubernetes_up",
+            "1 when the last call to the Kubernetes API succeeded.",
+        );
+        let report_durable_latency = add(
+            r,
+            "edgesync_controller_report_durable_seconds",
+            "Time from a report's arrival to its durable status write (or supersession).",
+            Histogram::new(LATENCY_BUCKETS),
+        );
+        let status_write_latency = add(
+            r,
+            "edgesync_controller_status_write_seconds",
+            "Duration of one Device status write call.",
+            Histogram::new(LATENCY_BUCKETS),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            batches,
+            reports_received,
+            reports_accepted,
+            reports_stale,
+            reports_rejected_all,
+            reports_superseded,
+            reports_rejected,
+            auth_failures,
+            unknown_node_lookups_skipped,
+            connections_open,
+            connections_refused,
+            connections_timed_out,
+            accept_errors,
+            requests_shed,
+            body_timeouts,
+            node_rate_limited,
+            write_backlog_refusals,
+            status_writes,
+            status_write_conflicts,
+            status_write_errors,
+            writer_pending,
+            devices_registered,
+            events_emitted,
+            events_dropped,
+            agent_epoch_changes,
+            superseded_epoch_batches,
+            epoch_switches_throttled,
+            node_status_writes,
+            condition_writes,
+            desired_streams,
+            desired_events,
+            kubernetes_up,
+            report_durable_latency,
+            status_write_latency,
+        }
+    }
+
+    fn register_collector(&self, collector: impl Collector) {
+        self.registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .register_collector(Box::new(collector));
+    }
+
+    /// Exports the write budget's current rate.
+    pub fn watch_budget(&self, budget: Arc<WriteBudget>) {
+        self.register_collector(BudgetRate(budget));
+    }
+
+    /// Exports whether this replica leads.
+    pub fn watch_leadership(&self, leader: Arc<Leadership>) {
+        self.register_collector(Leader(leader));
+    }
+
     /// Counts a rejected report.
     pub fn reject(&self, reason: &'static str) {
-        if let Ok(mut m) = self.reports_rejected.lock() {
-            *m.entry(reason).or_default() += 1;
-        }
+        self.reports_rejected
+            .get_or_create(&[("reason", reason)])
+            .inc();
+        self.reports_rejected_all.inc();
     }
 
     /// Counts a request shed before its body was read.
     pub fn shed(&self, reason: &'static str) {
-        if let Ok(mut m) = self.requests_shed.lock() {
-            *m.entry(reason).or_default() += 1;
-        }
+        self.requests_shed
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 
     /// Counts an answered batch.
     pub fn batch(&self, status: u16) {
-        if let Ok(mut m) = self.batches.lock() {
-            *m.entry(status).or_default() += 1;
-        }
+        self.batches.get_or_create(&[("code", status)]).inc();
     }
 
-    /// Prometheus text exposition.
+    /// Records the time from a report's arrival to its durable write.
+    pub fn observe_report_durable(&self, took: Duration) {
+        self.report_durable_latency.observe(took.as_secs_f64());
+    }
+
+    /// Records one status write call.
+    pub fn observe_status_write(&self, took: Duration) {
+        self.status_write_latency.observe(took.as_secs_f64());
+    }
+
+    /// The OpenMetrics text exposition of every registered metric.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        let batches: Vec<(String, u64)> = self
-            .batches
-            .lock()
-            .map(|m| m.iter().map(|(k, v)| (k.to_string(), *v)).collect())
-            .unwrap_or_default();
-        prom::family(
-            &mut out,
-            "edgesync_controller_batches_total",
-            "counter",
-            "Report batches answered, by HTTP status.",
-            "code",
-            batches.iter().map(|(k, v)| (k.as_str(), *v)),
-        );
-        prom::counter(
-            &mut out,
-            "edgesync_controller_reports_received_total",
-            "Reports received in authorised, well-formed batches.",
-            load(&self.reports_received),
-        );
-        prom::counter(
-            &mut out,
-            "edgesync_controller_reports_superseded_total",
-            "Reports answered stale before any write because their node sent a newer report of \
-             the device (included in the stale results).",
-            load(&self.reports_superseded),
-        );
-        let mut results = vec![
-            ("accepted", load(&self.reports_accepted)),
-            ("stale", load(&self.reports_stale)),
-        ];
-        let rejected: u64 = self
-            .reports_rejected
-            .lock()
-            .map(|m| m.values().sum())
-            .unwrap_or_default();
-        results.push(("rejected", rejected));
-        prom::family(
-            &mut out,
-            "edgesync_controller_report_results_total",
-            "counter",
-            "Report results sent to agents, by result.",
-            "result",
-            results,
-        );
-        let reasons: Vec<(&str, u64)> = self
-            .reports_rejected
-            .lock()
-            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
-            .unwrap_or_default();
-        prom::family(
-            &mut out,
-            "edgesync_controller_reports_rejected_total",
-            "counter",
-            "Reports rejected, by reason.",
-            "reason",
-            reasons,
-        );
-        for (name, help, v) in [
-            (
-                "edgesync_controller_auth_failures_total",
-                "Requests refused with 401 (missing, wrong or unverifiable token, unknown node).",
-                &self.auth_failures,
-            ),
-            (
-                "edgesync_controller_unknown_node_lookups_skipped_total",
-                "Requests for EdgeNodes missing from the cache answered 401 without an API call (recently looked up, or over the lookup budget).",
-                &self.unknown_node_lookups_skipped,
-            ),
-            (
-                "edgesync_controller_connections_refused_total",
-                "Connections closed at once because --max-connections were open.",
-                &self.connections_refused,
-            ),
-            (
-                "edgesync_controller_connections_timed_out_total",
-                "Connections closed for a slow TLS handshake, slow request headers, or no traffic for --http-idle-timeout-seconds.",
-                &self.connections_timed_out,
-            ),
-            (
-                "edgesync_controller_accept_errors_total",
-                "Failed accepts (out of file descriptors: raise the open-files limit or lower --max-connections).",
-                &self.accept_errors,
-            ),
-            (
-                "edgesync_controller_body_timeouts_total",
-                "Requests answered 408 because their body did not arrive within --http-body-timeout-seconds.",
-                &self.body_timeouts,
-            ),
-            (
-                "edgesync_controller_node_rate_limited_total",
-                "Requests refused with 429 by a node's token bucket.",
-                &self.node_rate_limited,
-            ),
-            (
-                "edgesync_controller_write_backlog_refusals_total",
-                "Batches answered 429 because their status writes did not finish in time.",
-                &self.write_backlog_refusals,
-            ),
-            (
-                "edgesync_controller_status_writes_total",
-                "Device status writes accepted by the API server.",
-                &self.status_writes,
-            ),
-            (
-                "edgesync_controller_status_write_conflicts_total",
-                "Device status writes retried after a resourceVersion conflict.",
-                &self.status_write_conflicts,
-            ),
-            (
-                "edgesync_controller_status_write_errors_total",
-                "Device status writes that failed (API server unreachable or refusing).",
-                &self.status_write_errors,
-            ),
-            (
-                "edgesync_controller_devices_registered_total",
-                "Devices created by auto-registration.",
-                &self.devices_registered,
-            ),
-            (
-                "edgesync_controller_events_total",
-                "Kubernetes Events emitted on Devices and EdgeNodes.",
-                &self.events_emitted,
-            ),
-            (
-                "edgesync_controller_events_dropped_total",
-                "Events not emitted: one per object and reason per minute at most, or the publishing queue full.",
-                &self.events_dropped,
-            ),
-            (
-                "edgesync_controller_agent_epoch_changes_total",
-                "Nodes whose agent started reporting with a new epoch (reinstalled, or its database recreated); its reports supersede the old epoch's.",
-                &self.agent_epoch_changes,
-            ),
-            (
-                "edgesync_controller_superseded_epoch_batches_total",
-                "Batches refused with 409 because they carried a retired agent epoch: a second agent runs with the node's identity, or one restored from an old backup.",
-                &self.superseded_epoch_batches,
-            ),
-            (
-                "edgesync_controller_epoch_switches_throttled_total",
-                "Batches answered 429 because their node already switched to a new agent epoch within --agent-epoch-switch-seconds.",
-                &self.epoch_switches_throttled,
-            ),
-            (
-                "edgesync_controller_node_status_writes_total",
-                "EdgeNode status writes (heartbeats and Ready transitions).",
-                &self.node_status_writes,
-            ),
-            (
-                "edgesync_controller_condition_writes_total",
-                "Device Online/InSync condition writes by the liveness loop.",
-                &self.condition_writes,
-            ),
-            (
-                "edgesync_controller_desired_events_total",
-                "Desired-state events sent to agents.",
-                &self.desired_events,
-            ),
-        ] {
-            prom::counter(&mut out, name, help, load(v));
-        }
-        let shed: Vec<(&str, u64)> = self
-            .requests_shed
-            .lock()
-            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
-            .unwrap_or_default();
-        prom::family(
-            &mut out,
-            "edgesync_controller_requests_shed_total",
-            "counter",
-            "Report batches answered before their body was read, by reason: node_rate (the node's token bucket is empty), body_budget (--max-body-bytes-in-flight reached).",
-            "reason",
-            shed,
-        );
-        prom::gauge(
-            &mut out,
-            "edgesync_controller_connections_open",
-            "Connections being served.",
-            load(&self.connections_open),
-        );
-        prom::gauge(
-            &mut out,
-            "edgesync_controller_writer_pending_devices",
-            "Devices with a report waiting for its status write.",
-            load(&self.writer_pending),
-        );
-        prom::gauge(
-            &mut out,
-            "edgesync_controller_desired_streams",
-            "Open desired-state streams (connected agents).",
-            load(&self.desired_streams),
-        );
-        prom::gauge(
-            &mut out,
-            "edgesync_controller_leader",
-            "1 when this replica runs the singleton loops.",
-            u64::from(self.leader.get().is_some_and(|l| l.is_leader())),
-        );
-        prom::gauge(
-            &mut out,
+        let mut out = String::with_capacity(16 * 1024);
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}
+
+/// Encodes one gauge sample read at scrape time.
+fn const_gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+/// The write budget's rate, read at each scrape.
+#[derive(Debug)]
+struct BudgetRate(Arc<WriteBudget>);
+
+impl Collector for BudgetRate {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        const_gauge(
+            &mut e,
             "edgesync_controller_write_budget_qps",
             "The write budget's current rate, writes per second (adapted to the API server).",
-            self.write_budget
-                .get()
-                .map_or(0, |b| b.rate().round() as u64),
-        );
-        prom::gauge(
-            &mut out,
-            "edgesync_controller_kubernetes_up",
-            "1 when the last call to the Kubernetes API succeeded.",
-            u64::from(self.kubernetes_up.load(Ordering::Relaxed)),
-        );
-        self.report_durable_latency.render(
-            &mut out,
-            "edgesync_controller_report_durable_seconds",
-            "Time from a report's arrival to its durable status write (or supersession).",
-        );
-        self.status_write_latency.render(
-            &mut out,
-            "edgesync_controller_status_write_seconds",
-            "Duration of one Device status write call.",
-        );
-        out
+            self.0.rate().round() as i64,
+        )
+    }
+}
+
+/// Leadership, read at each scrape (no stale copy after a pause).
+#[derive(Debug)]
+struct Leader(Arc<Leadership>);
+
+impl Collector for Leader {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        const_gauge(
+            &mut e,
+            "edgesync_controller_leader",
+            "1 when this replica runs the singleton loops.",
+            i64::from(self.0.is_leader()),
+        )
     }
 }
 
@@ -345,7 +452,7 @@ mod tests {
         m.reject("forbidden");
         m.batch(200);
         m.batch(200);
-        m.reports_accepted.fetch_add(5, Ordering::Relaxed);
+        m.reports_accepted.inc_by(5);
         let text = m.render();
         assert!(
             text.contains("edgesync_controller_batches_total{code=\"200\"} 2"),
@@ -356,5 +463,7 @@ mod tests {
         );
         assert!(text.contains("edgesync_controller_report_results_total{result=\"accepted\"} 5"));
         assert!(text.contains("edgesync_controller_report_results_total{result=\"rejected\"} 1"));
+        assert!(text.contains("edgesync_controller_requests_shed_total{reason=\"body_budget\"} 0"));
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -78,7 +78,7 @@ pub async fn serve(
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors, most likely: back off instead of spinning.
-                metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
+                metrics.accept_errors.inc();
                 if let Some(repeated) = accept_errors.allow(Instant::now()) {
                     warn!(error = %e, repeated, "Cannot accept connections (out of file descriptors? raise the open-files limit, or lower --max-connections)");
                 }
@@ -87,7 +87,7 @@ pub async fn serve(
             }
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            metrics.connections_refused.inc();
             if let Some(repeated) = refusals.allow(Instant::now()) {
                 warn!(%peer, repeated, max_connections = limits.max_connections, "Connection refused: --max-connections reached");
             }
@@ -103,9 +103,9 @@ pub async fn serve(
         );
         let stop = shutdown.clone();
         connections.spawn(async move {
-            metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+            metrics.connections_open.inc();
             serve_connection(stream, tls, router, &limits, &metrics, epoch, stop).await;
-            metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+            metrics.connections_open.dec();
             drop(slot);
             tracing::trace!(%peer, "Connection closed");
         });
@@ -145,9 +145,7 @@ async fn serve_connection(
                 Ok(Ok(tls)) => run_http(tls, router, limits, metrics, &state, shutdown).await,
                 Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                 Err(_) => {
-                    metrics
-                        .connections_timed_out
-                        .fetch_add(1, Ordering::Relaxed);
+                    metrics.connections_timed_out.inc();
                     debug!("TLS handshake timed out");
                 }
             }
@@ -284,7 +282,7 @@ async fn run_http<I>(
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     if is_timeout(e.as_ref()) {
-                        metrics.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+                        metrics.connections_timed_out.inc();
                     }
                     debug!(error = %e, "Connection ended with an error");
                 }
@@ -296,7 +294,7 @@ async fn run_http<I>(
             }
             _ = tokio::time::sleep(tick) => {
                 if let Some(why) = state.expired(limits) {
-                    metrics.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+                    metrics.connections_timed_out.inc();
                     tracing::trace!(why, "Closing a connection");
                     return;
                 }

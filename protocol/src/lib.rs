@@ -3,8 +3,8 @@
 //!
 //! This crate owns the *rules* (JSON merge patch, delta, version bumps, optimistic concurrency,
 //! limits) and the *shapes* (MQTT shadow messages, HTTP batch envelope, desired-state stream
-//! events, error bodies), plus small pure helpers both binaries share (token bucket,
-//! Prometheus text, an error's causes as one line), and the Sparkplug B host application's rules and schema. It performs no
+//! events, error bodies), plus small pure helpers both binaries share (token bucket, an error's causes as one
+//! line), and the Sparkplug B host application's rules and schema. It performs no
 //! I/O and depends only on serde and prost, so the agent, the
 //! controller and tests agree on one definition.
 //!
@@ -20,7 +20,6 @@ pub mod kubeedge;
 pub mod limits;
 pub mod merge;
 pub mod mqtt;
-pub mod prom;
 pub mod rate;
 pub mod secret;
 pub mod shadow;

@@ -202,11 +202,14 @@ async fn alerts_and_dashboard_query_only_metrics_the_binaries_export() {
             Some((words.next()?.to_owned(), words.next()?.to_owned()))
         })
         .flat_map(|(name, kind)| {
-            let mut names = vec![name.clone()];
-            if kind == "histogram" {
-                names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")));
+            // The sample names of each OpenMetrics family.
+            match kind.as_str() {
+                "counter" => vec![format!("{name}_total")],
+                "histogram" => ["_bucket", "_sum", "_count"]
+                    .map(|s| format!("{name}{s}"))
+                    .to_vec(),
+                _ => vec![name],
             }
-            names
         })
         .collect();
     let monitoring = workspace_root().join("deploy/monitoring");
@@ -245,8 +248,36 @@ fn promtool() -> std::path::PathBuf {
     )
 }
 
-/// `promtool check metrics` accepts `text` (a scrape of `who`): it parses and lints it.
+/// `promtool check metrics` accepts `text` (an OpenMetrics scrape of `who`): it parses and
+/// lints it.
+///
+/// promtool reads only the Prometheus text format (prometheus/prometheus#8932), which differs
+/// from OpenMetrics in two ways that matter here: a counter's HELP and TYPE name the samples
+/// (`x_total`) rather than the family (`x`), and there is no `# EOF`. Those are rewritten;
+/// everything else (names, help, labels, values, histogram buckets) is checked as served.
 fn promtool_check_metrics(who: &str, text: &str) {
+    assert!(
+        text.ends_with("# EOF\n"),
+        "{who}'s /metrics is not a complete OpenMetrics exposition:\n{text}"
+    );
+    let counters: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let text: String = text
+        .lines()
+        .filter(|l| *l != "# EOF")
+        .map(|l| {
+            for prefix in ["# HELP ", "# TYPE "] {
+                if let Some((name, rest)) = l.strip_prefix(prefix).and_then(|r| r.split_once(' '))
+                    && counters.contains(name)
+                {
+                    return format!("{prefix}{name}_total {rest}\n");
+                }
+            }
+            format!("{l}\n")
+        })
+        .collect();
     use std::io::Write as _;
     let mut child = std::process::Command::new(promtool())
         .args(["check", "metrics"])

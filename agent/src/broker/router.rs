@@ -729,7 +729,7 @@ impl Router {
             );
             old_link.closed.cancel();
             // Its connection task finds the session taken and leaves the count alone.
-            self.metrics.broker_clients.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.broker_clients.dec();
         }
         let resume =
             !connect.clean_session && self.sessions.get(&client).is_some_and(|s| s.persistent);
@@ -787,7 +787,7 @@ impl Router {
             session.send(Packet::Publish(p));
         }
         session.pump();
-        self.metrics.broker_clients.fetch_add(1, Ordering::Relaxed);
+        self.metrics.broker_clients.inc();
         Ok((client, conn))
     }
 
@@ -852,7 +852,7 @@ impl Router {
         };
         let pause = s.awaiting_bytes > per_client || (s.awaiting_bytes > 0 && over_all);
         if pause && !s.paused {
-            self.metrics.broker_paused.fetch_add(1, Ordering::Relaxed);
+            self.metrics.broker_paused.inc();
         }
         s.paused = pause;
         pause
@@ -869,7 +869,7 @@ impl Router {
         }
         session.link = None;
         session.last_seen_s = now_s;
-        self.metrics.broker_clients.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.broker_clients.dec();
         let will = if graceful { None } else { session.will.take() };
         if session.persistent {
             if let Some(p) = self.pending_mut(client) {
@@ -978,9 +978,7 @@ impl Router {
         if !valid_topic(&publish.topic) {
             return Flow::Close("invalid topic name in PUBLISH (MQTT 3.1.1, 4.7.3)");
         }
-        self.metrics
-            .broker_messages_in
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.broker_messages_in.inc();
         let Some(session) = self.sessions.get(client) else {
             return Flow::Close("no session");
         };
@@ -1115,9 +1113,7 @@ impl Router {
                     Some((_, link))
                         if !is_agent && link.backlog() >= self.limits.max_write_backlog_bytes =>
                     {
-                        self.metrics
-                            .broker_dropped_qos0
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.metrics.broker_dropped_qos0.inc();
                         self.metrics.broker_limit(BrokerLimit::WriteBacklog);
                     }
                     Some((_, link)) => link.send(Packet::Publish(Publish {
@@ -1143,9 +1139,7 @@ impl Router {
                         None
                     };
                 if let Some(limit) = limit {
-                    self.metrics
-                        .broker_dropped_queue
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.broker_dropped_queue.inc();
                     self.metrics.broker_limit(limit);
                     if target.link.is_none() && !target.parked {
                         target.parked = true;
@@ -1370,9 +1364,7 @@ impl Router {
                             if !session.identity.is_agent
                                 && link.backlog() >= self.limits.max_write_backlog_bytes =>
                         {
-                            self.metrics
-                                .broker_dropped_qos0
-                                .fetch_add(1, Ordering::Relaxed);
+                            self.metrics.broker_dropped_qos0.inc();
                             self.metrics.broker_limit(BrokerLimit::WriteBacklog);
                         }
                         Some((_, link)) => link.send(Packet::Publish(p)),
@@ -1777,7 +1769,7 @@ mod tests {
         let old = connect(&mut r, "m1", true);
         let new = connect(&mut r, "m1", true);
         assert!(old.closed.is_cancelled());
-        assert_eq!(r.metrics.broker_clients.load(Ordering::Relaxed), 1);
+        assert_eq!(r.metrics.broker_clients.get(), 1);
         assert_eq!(
             r.handle(&old.id, old.conn, Packet::PingReq),
             Flow::Close("taken over by a newer connection")
@@ -1786,9 +1778,9 @@ mod tests {
         // The old connection ending does not end the new one's session.
         r.disconnected(&old.id, old.conn, false, 0);
         assert_eq!(r.handle(&new.id, new.conn, Packet::PingReq), Flow::Continue);
-        assert_eq!(r.metrics.broker_clients.load(Ordering::Relaxed), 1);
+        assert_eq!(r.metrics.broker_clients.get(), 1);
         r.disconnected(&new.id, new.conn, true, 0);
-        assert_eq!(r.metrics.broker_clients.load(Ordering::Relaxed), 0);
+        assert_eq!(r.metrics.broker_clients.get(), 0);
     }
 
     #[test]
@@ -1891,7 +1883,7 @@ mod tests {
                 .err(),
             Some(ConnectReturnCode::NotAuthorized)
         );
-        assert_eq!(r.metrics.broker_clients.load(Ordering::Relaxed), 0);
+        assert_eq!(r.metrics.broker_clients.get(), 0);
     }
 
     #[test]
@@ -1913,7 +1905,7 @@ mod tests {
         let got = publishes(&agent.drain());
         r.handle(&agent.id, agent.conn, Packet::PubAck(PubAck::new(got[0].1)));
         assert!(!r.should_pause(&device.id));
-        assert_eq!(r.metrics.broker_paused.load(Ordering::Relaxed), 1);
+        assert_eq!(r.metrics.broker_paused.get(), 1);
     }
 
     #[test]

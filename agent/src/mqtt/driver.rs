@@ -3,7 +3,6 @@
 //! It does no database work, so keep-alives never starve.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
@@ -79,7 +78,7 @@ pub(super) async fn drive(
                     Ok(()) => {
                         probe_at = None;
                         probe_backoff.reset();
-                        metrics.mqtt_redeliveries.fetch_add(1, Ordering::Relaxed);
+                        metrics.mqtt_redeliveries.inc();
                         info!("The store commits again; reconnecting so the broker resends the messages not yet committed");
                         if client.try_disconnect().is_err() {
                             warn!("Cannot queue the MQTT disconnect; unacknowledged messages come back at the next reconnect");
@@ -97,7 +96,7 @@ pub(super) async fn drive(
         };
         match event {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                metrics.mqtt_received.fetch_add(1, Ordering::Relaxed);
+                metrics.mqtt_received.inc();
                 trace!(topic = %p.topic, bytes = p.payload.len(), "Message received");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -106,7 +105,7 @@ pub(super) async fn drive(
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 reconnect.reset();
-                metrics.mqtt_connected.store(true, Ordering::Relaxed);
+                metrics.mqtt_connected.set(1);
                 info!(
                     session_present = ack.session_present,
                     "Connected to MQTT broker"
@@ -115,10 +114,8 @@ pub(super) async fn drive(
             }
             Ok(_) => {}
             Err(e) => {
-                metrics.mqtt_connected.store(false, Ordering::Relaxed);
-                metrics
-                    .mqtt_connection_errors
-                    .fetch_add(1, Ordering::Relaxed);
+                metrics.mqtt_connected.set(0);
+                metrics.mqtt_connection_errors.inc();
                 let delay = reconnect.failed();
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed, reconnecting");
                 tokio::select! {
@@ -128,6 +125,6 @@ pub(super) async fn drive(
             }
         }
     }
-    metrics.mqtt_connected.store(false, Ordering::Relaxed);
+    metrics.mqtt_connected.set(0);
     debug!("MQTT driver stopped");
 }

@@ -19,7 +19,6 @@
 //! patch that is already applied changes nothing.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use edgesync_protocol::Limits;
 use edgesync_protocol::mqtt::IngestPattern;
@@ -133,12 +132,12 @@ impl DevicePublisher {
         topic: String,
         qos: QoS,
         payload: Vec<u8>,
-        counter: &std::sync::atomic::AtomicU64,
+        counter: &prometheus_client::metrics::counter::Counter,
     ) {
         if self.client.try_publish(topic, qos, false, payload).is_ok() {
-            counter.fetch_add(1, Ordering::Relaxed);
+            counter.inc();
         } else {
-            self.metrics.replies_dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.replies_dropped.inc();
         }
     }
 }

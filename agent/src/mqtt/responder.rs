@@ -64,7 +64,7 @@ impl Responder {
             };
             // After commit (or for messages that are refused and never stored): ack.
             if ack && self.client.try_ack(publish).is_err() {
-                self.metrics.acks_deferred.fetch_add(1, Ordering::Relaxed);
+                self.metrics.acks_deferred.inc();
                 warn_unbounded_window(&self.metrics);
             }
         }
@@ -74,9 +74,7 @@ impl Responder {
     pub(super) async fn settle(&self, device: &str, rx: StoreReply<UpdateOutcome>) -> Settled {
         match rx.await {
             Ok(Ok(UpdateOutcome::Accepted { applied, current })) => {
-                self.metrics
-                    .updates_accepted
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.updates_accepted.inc();
                 if applied.changed {
                     self.on_change.notify_one();
                 }
@@ -96,7 +94,7 @@ impl Responder {
             }
             Ok(Err(e)) => {
                 // The driver reconnects once the store commits again, and the broker resends.
-                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.store_errors.inc();
                 self.redeliver.notify_one();
                 warn!(device, error = %e, "Update not committed; leaving it unacknowledged for redelivery");
                 Settled::NotCommitted { replied: true }
@@ -113,7 +111,7 @@ impl Responder {
     /// Queues a reply to a device without waiting, counting it when the queue is full.
     pub(super) fn publish_reply(&self, topic: String, qos: QoS, payload: Vec<u8>) {
         if self.client.try_publish(topic, qos, false, payload).is_err() {
-            self.metrics.replies_dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.replies_dropped.inc();
         }
     }
 
@@ -153,7 +151,7 @@ impl Responder {
 /// Logs (once per 10 000 occurrences) that acks could not be queued: the broker sends faster
 /// than rumqttc flushes acks, which means its in-flight window is unbounded.
 fn warn_unbounded_window(metrics: &Metrics) {
-    let n = metrics.acks_deferred.load(Ordering::Relaxed);
+    let n = metrics.acks_deferred.get();
     if n % 10_000 == 1 {
         warn!(
             deferred = n,

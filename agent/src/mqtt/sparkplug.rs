@@ -237,7 +237,7 @@ impl DevicePublisher {
 
     /// Publishes a Sparkplug B command at QoS 0, as the specification requires of commands
     /// (a lost one is sent again with the next change or birth), and counts it in `counter`.
-    fn publish_command(&self, c: Command, counter: &std::sync::atomic::AtomicU64) {
+    fn publish_command(&self, c: Command, counter: &prometheus_client::metrics::counter::Counter) {
         self.publish_counted(c.topic, rumqttc::QoS::AtMostOnce, c.payload, counter);
     }
 }

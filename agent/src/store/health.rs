@@ -5,9 +5,13 @@
 //! what the heartbeat reports about the store: lost commits found at start (see `witness`)
 //! and how close the device count is to `store.max_devices`.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 
 /// The store's ability to commit.
 #[derive(Debug, Default)]
@@ -115,35 +119,54 @@ impl StoreHealth {
         let last = self.last_error.lock().ok().and_then(|l| l.clone());
         Some(last.unwrap_or_else(|| "unknown error".to_owned()))
     }
+}
 
-    /// Appends the store's health in Prometheus text.
-    pub fn render(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP edgesync_agent_store_commit_failing 1 while the database cannot commit (disk full, I/O error): ingest is paused, nothing is acknowledged\n# TYPE edgesync_agent_store_commit_failing gauge\nedgesync_agent_store_commit_failing {}",
-            u8::from(self.is_failing())
-        );
-        let _ = writeln!(
-            out,
-            "# HELP edgesync_agent_store_failed_commits_total Transactions the database refused\n# TYPE edgesync_agent_store_failed_commits_total counter\nedgesync_agent_store_failed_commits_total {}",
-            self.failed_commits.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP edgesync_agent_store_commits_total Transactions committed (each holds every message that arrived while the previous one committed)\n# TYPE edgesync_agent_store_commits_total counter\nedgesync_agent_store_commits_total {}\n# HELP edgesync_agent_store_synced_commits_total Commits fsynced before they were acknowledged (store.durability = power-loss-safe)\n# TYPE edgesync_agent_store_synced_commits_total counter\nedgesync_agent_store_synced_commits_total {}",
+/// The store's health as metrics, read at each scrape.
+impl Collector for StoreHealth {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        gauge(
+            &mut e,
+            "edgesync_agent_store_commit_failing",
+            "1 while the database cannot commit (disk full, I/O error): ingest is paused, nothing is acknowledged.",
+            u64::from(self.is_failing()),
+        )?;
+        counter(
+            &mut e,
+            "edgesync_agent_store_failed_commits",
+            "Transactions the database refused.",
+            self.failed_commits.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "edgesync_agent_store_commits",
+            "Transactions committed (each holds every message that arrived while the previous one committed).",
             self.commits.load(Ordering::Relaxed),
-            self.synced_commits.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP edgesync_agent_store_lost_commits Commits the database was found to have lost at start (its -wal deleted, an older copy restored); stays until `edgesync-agent store clear-lost-commits`\n# TYPE edgesync_agent_store_lost_commits gauge\nedgesync_agent_store_lost_commits {}",
-            self.lost_commits.load(Ordering::Relaxed)
-        );
+        )?;
+        counter(
+            &mut e,
+            "edgesync_agent_store_synced_commits",
+            "Commits fsynced before they were acknowledged (store.durability = power-loss-safe).",
+            self.synced_commits.load(Ordering::Relaxed),
+        )?;
+        gauge(
+            &mut e,
+            "edgesync_agent_store_lost_commits",
+            "Commits the database was found to have lost at start (its -wal deleted, an older copy restored); stays until `edgesync-agent store clear-lost-commits`.",
+            self.lost_commits.load(Ordering::Relaxed),
+        )?;
         let (devices, max) = self.devices();
-        let _ = writeln!(
-            out,
-            "# HELP edgesync_agent_store_devices Devices with a shadow\n# TYPE edgesync_agent_store_devices gauge\nedgesync_agent_store_devices {devices}\n# HELP edgesync_agent_store_max_devices store.max_devices: updates from further new devices are rejected\n# TYPE edgesync_agent_store_max_devices gauge\nedgesync_agent_store_max_devices {max}"
-        );
+        gauge(
+            &mut e,
+            "edgesync_agent_store_devices",
+            "Devices with a shadow.",
+            devices,
+        )?;
+        gauge(
+            &mut e,
+            "edgesync_agent_store_max_devices",
+            "store.max_devices: updates from further new devices are rejected.",
+            max,
+        )?;
         if let Some((journal, synchronous)) = self.pragmas.get() {
             let level = match synchronous {
                 0 => "off",
@@ -152,12 +175,28 @@ impl StoreHealth {
                 3 => "extra",
                 _ => "unknown",
             };
-            let _ = writeln!(
-                out,
-                "# HELP edgesync_agent_store_info The database's durability settings, as read back from the agent's own connection\n# TYPE edgesync_agent_store_info gauge\nedgesync_agent_store_info{{journal_mode=\"{journal}\",synchronous=\"{level}\"}} 1"
-            );
+            let info = ConstGauge::new(1i64);
+            let mut m = e.encode_descriptor(
+                "edgesync_agent_store_info",
+                "The database's durability settings, as read back from the agent's own connection.",
+                None,
+                info.metric_type(),
+            )?;
+            let labels = [("journal_mode", journal.as_str()), ("synchronous", level)];
+            info.encode(m.encode_family(&labels)?)?;
         }
+        Ok(())
     }
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
 }
 
 #[cfg(test)]
@@ -170,15 +209,19 @@ mod tests {
         assert_eq!(h.problem(), None);
         h.failed("database or disk is full");
         assert_eq!(h.problem().as_deref(), Some("database or disk is full"));
-        let mut text = String::new();
-        h.render(&mut text);
-        assert!(text.contains("edgesync_agent_store_commit_failing 1"));
+        let h = std::sync::Arc::new(h);
+        let metrics = crate::metrics::Metrics::new();
+        metrics.register_collector(std::sync::Arc::clone(&h));
+        let text = metrics.render();
+        assert!(
+            text.contains("edgesync_agent_store_commit_failing 1"),
+            "{text}"
+        );
         assert!(text.contains("edgesync_agent_store_failed_commits_total 1"));
         h.committed(true);
         h.committed(false);
         assert_eq!(h.problem(), None);
-        let mut text = String::new();
-        h.render(&mut text);
+        let text = metrics.render();
         assert!(
             text.contains("edgesync_agent_store_commits_total 2"),
             "{text}"

@@ -153,9 +153,11 @@ async fn a_stream_of_updates_is_paced_but_an_idle_store_and_the_uplink_are_not()
 }
 
 fn synced_commits(store: &Store) -> u64 {
-    let mut text = String::new();
-    store.health().render(&mut text);
-    text.lines()
+    let metrics = crate::metrics::Metrics::new();
+    metrics.register_collector(store.health());
+    metrics
+        .render()
+        .lines()
         .find_map(|l| l.strip_prefix("edgesync_agent_store_synced_commits_total "))
         .unwrap()
         .parse()

@@ -18,7 +18,6 @@ mod schedule;
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use edgesync_protocol::wire::{self, AgentHealth, ReportBatch, ReportBatchResponse, ReportStatus};
@@ -104,9 +103,7 @@ impl Uplink {
                 };
                 let wait = schedule.admit(batch.reports.len(), bytes, now());
                 if !wait.is_zero() {
-                    this.metrics
-                        .rate_limited_micros
-                        .fetch_add(wait.as_micros() as u64, Ordering::Relaxed);
+                    this.metrics.rate_limited_seconds.inc_by(wait.as_secs_f64());
                     debug!(wait_ms = wait.as_millis() as u64, "Rate limited");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -246,7 +243,7 @@ impl Uplink {
             ),
         }
         if !matches!(outcome, Outcome::Acked { .. }) {
-            self.metrics.batches_retried.fetch_add(1, Ordering::Relaxed);
+            self.metrics.batches_retried.inc();
         }
     }
 
@@ -254,10 +251,10 @@ impl Uplink {
         let (pending, oldest_age) = self.store.health().outbox();
         self.metrics
             .outbox_pending
-            .store(pending, Ordering::Relaxed);
+            .set(crate::metrics::gauge_value(pending));
         self.metrics
             .outbox_oldest_age_seconds
-            .store(oldest_age, Ordering::Relaxed);
+            .set(crate::metrics::gauge_value(oldest_age));
     }
 
     async fn send(&self, batch: PendingBatch, covered: &[(String, u64)]) -> Outcome {
@@ -274,7 +271,7 @@ impl Uplink {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 pending_devices,
                 oldest_pending_age_seconds,
-                mqtt_connected: self.metrics.mqtt_connected.load(Ordering::Relaxed),
+                mqtt_connected: self.metrics.mqtt_connected.get() == 1,
                 uptime_seconds: now().saturating_duration_since(self.started).as_secs(),
                 store_error: store.problem(),
                 lost_commits,
@@ -288,9 +285,8 @@ impl Uplink {
         let started = now();
         let outcome = self.post(&body).await;
         self.metrics
-            .batch_latency
-            .observe(now().saturating_duration_since(started));
-        self.metrics.batches_sent.fetch_add(1, Ordering::Relaxed);
+            .observe_batch_latency(now().saturating_duration_since(started));
+        self.metrics.batches_sent.inc();
         match outcome {
             Ok(resp) => self.apply_results(body.seq, covered, resp).await,
             Err(o) => o,
@@ -324,14 +320,14 @@ impl Uplink {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
-                self.metrics.cloud_connected.store(false, Ordering::Relaxed);
+                self.metrics.cloud_connected.set(0);
                 return Err(Outcome::Retry {
                     after: None,
                     reason: format!("request failed: {e}"),
                 });
             }
         };
-        self.metrics.cloud_connected.store(true, Ordering::Relaxed);
+        self.metrics.cloud_connected.set(1);
         let status = resp.status().as_u16();
         let retry_after = resp
             .headers()
@@ -363,7 +359,7 @@ impl Uplink {
                     &self.metrics.reports_rejected
                 }
             };
-            counter.fetch_add(1, Ordering::Relaxed);
+            counter.inc();
             done.push((r.device, r.version));
         }
         let covered = done.len();

@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -44,15 +43,9 @@ pub(super) async fn desired(
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let state = Arc::clone(&s);
     s.tasks.spawn(async move {
-        state
-            .metrics
-            .desired_streams
-            .fetch_add(1, Ordering::Relaxed);
+        state.metrics.desired_streams.inc();
         stream_desired(&state, &ns, &node, sub, tx).await;
-        state
-            .metrics
-            .desired_streams
-            .fetch_sub(1, Ordering::Relaxed);
+        state.metrics.desired_streams.dec();
         debug!(namespace = %ns, node = %node, "Desired-state stream closed");
     });
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -75,7 +68,7 @@ async fn stream_desired(
     let send = |e: &DesiredEvent| {
         let mut line = serde_json::to_vec(e).unwrap_or_default();
         line.push(b'\n');
-        s.metrics.desired_events.fetch_add(1, Ordering::Relaxed);
+        s.metrics.desired_events.inc();
         tx.send(Bytes::from(line))
     };
     for e in &sub.initial {

@@ -16,7 +16,6 @@
 //! | `desired` | desired-state streams |
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -182,7 +181,7 @@ async fn readyz(State(s): State<Shared>) -> Response {
 
 async fn metrics(State(s): State<Shared>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         s.metrics.render(),
     )
         .into_response()
@@ -197,7 +196,7 @@ async fn authenticate(
     headers: &HeaderMap,
 ) -> Result<Arc<EdgeNode>, ApiError> {
     let unauthorized = |denied: Denied| {
-        s.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        s.metrics.auth_failures.inc();
         // A flood of bad requests costs one log line per interval, with the count held back.
         let allowed = s
             .auth_log
@@ -232,9 +231,7 @@ async fn authenticate(
         // Not cached: almost always a node that does not exist. The API server is asked only
         // for one created a moment ago, once per name and interval and within a budget.
         None if !s.lookups.may_look_up(ns, node) => {
-            s.metrics
-                .unknown_node_lookups_skipped
-                .fetch_add(1, Ordering::Relaxed);
+            s.metrics.unknown_node_lookups_skipped.inc();
             return Err(unauthorized(unknown()));
         }
         None => {

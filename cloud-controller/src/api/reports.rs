@@ -2,7 +2,6 @@
 //! every accepted report is durable.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -76,7 +75,7 @@ async fn handle_reports(
     // Refusals that cost nothing to send come before the body is read: 8 concurrent 14.7 MiB
     // batches used to be read and parsed (295 MB) only to be answered 429.
     if let Err(wait) = s.limiter.precheck((ns, node), rate, burst) {
-        s.metrics.node_rate_limited.fetch_add(1, Ordering::Relaxed);
+        s.metrics.node_rate_limited.inc();
         s.metrics.shed("node_rate");
         return Err(rate_limited(ns, node, rate, burst, wait));
     }
@@ -90,7 +89,7 @@ async fn handle_reports(
     .await
     .inspect_err(|e| {
         if e.code == "body_timeout" {
-            s.metrics.body_timeouts.fetch_add(1, Ordering::Relaxed);
+            s.metrics.body_timeouts.inc();
         }
     })?;
     let batch: ReportBatch = serde_json::from_slice(&raw).map_err(|e| {
@@ -122,7 +121,7 @@ async fn handle_reports(
         .limiter
         .admit((ns, node), rate, burst, batch.reports.len() as u32)
     {
-        s.metrics.node_rate_limited.fetch_add(1, Ordering::Relaxed);
+        s.metrics.node_rate_limited.inc();
         return Err(rate_limited(ns, node, rate, burst, wait));
     }
     if let Err(e) = edgesync_protocol::wire::check_epoch(&batch.epoch) {
@@ -156,7 +155,7 @@ async fn handle_reports(
     s.heartbeats.beat(&edge_node, &batch.agent);
     s.metrics
         .reports_received
-        .fetch_add(batch.reports.len() as u64, Ordering::Relaxed);
+        .inc_by(batch.reports.len() as u64);
 
     let doc_limits = Limits {
         max_state_bytes: s.opts.max_reported_bytes,
@@ -240,7 +239,7 @@ async fn handle_reports(
             }
         };
         if matches!(outcome, Outcome::Superseded(_)) {
-            s.metrics.reports_superseded.fetch_add(1, Ordering::Relaxed);
+            s.metrics.reports_superseded.inc();
         }
         match checks::written(stamp, outcome) {
             Ok(None) => {}
@@ -252,9 +251,7 @@ async fn handle_reports(
         return Err(unavailable(format!("cannot write device status: {m}")));
     }
     if timed_out {
-        s.metrics
-            .write_backlog_refusals
-            .fetch_add(1, Ordering::Relaxed);
+        s.metrics.write_backlog_refusals.inc();
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "write_backlog",
@@ -284,8 +281,8 @@ async fn handle_reports(
     }
     for r in &results {
         match r.status {
-            ReportStatus::Accepted => s.metrics.reports_accepted.fetch_add(1, Ordering::Relaxed),
-            ReportStatus::Stale => s.metrics.reports_stale.fetch_add(1, Ordering::Relaxed),
+            ReportStatus::Accepted => s.metrics.reports_accepted.inc(),
+            ReportStatus::Stale => s.metrics.reports_stale.inc(),
             ReportStatus::Rejected => 0,
         };
     }
@@ -364,7 +361,7 @@ async fn find_or_register(
     };
     match api.create(&PostParams::default(), &device).await {
         Ok(d) => {
-            s.metrics.devices_registered.fetch_add(1, Ordering::Relaxed);
+            s.metrics.devices_registered.inc();
             s.events.transition(
                 &d,
                 kube::runtime::events::EventType::Normal,

@@ -16,7 +16,6 @@ mod coalescer;
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use edgesync_crds::Device;
@@ -118,9 +117,7 @@ impl StatusWriter {
         let (answers, wake) = {
             let mut st = self.lock();
             let done = st.submit(key, node, report, known_durable, tx, Instant::now());
-            self.metrics
-                .writer_pending
-                .store(st.pending() as u64, Ordering::Relaxed);
+            self.metrics.writer_pending.set(st.pending() as i64);
             done
         };
         self.answer(answers, false);
@@ -135,9 +132,7 @@ impl StatusWriter {
             let job = {
                 let mut st = self.lock();
                 let job = st.take();
-                self.metrics
-                    .writer_pending
-                    .store(st.pending() as u64, Ordering::Relaxed);
+                self.metrics.writer_pending.set(st.pending() as i64);
                 job
             };
             let Some((key, pending)) = job else {
@@ -166,8 +161,7 @@ impl StatusWriter {
         for (waiter, outcome) in answers {
             if written && matches!(outcome, Outcome::Durable(_)) {
                 self.metrics
-                    .report_durable_latency
-                    .observe(waiter.arrived.elapsed());
+                    .observe_report_durable(waiter.arrived.elapsed());
             }
             let _ = waiter.handle.send(outcome);
         }
@@ -215,7 +209,7 @@ impl StatusWriter {
                 .replace_status(name, &PostParams::default(), &device)
                 .await;
             let took = started.elapsed();
-            self.metrics.status_write_latency.observe(took);
+            self.metrics.observe_status_write(took);
             self.budget.record(match &result {
                 Err(kube::Error::Api(s)) if s.code == 429 || s.code >= 500 => Signal::Overloaded,
                 Err(kube::Error::Api(_)) | Ok(_) => Signal::Answered(took),
@@ -224,21 +218,17 @@ impl StatusWriter {
             });
             match result {
                 Ok(_) => {
-                    self.metrics.status_writes.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.kubernetes_up.store(true, Ordering::Relaxed);
+                    self.metrics.status_writes.inc();
+                    self.metrics.kubernetes_up.set(1);
                     return Outcome::Durable(report.stamp);
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 => {
-                    self.metrics
-                        .status_write_conflicts
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.status_write_conflicts.inc();
                     debug!(namespace, name, "Status write conflict; re-reading");
                 }
                 Err(kube::Error::Api(s)) if s.code == 404 => return gone(namespace, name),
                 Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => {
-                    self.metrics
-                        .status_write_errors
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.status_write_errors.inc();
                     warn!(namespace, name, error = %s.message, "API server refused the device status");
                     return Outcome::Rejected("invalid", s.message);
                 }
@@ -251,10 +241,8 @@ impl StatusWriter {
     }
 
     fn unavailable(&self, e: kube::Error) -> Outcome {
-        self.metrics
-            .status_write_errors
-            .fetch_add(1, Ordering::Relaxed);
-        self.metrics.kubernetes_up.store(false, Ordering::Relaxed);
+        self.metrics.status_write_errors.inc();
+        self.metrics.kubernetes_up.set(0);
         warn!(error = %e, "Device status write failed");
         Outcome::Unavailable(e.to_string())
     }
