@@ -22,11 +22,13 @@ use prometheus_client::registry::Registry;
 /// The `Content-Type` of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Upper bounds (seconds) of the batch latency buckets: fine below a second (HTTP round
-/// trips), then by the second up to 30 s (a batch waiting for the controller's durable
+/// Upper bounds (seconds) of the latency buckets: by the millisecond below 10 ms (where an
+/// idle plant's publish-to-status time is spent, stage by stage), finer than a second (HTTP
+/// round trips), then by the second up to 30 s (a batch waiting for the controller's durable
 /// writes under a saturated write budget).
-const LATENCY_BUCKETS: [f64; 17] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0,
+const LATENCY_BUCKETS: [f64; 22] = [
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0,
+    4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0,
 ];
 
 /// A label set of one label, both parts fixed at compile time.
@@ -81,6 +83,10 @@ pub struct Metrics {
     pub mqtt_redeliveries: Counter,
     /// Batch round-trip latency.
     batch_latency: Histogram,
+    /// From a device message's arrival to its acknowledgement.
+    message_ack_latency: Histogram,
+    /// From a device becoming pending to the batch carrying it.
+    report_wait: Histogram,
     /// Embedded broker: connected clients (the agent's own connection included).
     pub broker_clients: Gauge,
     /// Embedded broker: PUBLISH packets received from clients.
@@ -447,6 +453,18 @@ impl Metrics {
             "Round trip of one report batch to the controller.",
             Histogram::new(LATENCY_BUCKETS),
         );
+        let message_ack_latency = add(
+            r,
+            "edgesync_agent_message_ack_seconds",
+            "From a device message's arrival at the agent to its acknowledgement to the broker: queueing, applying it, and the store's group commit (fsync with store.durability = power-loss-safe).",
+            Histogram::new(LATENCY_BUCKETS),
+        );
+        let report_wait = add(
+            r,
+            "edgesync_agent_report_wait_seconds",
+            "From a device's change being applied in the store's transaction to the start of the batch carrying it: the commit, then the uplink's linger, rate limits, device_min_interval and in-flight window (a device already pending counts from its oldest unsent change).",
+            Histogram::new(LATENCY_BUCKETS),
+        );
         Self {
             registry: Mutex::new(std::mem::take(r)),
             mqtt_received,
@@ -470,6 +488,8 @@ impl Metrics {
             store_errors,
             mqtt_redeliveries,
             batch_latency,
+            message_ack_latency,
+            report_wait,
             broker_clients,
             broker_messages_in,
             broker_dropped_qos0,
@@ -537,6 +557,16 @@ impl Metrics {
     /// Records one batch's round trip.
     pub fn observe_batch_latency(&self, took: Duration) {
         self.batch_latency.observe(took.as_secs_f64());
+    }
+
+    /// Records one device message's time to its acknowledgement.
+    pub fn observe_message_ack(&self, took: Duration) {
+        self.message_ack_latency.observe(took.as_secs_f64());
+    }
+
+    /// Records how long one report waited in the outbox before a batch took it.
+    pub fn observe_report_wait(&self, waited: Duration) {
+        self.report_wait.observe(waited.as_secs_f64());
     }
 
     /// The OpenMetrics text exposition of every registered metric.

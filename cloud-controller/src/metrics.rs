@@ -25,11 +25,13 @@ use crate::lease::Leadership;
 /// The `Content-Type` of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Upper bounds (seconds) of the latency buckets: fine below a second (HTTP round trips,
-/// single writes), then by the second up to 30 s (the time a report waits for its coalesced
+/// Upper bounds (seconds) of the latency buckets: by the millisecond below 10 ms (an idle
+/// fleet's report is written in a few), finer than a second (HTTP round trips, single
+/// writes), then by the second up to 30 s (the time a report waits for its coalesced
 /// Kubernetes write under a saturated budget).
-const LATENCY_BUCKETS: [f64; 17] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0,
+const LATENCY_BUCKETS: [f64; 22] = [
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0,
+    4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0,
 ];
 
 /// A counter per value of one label.

@@ -20,10 +20,12 @@ use crate::{free_port, loopback};
 pub const DEFAULT_LOG: &str = "info,edgesync_controller=debug,kube_client::client::tls=error";
 
 /// Path of the release controller binary, building it once per test binary if needed.
+/// `EDGESYNC_CONTROLLER_BIN` runs a given binary instead (another build, for an A/B bench).
 pub fn controller_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        crate::release_binary("edgesync-controller", "edgesync-controller", "controller")
+    BIN.get_or_init(|| match std::env::var_os("EDGESYNC_CONTROLLER_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => crate::release_binary("edgesync-controller", "edgesync-controller", "controller"),
     })
     .clone()
 }

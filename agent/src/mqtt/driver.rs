@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
@@ -37,7 +38,7 @@ pub(super) async fn drive(
     mut eventloop: EventLoop,
     client: AsyncClient,
     filters: Vec<String>,
-    intake: mpsc::Sender<Publish>,
+    intake: mpsc::Sender<(Publish, Instant)>,
     recovery: Recovery,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -100,7 +101,7 @@ pub(super) async fn drive(
                 trace!(topic = %p.topic, bytes = p.payload.len(), "Message received");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    sent = intake.send(p) => if sent.is_err() { break },
+                    sent = intake.send((p, Instant::now())) => if sent.is_err() { break },
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {

@@ -81,6 +81,8 @@ enum Waiting {
 struct Job {
     publish: Publish,
     waiting: Waiting,
+    /// When the driver took the message from the broker.
+    received: tokio::time::Instant,
 }
 
 /// Counts a refused message under `reason` and warns about it at its 1st, 2nd, 4th, 8th...

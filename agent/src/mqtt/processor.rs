@@ -9,6 +9,7 @@ use edgesync_protocol::mqtt::{IngestPattern, Rejected};
 use edgesync_protocol::shadow::ShadowError;
 use rumqttc::Publish;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::{Job, Sparkplug, Twins, Waiting};
 use crate::metrics::Metrics;
@@ -25,10 +26,19 @@ pub(super) struct Processor {
 }
 
 impl Processor {
-    pub(super) async fn run(self, mut intake: mpsc::Receiver<Publish>, jobs: mpsc::Sender<Job>) {
-        while let Some(publish) = intake.recv().await {
+    pub(super) async fn run(
+        self,
+        mut intake: mpsc::Receiver<(Publish, Instant)>,
+        jobs: mpsc::Sender<Job>,
+    ) {
+        while let Some((publish, received)) = intake.recv().await {
             let waiting = self.take(&publish).await;
-            if jobs.send(Job { publish, waiting }).await.is_err() {
+            let job = Job {
+                publish,
+                waiting,
+                received,
+            };
+            if jobs.send(job).await.is_err() {
                 break;
             }
         }

@@ -55,6 +55,7 @@ impl Responder {
     pub(super) async fn run(self, mut jobs: mpsc::Receiver<Job>) {
         while let Some(job) = jobs.recv().await {
             let publish = &job.publish;
+            let stored = !matches!(job.waiting, Waiting::Nothing);
             let ack = match job.waiting {
                 Waiting::Shadow(w) => self.shadow(publish, w).await,
                 Waiting::Plain(w) => self.plain(w).await,
@@ -62,6 +63,9 @@ impl Responder {
                 Waiting::Twin(w) => self.twin(publish, w).await,
                 Waiting::Nothing => true,
             };
+            if ack && stored {
+                self.metrics.observe_message_ack(job.received.elapsed());
+            }
             // After commit (or for messages that are refused and never stored): ack.
             if ack && self.client.try_ack(publish).is_err() {
                 self.metrics.acks_deferred.inc();

@@ -173,6 +173,9 @@ pub struct PendingBatch {
     pub seq: u64,
     /// Latest state of each selected device.
     pub reports: Vec<Report>,
+    /// When each report's device became pending (ms since the epoch), in the order of
+    /// `reports`: how long the uplink kept it waiting.
+    pub pending_since_ms: Vec<i64>,
 }
 
 impl PendingBatch {
@@ -185,6 +188,7 @@ impl PendingBatch {
         Self {
             seq: Self::HEALTH_ONLY_SEQ,
             reports: Vec::new(),
+            pending_since_ms: Vec::new(),
         }
     }
 
@@ -595,7 +599,8 @@ fn decode(device: &str, doc: &str) -> Result<ShadowDocument, StoreError> {
     })
 }
 
-fn now_ms() -> i64 {
+/// The wall clock in ms since the epoch, as the store's times are kept.
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

@@ -113,7 +113,8 @@ impl Outbox {
         self.seq + reads <= self.seq_reserved
     }
 
-    /// The reports of the next batch: pending devices oldest first, within `max_reports` and
+    /// The reports of the next batch, each with the time its device became pending (ms since
+    /// the epoch): pending devices oldest first, within `max_reports` and
     /// about `max_bytes` of JSON. A device a batch in flight carries comes only if its state
     /// is newer, and after every device no batch carries: otherwise the oldest devices, which
     /// change again while in flight, would fill every batch and starve the rest.
@@ -123,17 +124,17 @@ impl Outbox {
         max_reports: usize,
         max_bytes: usize,
         in_flight: &InFlight,
-    ) -> Vec<Report> {
+    ) -> Vec<(Report, i64)> {
         let mut fresh = Vec::new();
         let mut again = Vec::new();
         // Every pending device is looked at on each read: borrowed, not copied, until chosen.
-        for name in self.pending.oldest_first() {
+        for (name, since) in self.pending.oldest_first() {
             let Some((device, doc)) = shadows.get_key_value(name) else {
                 continue;
             };
             match in_flight.get(name) {
-                None => fresh.push((device, doc)),
-                Some(&sent) if sent < doc.version => again.push((device, doc)),
+                None => fresh.push((device, doc, since)),
+                Some(&sent) if sent < doc.version => again.push((device, doc, since)),
                 Some(_) => {}
             }
             if fresh.len() >= max_reports {
@@ -142,7 +143,7 @@ impl Outbox {
         }
         let mut reports = Vec::new();
         let mut bytes = 0usize;
-        for (device, doc) in fresh.into_iter().chain(again) {
+        for (device, doc, since) in fresh.into_iter().chain(again) {
             let size = edgesync_protocol::shadow::encoded_object_len(&doc.state.reported)
                 + device.len()
                 + 128;
@@ -150,14 +151,15 @@ impl Outbox {
                 break;
             }
             bytes += size;
-            reports.push(Report {
+            let report = Report {
                 device: device.clone(),
                 version: doc.version,
                 reported: doc.state.reported.clone(),
                 reported_at: rfc3339(doc.timestamp),
                 observed_desired_version: doc.desired_generation,
                 connected: doc.connected,
-            });
+            };
+            reports.push((report, since));
             if reports.len() >= max_reports {
                 break;
             }
@@ -169,7 +171,7 @@ impl Outbox {
     pub(super) fn number(
         &mut self,
         conn: &Connection,
-        reports: Vec<Report>,
+        reports: Vec<(Report, i64)>,
     ) -> rusqlite::Result<PendingBatch> {
         self.seq += 1;
         if self.seq > self.seq_reserved {
@@ -182,9 +184,11 @@ impl Outbox {
         if self.batch_read_ms.len() > MAX_BATCHES_TIMED {
             self.batch_read_ms.pop_first();
         }
+        let (reports, pending_since_ms) = reports.into_iter().unzip();
         Ok(PendingBatch {
             seq: self.seq,
             reports,
+            pending_since_ms,
         })
     }
 

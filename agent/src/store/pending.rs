@@ -88,9 +88,9 @@ impl Pending {
         self.by_age.remove(&(row.enqueued_at_ms, name));
     }
 
-    /// Pending devices, oldest first.
-    pub(super) fn oldest_first(&self) -> impl Iterator<Item = &str> {
-        self.by_age.iter().map(|(_, device)| &**device)
+    /// Pending devices, oldest first, each with its enqueue time.
+    pub(super) fn oldest_first(&self) -> impl Iterator<Item = (&str, i64)> {
+        self.by_age.iter().map(|(at, device)| (&**device, *at))
     }
 
     /// How many devices are pending, and the oldest enqueue time.
@@ -113,7 +113,7 @@ mod tests {
     use super::*;
 
     fn order(p: &Pending) -> Vec<&str> {
-        p.oldest_first().collect()
+        p.oldest_first().map(|(device, _)| device).collect()
     }
 
     #[test]

@@ -202,6 +202,7 @@ impl Uplink {
                 Ok(seq) => Some(PendingBatch {
                     seq,
                     reports: Vec::new(),
+                    pending_since_ms: Vec::new(),
                 }),
                 Err(e) => {
                     warn!(error = %e, "Cannot allocate a heartbeat seq; sending a health-only heartbeat");
@@ -258,6 +259,12 @@ impl Uplink {
     }
 
     async fn send(&self, batch: PendingBatch, covered: &[(String, u64)]) -> Outcome {
+        let sent_ms = crate::store::now_ms();
+        for since in &batch.pending_since_ms {
+            let waited = u64::try_from(sent_ms - since).unwrap_or(0);
+            self.metrics
+                .observe_report_wait(Duration::from_millis(waited));
+        }
         let store = self.store.health();
         let (pending_devices, oldest_pending_age_seconds) = store.outbox();
         let (lost_commits, lost_commits_detail) = store
