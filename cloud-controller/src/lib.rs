@@ -32,6 +32,7 @@ pub mod epoch;
 pub mod events;
 pub mod heartbeat;
 pub mod lease;
+pub mod live;
 pub mod liveness;
 pub mod lookups;
 pub mod metrics;
