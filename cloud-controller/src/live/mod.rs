@@ -1,7 +1,9 @@
 //! Live device state: what `devicestates.live.edgesync.io` is to serve from memory, without
 //! an etcd write per update.
 //!
-//! Built so far: [`query`], what a list or watch selects. The in-memory store, the
-//! aggregated API and the agent's durable acknowledgements are to build on it.
+//! Built so far: [`query`], what a list or watch selects, and [`store`], the states in memory
+//! with resource versions, a watch window and pages. Serving them, the
+//! aggregated API, and the agent's durable acknowledgements are to build on them.
 
 pub mod query;
+pub mod store;

@@ -1,0 +1,363 @@
+//! The live state in memory: each Device's newest report, a resource version that orders
+//! every change, a bounded window of recent changes for watches to resume from, and lists
+//! in pages. Pure: no I/O and no clock (callers pass `received_at`).
+//!
+//! As the API server does: resource versions only grow; a watch resumed from a version still
+//! in the window gets every change after it, in order; one from before the window gets
+//! [`Gone`] (410) and must list again. A list page ends with a `continue` token naming the
+//! last device returned, so the next page starts after it whatever changed meanwhile (a
+//! device is never returned twice, and one that existed throughout is never skipped).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::query::{Candidate, Query};
+use crate::stamp::Stamp;
+
+/// Namespace and name.
+pub type Key = (String, String);
+
+/// One device's live state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceState {
+    /// The Device's labels (for label selectors).
+    pub labels: BTreeMap<String, String>,
+    /// The EdgeNode that reports it.
+    pub node: String,
+    /// The newest accepted reported document.
+    pub reported: Map<String, Value>,
+    /// Its `(epoch generation, version)`.
+    pub stamp: Stamp,
+    /// When the agent took the device's message (RFC 3339, as the agent sent it).
+    pub reported_at: String,
+    /// When the controller received it (ms since the epoch).
+    pub received_at_ms: i64,
+}
+
+/// What happened to a device at a resource version.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Its state is new or newer.
+    Applied(Arc<DeviceState>),
+    /// It is gone (its Device was deleted).
+    Deleted,
+}
+
+/// One entry of the watch window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// The resource version of the change.
+    pub resource_version: u64,
+    /// Which device.
+    pub key: Arc<Key>,
+    /// What happened.
+    pub change: Change,
+}
+
+/// A watch asked to resume from before the window (HTTP 410: list again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too old resource version: {asked} (the oldest this replica can resume from is {oldest})")]
+pub struct Gone {
+    /// The version asked for.
+    pub asked: u64,
+    /// The oldest one that can be resumed from.
+    pub oldest: u64,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// The matching devices, in key order.
+    pub items: Vec<(Arc<Key>, Arc<DeviceState>, u64)>,
+    /// The store's resource version when the page was read (a watch from it misses nothing).
+    pub resource_version: u64,
+    /// Where the next page starts; `None` on the last page.
+    pub continue_token: Option<String>,
+}
+
+/// A `continue` token that does not come from this store's list.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid continue token: it must be one a previous page of this list returned")]
+pub struct BadContinue;
+
+/// The live states of every device, with their change window.
+#[derive(Debug)]
+pub struct LiveStore {
+    states: BTreeMap<Arc<Key>, (Arc<DeviceState>, u64)>,
+    resource_version: u64,
+    window: VecDeque<Event>,
+    window_len: usize,
+}
+
+impl LiveStore {
+    /// An empty store whose watch window keeps the last `window_len` changes.
+    pub fn new(window_len: usize) -> Self {
+        Self {
+            states: BTreeMap::new(),
+            resource_version: 0,
+            window: VecDeque::with_capacity(window_len.min(1 << 16)),
+            window_len: window_len.max(1),
+        }
+    }
+
+    /// The current resource version.
+    pub fn resource_version(&self) -> u64 {
+        self.resource_version
+    }
+
+    /// Devices held.
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Whether no device is held.
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    /// A device's state and the version it changed at.
+    pub fn get(&self, key: &Key) -> Option<(Arc<DeviceState>, u64)> {
+        self.states.get(key).cloned()
+    }
+
+    /// Takes `state` for `key` when it is newer than what is held (by stamp); returns the
+    /// change's resource version, or `None` for an older or equal stamp (a resend or a
+    /// reordered batch), which changes nothing.
+    pub fn apply(&mut self, key: Key, state: DeviceState) -> Option<u64> {
+        if self
+            .states
+            .get(&key)
+            .is_some_and(|(held, _)| held.stamp >= state.stamp)
+        {
+            return None;
+        }
+        let state = Arc::new(state);
+        let key = Arc::new(key);
+        let rv = self.record(key.clone(), Change::Applied(state.clone()));
+        self.states.insert(key, (state, rv));
+        Some(rv)
+    }
+
+    /// Forgets a device (its Device was deleted); returns the change's resource version.
+    pub fn remove(&mut self, key: &Key) -> Option<u64> {
+        let (key, _) = self.states.remove_entry(key)?;
+        Some(self.record(key, Change::Deleted))
+    }
+
+    fn record(&mut self, key: Arc<Key>, change: Change) -> u64 {
+        self.resource_version += 1;
+        if self.window.len() == self.window_len {
+            self.window.pop_front();
+        }
+        self.window.push_back(Event {
+            resource_version: self.resource_version,
+            key,
+            change,
+        });
+        self.resource_version
+    }
+
+    /// The oldest version a watch can resume from: every change after it is in the window.
+    pub fn oldest_resumable(&self) -> u64 {
+        self.window
+            .front()
+            .map_or(self.resource_version, |e| e.resource_version - 1)
+    }
+
+    /// Every change after `since` (a resource version a list or watch returned), oldest
+    /// first, or [`Gone`] when some have left the window.
+    pub fn changes_since(&self, since: u64) -> Result<impl Iterator<Item = &Event>, Gone> {
+        let oldest = self.oldest_resumable();
+        if since < oldest {
+            return Err(Gone {
+                asked: since,
+                oldest,
+            });
+        }
+        // The window is in version order: skip what the caller has.
+        let skip = self.window.partition_point(|e| e.resource_version <= since);
+        Ok(self.window.iter().skip(skip))
+    }
+
+    /// Up to `limit` devices of `namespace` (all namespaces when `None`) that `query`
+    /// selects, after the device `continue_token` names.
+    pub fn list(
+        &self,
+        namespace: Option<&str>,
+        query: &Query,
+        limit: usize,
+        continue_token: Option<&str>,
+    ) -> Result<Page, BadContinue> {
+        let after = continue_token.map(decode_continue).transpose()?;
+        let start: std::ops::Bound<Key> = match (&after, namespace) {
+            (Some(key), _) => std::ops::Bound::Excluded(key.clone()),
+            (None, Some(ns)) => std::ops::Bound::Included((ns.to_owned(), String::new())),
+            (None, None) => std::ops::Bound::Unbounded,
+        };
+        if let (Some((ns, _)), Some(want)) = (&after, namespace)
+            && ns != want
+        {
+            return Err(BadContinue);
+        }
+        let limit = limit.max(1);
+        let mut items = Vec::new();
+        let mut more = false;
+        for (key, (state, rv)) in self
+            .states
+            .range::<Key, _>((start, std::ops::Bound::Unbounded))
+        {
+            if namespace.is_some_and(|ns| key.0 != ns) {
+                break;
+            }
+            let candidate = Candidate {
+                name: &key.1,
+                namespace: &key.0,
+                labels: &state.labels,
+                node: &state.node,
+                reported: &state.reported,
+            };
+            if !query.matches(&candidate) {
+                continue;
+            }
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            items.push((key.clone(), state.clone(), *rv));
+        }
+        let continue_token = more
+            .then(|| items.last().map(|(key, _, _)| encode_continue(key)))
+            .flatten();
+        Ok(Page {
+            items,
+            resource_version: self.resource_version,
+            continue_token,
+        })
+    }
+}
+
+/// `namespace/name`: both are DNS names, so `/` cannot occur in either.
+fn encode_continue(key: &Key) -> String {
+    format!("{}/{}", key.0, key.1)
+}
+
+fn decode_continue(token: &str) -> Result<Key, BadContinue> {
+    let (ns, name) = token.split_once('/').ok_or(BadContinue)?;
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    (valid(ns) && valid(name))
+        .then(|| (ns.to_owned(), name.to_owned()))
+        .ok_or(BadContinue)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key(ns: &str, name: &str) -> Key {
+        (ns.to_owned(), name.to_owned())
+    }
+
+    fn state(version: u64, temperature: f64) -> DeviceState {
+        DeviceState {
+            labels: BTreeMap::from([("line".to_owned(), "a".to_owned())]),
+            node: "edge-1".into(),
+            reported: json!({"temperature": temperature})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            stamp: Stamp::new(1, version),
+            reported_at: "2026-12-07T08:00:00Z".into(),
+            received_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn only_newer_stamps_change_a_device_and_each_change_gets_the_next_version() {
+        let mut s = LiveStore::new(100);
+        assert_eq!(s.apply(key("a", "d1"), state(2, 20.0)), Some(1));
+        // A resend and a reordered older report change nothing.
+        assert_eq!(s.apply(key("a", "d1"), state(2, 20.0)), None);
+        assert_eq!(s.apply(key("a", "d1"), state(1, 10.0)), None);
+        assert_eq!(s.apply(key("a", "d2"), state(1, 5.0)), Some(2));
+        assert_eq!(s.apply(key("a", "d1"), state(3, 30.0)), Some(3));
+        let (d1, rv) = s.get(&key("a", "d1")).unwrap();
+        assert_eq!((d1.stamp, rv), (Stamp::new(1, 3), 3));
+        // A newer epoch supersedes whatever its version.
+        let mut reinstalled = state(1, 1.0);
+        reinstalled.stamp = Stamp::new(2, 1);
+        assert_eq!(s.apply(key("a", "d1"), reinstalled), Some(4));
+        assert_eq!(s.remove(&key("a", "d2")), Some(5));
+        assert_eq!(s.remove(&key("a", "d2")), None);
+        assert_eq!((s.len(), s.resource_version()), (1, 5));
+    }
+
+    #[test]
+    fn a_watch_resumes_inside_the_window_and_is_gone_before_it() {
+        let mut s = LiveStore::new(3);
+        for v in 1..=5 {
+            s.apply(key("a", "d1"), state(v, v as f64));
+        }
+        // Versions 3, 4 and 5 are in the window: resuming from 2 on misses nothing.
+        assert_eq!(s.oldest_resumable(), 2);
+        let after: Vec<u64> = s
+            .changes_since(3)
+            .unwrap()
+            .map(|e| e.resource_version)
+            .collect();
+        assert_eq!(after, [4, 5]);
+        assert_eq!(s.changes_since(2).unwrap().count(), 3);
+        assert_eq!(s.changes_since(5).unwrap().count(), 0);
+        assert_eq!(
+            s.changes_since(1).err(),
+            Some(Gone {
+                asked: 1,
+                oldest: 2
+            })
+        );
+        // An empty store can be watched from its current version.
+        assert_eq!(LiveStore::new(3).changes_since(0).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn pages_follow_key_order_within_a_namespace_and_never_repeat_a_device() {
+        let mut s = LiveStore::new(100);
+        for ns in ["a", "b"] {
+            for i in 0..5 {
+                s.apply(key(ns, &format!("d{i}")), state(1, f64::from(i) * 10.0));
+            }
+        }
+        let hot = Query::parse(None, None, Some("temperature>=10")).unwrap();
+        let first = s.list(Some("a"), &hot, 2, None).unwrap();
+        let names = |p: &Page| {
+            p.items
+                .iter()
+                .map(|(k, _, _)| k.1.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&first), ["d1", "d2"]);
+        assert_eq!(first.continue_token.as_deref(), Some("a/d2"));
+        // A device added and one removed between pages: the next page starts after d2.
+        s.apply(key("a", "d0a"), state(1, 99.0));
+        s.remove(&key("a", "d3"));
+        let second = s
+            .list(Some("a"), &hot, 2, first.continue_token.as_deref())
+            .unwrap();
+        assert_eq!(names(&second), ["d4"]);
+        assert_eq!(second.continue_token, None);
+        // All namespaces, and a token from another namespace or made up.
+        let all = s.list(None, &Query::default(), 100, None).unwrap();
+        assert_eq!(all.items.len(), 10);
+        assert_eq!(s.list(Some("b"), &hot, 2, Some("a/d2")), Err(BadContinue));
+        assert_eq!(s.list(None, &hot, 2, Some("../etc")), Err(BadContinue));
+    }
+}
