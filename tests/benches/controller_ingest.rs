@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use edgesync_crds::{Device, DeviceSpec};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::{Controller, batch, client, create_node, metric_value, report};
-use edgesync_e2e::measure::{TICKS_PER_SECOND, cpu_ticks, quick, scaled};
+use edgesync_e2e::measure::{TICKS_PER_SECOND, cpu_ticks, histogram_buckets, quick, scaled};
 use edgesync_protocol::wire;
 use futures_util::StreamExt as _;
 use kube::Api;
@@ -44,7 +44,7 @@ fn phase_secs() -> u64 {
 
 /// p99 from a Prometheus histogram's cumulative buckets (upper bound of the bucket).
 fn p99(metrics: &str, name: &str, before: &[(f64, f64)]) -> String {
-    let buckets = histogram(metrics, name);
+    let buckets = histogram_buckets(metrics, name);
     let delta: Vec<(f64, f64)> = buckets
         .iter()
         .map(|(le, c)| {
@@ -73,22 +73,6 @@ fn p99(metrics: &str, name: &str, before: &[(f64, f64)]) -> String {
         })
 }
 
-fn histogram(metrics: &str, name: &str) -> Vec<(f64, f64)> {
-    metrics
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(&format!("{name}_bucket{{le=\""))?;
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 struct Window {
     writes: f64,
     cpu: u64,
@@ -102,7 +86,7 @@ async fn window(c: &Controller, pid: u32) -> Window {
         writes: metric_value(&m, "edgesync_controller_status_writes_total"),
         cpu: cpu_ticks(pid),
         at: Instant::now(),
-        hist: histogram(&m, "edgesync_controller_report_durable_seconds"),
+        hist: histogram_buckets(&m, "edgesync_controller_report_durable_seconds"),
     }
 }
 

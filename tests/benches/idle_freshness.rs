@@ -32,7 +32,7 @@ use edgesync_e2e::agent::{AgentConfig, metrics, spawn_agent};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::{Controller, create_devices, create_node};
 use edgesync_e2e::device::TestDevice;
-use edgesync_e2e::measure::{aim, percentile_ms, scaled};
+use edgesync_e2e::measure::{aim, histogram_buckets, percentile_ms, scaled};
 use edgesync_e2e::mosquitto::Mosquitto;
 use futures_util::StreamExt as _;
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -54,37 +54,18 @@ fn since(ts: f64, measured_from: f64) -> Option<Duration> {
     (ts >= measured_from).then(|| Duration::from_secs_f64((unix_ms() - ts).max(0.0) / 1000.0))
 }
 
-/// A histogram's cumulative bucket counts (`le` -> count) in an OpenMetrics scrape.
-fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
-    let prefix = format!("{name}_bucket{{le=\"");
-    let mut out: Vec<(f64, f64)> = text
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(&prefix)?;
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.total_cmp(&b.0));
-    out
-}
-
 /// The `q` quantile in ms of what a histogram counted between two scrapes, interpolated
 /// linearly within its bucket as `histogram_quantile` does; NaN when it counted nothing.
 fn quantile_ms(before: &str, after: &str, name: &str, q: f64) -> f64 {
-    let old: HashMap<u64, f64> = buckets(before, name)
+    let old: HashMap<u64, f64> = histogram_buckets(before, name)
         .into_iter()
         .map(|(le, c)| (le.to_bits(), c))
         .collect();
-    let diff: Vec<(f64, f64)> = buckets(after, name)
+    let mut diff: Vec<(f64, f64)> = histogram_buckets(after, name)
         .into_iter()
         .map(|(le, c)| (le, c - old.get(&le.to_bits()).copied().unwrap_or(0.0)))
         .collect();
+    diff.sort_by(|a, b| a.0.total_cmp(&b.0));
     let Some(&(_, total)) = diff.last() else {
         return f64::NAN;
     };
