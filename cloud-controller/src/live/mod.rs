@@ -1,5 +1,5 @@
 //! Live device state: what `devicestates.live.edgesync.io` is to serve from memory, without
-//! an etcd write per update.
+//! an etcd write per update (docs/design/live-state.md).
 //!
 //! Built so far: [`query`], what a list or watch selects, and [`store`], the states in memory
 //! with resource versions, a watch window and pages. Serving them, the
