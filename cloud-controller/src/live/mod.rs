@@ -1,9 +1,11 @@
 //! Live device state: what `devicestates.live.edgesync.io` is to serve from memory, without
 //! an etcd write per update (docs/design/live-state.md).
 //!
-//! Built so far: [`query`], what a list or watch selects, and [`store`], the states in memory
-//! with resource versions, a watch window and pages. Serving them, the
-//! aggregated API, and the agent's durable acknowledgements are to build on them.
+//! Built so far: [`query`], what a list or watch selects; [`store`], the states in memory
+//! with resource versions, a watch window and pages; and [`wire`], the shapes the API
+//! answers in. Serving them through the aggregation layer, and the agent's durable
+//! acknowledgements, are to build on them.
 
 pub mod query;
 pub mod store;
+pub mod wire;

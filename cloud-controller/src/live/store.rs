@@ -34,6 +34,10 @@ pub struct DeviceState {
     pub reported_at: String,
     /// When the controller received it (ms since the epoch).
     pub received_at_ms: i64,
+    /// Whether the device is connected, as its agent last said (`None`: not said).
+    pub online: Option<bool>,
+    /// Whether reported matches the Device's desired state (`None`: not known yet).
+    pub in_sync: Option<bool>,
 }
 
 /// What happened to a device at a resource version.
@@ -278,6 +282,8 @@ mod tests {
             stamp: Stamp::new(1, version),
             reported_at: "2026-12-07T08:00:00Z".into(),
             received_at_ms: 0,
+            online: None,
+            in_sync: None,
         }
     }
 
