@@ -45,6 +45,10 @@ impl std::fmt::Debug for ControlPlane {
     }
 }
 
+/// The common name of the API server's front-proxy client certificate (its only allowed
+/// request-header name).
+pub const FRONT_PROXY_CLIENT: &str = "front-proxy-client";
+
 /// The shared control plane, or why it could not start (remembered so that the other tests of
 /// the binary fail at once instead of retrying a broken start each).
 static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
@@ -105,6 +109,11 @@ impl ControlPlane {
         let secure_port = free_port();
 
         generate_sa_key(&dir);
+        // The front proxy, as clusters with API aggregation have it: the API server proxies
+        // requests to aggregated servers with this client certificate and names the user in
+        // X-Remote-* headers, which those servers trust only from it.
+        let front_proxy = crate::pki::TestCa::new(&dir, "front-proxy");
+        let proxy_client = front_proxy.client(FRONT_PROXY_CLIENT, None);
         std::fs::write(
             dir.join("tokens.csv"),
             format!("{ADMIN_TOKEN},edgesync-admin,edgesync-admin,\"system:masters\"\n"),
@@ -158,6 +167,24 @@ impl ControlPlane {
                 dir.join("sa.key").display()
             ))
             .arg("--service-cluster-ip-range=10.96.0.0/24")
+            .arg(format!(
+                "--requestheader-client-ca-file={}",
+                front_proxy.cert().display()
+            ))
+            .arg(format!(
+                "--requestheader-allowed-names={FRONT_PROXY_CLIENT}"
+            ))
+            .arg("--requestheader-username-headers=X-Remote-User")
+            .arg("--requestheader-group-headers=X-Remote-Group")
+            .arg("--requestheader-extra-headers-prefix=X-Remote-Extra-")
+            .arg(format!(
+                "--proxy-client-cert-file={}",
+                proxy_client.cert.display()
+            ))
+            .arg(format!(
+                "--proxy-client-key-file={}",
+                proxy_client.key.display()
+            ))
             .arg("--v=1");
         let apiserver = ManagedProcess::spawn_tied(apiserver, &dir, None);
 

@@ -271,3 +271,40 @@ async fn kube_rs_create_patch_status_and_watch() {
     .await;
     assert_eq!(got.status.unwrap().reported_version, Some(7));
 }
+
+/// The API server runs with a front proxy, as clusters with API aggregation do, and the live
+/// state's authentication reads its settings from the ConfigMap every aggregated server
+/// reads: the CA, the one allowed proxy name and the X-Remote-* headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregated_servers_learn_the_front_proxy_from_the_cluster() {
+    use edgesync_controller::live::authn::RequestHeader;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cp = ControlPlane::shared();
+    let maps: Api<ConfigMap> = Api::namespaced(cp.client().await, "kube-system");
+    let auth = wait::until(
+        "kube-apiserver publishes extension-apiserver-authentication",
+        Duration::from_secs(30),
+        || async {
+            maps.get_opt("extension-apiserver-authentication")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|m| m.data)
+                .filter(|d| d.contains_key("requestheader-client-ca-file"))
+        },
+    )
+    .await;
+    let rh = RequestHeader::from_configmap(&auth).unwrap();
+    assert!(
+        rh.client_ca_pem.contains("BEGIN CERTIFICATE"),
+        "{}",
+        rh.client_ca_pem
+    );
+    assert_eq!(
+        rh.allowed_names,
+        [edgesync_e2e::cluster::FRONT_PROXY_CLIENT]
+    );
+    assert_eq!(rh.username_headers, ["X-Remote-User"]);
+    assert_eq!(rh.group_headers, ["X-Remote-Group"]);
+    assert_eq!(rh.extra_prefixes, ["X-Remote-Extra-"]);
+}
