@@ -65,10 +65,6 @@ pub struct Metrics {
     pub reports_rejected: Counter,
     /// Seconds spent waiting on the upstream rate limit.
     pub rate_limited_seconds: Counter<f64, AtomicU64>,
-    /// Devices with a pending report.
-    pub outbox_pending: Gauge,
-    /// Age of the oldest pending report, seconds.
-    pub outbox_oldest_age_seconds: Gauge,
     /// Desired-state events received.
     pub desired_events: Counter,
     /// Deltas published to devices.
@@ -371,16 +367,6 @@ impl Metrics {
             "Time spent waiting on the upstream rate limit.",
             Counter::<f64, AtomicU64>::default(),
         );
-        let outbox_pending = gauge(
-            r,
-            "edgesync_agent_outbox_pending_devices",
-            "Devices with a report not yet acknowledged by the controller.",
-        );
-        let outbox_oldest_age_seconds = gauge(
-            r,
-            "edgesync_agent_outbox_oldest_pending_age_seconds",
-            "Age of the oldest unacknowledged report.",
-        );
         let desired_events = counter(
             r,
             "edgesync_agent_desired_events",
@@ -479,8 +465,6 @@ impl Metrics {
             reports_stale,
             reports_rejected,
             rate_limited_seconds,
-            outbox_pending,
-            outbox_oldest_age_seconds,
             desired_events,
             deltas_published,
             replies_dropped,
@@ -551,7 +535,8 @@ impl Metrics {
 
     /// Sets the number of Sparkplug B edge nodes remembered.
     pub fn set_sparkplug_edge_nodes(&self, n: u64) {
-        self.sparkplug_edge_nodes.set(gauge_value(n));
+        self.sparkplug_edge_nodes
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Records one batch's round trip.
@@ -577,11 +562,6 @@ impl Metrics {
         let _ = encode(&mut out, &registry);
         out
     }
-}
-
-/// A count as a gauge's value (saturating: gauges are `i64`).
-pub fn gauge_value(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

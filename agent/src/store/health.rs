@@ -154,6 +154,19 @@ impl Collector for StoreHealth {
             "Commits the database was found to have lost at start (its -wal deleted, an older copy restored); stays until `edgesync-agent store clear-lost-commits`.",
             self.lost_commits.load(Ordering::Relaxed),
         )?;
+        let (pending, oldest_age) = self.outbox();
+        gauge(
+            &mut e,
+            "edgesync_agent_outbox_pending_devices",
+            "Devices with a report not yet acknowledged by the controller.",
+            pending,
+        )?;
+        gauge(
+            &mut e,
+            "edgesync_agent_outbox_oldest_pending_age_seconds",
+            "Age of the oldest unacknowledged report.",
+            oldest_age,
+        )?;
         let (devices, max) = self.devices();
         gauge(
             &mut e,
@@ -218,6 +231,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("edgesync_agent_store_failed_commits_total 1"));
+        h.set_outbox(3, Some(crate::store::now_ms()));
+        assert!(
+            metrics
+                .render()
+                .contains("edgesync_agent_outbox_pending_devices 3"),
+            "the outbox is read at the scrape, whether or not an uplink runs"
+        );
         h.committed(true);
         h.committed(false);
         assert_eq!(h.problem(), None);

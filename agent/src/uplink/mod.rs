@@ -140,7 +140,6 @@ impl Uplink {
                     let covered = carrying.remove(&id).unwrap_or_default();
                     let delay = schedule.settle(&covered, &outcome, now());
                     this.log(&outcome, delay, schedule.batch_max());
-                    this.refresh_gauges();
                 }
                 // An idle link sends a change at once (after `linger`, 0 by default). While a
                 // batch is in flight, changes gather (as in group commit) until it is
@@ -181,7 +180,6 @@ impl Uplink {
             _ = &mut deadline => info!("Shutdown deadline reached; pending reports stay in the outbox"),
             _ = final_attempt => {}
         }
-        this.refresh_gauges();
     }
 
     /// The next batch from the outbox, or a heartbeat when it has none and `heartbeat` is
@@ -246,16 +244,6 @@ impl Uplink {
         if !matches!(outcome, Outcome::Acked { .. }) {
             self.metrics.batches_retried.inc();
         }
-    }
-
-    fn refresh_gauges(&self) {
-        let (pending, oldest_age) = self.store.health().outbox();
-        self.metrics
-            .outbox_pending
-            .set(crate::metrics::gauge_value(pending));
-        self.metrics
-            .outbox_oldest_age_seconds
-            .set(crate::metrics::gauge_value(oldest_age));
     }
 
     async fn send(&self, batch: PendingBatch, covered: &[(String, u64)]) -> Outcome {
