@@ -19,6 +19,10 @@ use crate::stamp::Stamp;
 /// Namespace and name.
 pub type Key = (String, String);
 
+/// The most devices one page holds, whatever `limit` a client asks for: a list of a large
+/// fleet is never one response.
+pub const MAX_PAGE: usize = 5_000;
+
 /// One device's live state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceState {
@@ -185,8 +189,8 @@ impl LiveStore {
         Ok(self.window.iter().skip(skip))
     }
 
-    /// Up to `limit` devices of `namespace` (all namespaces when `None`) that `query`
-    /// selects, after the device `continue_token` names.
+    /// Up to `limit` (at most [`MAX_PAGE`]) devices of `namespace` (all namespaces when
+    /// `None`) that `query` selects, after the device `continue_token` names.
     pub fn list(
         &self,
         namespace: Option<&str>,
@@ -205,7 +209,7 @@ impl LiveStore {
         {
             return Err(BadContinue);
         }
-        let limit = limit.max(1);
+        let limit = limit.clamp(1, MAX_PAGE);
         let mut items = Vec::new();
         let mut more = false;
         for (key, (state, rv)) in self
@@ -363,6 +367,14 @@ mod tests {
         // All namespaces, and a token from another namespace or made up.
         let all = s.list(None, &Query::default(), 100, None).unwrap();
         assert_eq!(all.items.len(), 10);
+        // A page never exceeds MAX_PAGE, whatever the client asks.
+        let mut big = LiveStore::new(1);
+        for i in 0..=MAX_PAGE {
+            big.apply(key("a", &format!("d{i}")), state(1, 0.0));
+        }
+        let page = big.list(None, &Query::default(), usize::MAX, None).unwrap();
+        assert_eq!(page.items.len(), MAX_PAGE);
+        assert!(page.continue_token.is_some());
         assert_eq!(s.list(Some("b"), &hot, 2, Some("a/d2")), Err(BadContinue));
         assert_eq!(s.list(None, &hot, 2, Some("../etc")), Err(BadContinue));
     }
