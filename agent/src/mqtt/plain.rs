@@ -28,8 +28,6 @@ pub(super) struct Waiting {
 enum State {
     /// Refused (counted and logged): acked, since sending it again cannot change that.
     Refused,
-    /// The store could not take it (it is closing): not acked, so the broker sends it again.
-    Unqueued,
     Update(StoreReply<UpdateOutcome>),
 }
 
@@ -54,17 +52,13 @@ impl Processor {
         };
         // Not awaited here: the responder waits for it in order, while this stage goes on
         // queuing other devices' updates into the same commit.
-        let state = match self
+        let rx = self
             .store
             .submit_update(device.to_owned(), req, false)
-            .await
-        {
-            Ok(rx) => State::Update(rx),
-            Err(_) => State::Unqueued,
-        };
+            .await;
         Some(Waiting {
             device: device.to_owned(),
-            state,
+            state: State::Update(rx),
         })
     }
 }
@@ -77,10 +71,6 @@ impl Responder {
             State::Refused => {
                 debug!(device = w.device, "Plain ingest message rejected");
                 return true;
-            }
-            State::Unqueued => {
-                self.redeliver.notify_one();
-                return false;
             }
         };
         match self.settle(&w.device, rx).await {

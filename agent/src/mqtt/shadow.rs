@@ -72,13 +72,8 @@ impl Processor {
                 Err(e) => waiting(None, State::Rejected(self.reject(&e, None))),
                 Ok(req) => {
                     let token = req.client_token.clone();
-                    match self.store.submit_update(device.to_owned(), req, true).await {
-                        Ok(rx) => waiting(token, State::Update(rx)),
-                        Err(_) => {
-                            let rejected = store_unavailable(token.clone());
-                            waiting(token, State::Rejected(rejected))
-                        }
-                    }
+                    let rx = self.store.submit_update(device.to_owned(), req, true).await;
+                    waiting(token, State::Update(rx))
                 }
             },
         })

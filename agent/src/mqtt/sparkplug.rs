@@ -47,8 +47,6 @@ struct Handled {
 /// The updates one message made, each awaited before the message is acked.
 pub(super) struct Waiting {
     updates: Vec<(String, StoreReply<UpdateOutcome>)>,
-    /// An update could not even be queued (store closed): do not ack.
-    unqueued: bool,
     /// Published once the updates are committed.
     command: Option<Command>,
 }
@@ -173,20 +171,16 @@ impl Processor {
         let Some(handled) = sparkplug.handle(&publish.topic, &publish.payload, &self.limits) else {
             return Some(Waiting {
                 updates: Vec::new(),
-                unqueued: false,
                 command: None,
             });
         };
         let mut waiting = Waiting {
             updates: Vec::with_capacity(handled.updates.len()),
-            unqueued: false,
             command: handled.rebirth,
         };
         for (device, req) in handled.updates {
-            match self.store.submit_update(device.clone(), req, false).await {
-                Ok(rx) => waiting.updates.push((device, rx)),
-                Err(_) => waiting.unqueued = true,
-            }
+            let rx = self.store.submit_update(device.clone(), req, false).await;
+            waiting.updates.push((device, rx));
         }
         Some(waiting)
     }
@@ -196,7 +190,8 @@ impl Responder {
     /// Waits for each device's update from one message, then publishes its command; returns
     /// whether the message may be acked (every update committed or refused for good).
     pub(super) async fn sparkplug(&self, w: Waiting) -> bool {
-        let mut ack = !w.unqueued;
+        // `settle` has asked for a redelivery of what was not committed.
+        let mut ack = true;
         for (device, rx) in w.updates {
             match self.settle(&device, rx).await {
                 Settled::Accepted { applied, current } => {
@@ -206,9 +201,6 @@ impl Responder {
                 Settled::Refused(_) => {}
                 Settled::NotCommitted { .. } => ack = false,
             }
-        }
-        if !ack {
-            self.redeliver.notify_one();
         }
         if let Some(c) = w.command {
             self.publisher

@@ -115,10 +115,7 @@ impl Processor {
                         connected: None,
                         dialect: Dialect::KubeEdge,
                     };
-                    match self.store.submit_update(t.device.clone(), req, true).await {
-                        Ok(rx) => State::Update(rx),
-                        Err(_) => State::Rejected(store_unavailable(None)),
-                    }
+                    State::Update(self.store.submit_update(t.device.clone(), req, true).await)
                 }
             },
         };

@@ -377,25 +377,27 @@ impl Store {
     /// Queuing separately from awaiting lets the MQTT path pipeline many updates into one
     /// commit while replying to devices in order.
     ///
-    /// # Errors
-    /// [`StoreError::Closed`] if the writer has stopped.
+    /// A writer that has stopped drops the request with its reply sender, so the receiver
+    /// ends without an answer, exactly as when a transaction fails before applying it: every
+    /// caller then handles one "not committed" case, and leaves the message unacknowledged.
     pub async fn submit_update(
         &self,
         device: String,
         request: UpdateRequest,
         full_reply: bool,
-    ) -> Result<oneshot::Receiver<Result<UpdateOutcome, StoreError>>, StoreError> {
+    ) -> oneshot::Receiver<Result<UpdateOutcome, StoreError>> {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        // On failure the command, and with it `reply`, is dropped: `rx` then ends.
+        let _ = self
+            .tx
             .send(Command::Update {
                 device,
                 request,
                 full_reply,
                 reply,
             })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        Ok(rx)
+            .await;
+        rx
     }
 
     /// Applies an update and waits until it is durable.
@@ -408,7 +410,7 @@ impl Store {
         request: UpdateRequest,
     ) -> Result<UpdateOutcome, StoreError> {
         self.submit_update(device, request, true)
-            .await?
+            .await
             .await
             .map_err(|_| StoreError::Closed)?
     }

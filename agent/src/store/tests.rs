@@ -638,8 +638,7 @@ mod throughput {
             pending.push_back(
                 store
                     .submit_update(format!("dev-{}", i % 1000), req, false)
-                    .await
-                    .unwrap(),
+                    .await,
             );
             if pending.len() > 4096 {
                 pending.pop_front().unwrap().await.unwrap().unwrap();
@@ -654,4 +653,26 @@ mod throughput {
         );
         assert_eq!(store.stats().await.unwrap().pending_devices, 1000);
     }
+}
+
+#[tokio::test]
+async fn an_update_a_stopped_writer_cannot_take_ends_without_an_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
+    // A handle whose writer is gone, as when the writer thread has stopped.
+    let (tx, rx) = mpsc::channel(1);
+    drop(rx);
+    let stopped = Store {
+        tx,
+        health: store.health(),
+        epoch: store.epoch.clone(),
+    };
+    let reply = stopped
+        .submit_update("dev-1".into(), req(json!({"t": 1})), false)
+        .await;
+    // The same as a transaction that failed before applying it: the caller sees no answer,
+    // counts the message not committed and leaves it unacknowledged.
+    assert!(reply.await.is_err());
+    drop((stopped, store));
+    h.join().unwrap();
 }
