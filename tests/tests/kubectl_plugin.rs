@@ -157,6 +157,18 @@ async fn status_get_set_and_tail_against_a_running_controller() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut out = BufReader::new(tail.stdout.take().unwrap()).lines();
+    // Its first line (the state at start) before anything changes, so a slow start of tail
+    // cannot make it begin at the new state.
+    let first = tokio::time::timeout(Duration::from_secs(30), out.next_line())
+        .await
+        .expect("tail prints the state at start within 30 s")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(
+        first.contains("version=1") && first.contains("\"speed\":3"),
+        "the first line is the state at start: {first}"
+    );
     let set = command(
         cp,
         &["set", "press-1", "speed=5", "-n", n, "--timeout", "60s"],
@@ -190,7 +202,6 @@ async fn status_get_set_and_tail_against_a_running_controller() {
         "{}",
         text(&set)
     );
-    let mut out = BufReader::new(tail.stdout.take().unwrap()).lines();
     let mut lines = Vec::new();
     let found = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = out.next_line().await.unwrap() {
@@ -203,11 +214,7 @@ async fn status_get_set_and_tail_against_a_running_controller() {
         false
     })
     .await;
-    assert_eq!(found, Ok(true), "tail printed: {lines:#?}");
-    assert!(
-        lines[0].contains("version=1") && lines[0].contains("\"speed\":3"),
-        "the first line is the state at start: {lines:#?}"
-    );
+    assert_eq!(found, Ok(true), "tail printed after {first:?}: {lines:#?}");
     tail.kill().await.unwrap();
     // --count ends the follow.
     let once = ok(cp, &["tail", "press-2", "-n", n, "--count", "1"]).await;
