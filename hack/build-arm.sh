@@ -28,13 +28,17 @@ targets=(
 # Built agents, by a hash of everything that goes into them, outside the clone.
 agent_cache="${XDG_CACHE_HOME:-$HOME/.cache}/edgesync/arm-agent"
 
-# A hash of the agent's inputs for `triple`: its sources and its dependencies' (the
-# workspace manifests and lock file), the compilers, and this script.
+# A hash of the agent's inputs for `triple` (built with the C cross-compiler `prefix`-gcc,
+# which also compiles SQLite and ring): its sources and its dependencies' (the workspace
+# manifests and lock file), the compilers, the flags the environment gives them, and this
+# script.
 inputs_hash() {
   {
     echo "$1"
     /usr/bin/rustc -V
     "${CARGO:-cargo}" -V
+    "$2-gcc" --version | head -1
+    env | sort | grep -E '^(RUSTFLAGS|CARGO_ENCODED_RUSTFLAGS|CFLAGS|CARGO_PROFILE_[A-Z_]+)=' || true
     (cd "$root" && find agent protocol -type f \( -name '*.rs' -o -name Cargo.toml \) -print0 \
       | sort -z | xargs -0 sha256sum)
     sha256sum "$root/Cargo.toml" "$root/Cargo.lock" "$here/build-arm.sh" | sed "s|$root/||"
@@ -50,7 +54,7 @@ for spec in "${targets[@]}"; do
   start=$SECONDS
   bin="$target_dir/$triple/release-small/edgesync-agent"
   # A fresh clone finds the binary its sources were last built into outside the clone.
-  key="$(inputs_hash "$triple")"
+  key="$(inputs_hash "$triple" "$prefix")"
   cached="$agent_cache/$triple/$key/edgesync-agent"
   if [[ -f "$cached" && ! -f "$bin" ]]; then
     mkdir -p "$(dirname "$bin")"
@@ -67,8 +71,8 @@ for spec in "${targets[@]}"; do
     if [[ ! -f "$cached" ]]; then
       # The newest few builds per target are kept.
       mkdir -p "$(dirname "$cached")"
-      cp "$bin" "$cached.tmp" && mv "$cached.tmp" "$cached"
-      ls -1dt "$agent_cache/$triple"/*/ | tail -n +4 | xargs -r rm -rf
+      cp "$bin" "$cached.$$" && mv "$cached.$$" "$cached"
+      ls -1dt "$agent_cache/$triple"/*/ | tail -n +4 | xargs -r -d '\n' rm -rf
     fi
   fi
 
