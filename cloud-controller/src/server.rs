@@ -139,10 +139,18 @@ async fn serve_connection(
         state: Arc::clone(&state),
     };
     match tls {
-        None => run_http(io, router, limits, metrics, &state, shutdown).await,
+        None => run_http(io, None, router, limits, metrics, &state, shutdown).await,
         Some(acceptor) => {
             match tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await {
-                Ok(Ok(tls)) => run_http(tls, router, limits, metrics, &state, shutdown).await,
+                Ok(Ok(tls)) => {
+                    let peer = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(<[_]>::first)
+                        .map(|c| ClientCertificate(Arc::new(c.clone().into_owned())));
+                    run_http(tls, peer, router, limits, metrics, &state, shutdown).await;
+                }
                 Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                 Err(_) => {
                     metrics.connections_timed_out.inc();
@@ -152,6 +160,11 @@ async fn serve_connection(
         }
     }
 }
+
+/// The certificate a TLS client presented and the server's verifier accepted, in each
+/// request's extensions (listeners that ask for one: the live API's front proxy).
+#[derive(Debug, Clone)]
+pub struct ClientCertificate(pub Arc<rustls::pki_types::CertificateDer<'static>>);
 
 /// What the watchdog of one connection knows: when bytes last moved, how many requests are
 /// being served (until their response body is finished), and since when none is.
@@ -242,6 +255,7 @@ impl http_body::Body for Guarded {
 
 async fn run_http<I>(
     io: I,
+    peer: Option<ClientCertificate>,
     router: Router,
     limits: &Limits,
     metrics: &Metrics,
@@ -262,7 +276,10 @@ async fn run_http<I>(
         .keep_alive_timeout(limits.header_timeout);
     let inner = TowerToHyperService::new(router);
     let counted = Arc::clone(state);
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+        if let Some(peer) = &peer {
+            req.extensions_mut().insert(peer.clone());
+        }
         let in_flight = InFlight::start(&counted);
         let answer = hyper::service::Service::call(&inner, req);
         async move {

@@ -9,5 +9,8 @@
 
 pub mod authn;
 pub mod query;
+pub mod state;
 pub mod store;
+pub mod tls;
+pub mod watch;
 pub mod wire;

@@ -36,6 +36,8 @@ pub struct DeviceState {
     pub stamp: Stamp,
     /// When the agent took the device's message (RFC 3339, as the agent sent it).
     pub reported_at: String,
+    /// The Device generation whose desired state the agent had applied.
+    pub observed_desired_generation: i64,
     /// When the controller received it (ms since the epoch).
     pub received_at_ms: i64,
     /// Whether the device is connected, as its agent last said (`None`: not said).
@@ -48,9 +50,15 @@ pub struct DeviceState {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// Its state is new or newer.
-    Applied(Arc<DeviceState>),
-    /// It is gone (its Device was deleted).
-    Deleted,
+    Applied {
+        /// The state now.
+        state: Arc<DeviceState>,
+        /// The state before, if any: a filtered watch needs it to tell a device that stops
+        /// matching (DELETED) from one that changes (MODIFIED) or starts matching (ADDED).
+        previous: Option<Arc<DeviceState>>,
+    },
+    /// It is gone (its Device was deleted), with its last state.
+    Deleted(Arc<DeviceState>),
 }
 
 /// One entry of the watch window.
@@ -95,19 +103,66 @@ pub struct BadContinue;
 pub struct LiveStore {
     states: BTreeMap<Arc<Key>, (Arc<DeviceState>, u64)>,
     resource_version: u64,
-    window: VecDeque<Event>,
+    window: VecDeque<(Event, usize)>,
     window_len: usize,
+    window_max_bytes: usize,
+    window_bytes: usize,
+    state_bytes: usize,
+}
+
+/// About how many bytes a state holds in memory: its reported document as JSON text (the
+/// unit the document limits are written in) plus labels and fixed fields.
+pub fn state_bytes(state: &DeviceState) -> usize {
+    /// Counts what is written, keeping nothing.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a JSON map into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut count, &state.reported);
+    let labels: usize = state
+        .labels
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 48)
+        .sum();
+    count.0 + labels + state.node.len() + state.reported_at.len() + 160
 }
 
 impl LiveStore {
-    /// An empty store whose watch window keeps the last `window_len` changes.
-    pub fn new(window_len: usize) -> Self {
+    /// An empty store whose watch window keeps the last `window_len` changes, and fewer
+    /// when the states they hold reach `window_max_bytes`.
+    pub fn new(window_len: usize, window_max_bytes: usize) -> Self {
         Self {
             states: BTreeMap::new(),
             resource_version: 0,
             window: VecDeque::with_capacity(window_len.min(1 << 16)),
             window_len: window_len.max(1),
+            window_max_bytes,
+            window_bytes: 0,
+            state_bytes: 0,
         }
+    }
+
+    /// About how many bytes the current states hold ([`state_bytes`] summed).
+    pub fn state_bytes(&self) -> usize {
+        self.state_bytes
+    }
+
+    /// About how many bytes the watch window holds beyond the current states.
+    pub fn window_bytes(&self) -> usize {
+        self.window_bytes
+    }
+
+    /// Changes in the watch window.
+    pub fn window_len(&self) -> usize {
+        self.window.len()
     }
 
     /// The current resource version.
@@ -141,29 +196,78 @@ impl LiveStore {
         {
             return None;
         }
+        Some(self.put(key, state))
+    }
+
+    /// Changes a device's labels and in-sync view (its Device changed, not its report);
+    /// returns the change's resource version, or `None` when it is not held or nothing
+    /// differs.
+    pub fn set_meta(
+        &mut self,
+        key: &Key,
+        labels: &BTreeMap<String, String>,
+        in_sync: Option<bool>,
+    ) -> Option<u64> {
+        let (held, _) = self.states.get(key)?;
+        if held.labels == *labels && held.in_sync == in_sync {
+            return None;
+        }
+        let state = DeviceState {
+            labels: labels.clone(),
+            in_sync,
+            ..DeviceState::clone(held)
+        };
+        Some(self.put(key.clone(), state))
+    }
+
+    fn put(&mut self, key: Key, state: DeviceState) -> u64 {
+        let bytes = state_bytes(&state);
         let state = Arc::new(state);
-        let key = Arc::new(key);
-        let rv = self.record(key.clone(), Change::Applied(state.clone()));
+        let (key, previous) = match self.states.remove_entry(&key) {
+            Some((key, (previous, _))) => {
+                self.state_bytes -= state_bytes(&previous);
+                (key, Some(previous))
+            }
+            None => (Arc::new(key), None),
+        };
+        self.state_bytes += bytes;
+        let change = Change::Applied {
+            state: state.clone(),
+            previous,
+        };
+        let rv = self.record(key.clone(), change, bytes);
         self.states.insert(key, (state, rv));
-        Some(rv)
+        rv
     }
 
     /// Forgets a device (its Device was deleted); returns the change's resource version.
     pub fn remove(&mut self, key: &Key) -> Option<u64> {
-        let (key, _) = self.states.remove_entry(key)?;
-        Some(self.record(key, Change::Deleted))
+        let (key, (state, _)) = self.states.remove_entry(key)?;
+        let bytes = state_bytes(&state);
+        self.state_bytes -= bytes;
+        Some(self.record(key, Change::Deleted(state), bytes))
     }
 
-    fn record(&mut self, key: Arc<Key>, change: Change) -> u64 {
+    /// Appends a change to the window. `bytes` is what it keeps alive once its device
+    /// changes again; the oldest changes leave past either bound.
+    fn record(&mut self, key: Arc<Key>, change: Change, bytes: usize) -> u64 {
         self.resource_version += 1;
-        if self.window.len() == self.window_len {
-            self.window.pop_front();
+        self.window.push_back((
+            Event {
+                resource_version: self.resource_version,
+                key,
+                change,
+            },
+            bytes,
+        ));
+        self.window_bytes += bytes;
+        while self.window.len() > self.window_len
+            || (self.window_bytes > self.window_max_bytes && self.window.len() > 1)
+        {
+            if let Some((_, b)) = self.window.pop_front() {
+                self.window_bytes -= b;
+            }
         }
-        self.window.push_back(Event {
-            resource_version: self.resource_version,
-            key,
-            change,
-        });
         self.resource_version
     }
 
@@ -171,7 +275,7 @@ impl LiveStore {
     pub fn oldest_resumable(&self) -> u64 {
         self.window
             .front()
-            .map_or(self.resource_version, |e| e.resource_version - 1)
+            .map_or(self.resource_version, |(e, _)| e.resource_version - 1)
     }
 
     /// Every change after `since` (a resource version a list or watch returned), oldest
@@ -185,8 +289,10 @@ impl LiveStore {
             });
         }
         // The window is in version order: skip what the caller has.
-        let skip = self.window.partition_point(|e| e.resource_version <= since);
-        Ok(self.window.iter().skip(skip))
+        let skip = self
+            .window
+            .partition_point(|(e, _)| e.resource_version <= since);
+        Ok(self.window.iter().skip(skip).map(|(e, _)| e))
     }
 
     /// Up to `limit` (at most [`MAX_PAGE`]) devices of `namespace` (all namespaces when
@@ -219,14 +325,7 @@ impl LiveStore {
             if namespace.is_some_and(|ns| key.0 != ns) {
                 break;
             }
-            let candidate = Candidate {
-                name: &key.1,
-                namespace: &key.0,
-                labels: &state.labels,
-                node: &state.node,
-                reported: &state.reported,
-            };
-            if !query.matches(&candidate) {
+            if !query.matches(&candidate(key, state)) {
                 continue;
             }
             if items.len() == limit {
@@ -243,6 +342,17 @@ impl LiveStore {
             resource_version: self.resource_version,
             continue_token,
         })
+    }
+}
+
+/// A device as a query sees it.
+pub fn candidate<'a>(key: &'a Key, state: &'a DeviceState) -> Candidate<'a> {
+    Candidate {
+        name: &key.1,
+        namespace: &key.0,
+        labels: &state.labels,
+        node: &state.node,
+        reported: &state.reported,
     }
 }
 
@@ -285,6 +395,7 @@ mod tests {
                 .unwrap_or_default(),
             stamp: Stamp::new(1, version),
             reported_at: "2026-12-07T08:00:00Z".into(),
+            observed_desired_generation: 0,
             received_at_ms: 0,
             online: None,
             in_sync: None,
@@ -293,7 +404,7 @@ mod tests {
 
     #[test]
     fn only_newer_stamps_change_a_device_and_each_change_gets_the_next_version() {
-        let mut s = LiveStore::new(100);
+        let mut s = LiveStore::new(100, usize::MAX);
         assert_eq!(s.apply(key("a", "d1"), state(2, 20.0)), Some(1));
         // A resend and a reordered older report change nothing.
         assert_eq!(s.apply(key("a", "d1"), state(2, 20.0)), None);
@@ -313,7 +424,7 @@ mod tests {
 
     #[test]
     fn a_watch_resumes_inside_the_window_and_is_gone_before_it() {
-        let mut s = LiveStore::new(3);
+        let mut s = LiveStore::new(3, usize::MAX);
         for v in 1..=5 {
             s.apply(key("a", "d1"), state(v, v as f64));
         }
@@ -335,12 +446,18 @@ mod tests {
             })
         );
         // An empty store can be watched from its current version.
-        assert_eq!(LiveStore::new(3).changes_since(0).unwrap().count(), 0);
+        assert_eq!(
+            LiveStore::new(3, usize::MAX)
+                .changes_since(0)
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[test]
     fn pages_follow_key_order_within_a_namespace_and_never_repeat_a_device() {
-        let mut s = LiveStore::new(100);
+        let mut s = LiveStore::new(100, usize::MAX);
         for ns in ["a", "b"] {
             for i in 0..5 {
                 s.apply(key(ns, &format!("d{i}")), state(1, f64::from(i) * 10.0));
@@ -368,7 +485,7 @@ mod tests {
         let all = s.list(None, &Query::default(), 100, None).unwrap();
         assert_eq!(all.items.len(), 10);
         // A page never exceeds MAX_PAGE, whatever the client asks.
-        let mut big = LiveStore::new(1);
+        let mut big = LiveStore::new(1, usize::MAX);
         for i in 0..=MAX_PAGE {
             big.apply(key("a", &format!("d{i}")), state(1, 0.0));
         }
@@ -377,5 +494,41 @@ mod tests {
         assert!(page.continue_token.is_some());
         assert_eq!(s.list(Some("b"), &hot, 2, Some("a/d2")), Err(BadContinue));
         assert_eq!(s.list(None, &hot, 2, Some("../etc")), Err(BadContinue));
+    }
+
+    #[test]
+    fn the_window_is_bounded_in_bytes_and_remembers_what_each_change_replaced() {
+        let one = state_bytes(&state(1, 1.0));
+        let mut s = LiveStore::new(1_000, 3 * one);
+        for v in 1..=10 {
+            s.apply(key("a", "d1"), state(v, 1.0));
+        }
+        assert!(s.window_bytes() <= 3 * one, "{}", s.window_bytes());
+        assert_eq!(s.window_len(), 3);
+        assert_eq!(s.oldest_resumable(), 7);
+        assert_eq!(s.state_bytes(), one);
+        let last = s.changes_since(9).unwrap().next().unwrap().clone();
+        let Change::Applied {
+            state: now,
+            previous,
+        } = last.change
+        else {
+            panic!("{last:?}")
+        };
+        assert_eq!(now.stamp.version, 10);
+        assert_eq!(previous.map(|p| p.stamp.version), Some(9));
+        // Labels and the in-sync view change without a newer report; the same again does not.
+        let labels = BTreeMap::from([("line".to_owned(), "b".to_owned())]);
+        assert_eq!(s.set_meta(&key("a", "d1"), &labels, Some(true)), Some(11));
+        assert_eq!(s.set_meta(&key("a", "d1"), &labels, Some(true)), None);
+        assert_eq!(s.set_meta(&key("a", "nope"), &labels, None), None);
+        let (held, _) = s.get(&key("a", "d1")).unwrap();
+        assert_eq!(
+            (held.labels["line"].as_str(), held.in_sync),
+            ("b", Some(true))
+        );
+        assert_eq!(held.stamp.version, 10);
+        s.remove(&key("a", "d1"));
+        assert_eq!(s.state_bytes(), 0);
     }
 }
