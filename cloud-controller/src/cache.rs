@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::desired::DesiredHub;
+use crate::live::state::Live;
 
 /// Shared read-only caches of Devices and EdgeNodes.
 #[derive(Clone)]
@@ -24,11 +25,12 @@ pub struct Caches {
 }
 
 impl Caches {
-    /// Starts the watches. Device events also feed the desired-state hub, so the hub and the
-    /// cache see the same sequence of changes.
+    /// Starts the watches. Device events also feed the desired-state hub and the live state,
+    /// so they and the cache see the same sequence of changes.
     pub fn start(
         client: &Client,
         hub: Arc<DesiredHub>,
+        live: Option<Arc<Live>>,
         shutdown: &CancellationToken,
         tasks: &tokio_util::task::TaskTracker,
     ) -> Self {
@@ -55,7 +57,12 @@ impl Caches {
                     next = stream.next() => next,
                 };
                 match next {
-                    Some(Ok(event)) => hub.on_event(&event),
+                    Some(Ok(event)) => {
+                        hub.on_event(&event);
+                        if let Some(live) = &live {
+                            live.on_device_event(&event);
+                        }
+                    }
                     Some(Err(e)) => warn!(error = %e, "Device watch failed; retrying"),
                     None => return,
                 }

@@ -94,6 +94,51 @@ pub struct RunOptions {
     #[arg(long, env = "EDGESYNC_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
 
+    /// Serve the live API (`devicestates.live.edgesync.io`: each Device's newest report, from
+    /// memory, fresh within milliseconds) on this address, over HTTPS, to the Kubernetes API
+    /// server's aggregation layer (an APIService; see deploy/). Only requests that present the
+    /// API server's front-proxy client certificate are served; users are authorised with
+    /// SubjectAccessReviews.
+    #[arg(long, env = "EDGESYNC_LIVE_LISTEN")]
+    pub live_listen: Option<SocketAddr>,
+
+    /// PEM certificate chain of the live API (needs `--live-tls-key-file`). Without one, a
+    /// self-signed certificate is made at start: set `insecureSkipTLSVerify` on the
+    /// APIService, or give a certificate and put its CA in the APIService's `caBundle`.
+    #[arg(
+        long,
+        env = "EDGESYNC_LIVE_TLS_CERT_FILE",
+        requires = "live_tls_key_file"
+    )]
+    pub live_tls_cert_file: Option<std::path::PathBuf>,
+
+    /// PEM private key for `--live-tls-cert-file`.
+    #[arg(
+        long,
+        env = "EDGESYNC_LIVE_TLS_KEY_FILE",
+        requires = "live_tls_cert_file"
+    )]
+    pub live_tls_key_file: Option<std::path::PathBuf>,
+
+    /// Changes the live API keeps for watches to resume from; a watch further behind is ended
+    /// with 410 Gone and lists again (counted in edgesync_controller_live_watches_expired_total).
+    #[arg(long, default_value_t = 100_000, env = "EDGESYNC_LIVE_WINDOW_CHANGES", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
+    pub live_window_changes: usize,
+
+    /// Bytes of replaced states the live watch window may keep (reported documents as JSON);
+    /// the oldest changes leave first.
+    #[arg(long, default_value_t = 64 * 1024 * 1024, env = "EDGESYNC_LIVE_WINDOW_BYTES", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub live_window_bytes: usize,
+
+    /// Open watches of the live API at once; one more is answered 429.
+    #[arg(long, default_value_t = 1000, env = "EDGESYNC_LIVE_MAX_WATCHES", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub live_max_watches: usize,
+
+    /// Seconds a SubjectAccessReview answer for the live API is reused (allowed and denied
+    /// alike), as the API server's webhook authoriser does.
+    #[arg(long, default_value_t = 10, env = "EDGESYNC_LIVE_AUTHZ_CACHE_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub live_authz_cache_seconds: u64,
+
     /// Starting global budget of Kubernetes status writes per second (all nodes, all devices).
     /// Reports beyond it are coalesced: each device is written with its latest state when its
     /// turn comes. The budget then adapts, once a second: it grows while writes wait for it

@@ -18,6 +18,7 @@
 //! | [`desired`] | per-node desired-state fan-out with resumable cursors |
 //! | [`liveness`] | leader-only loop: offline nodes, Online/InSync conditions |
 //! | [`lease`] | Lease-based leader election |
+//! | [`live`] | live device state: the `devicestates` aggregated API |
 //! | [`server`] | connections: cap, header and idle timeouts, graceful drain |
 //! | [`tls`] | TLS server configuration for the agent API |
 
@@ -77,7 +78,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
     let metrics = Arc::new(metrics::Metrics::new());
     let hub = Arc::new(desired::DesiredHub::new());
-    let caches = cache::Caches::start(&watch_client, Arc::clone(&hub), &shutdown, &tasks);
+    let live = opts.live_listen.map(|_| {
+        let live = Arc::new(live::state::Live::new(
+            opts.live_window_changes,
+            opts.live_window_bytes,
+        ));
+        metrics.watch_live(Arc::clone(&live));
+        live
+    });
+    let caches = cache::Caches::start(
+        &watch_client,
+        Arc::clone(&hub),
+        live.clone(),
+        &shutdown,
+        &tasks,
+    );
     let budget = Arc::new(budget::WriteBudget::new(
         opts.write_qps,
         opts.write_burst,
@@ -132,6 +147,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tasks.spawn(liveness.run(shutdown.clone()));
     metrics.watch_leadership(Arc::clone(&leader));
 
+    let (client_for_live, metrics_for_live) = (client.clone(), Arc::clone(&metrics));
     let state = Arc::new(api::AppState {
         verifier: auth::TokenVerifier::new(
             client.clone(),
@@ -162,6 +178,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         )),
         writer: status_writer,
         hub,
+        live: live.clone(),
         caches,
         client,
         metrics,
@@ -176,6 +193,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", opts.listen))?;
+    let live_api = match (opts.live_listen, &live) {
+        (Some(addr), Some(live)) => Some(
+            live::serve::prepare(
+                addr,
+                &opts,
+                client_for_live,
+                Arc::clone(live),
+                Arc::clone(&metrics_for_live),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
     let metrics_listener = match opts.metrics_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -187,6 +218,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     info!(
         listen = %listener.local_addr()?,
         metrics_listen = ?opts.metrics_listen,
+        live_listen = ?live_api.as_ref().and_then(|l| l.listener.local_addr().ok()),
         tls = tls.is_some(),
         identity,
         write_qps = opts.write_qps,
@@ -216,6 +248,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             l,
             None,
             api::ops_router(Arc::clone(&state)),
+            limits.clone(),
+            Arc::clone(&state.metrics),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(l) = live_api {
+        servers.spawn(server::serve(
+            l.listener,
+            Some(l.tls),
+            l.router,
             limits.clone(),
             Arc::clone(&state.metrics),
             shutdown.clone(),
@@ -273,7 +315,8 @@ const RESERVED_FILES: u64 = 256;
 /// `--max-connections`, lowered to fit the open-files limit: past that limit `accept` fails
 /// and every client waits, instead of one more being closed at once and counted.
 fn connection_cap(opts: &RunOptions, open_files: Option<u64>) -> usize {
-    let listeners: u64 = if opts.metrics_listen.is_some() { 2 } else { 1 };
+    let listeners =
+        1 + u64::from(opts.metrics_listen.is_some()) + u64::from(opts.live_listen.is_some());
     let wanted = u64::from(opts.max_connections);
     let Some(files) = open_files else {
         return wanted as usize;

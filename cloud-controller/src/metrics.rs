@@ -107,6 +107,14 @@ pub struct Metrics {
     pub desired_events: Counter,
     /// 1 when the last Kubernetes call succeeded.
     pub kubernetes_up: Gauge,
+    /// Live API requests served, by verb.
+    live_requests: Counters,
+    /// Live API requests refused, by reason.
+    live_refused: Counters,
+    /// Open watches of the live API.
+    pub live_watches: Gauge,
+    /// Live watches ended because they fell behind the change window (410).
+    pub live_watches_expired: Counter,
     /// Time from a report's arrival to its durable write (or supersession).
     report_durable_latency: Histogram,
     /// Duration of one status write call.
@@ -300,6 +308,40 @@ impl Metrics {
             "edgesync_controller_kubernetes_up",
             "1 when the last call to the Kubernetes API succeeded.",
         );
+        let live_requests: Counters = add(
+            r,
+            "edgesync_controller_live_requests",
+            "Requests to the live API (devicestates) served, by verb.",
+            Family::default(),
+        );
+        for verb in ["get", "list", "watch", "discovery"] {
+            drop(live_requests.get_or_create(&[("verb", verb)]));
+        }
+        let live_refused: Counters = add(
+            r,
+            "edgesync_controller_live_refused",
+            "Requests to the live API refused, by reason: unauthenticated (no front-proxy certificate or user), forbidden (SubjectAccessReview), too_many_watches (--live-max-watches), bad_request, unavailable (no SubjectAccessReview answer).",
+            Family::default(),
+        );
+        for reason in [
+            "unauthenticated",
+            "forbidden",
+            "too_many_watches",
+            "bad_request",
+            "unavailable",
+        ] {
+            drop(live_refused.get_or_create(&[("reason", reason)]));
+        }
+        let live_watches = gauge(
+            r,
+            "edgesync_controller_live_watches",
+            "Open watches of the live API.",
+        );
+        let live_watches_expired = counter(
+            r,
+            "edgesync_controller_live_watches_expired",
+            "Live watches ended with 410 Gone because they fell behind the change window (--live-window-changes, --live-window-bytes): slow clients, or a window too small for the update rate.",
+        );
         let report_durable_latency = add(
             r,
             "edgesync_controller_report_durable_seconds",
@@ -346,6 +388,10 @@ impl Metrics {
             desired_streams,
             desired_events,
             kubernetes_up,
+            live_requests,
+            live_refused,
+            live_watches,
+            live_watches_expired,
             report_durable_latency,
             status_write_latency,
         }
@@ -381,6 +427,21 @@ impl Metrics {
         self.requests_shed
             .get_or_create(&[("reason", reason)])
             .inc();
+    }
+
+    /// Counts a live API request served.
+    pub fn live_request(&self, verb: &'static str) {
+        self.live_requests.get_or_create(&[("verb", verb)]).inc();
+    }
+
+    /// Counts a live API request refused.
+    pub fn live_refused(&self, reason: &'static str) {
+        self.live_refused.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Exports the live state's size, read at each scrape.
+    pub fn watch_live(&self, live: Arc<crate::live::state::Live>) {
+        self.register_collector(LiveSize(live));
     }
 
     /// Counts an answered batch.
@@ -440,6 +501,43 @@ impl Collector for Leader {
             "edgesync_controller_leader",
             "1 when this replica runs the singleton loops.",
             i64::from(self.0.is_leader()),
+        )
+    }
+}
+
+/// The live state's size, read at each scrape.
+#[derive(Debug)]
+struct LiveSize(Arc<crate::live::state::Live>);
+
+impl Collector for LiveSize {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let (devices, state_bytes, window, window_bytes) = {
+            let s = self.0.read();
+            (s.len(), s.state_bytes(), s.window_len(), s.window_bytes())
+        };
+        const_gauge(
+            &mut e,
+            "edgesync_controller_live_devices",
+            "Devices in the live state.",
+            devices as i64,
+        )?;
+        const_gauge(
+            &mut e,
+            "edgesync_controller_live_state_bytes",
+            "About how many bytes the live states hold (reported documents as JSON, labels, fixed fields).",
+            state_bytes as i64,
+        )?;
+        const_gauge(
+            &mut e,
+            "edgesync_controller_live_window_changes",
+            "Changes in the live watch window (a watch can resume from any of them).",
+            window as i64,
+        )?;
+        const_gauge(
+            &mut e,
+            "edgesync_controller_live_window_bytes",
+            "About how many bytes of replaced states the live watch window keeps (bounded by --live-window-bytes).",
+            window_bytes as i64,
         )
     }
 }

@@ -58,6 +58,8 @@ pub struct AppState {
     pub writer: Arc<StatusWriter>,
     /// Desired-state fan-out.
     pub hub: Arc<DesiredHub>,
+    /// The live state (`--live-listen`), which each accepted report reaches at once.
+    pub live: Option<Arc<crate::live::state::Live>>,
     /// EdgeNode heartbeats.
     pub heartbeats: Heartbeats,
     /// Kubernetes Events.

@@ -163,6 +163,9 @@ async fn handle_reports(
         ..Limits::default()
     };
     let newest = checks::newest_versions(&batch.reports);
+    let received_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     let mut results: Vec<ReportResult> = Vec::with_capacity(batch.reports.len());
     let mut waits: Vec<(usize, Stamp, oneshot::Receiver<Outcome>)> = Vec::new();
     // Reports that passed the checks needing no lookup, with their place in `results`.
@@ -223,6 +226,9 @@ async fn handle_reports(
             epoch: Arc::clone(&epoch),
             stamp,
         };
+        if let Some(live) = &s.live {
+            live.apply_report(&device, &stamped, received_at_ms);
+        }
         waits.push((i, stamp, s.writer.submit(key, node, stamped, Some(known))));
     }
 

@@ -1,0 +1,640 @@
+//! The live API's HTTP handlers: discovery, and get, list and watch of `devicestates`, as
+//! the API server's aggregation layer proxies them.
+//!
+//! Every request but the health probes must come through the front proxy (its client
+//! certificate, checked by the TLS layer, then its name and the user headers, see
+//! [`authn`](super::authn)); every read is authorised with a SubjectAccessReview on
+//! `devicestates.live.edgesync.io`, answers kept briefly. Errors are `Status` objects with
+//! the API server's reasons, so kubectl prints them as it prints its own.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{APIGroup, GroupVersionForDiscovery, Status};
+use kube::api::PostParams;
+use kube::{Api, Client};
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::authn::{Decisions, RequestHeader, User, access_review};
+use super::query::Query;
+use super::state::Live;
+use super::store::{MAX_PAGE, Page};
+use super::watch::{Cursor, Item};
+use super::{tls, wire};
+use crate::metrics::Metrics;
+use crate::server::ClientCertificate;
+
+/// Events one watch chunk holds at most (one hold of the store's lock).
+const WATCH_CHUNK: usize = 256;
+/// The longest a watch runs before it ends (the client watches again from its last
+/// version), as the API server's `--min-request-timeout` does.
+const MAX_WATCH: Duration = Duration::from_secs(1800);
+/// Interval of bookmarks on a watch that asked for them.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(60);
+/// Answers the SubjectAccessReview cache keeps at most.
+const DECISIONS_CAPACITY: usize = 8192;
+
+/// What the handlers share.
+pub struct LiveApi {
+    live: Arc<Live>,
+    client: Client,
+    request_header: RequestHeader,
+    decisions: Mutex<Decisions>,
+    watches: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
+impl LiveApi {
+    /// The handlers' state.
+    pub fn new(
+        live: Arc<Live>,
+        client: Client,
+        request_header: RequestHeader,
+        authz_ttl: Duration,
+        max_watches: usize,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            live,
+            client,
+            request_header,
+            decisions: Mutex::new(Decisions::new(authz_ttl, DECISIONS_CAPACITY)),
+            watches: Arc::new(Semaphore::new(max_watches)),
+            metrics,
+            shutdown,
+        }
+    }
+}
+
+type Shared = Arc<LiveApi>;
+
+/// The live API's routes.
+pub fn router(api: Shared) -> Router {
+    let base = format!("/apis/{}", wire::GROUP);
+    let version = format!("{base}/{}", wire::VERSION);
+    Router::new()
+        .route(&base, get(group))
+        .route(&version, get(resources))
+        .route(
+            &format!("{version}/{}", wire::RESOURCE),
+            get(collection_all),
+        )
+        .route(
+            &format!("{version}/namespaces/{{ns}}/{}", wire::RESOURCE),
+            get(collection),
+        )
+        .route(
+            &format!("{version}/namespaces/{{ns}}/{}/{{name}}", wire::RESOURCE),
+            get(one),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ok\n" }))
+        .fallback(|| async {
+            failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the live API serves devicestates only",
+            )
+        })
+        .with_state(api)
+}
+
+/// A request refused: the `Status` it is answered with.
+#[derive(Debug)]
+struct Refusal {
+    code: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        failure(self.code, self.reason, &self.message)
+    }
+}
+
+/// A `Status` answer.
+fn failure(code: StatusCode, reason: &str, message: &str) -> Response {
+    json(code, &wire::status(code.as_u16(), reason, message))
+}
+
+fn json(code: StatusCode, body: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => (
+            code,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => {
+            warn!(error = %e, "Cannot encode a live API answer");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// The request's user, when it came through the front proxy.
+fn authenticate(
+    api: &LiveApi,
+    peer: Option<&ClientCertificate>,
+    headers: &HeaderMap,
+) -> Result<User, Refusal> {
+    let refuse = |why: &str| {
+        api.metrics.live_refused("unauthenticated");
+        debug!(why, "Live API request refused: not authenticated");
+        Refusal {
+            code: StatusCode::UNAUTHORIZED,
+            reason: "Unauthorized",
+            message: format!(
+                "the live API serves the Kubernetes API server's front proxy only ({why}): ask through the API server, e.g. kubectl get devicestates"
+            ),
+        }
+    };
+    let peer = peer.ok_or_else(|| refuse("no client certificate"))?;
+    let name = tls::common_name(&peer.0).ok_or_else(|| refuse("no certificate name"))?;
+    api.request_header
+        .user(&name, headers)
+        .map_err(|e| refuse(&e.to_string()))
+}
+
+/// Authenticates, then asks whether the user may `verb` in `namespace` (`name`).
+async fn authorize(
+    api: &LiveApi,
+    peer: Option<&ClientCertificate>,
+    headers: &HeaderMap,
+    verb: &str,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> Result<User, Refusal> {
+    let user = authenticate(api, peer, headers)?;
+    let question = (
+        user.clone(),
+        verb.to_owned(),
+        namespace.map(str::to_owned),
+        name.map(str::to_owned),
+    );
+    let cached = api
+        .decisions
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&question, Instant::now());
+    let allowed = match cached {
+        Some(a) => a,
+        None => {
+            let review = access_review(&user, verb, namespace, name);
+            let answer = Api::<SubjectAccessReview>::all(api.client.clone())
+                .create(&PostParams::default(), &review)
+                .await;
+            let allowed = match answer {
+                Ok(r) => r.status.is_some_and(|s| s.allowed),
+                Err(e) => {
+                    api.metrics.live_refused("unavailable");
+                    warn!(error = %e, "Cannot ask the API server whether a live API request is allowed");
+                    return Err(Refusal {
+                        code: StatusCode::SERVICE_UNAVAILABLE,
+                        reason: "ServiceUnavailable",
+                        message: format!(
+                            "cannot authorise the request (SubjectAccessReview failed): {e}"
+                        ),
+                    });
+                }
+            };
+            api.decisions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .put(question, allowed, Instant::now());
+            allowed
+        }
+    };
+    if allowed {
+        return Ok(user);
+    }
+    api.metrics.live_refused("forbidden");
+    let scope = namespace.map_or_else(
+        || "at the cluster scope".to_owned(),
+        |ns| format!("in the namespace {ns:?}"),
+    );
+    Err(Refusal {
+        code: StatusCode::FORBIDDEN,
+        reason: "Forbidden",
+        message: format!(
+            "{}.{} is forbidden: User {:?} cannot {verb} resource {:?} in API group {:?} {scope}",
+            wire::RESOURCE,
+            wire::GROUP,
+            user.name,
+            wire::RESOURCE,
+            wire::GROUP
+        ),
+    })
+}
+
+async fn group(
+    State(api): State<Shared>,
+    peer: Option<Extension<ClientCertificate>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authenticate(&api, peer.as_deref(), &headers) {
+        return r.into_response();
+    }
+    api.metrics.live_request("discovery");
+    let version = GroupVersionForDiscovery {
+        group_version: wire::API_VERSION.into(),
+        version: wire::VERSION.into(),
+    };
+    let group = APIGroup {
+        name: wire::GROUP.into(),
+        versions: vec![version.clone()],
+        preferred_version: Some(version),
+        server_address_by_client_cidrs: None,
+    };
+    json(StatusCode::OK, &group)
+}
+
+async fn resources(
+    State(api): State<Shared>,
+    peer: Option<Extension<ClientCertificate>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authenticate(&api, peer.as_deref(), &headers) {
+        return r.into_response();
+    }
+    api.metrics.live_request("discovery");
+    json(StatusCode::OK, &wire::resources())
+}
+
+/// The query parameters of a list or watch.
+#[derive(Debug, Default)]
+struct Params {
+    label_selector: Option<String>,
+    field_selector: Option<String>,
+    where_: Option<String>,
+    limit: Option<usize>,
+    continue_: Option<String>,
+    watch: bool,
+    resource_version: Option<String>,
+    bookmarks: bool,
+    timeout: Option<Duration>,
+    include_object: bool,
+}
+
+impl Params {
+    fn parse(raw: Option<&str>) -> Result<Self, String> {
+        let mut p = Self::default();
+        let truthy = |v: &str| matches!(v, "true" | "1");
+        for (k, v) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+            let v = v.into_owned();
+            match k.as_ref() {
+                "labelSelector" => p.label_selector = Some(v),
+                "fieldSelector" => p.field_selector = Some(v),
+                "where" => p.where_ = Some(v),
+                "limit" => {
+                    p.limit = Some(
+                        v.parse()
+                            .map_err(|_| format!("limit {v:?} is not a count"))?,
+                    );
+                }
+                "continue" => p.continue_ = Some(v).filter(|c| !c.is_empty()),
+                "watch" => p.watch = truthy(&v),
+                "resourceVersion" => p.resource_version = Some(v).filter(|r| !r.is_empty()),
+                "allowWatchBookmarks" => p.bookmarks = truthy(&v),
+                "timeoutSeconds" => {
+                    let s: u64 = v
+                        .parse()
+                        .map_err(|_| format!("timeoutSeconds {v:?} is not a number of seconds"))?;
+                    p.timeout = Some(Duration::from_secs(s));
+                }
+                "includeObject" => p.include_object = v == "Object",
+                // Parameters kubectl and client-go send that change nothing here.
+                _ => {}
+            }
+        }
+        Ok(p)
+    }
+}
+
+fn bad_request(api: &LiveApi, message: &str) -> Response {
+    api.metrics.live_refused("bad_request");
+    failure(StatusCode::BAD_REQUEST, "BadRequest", message)
+}
+
+/// Whether the client asked for a Table (`kubectl get`).
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+async fn collection_all(
+    State(api): State<Shared>,
+    peer: Option<Extension<ClientCertificate>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    list_or_watch(api, peer, headers, raw, None).await
+}
+
+async fn collection(
+    State(api): State<Shared>,
+    Path(ns): Path<String>,
+    peer: Option<Extension<ClientCertificate>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    list_or_watch(api, peer, headers, raw, Some(ns)).await
+}
+
+async fn list_or_watch(
+    api: Shared,
+    peer: Option<Extension<ClientCertificate>>,
+    headers: HeaderMap,
+    raw: Option<String>,
+    namespace: Option<String>,
+) -> Response {
+    let params = match Params::parse(raw.as_deref()) {
+        Ok(p) => p,
+        Err(m) => return bad_request(&api, &m),
+    };
+    let verb = if params.watch { "watch" } else { "list" };
+    if let Err(r) = authorize(
+        &api,
+        peer.as_deref(),
+        &headers,
+        verb,
+        namespace.as_deref(),
+        None,
+    )
+    .await
+    {
+        return r.into_response();
+    }
+    let query = match Query::parse(
+        params.label_selector.as_deref(),
+        params.field_selector.as_deref(),
+        params.where_.as_deref(),
+    ) {
+        Ok(q) => q,
+        Err(e) => return bad_request(&api, &e.to_string()),
+    };
+    api.metrics.live_request(verb);
+    let table = wants_table(&headers);
+    if params.watch {
+        return watch(api, namespace, query, params, table);
+    }
+    let page = api.live.read().list(
+        namespace.as_deref(),
+        &query,
+        params.limit.filter(|l| *l > 0).unwrap_or(MAX_PAGE),
+        params.continue_.as_deref(),
+    );
+    match page {
+        Ok(page) if table => json(
+            StatusCode::OK,
+            &wire::table(&page, now_ms(), params.include_object),
+        ),
+        Ok(page) => json(StatusCode::OK, &wire::list(&page)),
+        Err(e) => bad_request(&api, &e.to_string()),
+    }
+}
+
+async fn one(
+    State(api): State<Shared>,
+    Path((ns, name)): Path<(String, String)>,
+    peer: Option<Extension<ClientCertificate>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    if let Err(r) = authorize(
+        &api,
+        peer.as_deref(),
+        &headers,
+        "get",
+        Some(&ns),
+        Some(&name),
+    )
+    .await
+    {
+        return r.into_response();
+    }
+    api.metrics.live_request("get");
+    let include_object = Params::parse(raw.as_deref()).is_ok_and(|p| p.include_object);
+    let key = (ns, name);
+    let Some((state, rv)) = api.live.read().get(&key) else {
+        return failure(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!(
+                "{}.{} {:?} not found (no report of this Device since the controller started, and none in its status)",
+                wire::RESOURCE,
+                wire::GROUP,
+                key.1
+            ),
+        );
+    };
+    if wants_table(&headers) {
+        let page = Page {
+            resource_version: rv,
+            items: vec![(Arc::new(key), state, rv)],
+            continue_token: None,
+        };
+        return json(
+            StatusCode::OK,
+            &wire::table(&page, now_ms(), include_object),
+        );
+    }
+    json(StatusCode::OK, &wire::object(&key, &state, rv))
+}
+
+/// A watch: a stream of event lines, as the API server sends them.
+fn watch(
+    api: Shared,
+    namespace: Option<String>,
+    query: Query,
+    params: Params,
+    table: bool,
+) -> Response {
+    let Ok(permit) = Arc::clone(&api.watches).try_acquire_owned() else {
+        api.metrics.live_refused("too_many_watches");
+        let mut r = failure(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyRequests",
+            "too many watches of devicestates are open (--live-max-watches); retry later",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r.into_response();
+    };
+    let cursor = match params.resource_version.as_deref() {
+        None | Some("0") => Cursor::listing(namespace, query),
+        Some(rv) => match rv.parse() {
+            Ok(rv) => Cursor::resuming(namespace, query, rv),
+            Err(_) => {
+                return bad_request(
+                    &api,
+                    &format!("resourceVersion {rv:?} is not one this API returned"),
+                );
+            }
+        },
+    };
+    let timeout = params.timeout.unwrap_or(MAX_WATCH).min(MAX_WATCH);
+    let now = tokio::time::Instant::now();
+    let watch = Watch {
+        changed: api.live.subscribe(),
+        cursor,
+        table,
+        include_object: params.include_object,
+        bookmarks: params.bookmarks,
+        next_bookmark: now + BOOKMARK_EVERY,
+        deadline: now + timeout,
+        done: false,
+        _open: OpenWatch::new(permit, &api.metrics),
+        api,
+    };
+    let stream = futures_util::stream::unfold(watch, Watch::next_chunk);
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// Counts an open watch and holds its slot until it ends.
+struct OpenWatch {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl OpenWatch {
+    fn new(permit: OwnedSemaphorePermit, metrics: &Arc<Metrics>) -> Self {
+        metrics.live_watches.inc();
+        Self {
+            _permit: permit,
+            metrics: Arc::clone(metrics),
+        }
+    }
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        self.metrics.live_watches.dec();
+    }
+}
+
+/// One watch in progress.
+struct Watch {
+    api: Shared,
+    changed: tokio::sync::watch::Receiver<u64>,
+    cursor: Cursor,
+    table: bool,
+    include_object: bool,
+    bookmarks: bool,
+    next_bookmark: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+    done: bool,
+    _open: OpenWatch,
+}
+
+impl Watch {
+    /// The next chunk of event lines; `None` ends the watch. The stream is polled only as
+    /// fast as the client reads, so a slow client holds nothing but its place in the window.
+    async fn next_chunk(mut self) -> Option<(Result<Bytes, std::convert::Infallible>, Self)> {
+        loop {
+            if self.done {
+                return None;
+            }
+            // Marked seen before the store is read: a change after the read wakes the wait.
+            self.changed.borrow_and_update();
+            let step = self.cursor.next(&self.api.live.read(), WATCH_CHUNK);
+            match step {
+                Ok(items) if !items.is_empty() => {
+                    let chunk = self.encode(&items);
+                    return Some((Ok(chunk), self));
+                }
+                Ok(_) if self.cursor.is_listing() => continue,
+                Ok(_) => {}
+                Err(gone) => {
+                    self.done = true;
+                    self.api.metrics.live_watches_expired.inc();
+                    let status = wire::status(410, "Expired", &gone.to_string());
+                    let line = line(&wire::watch_event("ERROR", status_value(&status)));
+                    return Some((Ok(line), self));
+                }
+            }
+            tokio::select! {
+                changed = self.changed.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+                () = tokio::time::sleep_until(self.next_bookmark), if self.bookmarks => {
+                    self.next_bookmark += BOOKMARK_EVERY;
+                    let bookmark = wire::bookmark(self.cursor.resource_version());
+                    return Some((Ok(line(&bookmark)), self));
+                }
+                () = tokio::time::sleep_until(self.deadline) => return None,
+                () = self.api.shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    fn encode(&self, items: &[Item]) -> Bytes {
+        let now = now_ms();
+        let mut out = Vec::with_capacity(items.len() * 512);
+        for (kind, key, state, rv) in items {
+            let object = if self.table {
+                let page = Page {
+                    resource_version: *rv,
+                    items: vec![(key.clone(), state.clone(), *rv)],
+                    continue_token: None,
+                };
+                wire::table(&page, now, self.include_object)
+            } else {
+                wire::object(key, state, *rv)
+            };
+            out.extend_from_slice(&line(&wire::watch_event(kind.as_str(), object)));
+        }
+        Bytes::from(out)
+    }
+}
+
+fn status_value(status: &Status) -> Value {
+    let mut v = serde_json::to_value(status).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("kind".into(), "Status".into());
+        o.insert("apiVersion".into(), "v1".into());
+    }
+    v
+}
+
+/// One JSON value and a newline.
+fn line(value: &Value) -> Bytes {
+    let mut bytes = serde_json::to_vec(value).unwrap_or_default();
+    bytes.push(b'\n');
+    Bytes::from(bytes)
+}
