@@ -221,6 +221,19 @@ impl ControlPlane {
         cp
     }
 
+    /// The front proxy's client certificate and key, which aggregated API servers trust to
+    /// name users in X-Remote-* headers (for requests that bypass the API server in tests).
+    pub fn front_proxy_client(&self) -> crate::pki::Issued {
+        let file = |suffix: &str| {
+            self.dir
+                .join(format!("front-proxy-{FRONT_PROXY_CLIENT}.{suffix}"))
+        };
+        crate::pki::Issued {
+            cert: file("pem"),
+            key: file("key"),
+        }
+    }
+
     /// Time from start to API server ready with CRDs established.
     pub fn started_in(&self) -> Duration {
         self.started_in

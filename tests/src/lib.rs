@@ -16,6 +16,7 @@
 //! - [`contract`]: a server speaking the controller's HTTP contract, for agent tests.
 //! - [`agent`]: agent configs and the release agent binary as a process.
 //! - [`stack`]: the whole path (Mosquitto, agent, fault proxy, controller) for end-to-end tests.
+//! - [`live`]: the controller's live API registered with the aggregation layer.
 //! - [`controller`]: the release controller binary as a process, EdgeNodes and their tokens,
 //!   and a small client for its HTTP API.
 //!
@@ -31,6 +32,7 @@ pub mod contract;
 pub mod controller;
 pub mod crash_publisher;
 pub mod device;
+pub mod live;
 pub mod measure;
 pub mod mosquitto;
 pub mod pki;
