@@ -20,6 +20,7 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
     let controller = deploy.join("controller.yaml").display().to_string();
     let rbac = deploy.join("rbac.yaml").display().to_string();
     let flowcontrol = deploy.join("flowcontrol.yaml").display().to_string();
+    let live = deploy.join("live.yaml").display().to_string();
     // Namespaced objects cannot be dry-run into a namespace that does not exist yet.
     let _ = cp.kubectl(&["create", "namespace", "edgesync-system"]);
     let out = cp.kubectl_ok(&[
@@ -31,6 +32,8 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         &rbac,
         "-f",
         &flowcontrol,
+        "-f",
+        &live,
     ]);
     for kind in [
         "deployment.apps/edgesync-controller",
@@ -40,6 +43,11 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         "poddisruptionbudget.policy/edgesync-controller",
         "prioritylevelconfiguration.flowcontrol.apiserver.k8s.io/edgesync-controller",
         "flowschema.flowcontrol.apiserver.k8s.io/edgesync-controller",
+        "service/edgesync-live",
+        "apiservice.apiregistration.k8s.io/v1alpha1.live.edgesync.io",
+        "clusterrole.rbac.authorization.k8s.io/edgesync-devicestates-reader",
+        "clusterrolebinding.rbac.authorization.k8s.io/edgesync-controller-auth-delegator",
+        "rolebinding.rbac.authorization.k8s.io/edgesync-controller-authentication-reader",
     ] {
         assert!(out.contains(kind), "{kind} missing from dry run:\n{out}");
     }
@@ -69,12 +77,30 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         ("update", "leases.coordination.k8s.io", "edgesync-system"),
         ("create", "events.events.k8s.io", "plant-a"),
         ("patch", "events.events.k8s.io", "plant-a"),
+        // The live API's delegated authorisation.
+        (
+            "create",
+            "subjectaccessreviews.authorization.k8s.io",
+            "plant-a",
+        ),
     ] {
         assert!(
             can(verb, resource, ns),
             "the controller needs {verb} {resource} in {ns}"
         );
     }
+    // The front proxy's settings, by name (not the other ConfigMaps of kube-system).
+    let settings = cp.kubectl(&[
+        "auth",
+        "can-i",
+        "get",
+        "configmaps/extension-apiserver-authentication",
+        "--as",
+        sa,
+        "-n",
+        "kube-system",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&settings.stdout).trim(), "yes");
     for (verb, resource, ns) in [
         ("list", "secrets", "plant-a"),
         ("watch", "secrets", "plant-a"),
@@ -83,6 +109,7 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         ("update", "edgenodes.edgesync.io", "plant-a"),
         ("update", "leases.coordination.k8s.io", "plant-a"),
         ("get", "configmaps", "plant-a"),
+        ("get", "configmaps", "kube-system"),
         ("delete", "events.events.k8s.io", "plant-a"),
         ("list", "events.events.k8s.io", "plant-a"),
     ] {

@@ -3,7 +3,8 @@
 //! front proxy is served and users see what RBAC lets them; watches resume from a version and
 //! get 410 once it has left the window.
 //!
-//! One controller with `--live-listen` serves every test of this binary: an APIService is
+//! One controller with `--live-listen`, running with the RBAC deploy/ grants, serves every
+//! test of this binary: an APIService is
 //! cluster-wide, so the tests share it and keep to namespaces of their own.
 
 // Integration tests: a failed unwrap is a failed test with its location.
@@ -40,9 +41,18 @@ fn live_api() -> &'static Live {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let window = WINDOW.to_string();
-        let controller = Controller::start(
+        // With the identity deploy/ gives it: its RBAC must let it read the front proxy's
+        // settings and ask SubjectAccessReviews.
+        let controller = Controller::start_deployed(
             cp,
-            &["--live-listen", &listen, "--live-window-changes", &window],
+            &[
+                "--live-listen",
+                &listen,
+                "--live-window-changes",
+                &window,
+                "--lease-namespace",
+                "edgesync-system",
+            ],
         );
         live::register(cp, port);
         Live { controller, port }

@@ -19,6 +19,11 @@ use crate::stamp::Stamp;
 /// Namespace and name.
 pub type Key = (String, String);
 
+/// Bits of a resource version that count changes (10^12: years at 20,000 changes/s).
+const CHANGE_BITS: u32 = 40;
+/// Bits of a resource version that name the store's incarnation (so it stays below 2^63).
+pub const INCARNATION_BITS: u32 = 23;
+
 /// The most devices one page holds, whatever `limit` a client asks for: a list of a large
 /// fleet is never one response.
 pub const MAX_PAGE: usize = 5_000;
@@ -139,9 +144,18 @@ impl LiveStore {
     /// An empty store whose watch window keeps the last `window_len` changes, and fewer
     /// when the states they hold reach `window_max_bytes`.
     pub fn new(window_len: usize, window_max_bytes: usize) -> Self {
+        Self::with_incarnation(window_len, window_max_bytes, 0)
+    }
+
+    /// As [`LiveStore::new`], with resource versions that carry `incarnation` (its low
+    /// [`INCARNATION_BITS`] bits) above the change count. A resource version from another
+    /// incarnation (a restarted controller, another replica) is then never mistaken for one
+    /// of this store's: a watch from it gets [`Gone`] and lists again, instead of silently
+    /// missing the changes its number skips.
+    pub fn with_incarnation(window_len: usize, window_max_bytes: usize, incarnation: u64) -> Self {
         Self {
             states: BTreeMap::new(),
-            resource_version: 0,
+            resource_version: (incarnation & ((1 << INCARNATION_BITS) - 1)) << CHANGE_BITS,
             window: VecDeque::with_capacity(window_len.min(1 << 16)),
             window_len: window_len.max(1),
             window_max_bytes,
@@ -279,10 +293,11 @@ impl LiveStore {
     }
 
     /// Every change after `since` (a resource version a list or watch returned), oldest
-    /// first, or [`Gone`] when some have left the window.
+    /// first, or [`Gone`] when some have left the window, or `since` is not this store's
+    /// (another incarnation's, or ahead of it).
     pub fn changes_since(&self, since: u64) -> Result<impl Iterator<Item = &Event>, Gone> {
         let oldest = self.oldest_resumable();
-        if since < oldest {
+        if since < oldest || since > self.resource_version {
             return Err(Gone {
                 asked: since,
                 oldest,
