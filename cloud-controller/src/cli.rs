@@ -184,6 +184,12 @@ pub struct RunOptions {
     #[arg(long, default_value_t = 10, env = "EDGESYNC_DURABLE_WAIT_SECONDS", value_parser = clap::value_parser!(u64).range(1..=300))]
     pub durable_wait_seconds: u64,
 
+    /// Durable versions owed to agents that take live answers, at most (one per device whose
+    /// report was answered live and then written, until its node's next answer tells it).
+    /// Past it, a write is not told and its agent sends the report again after its timeout.
+    #[arg(long, default_value_t = 1_000_000, env = "EDGESYNC_MAX_DURABLE_ACKS", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_durable_acks: usize,
+
     /// Reports per second per node when its EdgeNode sets no `limits.reportsPerSecond`.
     #[arg(long, default_value_t = 5000, env = "EDGESYNC_NODE_REPORTS_PER_SECOND", value_parser = clap::value_parser!(u32).range(1..))]
     pub node_reports_per_second: u32,

@@ -12,6 +12,7 @@
 //! | [`budget`] | the global write budget, adapted to the API server's answers |
 //! | [`stamp`] | a report's `(epoch generation, version)` and how it compares with a status |
 //! | [`epoch`] | a node's agent epochs: the current one, retired ones, the switch |
+//! | [`durable`] | durable versions owed to agents answered live |
 //! | [`device_status`] | what a report writes into a Device's status and conditions |
 //! | [`heartbeat`] | EdgeNode status from agent heartbeats |
 //! | [`events`] | Kubernetes Events on Devices and EdgeNodes, paced per object |
@@ -29,6 +30,7 @@ pub mod cache;
 pub mod cli;
 pub mod desired;
 pub mod device_status;
+pub mod durable;
 pub mod epoch;
 pub mod events;
 pub mod heartbeat;
@@ -78,10 +80,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
     let metrics = Arc::new(metrics::Metrics::new());
     let hub = Arc::new(desired::DesiredHub::new());
+    // Names this process in live answers and live resource versions.
+    let incarnation = fastrand::u64(..);
     let live = opts.live_listen.map(|_| {
         let live = Arc::new(live::state::Live::new(
             opts.live_window_changes,
             opts.live_window_bytes,
+            incarnation,
         ));
         metrics.watch_live(Arc::clone(&live));
         live
@@ -179,6 +184,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         writer: status_writer,
         hub,
         live: live.clone(),
+        durable: Arc::new(durable::DurableAcks::new(opts.max_durable_acks)),
+        incarnation: format!("{incarnation:016x}"),
         caches,
         client,
         metrics,

@@ -111,6 +111,10 @@ pub struct Metrics {
     live_requests: Counters,
     /// Live API requests refused, by reason.
     live_refused: Counters,
+    /// Durable acknowledgements told to agents.
+    pub durable_acks_told: Counter,
+    /// Durable acknowledgements dropped because --max-durable-acks were owed.
+    pub durable_acks_dropped: Counter,
     /// Open watches of the live API.
     pub live_watches: Gauge,
     /// Live watches ended because they fell behind the change window (410).
@@ -332,6 +336,16 @@ impl Metrics {
         ] {
             drop(live_refused.get_or_create(&[("reason", reason)]));
         }
+        let durable_acks_told = counter(
+            r,
+            "edgesync_controller_durable_acks_told",
+            "Durable versions told to agents that take live answers (each lets the agent drop a report it kept).",
+        );
+        let durable_acks_dropped = counter(
+            r,
+            "edgesync_controller_durable_acks_dropped",
+            "Durable versions not remembered because --max-durable-acks were owed: those agents send the reports again after their timeout (raise --max-durable-acks to fit the fleet's devices).",
+        );
         let live_watches = gauge(
             r,
             "edgesync_controller_live_watches",
@@ -390,6 +404,8 @@ impl Metrics {
             kubernetes_up,
             live_requests,
             live_refused,
+            durable_acks_told,
+            durable_acks_dropped,
             live_watches,
             live_watches_expired,
             report_durable_latency,

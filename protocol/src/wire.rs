@@ -35,6 +35,18 @@ pub struct ReportBatch {
     pub agent: AgentHealth,
     /// At most one report per device.
     pub reports: Vec<Report>,
+    /// The agent takes live answers: `accepted` then means "applied to the controller's live
+    /// state", and the answer (this one or a later one) lists in
+    /// [`ReportBatchResponse::durable`] the versions that have since become durable. The
+    /// agent keeps each report until a durable version covers it. Without it, a batch is
+    /// answered once its reports are durable.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub live: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Longest epoch a batch may carry.
@@ -136,6 +148,27 @@ pub struct ReportBatchResponse {
     pub seq: u64,
     /// One result per report.
     pub results: Vec<ReportResult>,
+    /// Set when the batch was answered live: the identity of the live state its accepted
+    /// reports were applied to. It changes when that state is lost (the controller
+    /// restarted, or another replica answers): the agent then sends again the reports it
+    /// holds that no durable version covers yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<String>,
+    /// Versions of this node's devices (in the batch's epoch) that became durable since the
+    /// node was last told: each covers that device's reports up to its version, whichever
+    /// batch carried them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub durable: Vec<Durable>,
+}
+
+/// A device's version that is durable (in the Device's status, or superseded there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Durable {
+    /// Device id.
+    pub device: String,
+    /// Every report of the device up to this version is durable or superseded.
+    pub version: u64,
 }
 
 /// The fate of one report.
@@ -280,11 +313,28 @@ mod tests {
                     reason: Some("device b belongs to node n2".into()),
                 },
             ],
+            live: None,
+            durable: Vec::new(),
         };
         assert_eq!(
             serde_json::to_value(&r).unwrap(),
             json!({"seq":1,"results":[{"device":"a","version":2,"status":"accepted"},{"device":"b","version":1,"status":"rejected","reason":"device b belongs to node n2"}]})
         );
+        // A live answer names its live state and lists what became durable.
+        let live = ReportBatchResponse {
+            live: Some("7f".into()),
+            durable: vec![Durable {
+                device: "c".into(),
+                version: 9,
+            }],
+            ..r
+        };
+        let v = serde_json::to_value(&live).unwrap();
+        assert_eq!(v["live"], "7f");
+        assert_eq!(v["durable"], json!([{"device":"c","version":9}]));
+        // An answer from a controller that predates live answers reads as durable.
+        let old: ReportBatchResponse = serde_json::from_str(r#"{"seq":1,"results":[]}"#).unwrap();
+        assert_eq!((old.live, old.durable.len()), (None, 0));
         assert_eq!(
             serde_json::to_value(ErrorBody::new("unauthorized", "bad token")).unwrap(),
             json!({"error":{"code":"unauthorized","message":"bad token"}})
@@ -337,6 +387,7 @@ mod tests {
                 epoch: epoch_from_random(u128::from(seq)),
                 agent: AgentHealth::default(),
                 reports: vec![Report { device, version, reported: Map::new(), reported_at: "2026-01-01T00:00:00Z".into(), observed_desired_version: g, connected: None }],
+                live: seq % 2 == 0,
             };
             let back: ReportBatch = serde_json::from_str(&serde_json::to_string(&batch).unwrap()).unwrap();
             prop_assert_eq!(back, batch);

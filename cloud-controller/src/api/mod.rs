@@ -5,8 +5,10 @@
 //! read; the body within its deadline (408), its size and gzip decoding (413), JSON parsing
 //! (400), batch size (413), the node's token bucket for every report (429), then each report is
 //! checked on its own (id, version, size, depth, ownership, existence; a bad report is
-//! `rejected` with a reason and never stops its neighbours), queued for the status writer,
-//! and the batch is answered once every accepted report is durable. A batch from a retired
+//! `rejected` with a reason and never stops its neighbours), applied to the live state and
+//! queued for the status writer, and the batch is answered once every accepted report is
+//! durable, or at once for an agent that takes live answers (it is told the durable versions
+//! in later answers). A batch from a retired
 //! agent epoch is refused with 409 before anything, heartbeat included, is written.
 //!
 //! | module | job |
@@ -60,6 +62,11 @@ pub struct AppState {
     pub hub: Arc<DesiredHub>,
     /// The live state (`--live-listen`), which each accepted report reaches at once.
     pub live: Option<Arc<crate::live::state::Live>>,
+    /// Durable versions owed to agents that take live answers.
+    pub durable: Arc<crate::durable::DurableAcks>,
+    /// This process's identity in live answers: agents resend what is not yet durable
+    /// when it changes (a restart lost the reports waiting to be written).
+    pub incarnation: String,
     /// EdgeNode heartbeats.
     pub heartbeats: Heartbeats,
     /// Kubernetes Events.

@@ -1,5 +1,6 @@
 //! `POST .../reports`: a batch from an agent, checked report by report and answered once
-//! every accepted report is durable.
+//! every accepted report is durable, or, for an agent that takes live answers, once they are
+//! applied to the live state, with the durable versions owed to its node.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,10 +9,11 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use edgesync_crds::EdgeNode;
 use edgesync_crds::{Device, DeviceSpec};
 use edgesync_protocol::limits::Limits;
 use edgesync_protocol::wire::{
-    Report, ReportBatch, ReportBatchResponse, ReportResult, ReportStatus,
+    Durable, Report, ReportBatch, ReportBatchResponse, ReportResult, ReportStatus,
 };
 use futures_util::StreamExt as _;
 use kube::Api;
@@ -22,9 +24,14 @@ use tracing::{Instrument, debug, info, info_span};
 use super::body::{read_body, reserve_body};
 use super::checks;
 use super::{ApiError, AppState, Shared, authenticate, unavailable};
+use crate::durable::DurableAcks;
 use crate::epoch::EpochError;
 use crate::stamp::{Stamp, Stamped};
 use crate::writer::Outcome;
+
+/// Durable acknowledgements one answer carries at most (about 60 bytes each); the rest
+/// follow in the next answers.
+const MAX_DURABLE_PER_ANSWER: usize = 10_000;
 
 /// Unknown devices of one batch looked up or registered at once.
 const REGISTER_CONCURRENCY: usize = 16;
@@ -162,12 +169,15 @@ async fn handle_reports(
         max_depth: s.opts.max_depth,
         ..Limits::default()
     };
+    // A live agent is answered once its reports are in the live state (see `durable`).
+    let live = batch.live.then(|| s.incarnation.clone());
+    let mut durable_now = Vec::new();
     let newest = checks::newest_versions(&batch.reports);
     let received_at_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
     let mut results: Vec<ReportResult> = Vec::with_capacity(batch.reports.len());
-    let mut waits: Vec<(usize, Stamp, oneshot::Receiver<Outcome>)> = Vec::new();
+    let mut waits: Vec<(usize, Stamp, u64, oneshot::Receiver<Outcome>)> = Vec::new();
     // Reports that passed the checks needing no lookup, with their place in `results`.
     let mut checked = Vec::with_capacity(batch.reports.len());
     let auto_register = edge_node.spec.auto_register_devices;
@@ -216,6 +226,13 @@ async fn handle_reports(
                     ),
                 );
             }
+            // Already durable (a resend): a live agent is told so in this very answer.
+            if live.is_some() && settled.status == ReportStatus::Accepted {
+                durable_now.push(Durable {
+                    device: report.device.clone(),
+                    version: report.version,
+                });
+            }
             settle(s, &mut results[i], settled);
             continue;
         }
@@ -229,13 +246,47 @@ async fn handle_reports(
         if let Some(live) = &s.live {
             live.apply_report(&device, &stamped, received_at_ms);
         }
-        waits.push((i, stamp, s.writer.submit(key, node, stamped, Some(known))));
+        let version = stamped.report.version;
+        let rx = s.writer.submit(key, node, stamped, Some(known));
+        waits.push((i, stamp, version, rx));
+    }
+
+    if let Some(live) = live {
+        // Answered now: the writes go on, and each durable one is owed to the node.
+        if !waits.is_empty() {
+            let owed = waits
+                .into_iter()
+                .map(|(i, _, version, rx)| (results[i].device.clone(), version, rx))
+                .collect();
+            s.tasks.spawn(owe_when_durable(
+                Arc::clone(&s.durable),
+                (ns.to_owned(), node.to_owned()),
+                Arc::clone(&epoch),
+                owed,
+                Arc::clone(&s.metrics),
+            ));
+        }
+        let mut durable = durable_now;
+        durable.extend(s.durable.take((ns, node), &epoch, MAX_DURABLE_PER_ANSWER));
+        s.metrics.durable_acks_told.inc_by(durable.len() as u64);
+        count_results(s, &edge_node, &results);
+        debug!(
+            results = results.len(),
+            durable = durable.len(),
+            "Batch live"
+        );
+        return Ok(ReportBatchResponse {
+            seq: batch.seq,
+            results,
+            live: Some(live),
+            durable,
+        });
     }
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(s.opts.durable_wait_seconds);
     let mut unavailable_reason = None;
     let mut timed_out = false;
-    for (i, stamp, rx) in waits {
+    for (i, stamp, _, rx) in waits {
         let outcome = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(o)) => o,
             Ok(Err(_)) => Outcome::Unavailable("the status writer stopped".into()),
@@ -266,6 +317,18 @@ async fn handle_reports(
         )
         .retry_after(Duration::from_secs(2)));
     }
+    count_results(s, &edge_node, &results);
+    debug!(results = results.len(), "Batch durable");
+    Ok(ReportBatchResponse {
+        seq: batch.seq,
+        results,
+        live: None,
+        durable: Vec::new(),
+    })
+}
+
+/// Counts a batch's results, and raises one event on the EdgeNode when some were rejected.
+fn count_results(s: &AppState, edge_node: &EdgeNode, results: &[ReportResult]) {
     let rejected: Vec<&ReportResult> = results
         .iter()
         .filter(|r| r.status == ReportStatus::Rejected)
@@ -274,7 +337,7 @@ async fn handle_reports(
         // One event on the EdgeNode per batch at most (paced per node): the agent drops
         // rejected reports, so the operator sees it here or not at all.
         s.events.emit(
-            edge_node.as_ref(),
+            edge_node,
             kube::runtime::events::EventType::Warning,
             "ReportsRejected",
             format!(
@@ -285,18 +348,38 @@ async fn handle_reports(
             ),
         );
     }
-    for r in &results {
+    for r in results {
         match r.status {
             ReportStatus::Accepted => s.metrics.reports_accepted.inc(),
             ReportStatus::Stale => s.metrics.reports_stale.inc(),
             ReportStatus::Rejected => 0,
         };
     }
-    debug!(results = results.len(), "Batch durable");
-    Ok(ReportBatchResponse {
-        seq: batch.seq,
-        results,
-    })
+}
+
+/// Waits for the writes of a live batch's reports and owes each durable one to the node.
+/// A write that fails is owed nothing: the agent, never told, sends the report again.
+async fn owe_when_durable(
+    acks: Arc<DurableAcks>,
+    (ns, node): (String, String),
+    epoch: Arc<str>,
+    owed: Vec<(String, u64, oneshot::Receiver<Outcome>)>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    for (device, version, rx) in owed {
+        match rx.await {
+            Ok(Outcome::Durable(_)) => {
+                if !acks.record((&ns, &node), &epoch, &device, version) {
+                    metrics.durable_acks_dropped.inc();
+                }
+            }
+            Ok(Outcome::Superseded(_)) => {
+                metrics.reports_superseded.inc();
+            }
+            // The writer stopped, the API server failed or refused: the agent resends.
+            Ok(Outcome::Rejected(..) | Outcome::Unavailable(_)) | Err(_) => {}
+        }
+    }
 }
 
 /// Puts a settled report into its answer, counting a rejection under its reason.

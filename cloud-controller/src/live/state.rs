@@ -28,15 +28,15 @@ pub struct Live {
 
 impl Live {
     /// An empty live state with a watch window of `window_len` changes and at most
-    /// `window_bytes` of states.
-    pub fn new(window_len: usize, window_bytes: usize) -> Self {
+    /// `window_bytes` of states. `incarnation` (random per process) tells its resource
+    /// versions apart from another replica's or an earlier run's (see
+    /// `LiveStore::with_incarnation`).
+    pub fn new(window_len: usize, window_bytes: usize, incarnation: u64) -> Self {
         Self {
-            // A random incarnation: resource versions of another replica or an earlier run
-            // are told apart from this one's (see `LiveStore::with_incarnation`).
             store: Mutex::new(LiveStore::with_incarnation(
                 window_len,
                 window_bytes,
-                fastrand::u64(..),
+                incarnation,
             )),
             changed: watch::channel(0).0,
         }
@@ -206,7 +206,7 @@ mod tests {
 
     #[test]
     fn reports_statuses_labels_and_deletions_reach_the_live_state() {
-        let live = Live::new(100, usize::MAX);
+        let live = Live::new(100, usize::MAX, 3);
         let mut rx = live.subscribe();
         let d = device(2, json!({"speed": 3}));
         live.apply_report(&d, &stamped(5, json!({"speed": 3})), 1_000);
