@@ -63,6 +63,13 @@ pub struct Metrics {
     pub reports_stale: Counter,
     /// Reports the controller rejected (dropped).
     pub reports_rejected: Counter,
+    /// Durable versions the controller told (each ends its device's rows up to it).
+    pub durable_acks: Counter,
+    /// Devices whose report a live answer accepted, awaiting a durable version.
+    pub awaiting_durable: Gauge,
+    /// Reports sent again because no durable version came in time or the live state that
+    /// held them was lost.
+    pub live_resends: Counter,
     /// Seconds spent waiting on the upstream rate limit.
     pub rate_limited_seconds: Counter<f64, AtomicU64>,
     /// Desired-state events received.
@@ -361,6 +368,21 @@ impl Metrics {
             "result",
             ["accepted", "stale", "rejected"],
         );
+        let durable_acks = counter(
+            r,
+            "edgesync_agent_durable_acks",
+            "Durable versions the controller told after live answers (each lets the outbox drop a device's rows up to it).",
+        );
+        let awaiting_durable = gauge(
+            r,
+            "edgesync_agent_awaiting_durable",
+            "Devices whose report the controller holds live, awaiting a durable version (their rows stay in the outbox).",
+        );
+        let live_resends = counter(
+            r,
+            "edgesync_agent_live_resends",
+            "Reports sent again after a live answer: no durable version within uplink.durable_timeout_secs, or the controller's live state was lost (a restart, another replica).",
+        );
         let rate_limited_seconds = add(
             r,
             "edgesync_agent_rate_limited_seconds",
@@ -461,6 +483,9 @@ impl Metrics {
             cloud_connected,
             batches_sent,
             batches_retried,
+            durable_acks,
+            awaiting_durable,
+            live_resends,
             reports_accepted,
             reports_stale,
             reports_rejected,

@@ -247,9 +247,12 @@ async fn reports(
             reason: None,
         });
     }
+    // Answered as a controller without live answers does: every accepted report durable.
     axum::Json(ReportBatchResponse {
         seq: batch.seq,
         results,
+        live: None,
+        durable: Vec::new(),
     })
     .into_response()
 }

@@ -282,7 +282,8 @@ pub fn report(device: &str, version: u64, reported: Value) -> Report {
     }
 }
 
-/// A batch of `reports` with a default agent health, from an agent that predates epochs.
+/// A batch of `reports` with a default agent health, from an agent that predates epochs
+/// (and live answers: it is answered once its reports are durable).
 pub fn batch(seq: u64, reports: Vec<Report>) -> ReportBatch {
     ReportBatch {
         seq,
@@ -293,6 +294,16 @@ pub fn batch(seq: u64, reports: Vec<Report>) -> ReportBatch {
             ..AgentHealth::default()
         },
         reports,
+        live: false,
+    }
+}
+
+/// A batch from an agent of epoch `epoch` that takes live answers.
+pub fn live_batch(seq: u64, epoch: &str, reports: Vec<Report>) -> ReportBatch {
+    ReportBatch {
+        epoch: epoch.to_owned(),
+        live: true,
+        ..batch(seq, reports)
     }
 }
 

@@ -214,6 +214,17 @@ pub struct RawUplink {
     pub heartbeat_secs: u64,
     /// Compress request bodies with gzip (those over 1 KiB).
     pub gzip: bool,
+    /// Ask for live answers: a batch is answered once the controller holds its reports in
+    /// its live state, not once they are written to Kubernetes, so the uplink is never held
+    /// back by the API server's write rate. Each report stays in the outbox until a later
+    /// answer says a version covering it is durable.
+    pub live_answers: bool,
+    /// A report answered live with no durable version after this long goes out again (the
+    /// write failed, or the answer telling it was lost).
+    pub durable_timeout_secs: u64,
+    /// While reports await a durable version, an empty batch asks for them after this long
+    /// without other batches.
+    pub durable_poll_ms: u64,
 }
 
 impl Default for RawUplink {
@@ -231,6 +242,9 @@ impl Default for RawUplink {
             retry_max_ms: 30_000,
             heartbeat_secs: 10,
             gzip: true,
+            live_answers: true,
+            durable_timeout_secs: 120,
+            durable_poll_ms: 1000,
         }
     }
 }
@@ -371,6 +385,12 @@ pub struct UplinkSettings {
     pub heartbeat: Duration,
     /// gzip request bodies.
     pub gzip: bool,
+    /// Ask for live answers.
+    pub live_answers: bool,
+    /// A live-answered report with no durable version after this long goes out again.
+    pub durable_timeout: Duration,
+    /// Interval of empty batches asking for durable versions while reports await them.
+    pub durable_poll: Duration,
 }
 
 /// SQLite durability level.
@@ -522,6 +542,8 @@ impl TryFrom<RawConfig> for Settings {
             ("uplink.max_in_flight", u.max_in_flight as u64),
             ("uplink.retry_initial_ms", u.retry_initial_ms),
             ("uplink.heartbeat_secs", u.heartbeat_secs),
+            ("uplink.durable_timeout_secs", u.durable_timeout_secs),
+            ("uplink.durable_poll_ms", u.durable_poll_ms),
         ] {
             if v == 0 {
                 errs.push(format!("{key} must be > 0 (got 0)"));
@@ -553,6 +575,9 @@ impl TryFrom<RawConfig> for Settings {
             retry_max: Duration::from_millis(u.retry_max_ms),
             heartbeat: Duration::from_secs(u.heartbeat_secs),
             gzip: u.gzip,
+            live_answers: u.live_answers,
+            durable_timeout: Duration::from_secs(u.durable_timeout_secs),
+            durable_poll: Duration::from_millis(u.durable_poll_ms),
         };
 
         let durability = match raw.store.durability.as_str() {

@@ -9,8 +9,14 @@ use edgesync_protocol::wire::{ReportBatchResponse, ReportStatus};
 /// What became of one batch.
 #[derive(Debug)]
 pub enum Outcome {
-    /// 2xx: this many (device, version) pairs are done.
-    Acked { covered: usize },
+    /// 2xx: this many (device, version) pairs are done (durable, stale or rejected).
+    Acked {
+        covered: usize,
+        /// A live answer: what its live state holds, awaiting a durable version.
+        live: Option<LiveAccepted>,
+        /// Versions the answer says are durable (from this batch or earlier ones).
+        durable: Vec<(String, u64)>,
+    },
     /// Transport error, timeout, 408, 429 or 5xx: try again later.
     Retry {
         after: Option<Duration>,
@@ -35,6 +41,16 @@ impl Outcome {
             _ => "the message says why",
         }
     }
+}
+
+/// The reports a live answer accepted: applied to the live state named `id`, not yet
+/// durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveAccepted {
+    /// The live state's identity.
+    pub id: String,
+    /// (device, version) pairs it holds.
+    pub accepted: Vec<(String, u64)>,
 }
 
 /// Classifies an HTTP answer: its parsed results on a 2xx, otherwise what to do.
@@ -92,6 +108,47 @@ pub fn settled(sent: &[(String, u64)], resp: ReportBatchResponse) -> Vec<Done> {
         .collect()
 }
 
+/// A 2xx answer, sorted: what leaves the outbox, and what a live state holds.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Sorted {
+    /// Reports settled for good (stale, rejected; accepted when answered durably).
+    pub done: Vec<Done>,
+    /// Reports a live answer accepted: they stay in the outbox until a durable version
+    /// covers them.
+    pub live: Option<LiveAccepted>,
+    /// Versions the answer says are durable: each removes its device's rows up to it.
+    pub durable: Vec<(String, u64)>,
+}
+
+/// Sorts the answer to a batch that carried `sent` (see [`settled`]).
+pub fn sort(sent: &[(String, u64)], mut resp: ReportBatchResponse) -> Sorted {
+    let durable = std::mem::take(&mut resp.durable)
+        .into_iter()
+        .map(|d| (d.device, d.version))
+        .collect();
+    let Some(id) = resp.live.take() else {
+        return Sorted {
+            done: settled(sent, resp),
+            live: None,
+            durable,
+        };
+    };
+    let (accepted, done): (Vec<Done>, Vec<Done>) = settled(sent, resp)
+        .into_iter()
+        .partition(|d| d.status == ReportStatus::Accepted);
+    Sorted {
+        done,
+        live: Some(LiveAccepted {
+            id,
+            accepted: accepted
+                .into_iter()
+                .map(|d| (d.device, d.version))
+                .collect(),
+        }),
+        durable,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -127,6 +184,41 @@ mod tests {
             panic!("500 is retried");
         };
         assert!(reason.len() < 600, "the reason quotes at most 512 bytes");
+    }
+
+    #[test]
+    fn a_live_answer_keeps_accepted_reports_and_durable_versions_end_any() {
+        let resp: ReportBatchResponse = serde_json::from_str(
+            r#"{"seq":3,"live":"c0ffee","results":[
+                {"device":"a","version":5,"status":"accepted"},
+                {"device":"b","version":2,"status":"stale"}],
+                "durable":[{"device":"z","version":7},{"device":"a","version":4}]}"#,
+        )
+        .unwrap();
+        let sent = [("a".to_owned(), 5), ("b".to_owned(), 2)];
+        let sorted = sort(&sent, resp);
+        assert_eq!(sorted.done.len(), 1);
+        assert_eq!(sorted.done[0].device, "b");
+        assert_eq!(
+            sorted.live,
+            Some(LiveAccepted {
+                id: "c0ffee".into(),
+                accepted: vec![("a".into(), 5)],
+            })
+        );
+        // A durable version may name a device this batch did not carry.
+        assert_eq!(sorted.durable, [("z".into(), 7), ("a".into(), 4)]);
+
+        // A durable answer (a controller without live answers) settles accepted reports.
+        let resp: ReportBatchResponse = serde_json::from_str(
+            r#"{"seq":3,"results":[{"device":"a","version":5,"status":"accepted"}]}"#,
+        )
+        .unwrap();
+        let sorted = sort(&sent, resp);
+        assert_eq!(
+            (sorted.done.len(), sorted.live, sorted.durable.len()),
+            (1, None, 0)
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::backoff::full_jitter;
 use crate::config::{CloudSettings, UplinkSettings};
 use crate::metrics::Metrics;
 use crate::store::{PendingBatch, Store};
-use answer::{Outcome, classify, settled};
+use answer::{Outcome, classify, sort};
 use schedule::Schedule;
 
 /// Bodies up to this size are sent uncompressed.
@@ -139,6 +139,8 @@ impl Uplink {
                     };
                     let covered = carrying.remove(&id).unwrap_or_default();
                     let delay = schedule.settle(&covered, &outcome, now());
+                    this.metrics.awaiting_durable.set(schedule.awaiting_durable() as i64);
+                    this.metrics.live_resends.inc_by(schedule.take_resent());
                     this.log(&outcome, delay, schedule.batch_max());
                 }
                 // An idle link sends a change at once (after `linger`, 0 by default). While a
@@ -225,7 +227,11 @@ impl Uplink {
     fn log(&self, outcome: &Outcome, delay: Duration, batch_max: usize) {
         let retry_in_ms = delay.as_millis() as u64;
         match outcome {
-            Outcome::Acked { covered } => debug!(covered, "Batch acknowledged"),
+            Outcome::Acked { covered, live, .. } => debug!(
+                covered,
+                live = live.as_ref().map_or(0, |l| l.accepted.len()),
+                "Batch acknowledged"
+            ),
             Outcome::Retry { reason, .. } => {
                 warn!(reason, retry_in_ms, "Uplink failed, retrying");
             }
@@ -276,6 +282,7 @@ impl Uplink {
                 device_limit_rejections: self.metrics.rejections("device_limit"),
             },
             reports: batch.reports,
+            live: self.settings.live_answers,
         };
         let started = now();
         let outcome = self.post(&body).await;
@@ -339,8 +346,14 @@ impl Uplink {
         sent: &[(String, u64)],
         resp: ReportBatchResponse,
     ) -> Outcome {
-        let mut done = Vec::with_capacity(resp.results.len());
-        for r in settled(sent, resp) {
+        let sorted = sort(sent, resp);
+        let mut done = Vec::with_capacity(sorted.done.len() + sorted.durable.len());
+        if let Some(live) = &sorted.live {
+            self.metrics
+                .reports_accepted
+                .inc_by(live.accepted.len() as u64);
+        }
+        for r in sorted.done {
             let counter = match r.status {
                 ReportStatus::Accepted => &self.metrics.reports_accepted,
                 ReportStatus::Stale => &self.metrics.reports_stale,
@@ -357,14 +370,23 @@ impl Uplink {
             counter.inc();
             done.push((r.device, r.version));
         }
+        self.metrics
+            .durable_acks
+            .inc_by(sorted.durable.len() as u64);
+        done.extend(sorted.durable.iter().cloned());
         let covered = done.len();
+        let acked = Outcome::Acked {
+            covered,
+            live: sorted.live,
+            durable: sorted.durable,
+        };
         if seq == PendingBatch::HEALTH_ONLY_SEQ && done.is_empty() {
-            return Outcome::Acked { covered };
+            return acked;
         }
         // Not awaited (see `queue_ack`): should its commit fail, these reports are simply
         // sent again.
         match self.store.queue_ack(seq, done).await {
-            Ok(()) => Outcome::Acked { covered },
+            Ok(()) => acked,
             Err(e) => Outcome::Retry {
                 after: None,
                 reason: format!("cannot record acknowledgement: {e}"),

@@ -9,7 +9,10 @@
 //! on an idle link and the batch window while a batch is out. An answer settles the batch: a
 //! 2xx resets the backoff and restores the batch size, a retryable failure waits the next
 //! backoff delay (or `Retry-After`), 413 halves the batch size, a refusal waits the longest
-//! delay.
+//! delay. A live answer's accepted reports are held as live marks until a durable version
+//! covers them (skipped by reads meanwhile, polled for with empty batches every
+//! `durable_poll`), and go out again after `durable_timeout` or when answers come from
+//! another live state.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use edgesync_protocol::rate::TokenBucket;
 
-use super::answer::Outcome;
+use super::answer::{LiveAccepted, Outcome};
 use crate::backoff::{Backoff, Jitter};
 use crate::config::UplinkSettings;
 use crate::store::InFlight;
@@ -50,6 +53,16 @@ pub struct Schedule {
     last_sent: HashMap<String, Instant>,
     /// When the last batch or heartbeat went out.
     last_activity: Instant,
+    /// Reports a live answer accepted, awaiting a durable version: each device's version
+    /// and when it was accepted. Reads skip them as they skip devices in flight; one goes
+    /// out again when no durable version came within `durable_timeout`, or when answers
+    /// come from another live state (the one that held it is gone).
+    live: HashMap<String, (u64, Instant)>,
+    /// The live state the marks in `live` were accepted by.
+    live_id: Option<String>,
+    /// Live marks given up since the last [`Schedule::take_resent`] (timed out, or their
+    /// live state gone).
+    resent: u64,
     reports: Option<TokenBucket>,
     bytes: Option<TokenBucket>,
 }
@@ -71,6 +84,9 @@ impl Schedule {
             devices_in_flight: Arc::default(),
             last_sent: HashMap::new(),
             last_activity: now.checked_sub(settings.heartbeat).unwrap_or(now),
+            live: HashMap::new(),
+            live_id: None,
+            resent: 0,
             reports,
             bytes,
             settings,
@@ -88,6 +104,18 @@ impl Schedule {
             self.last_sent
                 .retain(|_, sent| now.saturating_duration_since(*sent) < min);
             Arc::make_mut(&mut skip).extend(self.last_sent.keys().map(|d| (d.clone(), u64::MAX)));
+        }
+        let timeout = self.settings.durable_timeout;
+        let before = self.live.len();
+        self.live
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < timeout);
+        self.resent += (before - self.live.len()) as u64;
+        if !self.live.is_empty() {
+            let skip = Arc::make_mut(&mut skip);
+            for (device, (version, _)) in &self.live {
+                let held = skip.entry(device.clone()).or_default();
+                *held = (*held).max(*version);
+            }
         }
         Some(Read {
             max_reports: self.batch_max,
@@ -145,6 +173,9 @@ impl Schedule {
                 in_flight.remove(device);
             }
         }
+        if let Outcome::Acked { live, durable, .. } = outcome {
+            self.settle_live(live.as_ref(), durable, now);
+        }
         let delay = match outcome {
             Outcome::Acked { .. } => {
                 self.backoff.reset();
@@ -160,6 +191,49 @@ impl Schedule {
         };
         self.not_before = now + delay;
         delay
+    }
+
+    /// Records what a 2xx answer says of the live state: reports it accepted (live), and
+    /// versions now durable, which end their marks.
+    fn settle_live(
+        &mut self,
+        live: Option<&LiveAccepted>,
+        durable: &[(String, u64)],
+        now: Instant,
+    ) {
+        if let Some(live) = live {
+            if self.live_id.as_deref() != Some(live.id.as_str()) {
+                // Another live state: what the old one held is gone, so it goes out again.
+                self.resent += self.live.len() as u64;
+                self.live.clear();
+                self.live_id = Some(live.id.clone());
+            }
+            for (device, version) in &live.accepted {
+                let mark = self.live.entry(device.clone()).or_insert((*version, now));
+                if *version >= mark.0 {
+                    *mark = (*version, now);
+                }
+            }
+        }
+        for (device, version) in durable {
+            if self
+                .live
+                .get(device)
+                .is_some_and(|(held, _)| held <= version)
+            {
+                self.live.remove(device);
+            }
+        }
+    }
+
+    /// Devices a live state holds, awaiting a durable version.
+    pub fn awaiting_durable(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Live marks given up since the last call (each device goes out again).
+    pub fn take_resent(&mut self) -> u64 {
+        std::mem::take(&mut self.resent)
     }
 
     /// How long a change waits before it is read: `linger` on an idle link, the batch window
@@ -182,7 +256,13 @@ impl Schedule {
     pub fn wake_at(&self, now: Instant) -> Option<Instant> {
         let retry = (self.not_before > now).then_some(self.not_before);
         let heartbeat =
-            (self.batches_in_flight == 0).then(|| self.last_activity + self.settings.heartbeat);
+            (self.batches_in_flight == 0).then(|| self.last_activity + self.heartbeat_interval());
+        // A live mark that times out makes its device pending again.
+        let expiry = self
+            .live
+            .values()
+            .map(|(_, at)| *at + self.settings.durable_timeout)
+            .min();
         let window_open = self.batches_in_flight < self.settings.max_in_flight;
         let interval = self
             .last_sent
@@ -190,7 +270,7 @@ impl Schedule {
             .min()
             .map(|sent| *sent + self.settings.device_min_interval)
             .filter(|_| window_open);
-        [retry, heartbeat, interval]
+        [retry, heartbeat, interval, expiry]
             .into_iter()
             .flatten()
             .min()
@@ -204,7 +284,18 @@ impl Schedule {
 
     fn heartbeat_due(&self, now: Instant) -> bool {
         self.batches_in_flight == 0
-            && now.saturating_duration_since(self.last_activity) >= self.settings.heartbeat
+            && now.saturating_duration_since(self.last_activity) >= self.heartbeat_interval()
+    }
+
+    /// The heartbeat interval, or the durable poll while a live state holds reports: an
+    /// empty batch then fetches the durable versions owed, so the outbox empties soon after
+    /// the writes even when no other change goes out.
+    fn heartbeat_interval(&self) -> Duration {
+        if self.live.is_empty() {
+            self.settings.heartbeat
+        } else {
+            self.settings.heartbeat.min(self.settings.durable_poll)
+        }
     }
 }
 
@@ -231,6 +322,9 @@ mod tests {
             retry_max: ms(1000),
             heartbeat: Duration::from_secs(30),
             gzip: false,
+            live_answers: true,
+            durable_timeout: Duration::from_secs(120),
+            durable_poll: Duration::from_secs(1),
         }
     }
 
@@ -240,6 +334,14 @@ mod tests {
 
     fn one(device: &str, version: u64) -> Vec<(String, u64)> {
         vec![(device.to_owned(), version)]
+    }
+
+    fn acked(covered: usize) -> Outcome {
+        Outcome::Acked {
+            covered,
+            live: None,
+            durable: Vec::new(),
+        }
     }
 
     fn retry() -> Outcome {
@@ -271,10 +373,7 @@ mod tests {
 
         s.next(now).unwrap();
         s.sent(&one("a", 1), now);
-        assert_eq!(
-            s.settle(&one("a", 1), &Outcome::Acked { covered: 1 }, now),
-            ms(0)
-        );
+        assert_eq!(s.settle(&one("a", 1), &acked(1), now), ms(0));
         s.sent(&one("a", 2), now);
         assert_eq!(
             s.settle(&one("a", 2), &retry(), now),
@@ -312,7 +411,7 @@ mod tests {
         }
         for expected in [24, 48, 96, 100, 100] {
             s.sent(&[], t0);
-            s.settle(&[], &Outcome::Acked { covered: 0 }, t0);
+            s.settle(&[], &acked(0), t0);
             assert_eq!(s.next(t0).unwrap().max_reports, expected);
         }
     }
@@ -328,7 +427,7 @@ mod tests {
         s.sent(&one("b", 1), t0);
         assert!(s.next(t0).is_none(), "two in flight");
         assert_eq!(s.change_delay(), None);
-        s.settle(&one("a", 1), &Outcome::Acked { covered: 1 }, t0);
+        s.settle(&one("a", 1), &acked(1), t0);
         assert!(s.next(t0).is_some());
         assert_eq!(s.change_delay(), Some(ms(50)), "one still out");
     }
@@ -342,7 +441,7 @@ mod tests {
         // A newer version of `a` goes out in a second batch...
         s.sent(&one("a", 2), t0);
         // ...and the first batch's answer does not clear it.
-        s.settle(&one("a", 1), &Outcome::Acked { covered: 1 }, t0);
+        s.settle(&one("a", 1), &acked(1), t0);
         assert_eq!(s.next(t0).unwrap().skip.get("a"), Some(&2));
         s.settle(&one("a", 2), &retry(), t0);
         assert!(s.next(t0 + ms(100)).unwrap().skip.is_empty());
@@ -355,7 +454,7 @@ mod tests {
         assert!(s.next(t0).unwrap().heartbeat, "due at start");
         s.sent(&[], t0);
         assert!(!s.next(t0).unwrap().heartbeat, "one is out");
-        s.settle(&[], &Outcome::Acked { covered: 0 }, t0);
+        s.settle(&[], &acked(0), t0);
         let thirty = Duration::from_secs(30);
         assert_eq!(s.wake_at(t0), Some(t0 + thirty));
         assert!(!s.next(t0 + thirty - ms(1)).unwrap().heartbeat);
@@ -363,7 +462,7 @@ mod tests {
         // Any batch counts as activity.
         s.sent(&one("a", 1), t0 + ms(10));
         assert_eq!(s.wake_at(t0 + ms(10)), None, "an answer wakes the uplink");
-        s.settle(&one("a", 1), &Outcome::Acked { covered: 1 }, t0 + ms(20));
+        s.settle(&one("a", 1), &acked(1), t0 + ms(20));
         assert_eq!(s.wake_at(t0 + ms(20)), Some(t0 + ms(10) + thirty));
     }
 
@@ -378,7 +477,7 @@ mod tests {
             t0,
         );
         s.sent(&one("a", 1), t0);
-        s.settle(&one("a", 1), &Outcome::Acked { covered: 1 }, t0 + ms(5));
+        s.settle(&one("a", 1), &acked(1), t0 + ms(5));
         let skip = s.next(t0 + ms(999)).unwrap().skip;
         assert_eq!(skip.get("a"), Some(&u64::MAX), "any version of a waits");
         assert_eq!(s.wake_at(t0 + ms(999)), Some(t0 + Duration::from_secs(1)));
@@ -401,7 +500,7 @@ mod tests {
         let later = t0 + Duration::from_secs(10);
         assert!(s.next(later).is_none());
         assert_eq!(s.wake_at(later), None, "only the answer can start a batch");
-        s.settle(&one("a", 1), &Outcome::Acked { covered: 1 }, later);
+        s.settle(&one("a", 1), &acked(1), later);
         assert!(s.next(later).unwrap().skip.is_empty());
     }
 
@@ -443,5 +542,81 @@ mod tests {
         let delay = s.settle(&[], &retry(), t0);
         assert_eq!(s.wake_at(t0), Some(t0 + delay));
         assert!(s.next(t0 + ms(50)).is_none());
+    }
+
+    fn live(id: &str, accepted: &[(&str, u64)], durable: &[(&str, u64)]) -> Outcome {
+        let pairs = |v: &[(&str, u64)]| v.iter().map(|(d, n)| ((*d).to_owned(), *n)).collect();
+        Outcome::Acked {
+            covered: 0,
+            live: Some(LiveAccepted {
+                id: id.into(),
+                accepted: pairs(accepted),
+            }),
+            durable: pairs(durable),
+        }
+    }
+
+    #[test]
+    fn live_reports_are_skipped_until_a_durable_version_covers_them() {
+        let t0 = Instant::now();
+        let mut s = schedule(settings(), t0);
+        s.sent(&one("a", 3), t0);
+        s.settle(&one("a", 3), &live("L1", &[("a", 3)], &[]), t0);
+        assert_eq!(s.awaiting_durable(), 1);
+        // Held live: not read again at that version (a newer one still goes).
+        assert_eq!(s.next(t0).unwrap().skip.get("a"), Some(&3));
+        // An older durable version does not cover it; version 3 does.
+        s.sent(&[], t0);
+        s.settle(&[], &live("L1", &[], &[("a", 2)]), t0);
+        assert_eq!(s.awaiting_durable(), 1);
+        s.sent(&[], t0);
+        s.settle(&[], &live("L1", &[], &[("a", 3)]), t0);
+        assert_eq!(s.awaiting_durable(), 0);
+        assert!(s.next(t0).unwrap().skip.is_empty());
+        assert_eq!(s.take_resent(), 0);
+    }
+
+    #[test]
+    fn live_reports_go_out_again_after_the_timeout_or_when_the_live_state_changes() {
+        let t0 = Instant::now();
+        let mut s = schedule(settings(), t0);
+        s.sent(&one("a", 1), t0);
+        s.settle(&one("a", 1), &live("L1", &[("a", 1), ("b", 1)], &[]), t0);
+        // Answers from another live state: what L1 held is gone.
+        s.sent(&one("c", 1), t0);
+        s.settle(&one("c", 1), &live("L2", &[("c", 1)], &[]), t0);
+        assert_eq!(s.take_resent(), 2);
+        let skip = s.next(t0).unwrap().skip;
+        assert_eq!((skip.get("a"), skip.get("c")), (None, Some(&1)));
+        // No durable version within the timeout: c goes out again, and the uplink wakes
+        // for it.
+        let timeout = Duration::from_secs(120);
+        assert!(s.wake_at(t0).unwrap() <= t0 + timeout);
+        assert!(s.next(t0 + timeout).unwrap().skip.is_empty());
+        assert_eq!(s.take_resent(), 1);
+        assert_eq!(s.awaiting_durable(), 0);
+    }
+
+    #[test]
+    fn reports_held_live_are_polled_for_with_empty_batches() {
+        let t0 = Instant::now();
+        let mut s = schedule(settings(), t0);
+        s.sent(&one("a", 1), t0);
+        s.settle(&one("a", 1), &live("L1", &[("a", 1)], &[]), t0);
+        // The durable poll (1 s), not the 30 s heartbeat.
+        assert_eq!(s.wake_at(t0), Some(t0 + Duration::from_secs(1)));
+        assert!(!s.next(t0 + ms(999)).unwrap().heartbeat);
+        assert!(s.next(t0 + Duration::from_secs(1)).unwrap().heartbeat);
+        s.sent(&[], t0 + Duration::from_secs(1));
+        s.settle(
+            &[],
+            &live("L1", &[], &[("a", 1)]),
+            t0 + Duration::from_secs(1),
+        );
+        assert_eq!(
+            s.wake_at(t0 + Duration::from_secs(1)),
+            Some(t0 + Duration::from_secs(31)),
+            "nothing held: back to the heartbeat"
+        );
     }
 }
