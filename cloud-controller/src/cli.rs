@@ -184,6 +184,14 @@ pub struct RunOptions {
     #[arg(long, default_value_t = 10, env = "EDGESYNC_DURABLE_WAIT_SECONDS", value_parser = clap::value_parser!(u64).range(1..=300))]
     pub durable_wait_seconds: u64,
 
+    /// Shortest time between two status writes of one Device (0: as the write budget
+    /// allows). For large fleets: each Device's status then trails its live state (the
+    /// live API, `--live-listen`) by up to this long, and the API server's writes are
+    /// bounded by devices / interval. Agents that take live answers are not held back;
+    /// older agents wait for their reports' writes, up to `--durable-wait-seconds`.
+    #[arg(long, default_value_t = 0, env = "EDGESYNC_STATUS_MIN_INTERVAL_SECONDS", value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub status_min_interval_seconds: u64,
+
     /// Durable versions owed to agents that take live answers, at most (one per device whose
     /// report was answered live and then written, until its node's next answer tells it).
     /// Past it, a write is not told and its agent sends the report again after its timeout.

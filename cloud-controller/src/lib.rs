@@ -113,6 +113,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         caches.clone(),
         Arc::clone(&budget),
         Arc::clone(&metrics),
+        Duration::from_secs(opts.status_min_interval_seconds),
     );
     // The writers outlive the servers' drain: a batch in flight at SIGTERM (a rolling
     // restart) is still written and answered, not left waiting for writers that are gone.

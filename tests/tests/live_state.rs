@@ -16,10 +16,13 @@ use std::sync::OnceLock;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use edgesync_e2e::agent::{AgentConfig, spawn_agent};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::{
-    Controller, batch, create_devices, create_node, post_batch, report,
+    Controller, batch, create_devices, create_node, live_batch, post_batch, report,
 };
+use edgesync_e2e::mosquitto::Mosquitto;
+use edgesync_e2e::stack::publish_acked;
 use edgesync_e2e::{free_port, live, pki, wait};
 use futures_util::StreamExt as _;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, WatchEvent, WatchParams};
@@ -27,6 +30,9 @@ use serde_json::{Value, json};
 
 /// Changes the shared controller keeps for watches to resume from.
 const WINDOW: usize = 50;
+/// The shared controller's shortest time between two status writes of one Device: long
+/// enough that a second report's DeviceState is seen well before its status.
+const STATUS_INTERVAL_SECS: u64 = 4;
 
 struct Live {
     controller: Controller,
@@ -52,6 +58,8 @@ fn live_api() -> &'static Live {
                 &window,
                 "--lease-namespace",
                 "edgesync-system",
+                "--status-min-interval-seconds",
+                &STATUS_INTERVAL_SECS.to_string(),
             ],
         );
         live::register(cp, port);
@@ -461,5 +469,189 @@ async fn a_watch_resumes_from_its_version_and_is_gone_once_it_left_the_window() 
             .metric("edgesync_controller_live_watches_expired_total")
             .await
             >= 1.0
+    );
+}
+
+/// A Device's status version, if it has one.
+async fn status_version(api: &Api<edgesync_crds::Device>, name: &str) -> Option<u64> {
+    api.get(name).await.ok()?.status?.reported_version
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_state_is_a_devicestate_before_its_status_is_written() {
+    let cp = ControlPlane::shared();
+    let live = live_api();
+    let ns = cp.namespace("live-agent");
+    let n = ns.name.as_str();
+    create_node(cp, n, "edge-1", "token-1", "");
+    create_devices(cp, n, "edge-1", &["press".into()]);
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "token-1\n").unwrap();
+    let mut config = AgentConfig::new(&dir.path().join("agent"), &broker.url());
+    config.namespace = n.to_owned();
+    config.cloud = Some((live.controller.url(), token_file));
+    let _agent = spawn_agent(&config);
+    let devices: Api<edgesync_crds::Device> = Api::namespaced(cp.client().await, n);
+    let states = devicestates(cp.client().await, n);
+    let publish = |speed: u32| {
+        publish_acked(
+            broker.port(),
+            "press-publisher",
+            vec![(
+                "factory/press/state".into(),
+                json!({"speed": speed}).to_string(),
+            )],
+        )
+    };
+
+    // The agent subscribes once it has started: publish until the first state arrives.
+    wait::until(
+        "the first state in the live state",
+        Duration::from_secs(30),
+        || async {
+            publish(1).await;
+            states.get_opt("press").await.ok().flatten().map(|_| ())
+        },
+    )
+    .await;
+    wait::until(
+        "the first status write",
+        Duration::from_secs(30),
+        || async { status_version(&devices, "press").await },
+    )
+    .await;
+    let written = status_version(&devices, "press").await.unwrap();
+
+    // A second state within the status interval: live at once, its status later.
+    publish(2).await;
+    let live_version = wait::until(
+        "the new state in the live state",
+        Duration::from_secs(10),
+        || async {
+            let o = states.get("press").await.ok()?;
+            (o.data["reported"]["speed"] == 2)
+                .then(|| o.data["version"]["version"].as_u64().unwrap())
+        },
+    )
+    .await;
+    assert!(live_version > written);
+    assert_eq!(
+        status_version(&devices, "press").await,
+        Some(written),
+        "the status is written no sooner than --status-min-interval-seconds after the last"
+    );
+    wait::until(
+        "the status to follow",
+        Duration::from_secs(STATUS_INTERVAL_SECS + 20),
+        || async { (status_version(&devices, "press").await? >= live_version).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_answers_come_first_and_durable_versions_follow_across_a_restart() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("live-contract");
+    let n = ns.name.as_str();
+    create_node(cp, n, "edge-1", "token-1", "");
+    create_devices(cp, n, "edge-1", &["a".into(), "b".into()]);
+    // A controller of its own, killed below; it serves no live API (the answers do not
+    // depend on one).
+    let mut c = Controller::start(cp, &["--status-min-interval-seconds", "1"]);
+    let devices: Api<edgesync_crds::Device> = Api::namespaced(cp.client().await, n);
+    let epoch = "0123456789abcdef0123456789abcdef";
+    let post = |url: String, seq: u64, reports| async move {
+        let a = post_batch(
+            &url,
+            n,
+            "edge-1",
+            "token-1",
+            &live_batch(seq, epoch, reports),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{a:?}");
+        a.body
+    };
+    let durable_of = |body: &Value| -> Vec<(String, u64)> {
+        body["durable"]
+            .as_array()
+            .map(|d| {
+                d.iter()
+                    .map(|x| {
+                        (
+                            x["device"].as_str().unwrap().to_owned(),
+                            x["version"].as_u64().unwrap(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    let first = post(
+        c.url(),
+        1,
+        vec![
+            report("a", 1, json!({"t": 1})),
+            report("b", 1, json!({"t": 1})),
+        ],
+    )
+    .await;
+    let id = first["live"].as_str().unwrap().to_owned();
+    assert_eq!(first["results"][0]["status"], "accepted");
+    // Durable versions are told only once written, in a later answer (an empty batch).
+    let told = std::sync::Mutex::new(durable_of(&first));
+    let seq = std::sync::atomic::AtomicU64::new(2);
+    let url = c.url();
+    wait::until(
+        "both versions told durable",
+        Duration::from_secs(30),
+        || {
+            let (told, seq, devices, url) = (&told, &seq, &devices, url.clone());
+            async move {
+                let n = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let body = post(url, n, Vec::new()).await;
+                for (device, version) in durable_of(&body) {
+                    // Told only once it is in the Device's status.
+                    assert!(status_version(devices, &device).await.unwrap_or(0) >= version);
+                    told.lock().unwrap().push((device, version));
+                }
+                (told.lock().unwrap().len() == 2).then_some(())
+            }
+        },
+    )
+    .await;
+    let mut told = told.into_inner().unwrap();
+    told.sort();
+    assert_eq!(told, [("a".to_owned(), 1), ("b".to_owned(), 1)]);
+
+    // A report answered live, then the controller killed before its write (the interval
+    // holds it): the restarted controller names another live state, and the agent's resend
+    // is written.
+    let held = post(c.url(), 100, vec![report("a", 2, json!({"t": 2}))]).await;
+    assert_eq!(held["results"][0]["status"], "accepted");
+    c.process.kill9();
+    c.process.restart();
+    c.wait_ready();
+    let again = post(c.url(), 101, vec![report("a", 2, json!({"t": 2}))]).await;
+    assert_ne!(
+        again["live"].as_str().unwrap(),
+        id,
+        "a restart is another live state"
+    );
+    wait::until(
+        "the resent version durable",
+        Duration::from_secs(30),
+        || async { (status_version(&devices, "a").await? == 2).then_some(()) },
+    )
+    .await;
+    // Already durable: a resend is told so in its own answer.
+    let resent = post(c.url(), 102, vec![report("b", 1, json!({"t": 1}))]).await;
+    assert_eq!(resent["results"][0]["status"], "accepted");
+    assert!(
+        durable_of(&resent).contains(&("b".to_owned(), 1)),
+        "{resent}"
     );
 }

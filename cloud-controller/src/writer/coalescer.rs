@@ -5,8 +5,8 @@
 //!
 //! A waiter is any [`Handle`]: the writer's is a oneshot sender, a test's a plain number.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::Instant;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use super::{DeviceKey, Outcome, conflict};
 use crate::stamp::{Stamp, Stamped};
@@ -52,10 +52,23 @@ pub struct Coalescer<H> {
     busy: HashSet<DeviceKey>,
     /// Newest stamp this replica knows to be durable, per device.
     durable: HashMap<DeviceKey, Stamp>,
+    /// Shortest time between two writes of one device (zero: none).
+    min_interval: Duration,
+    /// When each device was last written (kept only with a `min_interval`).
+    last_write: HashMap<DeviceKey, Instant>,
+    /// Queued devices whose `min_interval` has not run out, by when it does.
+    deferred: BTreeSet<(Instant, DeviceKey)>,
 }
 
 impl<H> Default for Coalescer<H> {
     fn default() -> Self {
+        Self::new(Duration::ZERO)
+    }
+}
+
+impl<H> Coalescer<H> {
+    /// An empty coalescer writing each device at most once per `min_interval`.
+    pub fn new(min_interval: Duration) -> Self {
         Self {
             pending: HashMap::new(),
             waiters: HashMap::new(),
@@ -63,7 +76,15 @@ impl<H> Default for Coalescer<H> {
             queued: HashSet::new(),
             busy: HashSet::new(),
             durable: HashMap::new(),
+            min_interval,
+            last_write: HashMap::new(),
+            deferred: BTreeSet::new(),
         }
+    }
+
+    /// When the next deferred device may be written, if one waits for its interval.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.deferred.first().map(|(at, _)| *at)
     }
 }
 
@@ -133,10 +154,27 @@ impl<H: Handle> Coalescer<H> {
         (answers, wake)
     }
 
-    /// The next device to write and its newest report; the device is busy until
-    /// [`Coalescer::finish`].
-    pub fn take(&mut self) -> Option<(DeviceKey, Pending)> {
+    /// The next device to write at `now` and its newest report; the device is busy until
+    /// [`Coalescer::finish`]. A device written less than `min_interval` ago waits (still
+    /// queued, so its newer reports coalesce) until [`Coalescer::next_due`].
+    pub fn take(&mut self, now: Instant) -> Option<(DeviceKey, Pending)> {
+        while let Some((at, _)) = self.deferred.first()
+            && *at <= now
+        {
+            if let Some((_, key)) = self.deferred.pop_first() {
+                self.queue.push_front(key);
+            }
+        }
         while let Some(key) = self.queue.pop_front() {
+            if let Some(due) = self
+                .last_write
+                .get(&key)
+                .map(|t| *t + self.min_interval)
+                .filter(|due| *due > now)
+            {
+                self.deferred.insert((due, key));
+                continue;
+            }
             self.queued.remove(&key);
             if let Some(p) = self.pending.remove(&key) {
                 self.busy.insert(key.clone());
@@ -154,8 +192,18 @@ impl<H: Handle> Coalescer<H> {
         key: DeviceKey,
         attempted: Stamp,
         outcome: &Outcome,
+        now: Instant,
     ) -> (Answers<H>, bool) {
         self.busy.remove(&key);
+        if !self.min_interval.is_zero() {
+            // Entries whose interval ran out are kept no longer than needed.
+            if self.last_write.len() >= 1024 && self.last_write.len() > 2 * self.busy.len() {
+                let min = self.min_interval;
+                self.last_write
+                    .retain(|_, t| now.saturating_duration_since(*t) < min);
+            }
+            self.last_write.insert(key.clone(), now);
+        }
         let settled_up_to = match outcome {
             Outcome::Durable(v) => {
                 let d = self.durable.entry(key.clone()).or_default();
@@ -282,11 +330,11 @@ mod tests {
             [(1, Outcome::Superseded(Stamp::new(1, 2)))]
         );
         assert_eq!(c.pending(), 1, "one write per device");
-        let (k, p) = c.take().unwrap();
+        let (k, p) = c.take(Instant::now()).unwrap();
         assert_eq!(p.report.stamp, Stamp::new(1, 2));
-        assert!(c.take().is_none());
+        assert!(c.take(Instant::now()).is_none());
         let durable = Outcome::Durable(Stamp::new(1, 2));
-        let (answers, wake) = c.finish(k, Stamp::new(1, 2), &durable);
+        let (answers, wake) = c.finish(k, Stamp::new(1, 2), &durable, Instant::now());
         assert_eq!(ids(&answers), [(2, durable)]);
         assert!(!wake);
     }
@@ -295,8 +343,13 @@ mod tests {
     fn a_report_older_than_what_is_durable_is_answered_without_a_write() {
         let mut c = Coalescer::default();
         submit(&mut c, "n1", 5, 1);
-        let (k, _) = c.take().unwrap();
-        c.finish(k, Stamp::new(1, 5), &Outcome::Durable(Stamp::new(1, 5)));
+        let (k, _) = c.take(Instant::now()).unwrap();
+        c.finish(
+            k,
+            Stamp::new(1, 5),
+            &Outcome::Durable(Stamp::new(1, 5)),
+            Instant::now(),
+        );
         let (answers, wake) = submit(&mut c, "n1", 4, 2);
         assert_eq!(ids(&answers), [(2, Outcome::Durable(Stamp::new(1, 5)))]);
         assert!(!wake);
@@ -333,26 +386,32 @@ mod tests {
     fn a_report_arriving_during_a_write_is_written_next_and_waits_for_its_own_write() {
         let mut c = Coalescer::default();
         submit(&mut c, "n1", 1, 1);
-        let (k, _) = c.take().unwrap();
+        let (k, _) = c.take(Instant::now()).unwrap();
         let (_, wake) = submit(&mut c, "n1", 2, 2);
         assert!(!wake, "busy: the finish requeues it");
-        assert!(c.take().is_none(), "never two writes of one device at once");
+        assert!(
+            c.take(Instant::now()).is_none(),
+            "never two writes of one device at once"
+        );
         let durable = Outcome::Durable(Stamp::new(1, 1));
-        let (answers, wake) = c.finish(k, Stamp::new(1, 1), &durable);
+        let (answers, wake) = c.finish(k, Stamp::new(1, 1), &durable, Instant::now());
         assert!(answers.is_empty(), "1 was superseded already; 2 is newer");
         assert!(wake);
-        assert_eq!(c.take().unwrap().1.report.stamp, Stamp::new(1, 2));
+        assert_eq!(
+            c.take(Instant::now()).unwrap().1.report.stamp,
+            Stamp::new(1, 2)
+        );
     }
 
     #[test]
     fn a_failed_write_answers_only_up_to_what_it_attempted() {
         let mut c = Coalescer::default();
         submit(&mut c, "n1", 1, 1);
-        let (k, _) = c.take().unwrap();
+        let (k, _) = c.take(Instant::now()).unwrap();
         // Another node's newer report of the device (it moved) waits on.
         submit(&mut c, "n2", 2, 2);
         let failed = Outcome::Unavailable("API server down".into());
-        let (answers, wake) = c.finish(k, Stamp::new(1, 1), &failed);
+        let (answers, wake) = c.finish(k, Stamp::new(1, 1), &failed, Instant::now());
         assert_eq!(ids(&answers), [(1, failed)]);
         assert!(wake);
     }
@@ -377,5 +436,24 @@ mod tests {
         // and a waiter nobody listens to any more is dropped.
         let left: Vec<u32> = waiters.iter().map(|w| w.handle.0).collect();
         assert_eq!(left, [2, 3]);
+    }
+
+    #[test]
+    fn a_device_is_written_at_most_once_per_min_interval_and_coalesces_meanwhile() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let mut c: Coalescer<Id> = Coalescer::new(second);
+        let a = key("d");
+        c.submit(a.clone(), "n", report(1, 1), None, Id(1, true), t0);
+        let (k, _) = c.take(t0).unwrap();
+        c.finish(k, Stamp::new(1, 1), &Outcome::Durable(Stamp::new(1, 1)), t0);
+        // Two more reports within the interval: held, and only the newest is written.
+        c.submit(a.clone(), "n", report(2, 2), None, Id(2, true), t0);
+        c.submit(a, "n", report(3, 3), None, Id(3, true), t0);
+        assert!(c.take(t0 + second / 2).is_none());
+        assert_eq!(c.next_due(), Some(t0 + second));
+        let (_, p) = c.take(t0 + second).unwrap();
+        assert_eq!(p.report.stamp, Stamp::new(1, 3));
+        assert_eq!(c.next_due(), None);
     }
 }

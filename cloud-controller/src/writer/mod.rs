@@ -70,9 +70,10 @@ impl StatusWriter {
         caches: Caches,
         budget: Arc<WriteBudget>,
         metrics: Arc<Metrics>,
+        min_interval: std::time::Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
-            state: Mutex::new(Coalescer::default()),
+            state: Mutex::new(Coalescer::new(min_interval)),
             wake: Notify::new(),
             budget,
             client,
@@ -129,14 +130,24 @@ impl StatusWriter {
 
     async fn work(&self) {
         loop {
-            let job = {
+            let (job, due) = {
                 let mut st = self.lock();
-                let job = st.take();
+                let job = st.take(Instant::now());
                 self.metrics.writer_pending.set(st.pending() as i64);
-                job
+                (job, st.next_due())
             };
             let Some((key, pending)) = job else {
-                self.wake.notified().await;
+                // Nothing to write now; a device held by --status-min-interval-seconds may
+                // be due later.
+                match due {
+                    Some(at) => {
+                        tokio::select! {
+                            () = self.wake.notified() => {}
+                            () = tokio::time::sleep_until(at.into()) => {}
+                        }
+                    }
+                    None => self.wake.notified().await,
+                }
                 continue;
             };
             let stamp = pending.report.stamp;
@@ -148,7 +159,7 @@ impl StatusWriter {
     /// Answers the waiters a write settled and wakes a worker if a newer report arrived
     /// while it was being written.
     fn finish(&self, key: DeviceKey, attempted: Stamp, outcome: Outcome) {
-        let (answers, wake) = self.lock().finish(key, attempted, &outcome);
+        let (answers, wake) = self.lock().finish(key, attempted, &outcome, Instant::now());
         self.answer(answers, true);
         if wake {
             self.wake.notify_one();
