@@ -53,10 +53,20 @@ pub enum Command {
         #[arg(short = 'A', long)]
         all_namespaces: bool,
     },
-    /// One device's desired, reported and delta side by side, one row per value.
+    /// One device's desired, reported and delta side by side, one row per value; or, with
+    /// --where or -l, the live state of every matching device (from the controller's live
+    /// API, devicestates.live.edgesync.io), with the values the query names.
     Get {
         /// The Device name.
-        device: String,
+        #[arg(required_unless_present_any = ["where_", "selector"], conflicts_with_all = ["where_", "selector"])]
+        device: Option<String>,
+        /// Comparisons on numeric reported values, all of which must hold:
+        /// 'temperature>80', 'pressure<=2.5,motor.rpm>=1000' (>, >=, <, <=, ==, !=).
+        #[arg(long = "where", value_name = "EXPR")]
+        where_: Option<String>,
+        /// A label selector on the Devices' labels, as kubectl's -l.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
     },
     /// Sets desired values (merge-patches spec.desired), then follows the Device until it is
     /// In-Sync. VALUE is JSON when it parses as JSON (5, true, "on", {"a":1}), else a string;

@@ -6,6 +6,7 @@
 mod cli;
 mod device;
 mod get;
+mod live;
 mod set;
 mod status;
 mod table;
@@ -54,7 +55,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Get { device } => get::run(client, &namespace, &device, output).await,
+        Command::Get {
+            device: Some(device),
+            ..
+        } => get::run(client, &namespace, &device, output).await,
+        Command::Get {
+            device: None,
+            where_,
+            selector,
+        } => {
+            live::run(
+                client,
+                &namespace,
+                where_.as_deref(),
+                selector.as_deref(),
+                output,
+            )
+            .await
+        }
         Command::Set {
             device,
             values,

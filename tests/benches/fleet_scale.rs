@@ -2,10 +2,14 @@
 //! real API server, with one controller.
 //!
 //! Reported: the time to create the Devices; the controller's time from start to ready, and
-//! again after a restart; its RSS when ready and at its peak; the desired-stream snapshots of
-//! all nodes; the fan-out latency of a `spec.desired` change to each node's stream; and,
-//! under 100 agents each sending its 1,000 devices' state every 10 s, the status writes/s
-//! against the write budget and the writer's backlog.
+//! again after a restart, and until its live state holds every device again; its RSS when
+//! ready and at its peak; the desired-stream snapshots of all nodes; the fan-out latency of
+//! a `spec.desired` change to each node's stream; under 100 load generators speaking the
+//! agent protocol, each sending a fifth of its 1,000 devices' state every second (20,000
+//! updates/s), first with durable answers (the status path) and then with live answers: the
+//! updates answered, status writes/s, the CPU of the controller, the API server and etcd,
+//! and, for live answers, the freshness of a watch of the live API through the API server;
+//! and the first page of live-state selectors over the whole fleet.
 //!
 //! A smoke run uses 5 nodes x 100 devices.
 
@@ -17,13 +21,14 @@ use std::time::{Duration, Instant};
 
 use edgesync_crds::{Device, DeviceSpec};
 use edgesync_e2e::cluster::ControlPlane;
-use edgesync_e2e::controller::{Controller, DesiredStream, batch, client, report};
-use edgesync_e2e::measure::{aim, percentile_ms, scaled};
+use edgesync_e2e::controller::{Controller, DesiredStream, batch, client, live_batch, report};
+use edgesync_e2e::measure::{TICKS_PER_SECOND, aim, cpu_ticks, percentile_ms, scaled};
 use edgesync_e2e::raw_mqtt::rss_kib;
 use edgesync_protocol::wire::{self, DesiredEvent};
 use futures_util::StreamExt as _;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::json;
 
 fn nodes() -> usize {
@@ -84,7 +89,7 @@ async fn main() {
         .map(|i| {
             let api = api.clone();
             async move {
-                let d = Device::new(
+                let mut d = Device::new(
                     &format!("n{}-d{}", i / per, i % per),
                     DeviceSpec {
                         node_name: format!("node-{}", i / per),
@@ -92,6 +97,10 @@ async fn main() {
                         reporting: None,
                     },
                 );
+                // A 1% sample the live freshness watch follows.
+                if i % 100 == 0 {
+                    d.metadata.labels = Some([("sample".to_owned(), "yes".to_owned())].into());
+                }
                 api.create(&PostParams::default(), &d).await.unwrap();
             }
         })
@@ -101,8 +110,11 @@ async fn main() {
     let created = created.elapsed();
 
     let started = Instant::now();
-    let mut c = Controller::spawn_with_log(&cp, &[], "info");
+    let live_port = edgesync_e2e::free_port();
+    let live_listen = format!("127.0.0.1:{live_port}");
+    let mut c = Controller::spawn_with_log(&cp, &["--live-listen", &live_listen], "info");
     let to_ready = ready_after(&c, started).await;
+    edgesync_e2e::live::register(&cp, live_port);
     let pid = c.process.pid().unwrap();
     let ready_rss = rss_kib(pid);
 
@@ -167,83 +179,53 @@ async fn main() {
     }
     fanout.sort();
 
-    // Load: every agent sends all its devices every 10 s (staggered), for load_secs().
-    let writes_before = c.metric("edgesync_controller_status_writes_total").await;
-    let peak_rss = Arc::new(AtomicU64::new(ready_rss));
-    let peak_pending = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
-    let load_start = Instant::now();
-    let mut agents = Vec::new();
-    for k in 0..n_nodes {
-        let (url, ns_name, refused) = (c.url(), ns.name.clone(), refused.clone());
-        agents.push(tokio::spawn(async move {
-            let http = client();
-            // Staggered over the first 10 s (or the whole load, if shorter).
-            let spread = load_secs().min(10) * 1000;
-            tokio::time::sleep(Duration::from_millis((k as u64 * spread) / n_nodes as u64)).await;
-            let mut round = 1u64;
-            while load_start.elapsed() < Duration::from_secs(load_secs()) {
-                let reports = (0..per)
-                    .map(|d| {
-                        report(
-                            &format!("n{k}-d{d}"),
-                            round,
-                            json!({"n": round, "temperatureC": 21.5}),
-                        )
-                    })
-                    .collect();
-                let body = serde_json::to_vec(&batch(round, reports)).unwrap();
-                let r = http
-                    .post(format!(
-                        "{url}{}",
-                        wire::reports_path(&ns_name, &format!("node-{k}"))
-                    ))
-                    .bearer_auth(format!("token-{k}"))
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
-                if !r.is_ok_and(|r| r.status().is_success()) {
-                    refused.fetch_add(1, Ordering::Relaxed);
-                }
-                round += 1;
-                tokio::time::sleep(Duration::from_secs(10)).await;
-            }
-        }));
+    // The same load on both paths: agents that wait for durable answers (the status path),
+    // then agents that take live answers, whose states a watch of the live API follows.
+    let durable = load_phase(&cp, &c, &ns.name, false, ready_rss).await;
+    let live = load_phase(&cp, &c, &ns.name, true, ready_rss).await;
+    let peak_pending = durable.peak_pending.max(live.peak_pending);
+
+    // Selectors over the whole fleet, first page (500) through the API server: one that
+    // fills its page at once, and one that matches nothing, so every device is looked at.
+    let selectors = [
+        ("where=temperatureC%3E20", "every device matches"),
+        ("where=n%3C0", "no device matches (the whole fleet scanned)"),
+    ];
+    let mut selector_rows = Vec::new();
+    for (query, what) in selectors {
+        let mut took = Vec::new();
+        for _ in 0..scaled(20, 3) {
+            let t = Instant::now();
+            let path = format!(
+                "/apis/live.edgesync.io/v1alpha1/namespaces/{}/devicestates?limit=500&{query}",
+                ns.name
+            );
+            cp.kubectl_ok(&["get", "--raw", &path]);
+            took.push(t.elapsed());
+        }
+        took.sort();
+        selector_rows.push((what, percentile_ms(&took, 0.5), percentile_ms(&took, 0.99)));
     }
-    let sampler = {
-        let (peak_rss, peak_pending, url) = (peak_rss.clone(), peak_pending.clone(), c.url());
-        tokio::spawn(async move {
-            let http = client();
-            loop {
-                peak_rss.fetch_max(rss_kib(pid), Ordering::Relaxed);
-                if let Ok(r) = http.get(format!("{url}/metrics")).send().await
-                    && let Ok(text) = r.text().await
-                {
-                    let pending = edgesync_e2e::controller::metric_value(
-                        &text,
-                        "edgesync_controller_writer_pending_devices",
-                    );
-                    peak_pending.fetch_max(pending as u64, Ordering::Relaxed);
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-    };
-    for a in agents {
-        a.await.unwrap();
-    }
-    let load_elapsed = load_start.elapsed().as_secs_f64();
-    let writes = c.metric("edgesync_controller_status_writes_total").await - writes_before;
-    let budget = c.metric("edgesync_controller_write_budget_qps").await;
-    sampler.abort();
+    let peak_rss = durable.peak_rss.max(live.peak_rss);
 
     // A restart with the whole fleet in the API server.
     c.process.stop();
     let restarted = Instant::now();
     c.process.restart();
     let to_ready_again = ready_after(&c, restarted).await;
-    let peak_rss = peak_rss.load(Ordering::Relaxed);
+    // The live state rebuilt from the Device statuses.
+    let rebuilt = loop {
+        let held = c.metric("edgesync_controller_live_devices").await;
+        if held as usize >= n_nodes * per {
+            break restarted.elapsed();
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(300),
+            "the live state holds {held} of {} devices 5 min after the restart",
+            n_nodes * per
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
 
     println!();
     println!("| measurement | value |");
@@ -281,22 +263,237 @@ async fn main() {
         percentile_ms(&fanout, 1.0)
     );
     println!(
-        "| load: each node's {per} devices every 10 s for {} s, status writes/s | {:.0} (budget now {budget:.0}/s) |",
-        load_secs(),
-        writes / load_elapsed
+        "| controller restart -> live state holds every device again (from the statuses) | {:.1} s |",
+        rebuilt.as_secs_f64()
     );
+    println!("| writer backlog peak (devices; bounded by the fleet) | {peak_pending} |");
+    for (what, p50, p99) in &selector_rows {
+        println!("| live list, first page of 500, {what}: p50 / p99 | {p50:.0} / {p99:.0} ms |");
+    }
+    println!();
     println!(
-        "| writer backlog peak (devices; bounded by the fleet) | {} |",
-        peak_pending.load(Ordering::Relaxed)
+        "Load: every node sends a fifth of its {per} devices each second ({:.0} updates/s offered), for {} s per path. Live freshness: from a batch's send to its state in a watch of the live API through the API server (a 1% sample of devices, by label).",
+        (n_nodes * per) as f64 / 5.0,
+        load_secs()
     );
+    println!();
     println!(
-        "| batches not answered 2xx | {} |",
-        refused.load(Ordering::Relaxed)
+        "| path | updates/s answered | status writes/s | batches not 2xx | controller CPU | API server CPU | etcd CPU | controller RSS peak, MiB | live p50 / p99 ms |"
     );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (name, p) in [
+        ("durable answers (before)", &durable),
+        ("live answers", &live),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.0} | {} | {:.0}% | {:.0}% | {:.0}% | {:.0} | {} |",
+            p.updates_per_s,
+            p.writes_per_s,
+            p.refused,
+            100.0 * p.cpu.0,
+            100.0 * p.cpu.1,
+            100.0 * p.cpu.2,
+            p.peak_rss as f64 / 1024.0,
+            p.live
+                .map_or_else(|| "-".to_owned(), |(a, b)| format!("{a:.0} / {b:.0}")),
+        );
+    }
     println!();
     aim(
         "controller RSS <= 512 MiB with the whole fleet",
         &format!("{:.0} MiB peak", peak_rss as f64 / 1024.0),
         peak_rss <= 512 * 1024,
     );
+    let live_p99 = live.live.map_or(f64::INFINITY, |(_, p99)| p99);
+    aim(
+        &format!(
+            "{} Devices, {:.0} updates/s offered: live p99 <= 1 s",
+            n_nodes * per,
+            (n_nodes * per) as f64 / 5.0
+        ),
+        &format!(
+            "{live_p99:.0} ms, {:.0} updates/s answered",
+            live.updates_per_s
+        ),
+        live_p99 <= 1000.0,
+    );
+    let (_, _, scan_p99) = selector_rows[1];
+    aim(
+        &format!(
+            "a selector over {} devices: first page p99 <= 1 s",
+            n_nodes * per
+        ),
+        &format!("{scan_p99:.0} ms (whole fleet scanned)"),
+        scan_p99 <= 1000.0,
+    );
+}
+
+/// What one load phase measured.
+struct Phase {
+    updates_per_s: f64,
+    writes_per_s: f64,
+    refused: u64,
+    /// Controller, API server, etcd: share of one core.
+    cpu: (f64, f64, f64),
+    peak_rss: u64,
+    peak_pending: u64,
+    /// Live freshness p50 and p99, ms (live answers only).
+    live: Option<(f64, f64)>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Every node sends a fifth of its devices each second (each device every 5 s), with live
+/// answers or durable ones, for `load_secs()`; a node waits for each answer before its next
+/// batch, as an agent's in-flight window would make it.
+async fn load_phase(
+    cp: &ControlPlane,
+    c: &Controller,
+    ns: &str,
+    live: bool,
+    ready_rss: u64,
+) -> Phase {
+    let (n_nodes, per) = (nodes(), per_node());
+    let pid = c.process.pid().unwrap();
+    let writes_before = c.metric("edgesync_controller_status_writes_total").await;
+    let peak_rss = Arc::new(AtomicU64::new(ready_rss));
+    let peak_pending = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let watch = live.then(|| {
+        let resource = ApiResource {
+            group: "live.edgesync.io".into(),
+            version: "v1alpha1".into(),
+            api_version: "live.edgesync.io/v1alpha1".into(),
+            kind: "DeviceState".into(),
+            plural: "devicestates".into(),
+        };
+        let (latencies, ns) = (latencies.clone(), ns.to_owned());
+        let kubeconfig = cp.kubeconfig().to_path_buf();
+        tokio::spawn(async move {
+            let client = ControlPlane::client_from(&kubeconfig).await;
+            let api: Api<DynamicObject> = Api::namespaced_with(client, &ns, &resource);
+            let config = watcher::Config::default().labels("sample=yes");
+            let stream = watcher(api, config).default_backoff().applied_objects();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                let Ok(o) = item else { continue };
+                if let Some(sent) = o.data["reported"]["sentMs"].as_u64() {
+                    let took = now_ms().saturating_sub(sent);
+                    latencies.lock().unwrap().push(Duration::from_millis(took));
+                }
+            }
+        })
+    });
+    let cpu_before = (
+        cpu_ticks(pid),
+        cpu_ticks(cp.apiserver_pid().unwrap()),
+        cpu_ticks(cp.etcd_pid().unwrap()),
+    );
+    let load_start = Instant::now();
+    let mut agents = Vec::new();
+    for k in 0..n_nodes {
+        let (url, ns_name) = (c.url(), ns.to_owned());
+        let (refused, answered, latencies) = (refused.clone(), answered.clone(), latencies.clone());
+        agents.push(tokio::spawn(async move {
+            let http = client();
+            // Staggered over the first second.
+            tokio::time::sleep(Duration::from_millis((k as u64 * 1000) / n_nodes as u64)).await;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let fifth = per.div_ceil(5);
+            let epoch = format!("{:032x}", k + 1);
+            let mut seq = 0u64;
+            while load_start.elapsed() < Duration::from_secs(load_secs()) {
+                tick.tick().await;
+                seq += 1;
+                let part = (seq as usize - 1) % 5;
+                let reports = (part * fifth..((part + 1) * fifth).min(per))
+                    .map(|d| {
+                        // Each device's version counts its own reports.
+                        let version = (seq - 1) / 5 + 1;
+                        report(
+                            &format!("n{k}-d{d}"),
+                            version,
+                            json!({"n": version, "temperatureC": 21.5, "sentMs": now_ms()}),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                let sent = reports.len() as u64;
+                let b = if live {
+                    live_batch(seq, &epoch, reports)
+                } else {
+                    batch(seq, reports)
+                };
+                let r = http
+                    .post(format!(
+                        "{url}{}",
+                        wire::reports_path(&ns_name, &format!("node-{k}"))
+                    ))
+                    .bearer_auth(format!("token-{k}"))
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(&b).unwrap())
+                    .send()
+                    .await;
+                if r.is_ok_and(|r| r.status().is_success()) {
+                    answered.fetch_add(sent, Ordering::Relaxed);
+                } else {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            drop(latencies);
+        }));
+    }
+    let sampler = {
+        let (peak_rss, peak_pending, url) = (peak_rss.clone(), peak_pending.clone(), c.url());
+        tokio::spawn(async move {
+            let http = client();
+            loop {
+                peak_rss.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                if let Ok(r) = http.get(format!("{url}/metrics")).send().await
+                    && let Ok(text) = r.text().await
+                {
+                    let pending = edgesync_e2e::controller::metric_value(
+                        &text,
+                        "edgesync_controller_writer_pending_devices",
+                    );
+                    peak_pending.fetch_max(pending as u64, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    for a in agents {
+        a.await.unwrap();
+    }
+    let elapsed = load_start.elapsed().as_secs_f64();
+    let share = |ticks: u64| ticks as f64 / TICKS_PER_SECOND / elapsed;
+    let cpu = (
+        share(cpu_ticks(pid) - cpu_before.0),
+        share(cpu_ticks(cp.apiserver_pid().unwrap()) - cpu_before.1),
+        share(cpu_ticks(cp.etcd_pid().unwrap()) - cpu_before.2),
+    );
+    let writes = c.metric("edgesync_controller_status_writes_total").await - writes_before;
+    sampler.abort();
+    if let Some(w) = watch {
+        // The last states of the phase reach the watch.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        w.abort();
+    }
+    let mut l = latencies.lock().unwrap().clone();
+    l.sort();
+    Phase {
+        updates_per_s: answered.load(Ordering::Relaxed) as f64 / elapsed,
+        writes_per_s: writes / elapsed,
+        refused: refused.load(Ordering::Relaxed),
+        cpu,
+        peak_rss: peak_rss.load(Ordering::Relaxed),
+        peak_pending: peak_pending.load(Ordering::Relaxed),
+        live: (live && !l.is_empty()).then(|| (percentile_ms(&l, 0.5), percentile_ms(&l, 0.99))),
+    }
 }

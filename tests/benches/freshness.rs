@@ -1,7 +1,9 @@
 //! `make bench` (freshness): publish -> Device status time, end to end through separate real
 //! processes (Mosquitto, the agent, the controller, kube-apiserver), measured the way an
 //! outside probe would: devices publish plain JSON over MQTT at a paced rate, and a watch on
-//! the Devices sees each state arrive.
+//! the Devices sees each state arrive. In the same run, a watch of the live state
+//! (`devicestates.live.edgesync.io`, through the API server's aggregation layer) sees each
+//! state too: the two paths, side by side.
 //!
 //! Fleets: 100 devices x 1 Hz and 1,000 devices x 1 Hz (`FRESHNESS_FLEETS` overrides, e.g.
 //! `100,1000`; `FRESHNESS_CONTROLLER_ARGS` adds controller options,
@@ -35,6 +37,7 @@ use edgesync_e2e::measure::{
 };
 use edgesync_e2e::stack::{Stack, StackOptions};
 use futures_util::StreamExt as _;
+use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::json;
@@ -50,10 +53,14 @@ fn warmup() -> Duration {
     scaled(Duration::from_secs(3), Duration::from_secs(1))
 }
 
-/// Publish times per device, by sequence number, and the latencies measured so far.
+/// Publish times per device, by sequence number, and the latencies measured so far, for
+/// each path.
 #[derive(Default)]
 struct Ledger {
     published: HashMap<String, Vec<(u64, Instant)>>,
+    /// The same publishes, consumed by the live state's watch.
+    published_live: HashMap<String, Vec<(u64, Instant)>>,
+    live_latencies: Vec<Duration>,
     /// Devices whose status the watch has shown.
     with_status: HashSet<String>,
     /// Publishes from this moment on are measured.
@@ -68,23 +75,92 @@ struct Fleet {
     row: String,
     p50: f64,
     p99: f64,
+    /// The live path: p50 and p99, ms.
+    live: (f64, f64),
     /// The agent's CPU, share of one core.
     cpu: f64,
     /// Another client's GET p99 on a quiet API server and during the load, ms.
     bystander: (f64, f64),
 }
 
+/// Every publish of `name` up to `n` is now seen: their latencies, for the measured ones.
+fn seen_up_to(
+    published: &mut HashMap<String, Vec<(u64, Instant)>>,
+    name: &str,
+    n: u64,
+    measure_from: Option<Instant>,
+    seen: Instant,
+    latencies: &mut Vec<Duration>,
+) {
+    if let Some(list) = published.get_mut(name) {
+        for (_, at) in list.iter().filter(|(k, _)| *k <= n) {
+            if measure_from.is_some_and(|m| *at >= m) {
+                latencies.push(seen - *at);
+            }
+        }
+        list.retain(|(k, _)| *k > n);
+    }
+}
+
+/// Follows the live state's DeviceStates in `ns` through the API server.
+fn watch_live(
+    client: kube::Client,
+    ns: &str,
+    ledger: Arc<Mutex<Ledger>>,
+) -> tokio::task::JoinHandle<()> {
+    let resource = ApiResource {
+        group: "live.edgesync.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "live.edgesync.io/v1alpha1".into(),
+        kind: "DeviceState".into(),
+        plural: "devicestates".into(),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client, ns, &resource);
+    tokio::spawn(async move {
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .applied_objects();
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            let Ok(o) = item else { continue };
+            let seen = Instant::now();
+            let Some(n) = o.data["reported"]["n"].as_u64() else {
+                continue;
+            };
+            let name = o.metadata.name.unwrap_or_default();
+            let mut l = ledger.lock().unwrap();
+            let Ledger {
+                published_live,
+                measure_from,
+                live_latencies,
+                ..
+            } = &mut *l;
+            seen_up_to(
+                published_live,
+                &name,
+                n,
+                *measure_from,
+                seen,
+                live_latencies,
+            );
+        }
+    })
+}
+
 async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
+    let live_port = edgesync_e2e::free_port();
+    let mut controller_args: Vec<String> = std::env::var("FRESHNESS_CONTROLLER_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    controller_args.extend(["--live-listen".to_owned(), format!("127.0.0.1:{live_port}")]);
     let stack = Stack::start(
         cp,
         &format!("fresh-{devices}"),
         StackOptions {
             node_spec: "  autoRegisterDevices: true".into(),
-            controller_args: std::env::var("FRESHNESS_CONTROLLER_ARGS")
-                .unwrap_or_default()
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect(),
+            controller_args,
             agent_toml: std::env::var("FRESHNESS_AGENT_TOML")
                 .unwrap_or_default()
                 .replace("\\n", "\n"),
@@ -94,6 +170,8 @@ async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
         },
     )
     .await;
+    // This fleet's controller serves the live API.
+    edgesync_e2e::live::register(cp, live_port);
     let api = stack.devices().await;
     let other = bystander::identity(cp, &stack.ns.name);
     let quiet = bystander::get_latencies(&other, &stack.ns.name, Duration::from_secs(5)).await;
@@ -124,22 +202,14 @@ async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
                     latencies,
                     ..
                 } = &mut *l;
-                if let Some(list) = published.get_mut(&name) {
-                    // Every publish up to n is now fresh; count the measured ones.
-                    let fresh: Vec<_> = list.iter().filter(|(k, _)| *k <= n).copied().collect();
-                    list.retain(|(k, _)| *k > n);
-                    for (_, at) in fresh {
-                        if measure_from.is_some_and(|m| at >= m) {
-                            latencies.push(seen - at);
-                        }
-                    }
-                }
+                seen_up_to(published, &name, n, *measure_from, seen, latencies);
                 if !with_status.contains(&name) {
                     with_status.insert(name);
                 }
             }
         })
     };
+    let live_watch = watch_live(cp.client().await, &stack.ns.name, ledger.clone());
     let agent_pid = stack.agent.pid().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     // One MQTT client per 100 devices; each device publishes once a second, spread evenly.
@@ -174,10 +244,12 @@ async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
                         if l.measure_from.is_some() {
                             l.count += 1;
                         }
-                        l.published
+                        let now = Instant::now();
+                        l.published.entry(name.clone()).or_default().push((n, now));
+                        l.published_live
                             .entry(name.clone())
                             .or_default()
-                            .push((n, Instant::now()));
+                            .push((n, now));
                     }
                     let body = json!({"n": n, "temperatureC": 21.5}).to_string();
                     if client
@@ -242,24 +314,33 @@ async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
         p.abort();
     }
     watch.abort();
+    live_watch.abort();
     let mut l = ledger.lock().unwrap();
     let updates = l.count;
     let unseen: usize = l.published.values().map(Vec::len).sum();
+    let unseen_live: usize = l.published_live.values().map(Vec::len).sum();
     l.latencies.sort();
+    l.live_latencies.sort();
     let (p50, p99) = (
         percentile_ms(&l.latencies, 0.5),
         percentile_ms(&l.latencies, 0.99),
     );
+    let live = (
+        percentile_ms(&l.live_latencies, 0.5),
+        percentile_ms(&l.live_latencies, 0.99),
+    );
     let bystander = (percentile_ms(&quiet, 0.99), percentile_ms(&busy, 0.99));
     let row = format!(
-        "| {devices} devices x 1 Hz | {:.1} | {:.0} | {:.0} | {} | {:.2} | {:.1}% | {:.1} -> {:.1} | {:.0}% | {:.0}% | {:.0}% | {:.0}% |",
+        "| {devices} devices x 1 Hz | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.2} | {:.1}% | {:.1} -> {:.1} | {:.0}% | {:.0}% | {:.0}% | {:.0}% |",
         onboarded.as_secs_f64(),
+        live.0,
+        live.1,
         p50,
         p99,
-        if unseen == 0 {
+        if unseen == 0 && unseen_live == 0 {
             "yes".to_owned()
         } else {
-            format!("no ({unseen} never seen)")
+            format!("no ({unseen} never in a status, {unseen_live} never live)")
         },
         writes / updates.max(1) as f64,
         100.0 * cpu,
@@ -274,6 +355,7 @@ async fn fleet(cp: &'static ControlPlane, devices: usize) -> Fleet {
         row,
         p50,
         p99,
+        live,
         cpu,
         bystander,
     }
@@ -288,7 +370,7 @@ async fn main() {
         .collect();
     let cp = ControlPlane::shared();
     println!(
-        "edgesync freshness: MQTT publish -> Device status seen by a watch, {} s per fleet once every device has a status ({} s warm-up), default options",
+        "edgesync freshness: MQTT publish -> DeviceState (live state) and Device status, each seen by a watch through the API server, {} s per fleet once every device has a status ({} s warm-up), default options",
         run().as_secs(),
         warmup().as_secs()
     );
@@ -298,9 +380,9 @@ async fn main() {
     }
     println!();
     println!(
-        "| load | every device has a status after, s | p50 ms | p99 ms | converged | API writes per update | agent CPU (one core = 100%) | another client's GET p99 ms, quiet -> during | controller CPU | API server CPU | etcd CPU | machine CPU busy (both cores) |"
+        "| load | every device has a status after, s | live p50 ms | live p99 ms | status p50 ms | status p99 ms | converged | API writes per update | agent CPU (one core = 100%) | another client's GET p99 ms, quiet -> during | controller CPU | API server CPU | etcd CPU | machine CPU busy (both cores) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (_, f) in &judged {
         println!("{}", f.row);
     }
@@ -312,6 +394,14 @@ async fn main() {
     for (devices, f) in judged {
         let Fleet { p50, p99, .. } = f;
         if devices == 1000 {
+            aim(
+                "1000 devices x 1 Hz: publish -> DeviceState watch event p99 <= 100 ms",
+                &format!(
+                    "p99 {:.0} ms (status path, same run: {p99:.0} ms)",
+                    f.live.1
+                ),
+                f.live.1 <= 100.0,
+            );
             aim(
                 "agent CPU at 1000 devices x 1 Hz <= 5% of a core",
                 &format!("{:.1}%", 100.0 * f.cpu),
