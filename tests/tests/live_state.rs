@@ -180,6 +180,32 @@ async fn reports_become_devicestates_that_kubectl_gets_selects_and_watches() {
     ]);
     assert!(!bad.status.success());
 
+    // The plugin's query: the matching live states, with the values compared.
+    let plugin = edgesync_e2e::release_binary("kubectl-edgesync", "kubectl-edgesync", "plugin");
+    let out = Command::new(&plugin)
+        .args(["get", "--where", "temperature>80", "-n", n])
+        .env("KUBECONFIG", cp.kubeconfig())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let header = text.lines().next().unwrap_or_default();
+    assert!(header.contains("TEMPERATURE"), "{text}");
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert!(
+        rows[0].starts_with("hot ") && rows[0].contains("90"),
+        "{text}"
+    );
+    assert!(
+        rows[1].starts_with("warm ") && rows[1].contains("80.5"),
+        "{text}"
+    );
+
     // Pages.
     let first = raw(cp, n, "limit=2");
     assert_eq!(names(&first), ["cold", "hot"]);
