@@ -27,7 +27,7 @@ use edgesync_e2e::raw_mqtt::rss_kib;
 use edgesync_protocol::wire::{self, DesiredEvent};
 use futures_util::StreamExt as _;
 use kube::Api;
-use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::json;
 
@@ -183,6 +183,10 @@ async fn main() {
     // then agents that take live answers, whose states a watch of the live API follows.
     let durable = load_phase(&cp, &c, &ns.name, false, ready_rss).await;
     let live = load_phase(&cp, &c, &ns.name, true, ready_rss).await;
+    // What the live state holds in memory, by its own count.
+    let live_devices = c.metric("edgesync_controller_live_devices").await;
+    let state_bytes = c.metric("edgesync_controller_live_state_bytes").await;
+    let window_bytes = c.metric("edgesync_controller_live_window_bytes").await;
     let peak_pending = durable.peak_pending.max(live.peak_pending);
 
     // Selectors over the whole fleet, first page (500) through the API server: one that
@@ -367,18 +371,11 @@ async fn load_phase(
     let answered = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
     let watch = live.then(|| {
-        let resource = ApiResource {
-            group: "live.edgesync.io".into(),
-            version: "v1alpha1".into(),
-            api_version: "live.edgesync.io/v1alpha1".into(),
-            kind: "DeviceState".into(),
-            plural: "devicestates".into(),
-        };
         let (latencies, ns) = (latencies.clone(), ns.to_owned());
         let kubeconfig = cp.kubeconfig().to_path_buf();
         tokio::spawn(async move {
             let client = ControlPlane::client_from(&kubeconfig).await;
-            let api: Api<DynamicObject> = Api::namespaced_with(client, &ns, &resource);
+            let api = edgesync_e2e::live::devicestates(client, &ns);
             let config = watcher::Config::default().labels("sample=yes");
             let stream = watcher(api, config).default_backoff().applied_objects();
             let mut stream = std::pin::pin!(stream);

@@ -37,7 +37,6 @@ use edgesync_e2e::measure::{
 };
 use edgesync_e2e::stack::{Stack, StackOptions};
 use futures_util::StreamExt as _;
-use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::json;
@@ -108,14 +107,7 @@ fn watch_live(
     ns: &str,
     ledger: Arc<Mutex<Ledger>>,
 ) -> tokio::task::JoinHandle<()> {
-    let resource = ApiResource {
-        group: "live.edgesync.io".into(),
-        version: "v1alpha1".into(),
-        api_version: "live.edgesync.io/v1alpha1".into(),
-        kind: "DeviceState".into(),
-        plural: "devicestates".into(),
-    };
-    let api: Api<DynamicObject> = Api::namespaced_with(client, ns, &resource);
+    let api = edgesync_e2e::live::devicestates(client, ns);
     tokio::spawn(async move {
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()

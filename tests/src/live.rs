@@ -4,11 +4,25 @@
 
 use std::time::Duration;
 
+use kube::api::{Api, ApiResource, DynamicObject};
+
 use crate::cluster::ControlPlane;
 use crate::wait::until_blocking;
 
 /// The APIService's name.
 pub const APISERVICE: &str = "v1alpha1.live.edgesync.io";
+
+/// The DeviceStates of namespace `ns`, read through the API server.
+pub fn devicestates(client: kube::Client, ns: &str) -> Api<DynamicObject> {
+    let resource = ApiResource {
+        group: "live.edgesync.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "live.edgesync.io/v1alpha1".into(),
+        kind: "DeviceState".into(),
+        plural: "devicestates".into(),
+    };
+    Api::namespaced_with(client, ns, &resource)
+}
 
 /// Registers the live API served on loopback `port` (the controller's `--live-listen`) and
 /// waits until the API server finds it Available.

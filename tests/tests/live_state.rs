@@ -25,7 +25,8 @@ use edgesync_e2e::mosquitto::Mosquitto;
 use edgesync_e2e::stack::publish_acked;
 use edgesync_e2e::{free_port, live, pki, wait};
 use futures_util::StreamExt as _;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, WatchEvent, WatchParams};
+use edgesync_e2e::live::devicestates;
+use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use serde_json::{Value, json};
 
 /// Changes the shared controller keeps for watches to resume from.
@@ -65,17 +66,6 @@ fn live_api() -> &'static Live {
         live::register(cp, port);
         Live { controller, port }
     })
-}
-
-fn devicestates(client: kube::Client, ns: &str) -> Api<DynamicObject> {
-    let resource = ApiResource {
-        group: "live.edgesync.io".into(),
-        version: "v1alpha1".into(),
-        api_version: "live.edgesync.io/v1alpha1".into(),
-        kind: "DeviceState".into(),
-        plural: "devicestates".into(),
-    };
-    Api::namespaced_with(client, ns, &resource)
 }
 
 fn names(list: &Value) -> Vec<String> {

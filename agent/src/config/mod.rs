@@ -225,6 +225,10 @@ pub struct RawUplink {
     /// While reports await a durable version, an empty batch asks for them after this long
     /// without other batches.
     pub durable_poll_ms: u64,
+    /// Under load, a batch starts at most this long after the previous one, so changes that
+    /// arrive together share a request (live answers come back in milliseconds); an idle
+    /// link still sends at once.
+    pub min_batch_interval_ms: u64,
 }
 
 impl Default for RawUplink {
@@ -245,6 +249,7 @@ impl Default for RawUplink {
             live_answers: true,
             durable_timeout_secs: 120,
             durable_poll_ms: 1000,
+            min_batch_interval_ms: 10,
         }
     }
 }
@@ -391,6 +396,8 @@ pub struct UplinkSettings {
     pub durable_timeout: Duration,
     /// Interval of empty batches asking for durable versions while reports await them.
     pub durable_poll: Duration,
+    /// Shortest time between two batch starts.
+    pub min_batch_interval: Duration,
 }
 
 /// SQLite durability level.
@@ -578,6 +585,7 @@ impl TryFrom<RawConfig> for Settings {
             live_answers: u.live_answers,
             durable_timeout: Duration::from_secs(u.durable_timeout_secs),
             durable_poll: Duration::from_millis(u.durable_poll_ms),
+            min_batch_interval: Duration::from_millis(u.min_batch_interval_ms),
         };
 
         let durability = match raw.store.durability.as_str() {

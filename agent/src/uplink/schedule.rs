@@ -45,9 +45,10 @@ pub struct Schedule {
     not_before: Instant,
     batch_max: usize,
     batches_in_flight: usize,
-    /// The newest version of each device that a batch in flight carries. Shared with the
-    /// store's batch read, which drops its reference before answering: updates then change
-    /// the map in place instead of copying it.
+    /// The newest version of each device that a batch in flight carries or a live state
+    /// holds (a live mark, below). Shared with the store's batch read, which drops its
+    /// reference before answering: updates then change the map in place instead of copying
+    /// it.
     devices_in_flight: Arc<InFlight>,
     /// When each device last went out (only with a `device_min_interval`).
     last_sent: HashMap<String, Instant>,
@@ -60,6 +61,11 @@ pub struct Schedule {
     live: HashMap<String, (u64, Instant)>,
     /// The live state the marks in `live` were accepted by.
     live_id: Option<String>,
+    /// No mark times out before this (the earliest accepted plus `durable_timeout`, or
+    /// earlier when that mark has since gone): marks are looked through only then.
+    next_expiry: Option<Instant>,
+    /// A read was held back by `min_batch_interval`: the uplink wakes when it ends.
+    gap_wait: bool,
     /// Live marks given up since the last [`Schedule::take_resent`] (timed out, or their
     /// live state gone).
     resent: u64,
@@ -86,6 +92,8 @@ impl Schedule {
             last_activity: now.checked_sub(settings.heartbeat).unwrap_or(now),
             live: HashMap::new(),
             live_id: None,
+            next_expiry: None,
+            gap_wait: false,
             resent: 0,
             reports,
             bytes,
@@ -98,24 +106,18 @@ impl Schedule {
         if self.batches_in_flight >= self.settings.max_in_flight || now < self.not_before {
             return None;
         }
+        if now < self.gap_until() {
+            // Something may be waiting to go: look again when the gap ends.
+            self.gap_wait = true;
+            return None;
+        }
+        self.expire_live(now);
         let mut skip = Arc::clone(&self.devices_in_flight);
         let min = self.settings.device_min_interval;
         if !min.is_zero() {
             self.last_sent
                 .retain(|_, sent| now.saturating_duration_since(*sent) < min);
             Arc::make_mut(&mut skip).extend(self.last_sent.keys().map(|d| (d.clone(), u64::MAX)));
-        }
-        let timeout = self.settings.durable_timeout;
-        let before = self.live.len();
-        self.live
-            .retain(|_, (_, at)| now.saturating_duration_since(*at) < timeout);
-        self.resent += (before - self.live.len()) as u64;
-        if !self.live.is_empty() {
-            let skip = Arc::make_mut(&mut skip);
-            for (device, (version, _)) in &self.live {
-                let held = skip.entry(device.clone()).or_default();
-                *held = (*held).max(*version);
-            }
         }
         Some(Read {
             max_reports: self.batch_max,
@@ -147,6 +149,7 @@ impl Schedule {
     pub fn sent(&mut self, covered: &[(String, u64)], now: Instant) {
         self.batches_in_flight += 1;
         self.last_activity = now;
+        self.gap_wait = false;
         let in_flight = Arc::make_mut(&mut self.devices_in_flight);
         for (device, version) in covered {
             let newest = in_flight.entry(device.clone()).or_default();
@@ -166,15 +169,16 @@ impl Schedule {
         now: Instant,
     ) -> Duration {
         self.batches_in_flight = self.batches_in_flight.saturating_sub(1);
-        let in_flight = Arc::make_mut(&mut self.devices_in_flight);
-        for (device, version) in covered {
-            // A newer batch may carry the device too.
-            if in_flight.get(device) == Some(version) {
-                in_flight.remove(device);
-            }
-        }
         if let Outcome::Acked { live, durable, .. } = outcome {
             self.settle_live(live.as_ref(), durable, now);
+        }
+        let in_flight = Arc::make_mut(&mut self.devices_in_flight);
+        for (device, version) in covered {
+            // A newer batch may carry the device too, or a live state hold this version.
+            let held = self.live.get(device).is_some_and(|(v, _)| v == version);
+            if in_flight.get(device) == Some(version) && !held {
+                in_flight.remove(device);
+            }
         }
         let delay = match outcome {
             Outcome::Acked { .. } => {
@@ -193,6 +197,43 @@ impl Schedule {
         delay
     }
 
+    /// Under load, the next batch starts no sooner than `min_batch_interval` after the last:
+    /// live answers come back in milliseconds, and without a gap every change would go out
+    /// in a request of its own. An idle link (nothing sent for that long) sends at once.
+    fn gap_until(&self) -> Instant {
+        self.last_activity + self.settings.min_batch_interval
+    }
+
+    /// Gives up live marks held longer than `durable_timeout`: their devices go out again.
+    fn expire_live(&mut self, now: Instant) {
+        if self.next_expiry.is_none_or(|at| now < at) {
+            return;
+        }
+        let timeout = self.settings.durable_timeout;
+        let skip = Arc::make_mut(&mut self.devices_in_flight);
+        let mut resent = 0;
+        self.live.retain(|device, (version, at)| {
+            let keep = now.saturating_duration_since(*at) < timeout;
+            if !keep {
+                resent += 1;
+                if skip.get(device) == Some(version) {
+                    skip.remove(device);
+                }
+            }
+            keep
+        });
+        self.resent += resent;
+        self.next_expiry = self.live.values().map(|(_, at)| *at + timeout).min();
+    }
+
+    /// Ends the live mark of `device` (its skip entry too, unless a newer version is in
+    /// flight).
+    fn end_mark(skip: &mut InFlight, device: &str, version: u64) {
+        if skip.get(device).is_some_and(|held| *held <= version) {
+            skip.remove(device);
+        }
+    }
+
     /// Records what a 2xx answer says of the live state: reports it accepted (live), and
     /// versions now durable, which end their marks.
     fn settle_live(
@@ -201,11 +242,14 @@ impl Schedule {
         durable: &[(String, u64)],
         now: Instant,
     ) {
+        let skip = Arc::make_mut(&mut self.devices_in_flight);
         if let Some(live) = live {
             if self.live_id.as_deref() != Some(live.id.as_str()) {
                 // Another live state: what the old one held is gone, so it goes out again.
                 self.resent += self.live.len() as u64;
-                self.live.clear();
+                for (device, (version, _)) in self.live.drain() {
+                    Self::end_mark(skip, &device, version);
+                }
                 self.live_id = Some(live.id.clone());
             }
             for (device, version) in &live.accepted {
@@ -213,6 +257,12 @@ impl Schedule {
                 if *version >= mark.0 {
                     *mark = (*version, now);
                 }
+                let held = skip.entry(device.clone()).or_default();
+                *held = (*held).max(*version);
+            }
+            if !live.accepted.is_empty() {
+                let expiry = now + self.settings.durable_timeout;
+                self.next_expiry = Some(self.next_expiry.map_or(expiry, |e| e.min(expiry)));
             }
         }
         for (device, version) in durable {
@@ -222,6 +272,7 @@ impl Schedule {
                 .is_some_and(|(held, _)| held <= version)
             {
                 self.live.remove(device);
+                Self::end_mark(skip, device, *version);
             }
         }
     }
@@ -255,22 +306,22 @@ impl Schedule {
     /// (one that ran out would wake it again and again).
     pub fn wake_at(&self, now: Instant) -> Option<Instant> {
         let retry = (self.not_before > now).then_some(self.not_before);
+        let window_open = self.batches_in_flight < self.settings.max_in_flight;
         let heartbeat =
             (self.batches_in_flight == 0).then(|| self.last_activity + self.heartbeat_interval());
         // A live mark that times out makes its device pending again.
-        let expiry = self
-            .live
-            .values()
-            .map(|(_, at)| *at + self.settings.durable_timeout)
-            .min();
-        let window_open = self.batches_in_flight < self.settings.max_in_flight;
+        let expiry = self.next_expiry;
+        let gap = self
+            .gap_wait
+            .then(|| self.gap_until())
+            .filter(|_| window_open);
         let interval = self
             .last_sent
             .values()
             .min()
             .map(|sent| *sent + self.settings.device_min_interval)
             .filter(|_| window_open);
-        [retry, heartbeat, interval, expiry]
+        [retry, heartbeat, interval, expiry, gap]
             .into_iter()
             .flatten()
             .min()
@@ -325,6 +376,7 @@ mod tests {
             live_answers: true,
             durable_timeout: Duration::from_secs(120),
             durable_poll: Duration::from_secs(1),
+            min_batch_interval: Duration::ZERO,
         }
     }
 
@@ -618,5 +670,27 @@ mod tests {
             Some(t0 + Duration::from_secs(31)),
             "nothing held: back to the heartbeat"
         );
+    }
+
+    #[test]
+    fn under_load_batches_start_at_most_once_per_min_batch_interval() {
+        let t0 = Instant::now();
+        let mut s = schedule(
+            UplinkSettings {
+                min_batch_interval: ms(10),
+                ..settings()
+            },
+            t0,
+        );
+        // Idle: at once.
+        assert!(s.next(t0).is_some());
+        s.sent(&one("a", 1), t0);
+        s.settle(&one("a", 1), &live("L1", &[("a", 1)], &[]), t0 + ms(2));
+        // Answered in 2 ms: the next batch waits for the gap, and the uplink wakes for it.
+        assert!(s.next(t0 + ms(3)).is_none());
+        assert_eq!(s.wake_at(t0 + ms(3)), Some(t0 + ms(10)));
+        assert!(s.next(t0 + ms(10)).is_some());
+        // Live marks stay out of reads until their durable version: no copy of the map.
+        assert_eq!(s.next(t0 + ms(10)).unwrap().skip.get("a"), Some(&1));
     }
 }

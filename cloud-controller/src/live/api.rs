@@ -244,15 +244,26 @@ async fn authorize(
     })
 }
 
+/// Discovery: `/apis/live.edgesync.io` (the group) or its version (the resources). Any user
+/// the front proxy names may read it, as the API server's own discovery.
+async fn discovery(
+    api: &LiveApi,
+    peer: Option<Extension<ClientCertificate>>,
+    headers: &HeaderMap,
+    body: &impl serde::Serialize,
+) -> Response {
+    if let Err(r) = authenticate(api, peer.as_deref(), headers) {
+        return r.into_response();
+    }
+    api.metrics.live_request("discovery");
+    json(StatusCode::OK, body)
+}
+
 async fn group(
     State(api): State<Shared>,
     peer: Option<Extension<ClientCertificate>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authenticate(&api, peer.as_deref(), &headers) {
-        return r.into_response();
-    }
-    api.metrics.live_request("discovery");
     let version = GroupVersionForDiscovery {
         group_version: wire::API_VERSION.into(),
         version: wire::VERSION.into(),
@@ -263,7 +274,7 @@ async fn group(
         preferred_version: Some(version),
         server_address_by_client_cidrs: None,
     };
-    json(StatusCode::OK, &group)
+    discovery(&api, peer, &headers, &group).await
 }
 
 async fn resources(
@@ -271,11 +282,7 @@ async fn resources(
     peer: Option<Extension<ClientCertificate>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authenticate(&api, peer.as_deref(), &headers) {
-        return r.into_response();
-    }
-    api.metrics.live_request("discovery");
-    json(StatusCode::OK, &wire::resources())
+    discovery(&api, peer, &headers, &wire::resources()).await
 }
 
 /// The query parameters of a list or watch.

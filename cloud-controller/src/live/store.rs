@@ -391,6 +391,26 @@ fn decode_continue(token: &str) -> Result<Key, BadContinue> {
         .ok_or(BadContinue)
 }
 
+/// A state of node `edge-1`, label `line=a`, reporting `temperature` at `version` (epoch
+/// generation 1), for the live modules' tests.
+#[cfg(test)]
+pub(crate) fn test_state(version: u64, temperature: f64) -> DeviceState {
+    DeviceState {
+        labels: BTreeMap::from([("line".to_owned(), "a".to_owned())]),
+        node: "edge-1".into(),
+        reported: serde_json::json!({"temperature": temperature})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+        stamp: Stamp::new(1, version),
+        reported_at: "2026-12-07T08:00:00Z".into(),
+        observed_desired_generation: 0,
+        received_at_ms: 0,
+        online: None,
+        in_sync: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,22 +420,7 @@ mod tests {
         (ns.to_owned(), name.to_owned())
     }
 
-    fn state(version: u64, temperature: f64) -> DeviceState {
-        DeviceState {
-            labels: BTreeMap::from([("line".to_owned(), "a".to_owned())]),
-            node: "edge-1".into(),
-            reported: json!({"temperature": temperature})
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
-            stamp: Stamp::new(1, version),
-            reported_at: "2026-12-07T08:00:00Z".into(),
-            observed_desired_generation: 0,
-            received_at_ms: 0,
-            online: None,
-            in_sync: None,
-        }
-    }
+    use super::test_state as state;
 
     #[test]
     fn only_newer_stamps_change_a_device_and_each_change_gets_the_next_version() {

@@ -170,29 +170,10 @@ impl Cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stamp::Stamp;
-    use serde_json::json;
-    use std::collections::BTreeMap;
+    use crate::live::store::test_state as state;
 
     fn key(name: &str) -> Key {
         ("a".to_owned(), name.to_owned())
-    }
-
-    fn state(version: u64, temperature: f64) -> DeviceState {
-        DeviceState {
-            labels: BTreeMap::new(),
-            node: "edge-1".into(),
-            reported: json!({"temperature": temperature})
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
-            stamp: Stamp::new(1, version),
-            reported_at: String::new(),
-            observed_desired_generation: 0,
-            received_at_ms: 0,
-            online: None,
-            in_sync: None,
-        }
     }
 
     fn kinds(items: &[Item]) -> Vec<(&'static str, String, u64)> {

@@ -2,7 +2,7 @@
 //!
 //! Starts a local control plane (etcd + kube-apiserver, CRDs applied), the controller, the
 //! agent with its embedded MQTT broker, and the shop-floor simulator; shows the devices arriving in
-//! `kubectl get devices`; then plays the operator: sets a desired speed on one machine and
+//! `kubectl get devices` and their live state in `kubectl get devicestates`; then plays the operator: sets a desired speed on one machine and
 //! shows it travel down to the device and the Device turn In-Sync. Everything it starts stops
 //! when it exits. `DEMO_KEEP=1` keeps it running until Ctrl-C, printing the kubectl commands to
 //! try.
@@ -43,9 +43,15 @@ async fn main() {
         &examples.join("edgenode.yaml").display().to_string(),
     ]);
 
-    println!("[3/6] edgesync-controller (release build)");
-    let controller = Controller::start(&cp, &[]);
-    println!("      serving on {}", controller.url());
+    println!("[3/6] edgesync-controller (release build), with the live API");
+    let live_port = edgesync_e2e::free_port();
+    let live_listen = format!("127.0.0.1:{live_port}");
+    let controller = Controller::start(&cp, &["--live-listen", &live_listen]);
+    edgesync_e2e::live::register(&cp, live_port);
+    println!(
+        "      serving agents on {}, devicestates.live.edgesync.io through the API server",
+        controller.url()
+    );
 
     println!("[4/6] edgesync-agent (release build) with its embedded MQTT broker");
     let mqtt_port = edgesync_e2e::free_port();
@@ -94,6 +100,8 @@ async fn main() {
     .await;
     println!("\n$ kubectl get devices -n {NAMESPACE}");
     println!("{}", cp.kubectl_ok(&["-n", NAMESPACE, "get", "devices"]));
+    println!("$ kubectl get devicestates -n {NAMESPACE}    # the live state, from the controller's memory");
+    println!("{}", cp.kubectl_ok(&["-n", NAMESPACE, "get", "devicestates"]));
 
     println!("[6/6] the operator sets spec.desired.speed=1500 on machine-3");
     let patched = Instant::now();
@@ -158,6 +166,10 @@ async fn main() {
         println!("\nRunning until Ctrl-C. Try:");
         println!(
             "  KUBECONFIG={} kubectl get devices -n {NAMESPACE} -w",
+            cp.kubeconfig().display()
+        );
+        println!(
+            "  KUBECONFIG={} kubectl get devicestates -n {NAMESPACE} -w",
             cp.kubeconfig().display()
         );
         println!("  curl -s {}/metrics | grep edgesync_", controller.url());
