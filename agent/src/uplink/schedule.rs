@@ -111,6 +111,8 @@ impl Schedule {
             self.gap_wait = true;
             return None;
         }
+        // This read looks at everything waiting; an empty one must not wake the uplink again.
+        self.gap_wait = false;
         self.expire_live(now);
         let mut skip = Arc::clone(&self.devices_in_flight);
         let min = self.settings.device_min_interval;
@@ -310,7 +312,7 @@ impl Schedule {
         let heartbeat =
             (self.batches_in_flight == 0).then(|| self.last_activity + self.heartbeat_interval());
         // A live mark that times out makes its device pending again.
-        let expiry = self.next_expiry;
+        let expiry = self.next_expiry.filter(|_| window_open);
         let gap = self
             .gap_wait
             .then(|| self.gap_until())
@@ -690,6 +692,8 @@ mod tests {
         assert!(s.next(t0 + ms(3)).is_none());
         assert_eq!(s.wake_at(t0 + ms(3)), Some(t0 + ms(10)));
         assert!(s.next(t0 + ms(10)).is_some());
+        // That read found nothing to send: nothing wakes the uplink before the durable poll.
+        assert_eq!(s.wake_at(t0 + ms(10)), Some(t0 + Duration::from_secs(1)));
         // Live marks stay out of reads until their durable version: no copy of the map.
         assert_eq!(s.next(t0 + ms(10)).unwrap().skip.get("a"), Some(&1));
     }
