@@ -225,9 +225,9 @@ pub struct RawUplink {
     /// While reports await a durable version, an empty batch asks for them after this long
     /// without other batches.
     pub durable_poll_ms: u64,
-    /// Under load, a batch starts at most this long after the previous one, so changes that
-    /// arrive together share a request (live answers come back in milliseconds); an idle
-    /// link still sends at once.
+    /// Under load (the last batch carried 3 reports or more), a batch starts no sooner than
+    /// this after the previous one, so changes share a request (live answers come back in
+    /// milliseconds); a light link sends each change at once.
     pub min_batch_interval_ms: u64,
 }
 
@@ -249,7 +249,7 @@ impl Default for RawUplink {
             live_answers: true,
             durable_timeout_secs: 120,
             durable_poll_ms: 1000,
-            min_batch_interval_ms: 10,
+            min_batch_interval_ms: 20,
         }
     }
 }

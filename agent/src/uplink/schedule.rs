@@ -25,6 +25,10 @@ use crate::backoff::{Backoff, Jitter};
 use crate::config::UplinkSettings;
 use crate::store::InFlight;
 
+/// A batch this large means the link is under load: the next one waits for
+/// `min_batch_interval`.
+const LOADED: usize = 3;
+
 /// What the next batch reads from the outbox.
 #[derive(Debug)]
 pub struct Read {
@@ -66,6 +70,8 @@ pub struct Schedule {
     next_expiry: Option<Instant>,
     /// A read was held back by `min_batch_interval`: the uplink wakes when it ends.
     gap_wait: bool,
+    /// Reports the last batch carried.
+    last_batch_reports: usize,
     /// Live marks given up since the last [`Schedule::take_resent`] (timed out, or their
     /// live state gone).
     resent: u64,
@@ -94,6 +100,7 @@ impl Schedule {
             live_id: None,
             next_expiry: None,
             gap_wait: false,
+            last_batch_reports: 0,
             resent: 0,
             reports,
             bytes,
@@ -152,6 +159,7 @@ impl Schedule {
         self.batches_in_flight += 1;
         self.last_activity = now;
         self.gap_wait = false;
+        self.last_batch_reports = covered.len();
         let in_flight = Arc::make_mut(&mut self.devices_in_flight);
         for (device, version) in covered {
             let newest = in_flight.entry(device.clone()).or_default();
@@ -199,11 +207,16 @@ impl Schedule {
         delay
     }
 
-    /// Under load, the next batch starts no sooner than `min_batch_interval` after the last:
-    /// live answers come back in milliseconds, and without a gap every change would go out
-    /// in a request of its own. An idle link (nothing sent for that long) sends at once.
+    /// Under load (the last batch carried [`LOADED`] reports or more), the next batch starts
+    /// no sooner than `min_batch_interval` after it: live answers come back in milliseconds,
+    /// and without a gap every few changes would go out in a request of their own. A light
+    /// link (a change or two at a time) sends each at once.
     fn gap_until(&self) -> Instant {
-        self.last_activity + self.settings.min_batch_interval
+        if self.last_batch_reports >= LOADED {
+            self.last_activity + self.settings.min_batch_interval
+        } else {
+            self.last_activity
+        }
     }
 
     /// Gives up live marks held longer than `durable_timeout`: their devices go out again.
@@ -684,11 +697,19 @@ mod tests {
             },
             t0,
         );
-        // Idle: at once.
+        // A light link: a change or two at a time go at once.
         assert!(s.next(t0).is_some());
-        s.sent(&one("a", 1), t0);
-        s.settle(&one("a", 1), &live("L1", &[("a", 1)], &[]), t0 + ms(2));
-        // Answered in 2 ms: the next batch waits for the gap, and the uplink wakes for it.
+        s.sent(&one("z", 1), t0);
+        s.settle(&one("z", 1), &live("L1", &[("z", 1)], &[]), t0 + ms(1));
+        assert!(s.next(t0 + ms(1)).is_some());
+        // A batch of three: the next waits for the gap, and the uplink wakes for it.
+        let three = [
+            ("a".to_owned(), 1),
+            ("b".to_owned(), 1),
+            ("c".to_owned(), 1),
+        ];
+        s.sent(&three, t0);
+        s.settle(&three, &live("L1", &[("a", 1)], &[]), t0 + ms(2));
         assert!(s.next(t0 + ms(3)).is_none());
         assert_eq!(s.wake_at(t0 + ms(3)), Some(t0 + ms(10)));
         assert!(s.next(t0 + ms(10)).is_some());
