@@ -21,11 +21,11 @@ use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::{
     Controller, batch, create_devices, create_node, live_batch, post_batch, report,
 };
+use edgesync_e2e::live::devicestates;
 use edgesync_e2e::mosquitto::Mosquitto;
 use edgesync_e2e::stack::publish_acked;
 use edgesync_e2e::{free_port, live, pki, wait};
 use futures_util::StreamExt as _;
-use edgesync_e2e::live::devicestates;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use serde_json::{Value, json};
 

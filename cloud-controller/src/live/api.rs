@@ -577,13 +577,22 @@ impl Watch {
             }
             // Marked seen before the store is read: a change after the read wakes the wait.
             self.changed.borrow_and_update();
-            let step = self.cursor.next(&self.api.live.read(), WATCH_CHUNK);
+            let (step, more) = {
+                let store = self.api.live.read();
+                let step = self.cursor.next(&store, WATCH_CHUNK);
+                (step, self.cursor.has_more(&store))
+            };
             match step {
                 Ok(items) if !items.is_empty() => {
                     let chunk = self.encode(&items);
                     return Some((Ok(chunk), self));
                 }
-                Ok(_) if self.cursor.is_listing() => continue,
+                // Changes not looked at yet (a selective watch reads a bounded number per
+                // hold of the lock): read on, without waiting for another change.
+                Ok(_) if more => {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
                 Ok(_) => {}
                 Err(gone) => {
                     self.done = true;

@@ -414,7 +414,6 @@ pub(crate) fn test_state(version: u64, temperature: f64) -> DeviceState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn key(ns: &str, name: &str) -> Key {
         (ns.to_owned(), name.to_owned())

@@ -161,9 +161,11 @@ impl Cursor {
         Ok(items)
     }
 
-    /// Whether the initial list is still being sent.
-    pub fn is_listing(&self) -> bool {
-        self.listing.is_some()
+    /// Whether there is more to read now: the initial list is still being sent, or changes
+    /// in `store` after [`Cursor::resource_version`] have not been looked at yet (a call
+    /// reads a bounded number). A watch waits for the next change only when there is not.
+    pub fn has_more(&self, store: &LiveStore) -> bool {
+        self.listing.is_some() || self.rv < store.resource_version()
     }
 }
 
@@ -181,6 +183,23 @@ mod tests {
             .iter()
             .map(|(k, key, s, _)| (k.as_str(), key.1.clone(), s.stamp.version))
             .collect()
+    }
+
+    #[test]
+    fn a_selective_watch_reads_a_bounded_number_of_changes_per_call_and_says_there_are_more() {
+        let mut s = LiveStore::new(100, usize::MAX);
+        let hot = Query::parse(None, None, Some("temperature>5")).unwrap();
+        let mut selective = Cursor::resuming(None, hot, 0);
+        for v in 1..=9 {
+            s.apply(key("d1"), state(v, 1.0));
+        }
+        assert!(selective.next(&s, 1).unwrap().is_empty());
+        assert_eq!(selective.resource_version(), 4, "4 x max changes read");
+        assert!(selective.has_more(&s));
+        while selective.has_more(&s) {
+            assert!(selective.next(&s, 1).unwrap().is_empty());
+        }
+        assert_eq!(selective.resource_version(), s.resource_version());
     }
 
     #[test]
@@ -224,13 +243,13 @@ mod tests {
             kinds(&first),
             [("ADDED", "d1".into(), 1), ("ADDED", "d2".into(), 1)]
         );
-        assert!(c.is_listing());
+        assert!(c.has_more(&s));
         // d1 (already sent) and d3 (not yet) change between pages.
         s.apply(key("d1"), state(2, 1.0));
         s.apply(key("d3"), state(2, 1.0));
         let second = c.next(&s, 2).unwrap();
         assert_eq!(kinds(&second), [("ADDED", "d3".into(), 2)]);
-        assert!(!c.is_listing());
+        assert!(c.has_more(&s), "the changes made while listing");
         // d1's change follows; d3's is not sent again.
         let rest = c.next(&s, 10).unwrap();
         assert_eq!(kinds(&rest), [("MODIFIED", "d1".into(), 2)]);
@@ -246,6 +265,7 @@ mod tests {
         }
         assert_eq!(c.next(&s, 2).unwrap().len(), 2);
         assert_eq!(c.next(&s, 2).unwrap().len(), 1);
+        assert!(!c.has_more(&s));
         for v in 4..=20 {
             s.apply(key("d1"), state(v, 1.0));
         }

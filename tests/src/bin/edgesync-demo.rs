@@ -100,8 +100,13 @@ async fn main() {
     .await;
     println!("\n$ kubectl get devices -n {NAMESPACE}");
     println!("{}", cp.kubectl_ok(&["-n", NAMESPACE, "get", "devices"]));
-    println!("$ kubectl get devicestates -n {NAMESPACE}    # the live state, from the controller's memory");
-    println!("{}", cp.kubectl_ok(&["-n", NAMESPACE, "get", "devicestates"]));
+    println!(
+        "$ kubectl get devicestates -n {NAMESPACE}    # the live state, from the controller's memory"
+    );
+    println!(
+        "{}",
+        cp.kubectl_ok(&["-n", NAMESPACE, "get", "devicestates"])
+    );
 
     println!("[6/6] the operator sets spec.desired.speed=1500 on machine-3");
     let patched = Instant::now();
