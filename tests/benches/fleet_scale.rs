@@ -394,6 +394,7 @@ async fn load_phase(
     let refused = Arc::new(AtomicU64::new(0));
     let answered = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let phase_start_ms = now_ms();
     let watch = live.then(|| {
         let (latencies, ns) = (latencies.clone(), ns.to_owned());
         let kubeconfig = cp.kubeconfig().to_path_buf();
@@ -404,7 +405,7 @@ async fn load_phase(
             let stream = watcher(api, config).default_backoff().applied_objects();
             let mut stream = std::pin::pin!(stream);
             // A relist (after a 410) shows states already seen again: each state counts once,
-            // when first seen.
+            // when first seen (a 410 would count too: its relist shows nothing newer).
             let mut seen: std::collections::HashMap<String, u64> = Default::default();
             while let Some(item) = stream.next().await {
                 let Ok(o) = item else { continue };
@@ -415,7 +416,8 @@ async fn load_phase(
                     continue;
                 };
                 let last = seen.entry(o.metadata.name.unwrap_or_default()).or_default();
-                if n > *last {
+                // The watch's initial list shows states of the phase before: not this one's.
+                if n > *last && sent >= phase_start_ms {
                     *last = n;
                     let took = now_ms().saturating_sub(sent);
                     latencies.lock().unwrap().push(Duration::from_millis(took));
