@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use edgesync_crds::{Device, DeviceSpec};
 use edgesync_e2e::cluster::ControlPlane;
-use edgesync_e2e::controller::{Controller, DesiredStream, batch, client, live_batch, report};
+use edgesync_e2e::controller::{Controller, DesiredStream, client, live_batch, report};
 use edgesync_e2e::measure::{TICKS_PER_SECOND, aim, cpu_ticks, percentile_ms, scaled};
 use edgesync_e2e::raw_mqtt::rss_kib;
 use edgesync_protocol::wire::{self, DesiredEvent};
@@ -181,8 +181,8 @@ async fn main() {
 
     // The same load on both paths: agents that wait for durable answers (the status path),
     // then agents that take live answers, whose states a watch of the live API follows.
-    let durable = load_phase(&cp, &c, &ns.name, false, ready_rss).await;
-    let live = load_phase(&cp, &c, &ns.name, true, ready_rss).await;
+    let durable = load_phase(&cp, &c, &ns.name, false, ready_rss, 0).await;
+    let live = load_phase(&cp, &c, &ns.name, true, ready_rss, 1000).await;
     // What the live state holds in memory, by its own count.
     let live_devices = c.metric("edgesync_controller_live_devices").await;
     let state_bytes = c.metric("edgesync_controller_live_state_bytes").await;
@@ -385,6 +385,7 @@ async fn load_phase(
     ns: &str,
     live: bool,
     ready_rss: u64,
+    version_base: u64,
 ) -> Phase {
     let (n_nodes, per) = (nodes(), per_node());
     let pid = c.process.pid().unwrap();
@@ -449,8 +450,9 @@ async fn load_phase(
                 let part = (seq as usize - 1) % 5;
                 let reports = (part * fifth..((part + 1) * fifth).min(per))
                     .map(|d| {
-                        // Each device's version counts its own reports.
-                        let version = (seq - 1) / 5 + 1;
+                        // Each device's version counts its own reports, on from the phase
+                        // before (one agent epoch throughout, as one agent would keep).
+                        let version = (seq - 1) / 5 + 1 + version_base;
                         report(
                             &format!("n{k}-d{d}"),
                             version,
@@ -459,11 +461,8 @@ async fn load_phase(
                     })
                     .collect::<Vec<_>>();
                 let sent = reports.len() as u64;
-                let b = if live {
-                    live_batch(seq, &epoch, reports)
-                } else {
-                    batch(seq, reports)
-                };
+                let mut b = live_batch(seq, &epoch, reports);
+                b.live = live;
                 let r = http
                     .post(format!(
                         "{url}{}",

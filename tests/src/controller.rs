@@ -100,7 +100,32 @@ impl Controller {
         Self::spawn_with(kubeconfig, extra, None, log)
     }
 
+    /// Starts a controller with the identity `deploy/` gives it (as
+    /// [`Controller::start_deployed`]) that lives as long as the test binary, for one held in
+    /// a `static` (never dropped): it is stopped when the binary exits, however it exits.
+    pub fn start_deployed_for_binary(cp: &ControlPlane, extra: &[&str]) -> Controller {
+        let c = Self::spawn_inner(
+            cp.deployed_controller_kubeconfig(),
+            extra,
+            None,
+            DEFAULT_LOG,
+            true,
+        );
+        c.wait_ready();
+        c
+    }
+
     fn spawn_with(kubeconfig: &Path, extra: &[&str], limit: Option<u64>, log: &str) -> Controller {
+        Self::spawn_inner(kubeconfig, extra, limit, log, false)
+    }
+
+    fn spawn_inner(
+        kubeconfig: &Path,
+        extra: &[&str],
+        limit: Option<u64>,
+        log: &str,
+        for_binary: bool,
+    ) -> Controller {
         let dir = tempfile::tempdir().expect("controller temp dir");
         let addr = loopback(free_port());
         // prlimit (util-linux) sets the limit and then runs the controller in its place.
@@ -120,7 +145,11 @@ impl Controller {
         for a in extra {
             spec = spec.arg(*a);
         }
-        let process = ManagedProcess::spawn(spec, dir.path());
+        let process = if for_binary {
+            ManagedProcess::spawn_tied(spec, dir.path(), Some(dir.path().to_path_buf()))
+        } else {
+            ManagedProcess::spawn(spec, dir.path())
+        };
         Controller {
             process,
             addr,

@@ -50,7 +50,7 @@ fn live_api() -> &'static Live {
         let window = WINDOW.to_string();
         // With the identity deploy/ gives it: its RBAC must let it read the front proxy's
         // settings and ask SubjectAccessReviews.
-        let controller = Controller::start_deployed(
+        let controller = Controller::start_deployed_for_binary(
             cp,
             &[
                 "--live-listen",
