@@ -14,18 +14,17 @@ pub const REASON_DEVICE_DISCONNECTED: &str = "DeviceDisconnected";
 
 /// Writes a report into a Device's status: reported state and stamp, report time, observed
 /// desired generation, `Online=True` and `InSync` from the delta between desired and reported.
-pub fn apply_report(device: &mut Device, stamped: &Stamped) {
-    let report = &stamped.report;
+pub fn apply_report(device: &mut Device, report: &Stamped) {
     let now = Time(Timestamp::now());
     let generation = device.metadata.generation.unwrap_or(0);
     let desired = device.spec.desired.clone().unwrap_or_default();
     let status = device.status.get_or_insert_with(DeviceStatus::default);
-    status.reported = Some(report.reported.clone());
+    let reported = report.reported.parse();
     status.reported_version = Some(report.version);
     // Statuses from agents that predate epochs carry none, and order by version alone.
-    let has_epoch = !stamped.epoch.is_empty();
-    status.reported_epoch = has_epoch.then(|| stamped.epoch.to_string());
-    status.reported_epoch_generation = has_epoch.then_some(stamped.stamp.generation);
+    let has_epoch = !report.epoch.is_empty();
+    status.reported_epoch = has_epoch.then(|| report.epoch.to_string());
+    status.reported_epoch_generation = has_epoch.then_some(report.stamp.generation);
     status.last_report_time = Some(
         report
             .reported_at
@@ -56,8 +55,9 @@ pub fn apply_report(device: &mut Device, stamped: &Stamped) {
         generation,
         report.observed_desired_version,
         &desired,
-        &report.reported,
+        &reported,
     );
+    status.reported = Some(reported);
     set_condition(
         &mut status.conditions,
         CONDITION_IN_SYNC,
@@ -116,21 +116,15 @@ mod tests {
     use serde_json::json;
 
     fn report(version: u64, reported: serde_json::Value, observed: i64) -> Stamped {
-        Stamped {
-            report: Report {
-                device: "d".into(),
-                version,
-                reported: reported.as_object().cloned().unwrap_or_default(),
-                reported_at: "2026-11-28T10:00:00Z".into(),
-                observed_desired_version: observed,
-                connected: None,
-            },
-            epoch: "e1".into(),
-            stamp: Stamp {
-                generation: 3,
-                version,
-            },
-        }
+        let report = Report {
+            device: "d".into(),
+            version,
+            reported: reported.as_object().cloned().unwrap_or_default(),
+            reported_at: "2026-11-28T10:00:00Z".into(),
+            observed_desired_version: observed,
+            connected: None,
+        };
+        Stamped::new(&report, "e1".into(), Stamp::new(3, version))
     }
 
     #[test]
@@ -175,7 +169,7 @@ mod tests {
             },
         );
         let mut down = report(4, json!({"speed": 3}), 0);
-        down.report.connected = Some(false);
+        down.connected = Some(false);
         apply_report(&mut d, &down);
         let s = d.status.as_ref().unwrap();
         assert_eq!(condition_status(&s.conditions, "Online"), Some("False"));
@@ -185,7 +179,7 @@ mod tests {
                 .any(|c| c.reason == REASON_DEVICE_DISCONNECTED)
         );
         let mut up = report(5, json!({"speed": 3}), 0);
-        up.report.connected = Some(true);
+        up.connected = Some(true);
         apply_report(&mut d, &up);
         let s = d.status.as_ref().unwrap();
         assert_eq!(condition_status(&s.conditions, "Online"), Some("True"));

@@ -30,6 +30,7 @@ pub mod cache;
 pub mod cli;
 pub mod desired;
 pub mod device_status;
+pub mod doc;
 pub mod durable;
 pub mod epoch;
 pub mod events;

@@ -13,6 +13,8 @@ use edgesync_crds::DeviceStatus;
 use edgesync_protocol::wire::Report;
 use serde_json::{Map, Value};
 
+use crate::doc::Doc;
+
 /// A report's place in its device's history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Stamp {
@@ -40,15 +42,39 @@ impl Stamp {
     }
 }
 
-/// A report with its batch's epoch and its stamp.
+/// An accepted report with its batch's epoch and its stamp, as the controller keeps it until
+/// its status is written: the reported document compact, and shared with the live state.
 #[derive(Debug, Clone)]
 pub struct Stamped {
-    /// The report as sent.
-    pub report: Report,
+    /// The shadow version the agent sent.
+    pub version: u64,
+    /// The reported document.
+    pub reported: Doc,
+    /// When the device reported it (RFC 3339, as the agent sent it).
+    pub reported_at: String,
+    /// The Device generation whose desired state the agent had applied.
+    pub observed_desired_version: i64,
+    /// Whether the device is connected, as its agent said (`None`: not said).
+    pub connected: Option<bool>,
     /// The batch's agent epoch (empty from agents that predate epochs).
     pub epoch: Arc<str>,
     /// `(epoch generation, version)`.
     pub stamp: Stamp,
+}
+
+impl Stamped {
+    /// `report`, sent in a batch of agent epoch `epoch`, stamped `stamp`.
+    pub fn new(report: &Report, epoch: Arc<str>, stamp: Stamp) -> Self {
+        Self {
+            version: report.version,
+            reported: Doc::of(&report.reported),
+            reported_at: report.reported_at.clone(),
+            observed_desired_version: report.observed_desired_version,
+            connected: report.connected,
+            epoch,
+            stamp,
+        }
+    }
 }
 
 /// How a report compares with a Device's status.
@@ -79,18 +105,22 @@ pub fn conflict_message(namespace: &str, device: &str, version: u64, epoch: &str
     )
 }
 
-/// Compares a report stamped `stamp` with body `reported` against `status`.
+/// Compares a report stamped `stamp` against `status`; `same_body` tells whether a status
+/// reported document is the report's (asked only when the stamps are equal).
 pub fn judge(
     status: Option<&DeviceStatus>,
     stamp: Stamp,
-    reported: &Map<String, Value>,
+    same_body: impl FnOnce(&Map<String, Value>) -> bool,
 ) -> Verdict {
     let current = Stamp::of_status(status);
     match stamp.cmp(&current) {
         std::cmp::Ordering::Greater => Verdict::Newer,
         std::cmp::Ordering::Less => Verdict::Older(current),
         std::cmp::Ordering::Equal => {
-            if status.and_then(|s| s.reported.as_ref()) == Some(reported) {
+            if status
+                .and_then(|s| s.reported.as_ref())
+                .is_some_and(same_body)
+            {
                 Verdict::Same
             } else {
                 Verdict::Conflict
@@ -113,8 +143,10 @@ mod tests {
         }
     }
 
-    fn body(v: Value) -> Map<String, Value> {
-        v.as_object().cloned().unwrap_or_default()
+    /// Whether a status document is `v`.
+    fn body(v: Value) -> impl FnOnce(&Map<String, Value>) -> bool {
+        let want = v.as_object().cloned().unwrap_or_default();
+        move |held| *held == want
     }
 
     fn stamp(generation: u64, version: u64) -> Stamp {
@@ -125,19 +157,19 @@ mod tests {
     fn versions_order_reports_within_an_epoch() {
         let s = status(Some(1), 5, json!({"a": 5}));
         assert_eq!(
-            judge(Some(&s), stamp(1, 6), &body(json!({}))),
+            judge(Some(&s), stamp(1, 6), body(json!({}))),
             Verdict::Newer
         );
         assert_eq!(
-            judge(Some(&s), stamp(1, 4), &body(json!({"a": 4}))),
+            judge(Some(&s), stamp(1, 4), body(json!({"a": 4}))),
             Verdict::Older(stamp(1, 5))
         );
         assert_eq!(
-            judge(Some(&s), stamp(1, 5), &body(json!({"a": 5}))),
+            judge(Some(&s), stamp(1, 5), body(json!({"a": 5}))),
             Verdict::Same
         );
         assert_eq!(
-            judge(Some(&s), stamp(1, 5), &body(json!({"a": 6}))),
+            judge(Some(&s), stamp(1, 5), body(json!({"a": 6}))),
             Verdict::Conflict
         );
     }
@@ -146,13 +178,13 @@ mod tests {
     fn a_newer_epoch_supersedes_whatever_its_versions() {
         let s = status(Some(1), 900, json!({"a": 900}));
         assert_eq!(
-            judge(Some(&s), stamp(2, 1), &body(json!({"a": 1}))),
+            judge(Some(&s), stamp(2, 1), body(json!({"a": 1}))),
             Verdict::Newer
         );
         // And an older epoch never comes back over a newer one.
         let s = status(Some(2), 1, json!({"a": 1}));
         assert_eq!(
-            judge(Some(&s), stamp(1, 901), &body(json!({"a": 901}))),
+            judge(Some(&s), stamp(1, 901), body(json!({"a": 901}))),
             Verdict::Older(stamp(2, 1))
         );
     }
@@ -162,19 +194,19 @@ mod tests {
         // Written by an agent without epochs: generation 0.
         let s = status(None, 7, json!({"a": 7}));
         assert_eq!(
-            judge(Some(&s), stamp(0, 6), &body(json!({}))),
+            judge(Some(&s), stamp(0, 6), body(json!({}))),
             Verdict::Older(stamp(0, 7))
         );
         assert_eq!(
-            judge(Some(&s), stamp(0, 8), &body(json!({}))),
+            judge(Some(&s), stamp(0, 8), body(json!({}))),
             Verdict::Newer
         );
         // The first agent with an epoch supersedes it.
         assert_eq!(
-            judge(Some(&s), stamp(1, 1), &body(json!({}))),
+            judge(Some(&s), stamp(1, 1), body(json!({}))),
             Verdict::Newer
         );
         // Nothing written yet.
-        assert_eq!(judge(None, stamp(0, 1), &body(json!({}))), Verdict::Newer);
+        assert_eq!(judge(None, stamp(0, 1), body(json!({}))), Verdict::Newer);
     }
 }

@@ -114,7 +114,7 @@ pub(super) fn against_device(
             ),
         ));
     }
-    match judge(status, stamp, &report.reported) {
+    match judge(status, stamp, |held| *held == report.reported) {
         Verdict::Newer => None,
         Verdict::Same => Some(Settled {
             status: ReportStatus::Accepted,

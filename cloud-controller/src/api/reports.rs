@@ -238,15 +238,11 @@ async fn handle_reports(
         }
         let known = Stamp::of_status(device.status.as_ref());
         let key = (ns.to_owned(), report.device.clone());
-        let stamped = Stamped {
-            report,
-            epoch: Arc::clone(&epoch),
-            stamp,
-        };
+        let stamped = Stamped::new(&report, Arc::clone(&epoch), stamp);
         if let Some(live) = &s.live {
-            live.apply_report(&device, &stamped, received_at_ms);
+            live.apply_report(&device, &report.reported, &stamped, received_at_ms);
         }
-        let version = stamped.report.version;
+        let version = stamped.version;
         let rx = s.writer.submit(key, node, stamped, Some(known));
         waits.push((i, stamp, version, rx));
     }

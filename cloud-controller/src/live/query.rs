@@ -12,10 +12,13 @@
 //! Every part is ANDed. Each is bounded in bytes and terms, so a request cannot make the
 //! controller hold or evaluate more than that per device.
 
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use kube::core::{Expression, Selector, SelectorExt as _};
 use serde_json::{Map, Value};
+
+use crate::doc::Doc;
 
 /// The most bytes a selector or `where` parameter may have.
 pub const MAX_QUERY_BYTES: usize = 4096;
@@ -67,7 +70,7 @@ pub struct Candidate<'a> {
     /// The EdgeNode it belongs to.
     pub node: &'a str,
     /// Its newest reported document.
-    pub reported: &'a Map<String, Value>,
+    pub reported: &'a Doc,
 }
 
 /// A parsed query: labels, fields and comparisons, all of which must match.
@@ -94,9 +97,14 @@ impl Query {
 
     /// Whether `c` is selected.
     pub fn matches(&self, c: &Candidate<'_>) -> bool {
-        self.labels.matches(c.labels)
-            && self.fields.iter().all(|f| f.matches(c))
-            && self.comparisons.iter().all(|k| k.matches(c.reported))
+        if !self.labels.matches(c.labels) {
+            return false;
+        }
+        // The reported document is read only when a term asks for a value, and once.
+        let parsed = OnceCell::new();
+        let reported = || parsed.get_or_init(|| c.reported.parse());
+        self.fields.iter().all(|f| f.matches(c, &reported))
+            && self.comparisons.iter().all(|k| k.matches(reported()))
     }
 
     /// Whether it selects every device.
@@ -263,12 +271,16 @@ struct FieldTerm {
 }
 
 impl FieldTerm {
-    fn matches(&self, c: &Candidate<'_>) -> bool {
+    fn matches<'m>(
+        &self,
+        c: &Candidate<'_>,
+        reported: &dyn Fn() -> &'m Map<String, Value>,
+    ) -> bool {
         let same = match &self.field {
             Field::Name => c.name == self.value,
             Field::Namespace => c.namespace == self.value,
             Field::Node => c.node == self.value,
-            Field::Reported(path) => leaf(c.reported, path).is_some_and(|v| match v {
+            Field::Reported(path) => leaf(reported(), path).is_some_and(|v| match v {
                 Value::String(s) => *s == self.value,
                 Value::Number(_) | Value::Bool(_) | Value::Null => self.scalar.as_ref() == Some(v),
                 Value::Array(_) | Value::Object(_) => false,
@@ -421,10 +433,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn device<'a>(
-        labels: &'a BTreeMap<String, String>,
-        reported: &'a Map<String, Value>,
-    ) -> Candidate<'a> {
+    fn device<'a>(labels: &'a BTreeMap<String, String>, reported: &'a Doc) -> Candidate<'a> {
         Candidate {
             name: "press-1",
             namespace: "plant-a",
@@ -441,8 +450,8 @@ mod tests {
             .collect()
     }
 
-    fn reported(v: Value) -> Map<String, Value> {
-        v.as_object().unwrap().clone()
+    fn reported(v: Value) -> Doc {
+        Doc::of(v.as_object().unwrap())
     }
 
     fn selects(q: (Option<&str>, Option<&str>, Option<&str>), c: &Candidate<'_>) -> bool {

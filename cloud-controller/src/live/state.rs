@@ -8,7 +8,7 @@
 //! holds no buffer of its own: it reads the store's window at its own pace, and when it
 //! falls out of the window it is ended with 410 and lists again.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use edgesync_crds::{CONDITION_ONLINE, Device, condition_status};
 use kube::ResourceExt as _;
@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::store::{DeviceState, Key, LiveStore};
 use crate::device_status::in_sync;
+use crate::doc::Doc;
 use crate::stamp::{Stamp, Stamped};
 
 /// The live states, shared.
@@ -59,20 +60,26 @@ impl Live {
         }
     }
 
-    /// Applies an accepted report of `device`, received at `received_at_ms`.
-    pub fn apply_report(&self, device: &Device, stamped: &Stamped, received_at_ms: i64) {
+    /// Applies an accepted report of `device`, received at `received_at_ms`: `stamped`,
+    /// whose document is `reported` (judged against the desired state as it is parsed).
+    pub fn apply_report(
+        &self,
+        device: &Device,
+        reported: &serde_json::Map<String, serde_json::Value>,
+        stamped: &Stamped,
+        received_at_ms: i64,
+    ) {
         let Some(key) = key_of(device) else { return };
-        let report = &stamped.report;
-        let in_sync = synced(device, report.observed_desired_version, &report.reported);
+        let in_sync = synced(device, stamped.observed_desired_version, reported);
         let state = DeviceState {
-            labels: device.labels().clone(),
-            node: device.spec.node_name.clone(),
-            reported: report.reported.clone(),
+            labels: Arc::new(device.labels().clone()),
+            node: device.spec.node_name.as_str().into(),
+            reported: stamped.reported.clone(),
             stamp: stamped.stamp,
-            reported_at: report.reported_at.clone(),
-            observed_desired_generation: report.observed_desired_version,
+            reported_at: stamped.reported_at.clone(),
+            observed_desired_generation: stamped.observed_desired_version,
             received_at_ms,
-            online: Some(report.connected != Some(false)),
+            online: Some(stamped.connected != Some(false)),
             in_sync: Some(in_sync),
         };
         self.change(|s| s.apply(key, state));
@@ -105,7 +112,11 @@ impl Live {
             // Not a newer report: the labels, or the desired state the held report is
             // judged against, may have changed.
             let (held, _) = s.get(&key)?;
-            let synced = synced(device, held.observed_desired_generation, &held.reported);
+            let synced = synced(
+                device,
+                held.observed_desired_generation,
+                &held.reported.parse(),
+            );
             s.set_meta(&key, device.labels(), Some(synced))
         });
     }
@@ -141,12 +152,12 @@ fn key_of(device: &Device) -> Option<Key> {
 /// The live state a Device's status holds, if it holds a report.
 pub fn from_status(device: &Device) -> Option<DeviceState> {
     let status = device.status.as_ref()?;
-    let reported = status.reported.clone()?;
+    let reported = status.reported.as_ref()?;
     let reported_at = status.last_report_time.as_ref();
     let observed = status.observed_desired_generation.unwrap_or(0);
     Some(DeviceState {
-        labels: device.labels().clone(),
-        node: device.spec.node_name.clone(),
+        labels: Arc::new(device.labels().clone()),
+        node: device.spec.node_name.as_str().into(),
         stamp: Stamp::of_status(Some(status)),
         reported_at: reported_at.map(|t| t.0.to_string()).unwrap_or_default(),
         observed_desired_generation: observed,
@@ -154,8 +165,8 @@ pub fn from_status(device: &Device) -> Option<DeviceState> {
         // closest it knows.
         received_at_ms: reported_at.map_or(0, |t| t.0.as_millisecond()),
         online: condition_status(&status.conditions, CONDITION_ONLINE).map(|s| s == "True"),
-        in_sync: Some(synced(device, observed, &reported)),
-        reported,
+        in_sync: Some(synced(device, observed, reported)),
+        reported: Doc::of(reported),
     })
 }
 
@@ -189,19 +200,18 @@ mod tests {
         }
     }
 
-    fn stamped(version: u64, reported: serde_json::Value) -> Stamped {
-        Stamped {
-            report: Report {
-                device: "press-1".into(),
-                version,
-                reported: reported.as_object().cloned().unwrap_or_default(),
-                reported_at: "2026-12-07T08:00:00Z".into(),
-                observed_desired_version: 2,
-                connected: None,
-            },
-            epoch: Arc::from("e1"),
-            stamp: Stamp::new(1, version),
-        }
+    /// Applies a report of `d` at `version` (epoch generation 1).
+    fn report(live: &Live, d: &Device, version: u64, reported: serde_json::Value, at: i64) {
+        let report = Report {
+            device: "press-1".into(),
+            version,
+            reported: reported.as_object().cloned().unwrap_or_default(),
+            reported_at: "2026-12-07T08:00:00Z".into(),
+            observed_desired_version: 2,
+            connected: None,
+        };
+        let stamped = Stamped::new(&report, Arc::from("e1"), Stamp::new(1, version));
+        live.apply_report(d, &report.reported, &stamped, at);
     }
 
     #[test]
@@ -209,14 +219,14 @@ mod tests {
         let live = Live::new(100, usize::MAX, 3);
         let mut rx = live.subscribe();
         let d = device(2, json!({"speed": 3}));
-        live.apply_report(&d, &stamped(5, json!({"speed": 3})), 1_000);
+        report(&live, &d, 5, json!({"speed": 3}), 1_000);
         assert!(rx.has_changed().unwrap());
         let first = *rx.borrow_and_update();
         assert_eq!(first, live.read().resource_version());
         let key = ("plant-a".to_owned(), "press-1".to_owned());
         let (s, _) = live.read().get(&key).unwrap();
         assert_eq!(
-            (s.stamp, s.online, s.in_sync, s.node.as_str()),
+            (s.stamp, s.online, s.in_sync, &*s.node),
             (Stamp::new(1, 5), Some(true), Some(true), "edge-1")
         );
 

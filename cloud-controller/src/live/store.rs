@@ -11,9 +11,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
-
 use super::query::{Candidate, Query};
+use crate::doc::Doc;
 use crate::stamp::Stamp;
 
 /// Namespace and name.
@@ -28,15 +27,18 @@ pub const INCARNATION_BITS: u32 = 23;
 /// fleet is never one response.
 pub const MAX_PAGE: usize = 5_000;
 
+/// A Device's labels, shared by its successive states while they do not change.
+pub type Labels = Arc<BTreeMap<String, String>>;
+
 /// One device's live state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceState {
     /// The Device's labels (for label selectors).
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// The EdgeNode that reports it.
-    pub node: String,
-    /// The newest accepted reported document.
-    pub reported: Map<String, Value>,
+    pub node: Arc<str>,
+    /// The newest accepted reported document (the one its status write holds too).
+    pub reported: Doc,
     /// Its `(epoch generation, version)`.
     pub stamp: Stamp,
     /// When the agent took the device's message (RFC 3339, as the agent sent it).
@@ -115,29 +117,11 @@ pub struct LiveStore {
     state_bytes: usize,
 }
 
-/// About how many bytes a state holds in memory: its reported document as JSON text (the
-/// unit the document limits are written in) plus labels and fixed fields.
+/// About how many bytes a state holds in memory: its reported document (kept as its JSON
+/// text), its report time, and the fixed fields with their allocations' overhead. Labels and
+/// the node name are shared with the device's other states, so they are not counted.
 pub fn state_bytes(state: &DeviceState) -> usize {
-    /// Counts what is written, keeping nothing.
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    // Writing a JSON map into a counter cannot fail.
-    let _ = serde_json::to_writer(&mut count, &state.reported);
-    let labels: usize = state
-        .labels
-        .iter()
-        .map(|(k, v)| k.len() + v.len() + 48)
-        .sum();
-    count.0 + labels + state.node.len() + state.reported_at.len() + 160
+    state.reported.len() + state.reported_at.len() + 200
 }
 
 impl LiveStore {
@@ -223,27 +207,34 @@ impl LiveStore {
         in_sync: Option<bool>,
     ) -> Option<u64> {
         let (held, _) = self.states.get(key)?;
-        if held.labels == *labels && held.in_sync == in_sync {
+        if *held.labels == *labels && held.in_sync == in_sync {
             return None;
         }
         let state = DeviceState {
-            labels: labels.clone(),
+            labels: Arc::new(labels.clone()),
             in_sync,
             ..DeviceState::clone(held)
         };
         Some(self.put(key.clone(), state))
     }
 
-    fn put(&mut self, key: Key, state: DeviceState) -> u64 {
+    fn put(&mut self, key: Key, mut state: DeviceState) -> u64 {
         let bytes = state_bytes(&state);
-        let state = Arc::new(state);
         let (key, previous) = match self.states.remove_entry(&key) {
             Some((key, (previous, _))) => {
                 self.state_bytes -= state_bytes(&previous);
+                // One copy of what did not change, however many states the window holds.
+                if previous.labels == state.labels {
+                    state.labels = Arc::clone(&previous.labels);
+                }
+                if previous.node == state.node {
+                    state.node = Arc::clone(&previous.node);
+                }
                 (key, Some(previous))
             }
             None => (Arc::new(key), None),
         };
+        let state = Arc::new(state);
         self.state_bytes += bytes;
         let change = Change::Applied {
             state: state.clone(),
@@ -396,12 +387,13 @@ fn decode_continue(token: &str) -> Result<Key, BadContinue> {
 #[cfg(test)]
 pub(crate) fn test_state(version: u64, temperature: f64) -> DeviceState {
     DeviceState {
-        labels: BTreeMap::from([("line".to_owned(), "a".to_owned())]),
+        labels: Arc::new(BTreeMap::from([("line".to_owned(), "a".to_owned())])),
         node: "edge-1".into(),
-        reported: serde_json::json!({"temperature": temperature})
-            .as_object()
-            .cloned()
-            .unwrap_or_default(),
+        reported: Doc::of(
+            serde_json::json!({"temperature": temperature})
+                .as_object()
+                .unwrap_or(&serde_json::Map::new()),
+        ),
         stamp: Stamp::new(1, version),
         reported_at: "2026-12-07T08:00:00Z".into(),
         observed_desired_generation: 0,

@@ -26,7 +26,7 @@ pub fn object(key: &Key, state: &DeviceState, resource_version: u64) -> Value {
     let metadata = ObjectMeta {
         name: Some(key.1.clone()),
         namespace: Some(key.0.clone()),
-        labels: (!state.labels.is_empty()).then(|| state.labels.clone()),
+        labels: (!state.labels.is_empty()).then(|| (*state.labels).clone()),
         resource_version: Some(resource_version.to_string()),
         ..ObjectMeta::default()
     };
@@ -34,7 +34,7 @@ pub fn object(key: &Key, state: &DeviceState, resource_version: u64) -> Value {
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": metadata,
-        "node": state.node,
+        "node": &*state.node,
         "reported": state.reported,
         "version": {
             "epochGeneration": state.stamp.generation,
@@ -100,7 +100,7 @@ pub fn table(page: &Page, now_ms: i64, include_object: bool) -> Value {
             json!({
                 "cells": [
                     key.1,
-                    state.node,
+                    &*state.node,
                     condition(state.online),
                     condition(state.in_sync),
                     state.stamp.version,
@@ -198,9 +198,9 @@ mod tests {
 
     fn page() -> Page {
         let state = DeviceState {
-            labels: BTreeMap::from([("line".to_owned(), "a".to_owned())]),
+            labels: Arc::new(BTreeMap::from([("line".to_owned(), "a".to_owned())])),
             node: "edge-1".into(),
-            reported: json!({"speed": 3}).as_object().cloned().unwrap_or_default(),
+            reported: crate::doc::Doc::of(json!({"speed": 3}).as_object().unwrap()),
             stamp: Stamp::new(2, 41),
             reported_at: "2026-12-07T08:00:00Z".into(),
             observed_desired_generation: 1,

@@ -121,7 +121,7 @@ impl<H: Handle> Coalescer<H> {
         }
         if let Some(p) = self.pending.get(&key)
             && p.report.stamp == stamp
-            && p.report.report.reported != report.report.reported
+            && p.report.reported != report.reported
         {
             let outcome = conflict(&key, &report);
             return (vec![(waiter, outcome)], false);
@@ -287,18 +287,15 @@ mod tests {
     }
 
     fn report(version: u64, temp: i64) -> Stamped {
-        Stamped {
-            report: Report {
-                device: "d".into(),
-                version,
-                reported: json!({"temp": temp}).as_object().unwrap().clone(),
-                reported_at: "2026-12-07T00:00:00Z".into(),
-                observed_desired_version: 0,
-                connected: None,
-            },
-            epoch: Arc::from("e"),
-            stamp: Stamp::new(1, version),
-        }
+        let report = Report {
+            device: "d".into(),
+            version,
+            reported: json!({"temp": temp}).as_object().unwrap().clone(),
+            reported_at: "2026-12-07T00:00:00Z".into(),
+            observed_desired_version: 0,
+            connected: None,
+        };
+        Stamped::new(&report, Arc::from("e"), Stamp::new(1, version))
     }
 
     fn ids(answers: &Answers<Id>) -> Vec<(u32, Outcome)> {

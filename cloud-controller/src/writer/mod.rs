@@ -192,11 +192,9 @@ impl StatusWriter {
                     Err(e) => return self.unavailable(e),
                 },
             };
-            match judge(
-                device.status.as_ref(),
-                report.stamp,
-                &report.report.reported,
-            ) {
+            match judge(device.status.as_ref(), report.stamp, |held| {
+                report.reported.same_as(held)
+            }) {
                 Verdict::Newer => {}
                 // Written already (a duplicate batch, another replica, or a newer report).
                 Verdict::Same => return Outcome::Durable(report.stamp),
@@ -263,7 +261,7 @@ impl StatusWriter {
 fn conflict((namespace, name): &DeviceKey, report: &Stamped) -> Outcome {
     Outcome::Rejected(
         CONFLICT,
-        conflict_message(namespace, name, report.report.version, &report.epoch),
+        conflict_message(namespace, name, report.version, &report.epoch),
     )
 }
 
