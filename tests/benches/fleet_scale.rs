@@ -231,16 +231,16 @@ async fn main() {
     let restarted = Instant::now();
     c.process.restart();
     let to_ready_again = ready_after(&c, restarted).await;
-    // The live state rebuilt from the Device statuses.
+    // The live state rebuilt from the Device statuses: every device that had reported (a
+    // smoke run's short load does not reach every device).
     let rebuilt = loop {
         let held = c.metric("edgesync_controller_live_devices").await;
-        if held as usize >= n_nodes * per {
+        if held >= live_devices {
             break restarted.elapsed();
         }
         assert!(
             restarted.elapsed() < Duration::from_secs(300),
-            "the live state holds {held} of {} devices 5 min after the restart",
-            n_nodes * per
+            "the live state holds {held} of the {live_devices} devices it held before, 5 min after the restart"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
