@@ -268,6 +268,15 @@ pub struct RunOptions {
     /// This replica's identity in the Lease (default: `POD_NAME`, else host name and pid).
     #[arg(long, env = "EDGESYNC_IDENTITY")]
     pub identity: Option<String>,
+
+    /// Split the fleet's EdgeNodes into this many shards, each owned by one replica at a time
+    /// through a Lease of its own (`<lease-name>-shard-<n>`, next to the leader Lease);
+    /// replicas share the shards fairly and take over a stopped replica's within the Lease
+    /// duration (15 s). Every replica of a deployment must use the same number. 0: no shards
+    /// (every replica holds the whole fleet). Ownership is coordinated and exported
+    /// (`edgesync_controller_shards_owned`); routing reports by shard comes next.
+    #[arg(long, default_value_t = 0, env = "EDGESYNC_SHARDS", value_parser = clap::value_parser!(u32).range(0..=4096))]
+    pub shards: u32,
 }
 
 fn positive_f64(s: &str) -> Result<f64, String> {

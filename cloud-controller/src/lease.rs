@@ -27,11 +27,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// How long a Lease whose record does not change is honoured.
-const LEASE_DURATION: Duration = Duration::from_secs(15);
+pub(crate) const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How long a leader keeps acting after the start of its last successful renewal.
-const RENEW_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 /// How often the holder renews, and candidates look.
-const RETRY_PERIOD: Duration = Duration::from_secs(2);
+pub(crate) const RETRY_PERIOD: Duration = Duration::from_secs(2);
 
 /// Whether this replica leads, by a deadline on the monotonic clock.
 #[derive(Debug)]
@@ -58,7 +58,7 @@ impl Leadership {
     }
 
     /// Leads until `RENEW_DEADLINE` after `renew_started`.
-    fn renewed(&self, renew_started: Instant) {
+    pub(crate) fn renewed(&self, renew_started: Instant) {
         let until = renew_started + RENEW_DEADLINE;
         if until <= Instant::now() {
             self.step_down();
@@ -68,15 +68,44 @@ impl Leadership {
         self.until_ms.store(ms.max(1), Ordering::Release);
     }
 
-    fn step_down(&self) {
+    pub(crate) fn step_down(&self) {
         self.until_ms.store(0, Ordering::Release);
     }
 }
 
+/// What tells one Lease record from the next: holder, renew time, resourceVersion.
+pub(crate) type Record = (String, Option<String>, Option<String>);
+
 /// The holder's record as last seen, and when it was first seen (local monotonic clock).
-struct Observed {
-    record: (String, Option<String>, Option<String>),
+#[derive(Debug)]
+pub(crate) struct Observed {
+    record: Record,
     since: Instant,
+}
+
+impl Observed {
+    /// Notes `lease`'s record as seen now; returns its holder and how long the record has
+    /// gone unchanged by this replica's clock (zero when it just changed).
+    pub(crate) fn see(slot: &mut Option<Self>, lease: &Lease) -> (String, Duration) {
+        let spec = lease.spec.as_ref();
+        let holder = spec
+            .and_then(|s| s.holder_identity.clone())
+            .unwrap_or_default();
+        let record = (
+            holder.clone(),
+            spec.and_then(|s| s.renew_time.as_ref())
+                .map(|t| t.0.to_string()),
+            lease.metadata.resource_version.clone(),
+        );
+        if slot.as_ref().is_none_or(|o| o.record != record) {
+            *slot = Some(Self {
+                record,
+                since: Instant::now(),
+            });
+        }
+        let unchanged_for = slot.as_ref().map_or(Duration::ZERO, |o| o.since.elapsed());
+        (holder, unchanged_for)
+    }
 }
 
 /// Runs the election until shutdown, then gives the Lease up if this replica holds it.
@@ -159,22 +188,8 @@ async fn try_acquire(
             Err(e) => Err(e),
         };
     };
+    let (holder, unchanged_for) = Observed::see(observed, &lease);
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-    let holder = spec.holder_identity.clone().unwrap_or_default();
-    let record = (
-        holder.clone(),
-        spec.renew_time.as_ref().map(|t| t.0.to_string()),
-        lease.metadata.resource_version.clone(),
-    );
-    if observed.as_ref().is_none_or(|o| o.record != record) {
-        *observed = Some(Observed {
-            record,
-            since: Instant::now(),
-        });
-    }
-    let unchanged_for = observed
-        .as_ref()
-        .map_or(Duration::ZERO, |o| o.since.elapsed());
     let held_by_other = !holder.is_empty() && holder != identity;
     if held_by_other && unchanged_for < LEASE_DURATION {
         return Ok(false);

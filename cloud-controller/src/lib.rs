@@ -42,6 +42,7 @@ pub mod lookups;
 pub mod metrics;
 pub mod ratelimit;
 pub mod server;
+pub mod shard;
 pub mod stamp;
 pub mod telemetry;
 pub mod tls;
@@ -134,12 +135,27 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .unwrap_or_else(|| "default".to_owned());
     tasks.spawn(lease::run(
         client.clone(),
-        lease_namespace,
+        lease_namespace.clone(),
         opts.lease_name.clone(),
         identity.clone(),
         Arc::clone(&leader),
         shutdown.clone(),
     ));
+    if opts.shards > 0 {
+        let shards = Arc::new(shard::leases::Shards::new(opts.shards));
+        metrics.watch_shards(Arc::clone(&shards));
+        tasks.spawn(shard::leases::run(
+            client.clone(),
+            shard::leases::Group {
+                namespace: lease_namespace.clone(),
+                name: opts.lease_name.clone(),
+                identity: identity.clone(),
+            },
+            shards,
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        ));
+    }
     let liveness = liveness::Liveness {
         client: client.clone(),
         caches: caches.clone(),

@@ -111,6 +111,8 @@ pub struct Metrics {
     live_requests: Counters,
     /// Live API requests refused, by reason.
     live_refused: Counters,
+    /// Shards this replica took or gave up.
+    shard_changes: Counters,
     /// Durable acknowledgements told to agents.
     pub durable_acks_told: Counter,
     /// Durable acknowledgements dropped because --max-durable-acks were owed.
@@ -336,6 +338,15 @@ impl Metrics {
         ] {
             drop(live_refused.get_or_create(&[("reason", reason)]));
         }
+        let shard_changes: Counters = add(
+            r,
+            "edgesync_controller_shard_changes",
+            "Shards this replica took (taken) or gave up (given_up: released above its fair share, lost, or at shutdown), with --shards.",
+            Family::default(),
+        );
+        for change in ["taken", "given_up"] {
+            drop(shard_changes.get_or_create(&[("change", change)]));
+        }
         let durable_acks_told = counter(
             r,
             "edgesync_controller_durable_acks_told",
@@ -404,6 +415,7 @@ impl Metrics {
             kubernetes_up,
             live_requests,
             live_refused,
+            shard_changes,
             durable_acks_told,
             durable_acks_dropped,
             live_watches,
@@ -453,6 +465,18 @@ impl Metrics {
     /// Counts a live API request refused.
     pub fn live_refused(&self, reason: &'static str) {
         self.live_refused.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Counts a shard taken or given up.
+    pub fn shard_changes(&self, change: &'static str) {
+        self.shard_changes
+            .get_or_create(&[("change", change)])
+            .inc();
+    }
+
+    /// Exports the shards owned, read at each scrape.
+    pub fn watch_shards(&self, shards: Arc<crate::shard::leases::Shards>) {
+        self.register_collector(OwnedShards(shards));
     }
 
     /// Exports the live state's size, read at each scrape.
@@ -517,6 +541,21 @@ impl Collector for Leader {
             "edgesync_controller_leader",
             "1 when this replica runs the singleton loops.",
             i64::from(self.0.is_leader()),
+        )
+    }
+}
+
+/// Shards owned, read at each scrape (an owned shard ends at its deadline, not at a write).
+#[derive(Debug)]
+struct OwnedShards(Arc<crate::shard::leases::Shards>);
+
+impl Collector for OwnedShards {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        const_gauge(
+            &mut e,
+            "edgesync_controller_shards_owned",
+            "Shards this replica owns now (of --shards).",
+            self.0.owned().len() as i64,
         )
     }
 }
