@@ -2,12 +2,14 @@
 //! sees: which shards it keeps renewing, which free ones it takes, which it gives up.
 //!
 //! The rule is a fair share: with `S` shards and `M` live replicas, nobody holds more than
-//! `ceil(S / M)`. A replica above it releases its surplus (so a replica that joins finds free
-//! shards in the next round); a replica below it takes free shards up to it. Each replica
-//! prefers shards by rendezvous hashing (highest weight of replica and shard first), so
-//! replicas that look at the same free shards at once mostly reach for different ones, and a
-//! shard tends to return to the same replica after a restart. Two replicas taking the same
-//! shard cannot both win: every Lease update carries its resourceVersion.
+//! `ceil(S / M)`. A replica above it releases its surplus, the shards it prefers least (so a
+//! replica that joins finds free shards in the next round). Free shards are dealt out to the
+//! replicas below their share, each shard to the one that wants it most (rendezvous hashing:
+//! highest weight of replica and shard), and every replica deals the same way from what it
+//! sees: replicas looking at once take different shards rather than racing for the same
+//! ones, and a shard tends to return to the same replica after a restart. Should views
+//! differ, two replicas taking one shard cannot both win: every Lease update carries its
+//! resourceVersion.
 
 use std::collections::BTreeSet;
 
@@ -47,10 +49,11 @@ pub fn weight(replica: &str, shard: u32) -> u64 {
 
 /// This round's plan for `view.me`.
 pub fn plan(view: View<'_>) -> Plan {
-    let fair = fair_share(
-        view.holders.len(),
-        view.members.len().max(1) + usize::from(!view.members.contains(view.me)),
-    );
+    let mut members: Vec<&str> = view.members.iter().map(String::as_str).collect();
+    if !view.members.contains(view.me) {
+        members.push(view.me);
+    }
+    let fair = fair_share(view.holders.len(), members.len());
     let by_preference = |shards: &mut Vec<u32>| {
         shards.sort_by_key(|s| std::cmp::Reverse((weight(view.me, *s), *s)));
     };
@@ -63,20 +66,49 @@ pub fn plan(view: View<'_>) -> Plan {
     } else {
         Vec::new()
     };
-    let mut free: Vec<u32> = (0..view.holders.len() as u32)
-        .filter(|s| view.holders[*s as usize].is_none())
-        .collect();
-    by_preference(&mut free);
-    free.truncate(fair - held.len());
     let mut plan = Plan {
         renew: held,
-        acquire: free,
+        acquire: share_free(&view, &members, fair),
         release,
     };
     plan.renew.sort_unstable();
     plan.acquire.sort_unstable();
     plan.release.sort_unstable();
     plan
+}
+
+/// The free shards `view.me` takes: every replica deals the free shards out the same way
+/// from the same view (each, in order, to the replica below its share that wants it most),
+/// so replicas that look at once take different shards instead of racing for the same ones.
+/// Every free shard is dealt: the members' room below their shares is at least the number
+/// of free shards, because `members * fair >= shards`.
+fn share_free(view: &View<'_>, members: &[&str], fair: usize) -> Vec<u32> {
+    let mut room: Vec<(&str, usize)> = members
+        .iter()
+        .map(|m| {
+            let held = view
+                .holders
+                .iter()
+                .filter(|h| h.as_deref() == Some(*m))
+                .count();
+            (*m, fair.saturating_sub(held))
+        })
+        .collect();
+    let mut mine = Vec::new();
+    for shard in (0..view.holders.len() as u32).filter(|s| view.holders[*s as usize].is_none()) {
+        let Some(taker) = room
+            .iter_mut()
+            .filter(|(_, r)| *r > 0)
+            .max_by_key(|(m, _)| (weight(m, shard), *m))
+        else {
+            break;
+        };
+        taker.1 -= 1;
+        if taker.0 == view.me {
+            mine.push(shard);
+        }
+    }
+    mine
 }
 
 #[cfg(test)]
