@@ -86,10 +86,13 @@ pub async fn publish_through_crashes(
                     });
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    let (device, n) = in_flight
-                        .remove(&ack.pkid)
-                        .expect("a PUBACK for a message in flight");
-                    record.record(device, n);
+                    // A packet id no longer in flight acknowledges nothing this publisher
+                    // still waits for: a second acknowledgement of a message sent twice across
+                    // reconnects (QoS1 allows the copy; seen once on emulated armv7 after a
+                    // kill -9). The first was counted; it is not counted again.
+                    if let Some((device, n)) = in_flight.remove(&ack.pkid) {
+                        record.record(device, n);
+                    }
                 }
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     // A lost session would make the client drop its unacknowledged messages.
