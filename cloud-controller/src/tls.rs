@@ -14,25 +14,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 /// # Errors
 /// When a file cannot be read or holds no usable certificate or key; the message names it.
 pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .with_context(|| {
-            format!(
-                "cannot read the certificate chain in {} (--tls-cert)",
-                cert.display()
-            )
-        })?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "{} (--tls-cert) holds no PEM certificate",
-        cert.display()
-    );
-    let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
-        format!(
-            "cannot read a PEM private key from {} (--tls-key)",
-            key.display()
-        )
-    })?;
+    let (certs, key) = read_pair((cert, "--tls-cert"), (key, "--tls-key"))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -43,4 +25,35 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Serv
     .context("the certificate (--tls-cert) and key (--tls-key) do not form a usable pair")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Reads a PEM certificate chain and private key, each given by the flag named beside it
+/// (errors name the file and the flag).
+///
+/// # Errors
+/// When a file cannot be read, or holds no certificate or no private key.
+pub fn read_pair(
+    (cert, cert_flag): (&Path, &str),
+    (key, key_flag): (&Path, &str),
+) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .with_context(|| {
+            format!(
+                "cannot read the certificate chain in {} ({cert_flag})",
+                cert.display()
+            )
+        })?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{} ({cert_flag}) holds no PEM certificate",
+        cert.display()
+    );
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
+        format!(
+            "cannot read a PEM private key from {} ({key_flag})",
+            key.display()
+        )
+    })?;
+    Ok((certs, key))
 }

@@ -52,7 +52,9 @@ pub fn server_config(
         .build()
         .context("building the front-proxy certificate verifier")?;
     let (certs, key) = match cert_key {
-        Some((cert, key)) => read_pair(cert, key)?,
+        Some((cert, key)) => {
+            crate::tls::read_pair((cert, "--live-tls-cert-file"), (key, "--live-tls-key-file"))?
+        }
         None => self_signed()?,
     };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -63,32 +65,6 @@ pub fn server_config(
         .context("the live API's certificate and key do not form a usable pair")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-fn read_pair(
-    cert: &Path,
-    key: &Path,
-) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .with_context(|| {
-            format!(
-                "cannot read the certificate chain in {} (--live-tls-cert-file)",
-                cert.display()
-            )
-        })?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "{} (--live-tls-cert-file) holds no PEM certificate",
-        cert.display()
-    );
-    let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
-        format!(
-            "cannot read a PEM private key from {} (--live-tls-key-file)",
-            key.display()
-        )
-    })?;
-    Ok((certs, key))
 }
 
 fn self_signed() -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
