@@ -170,7 +170,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tasks.spawn(liveness.run(shutdown.clone()));
     metrics.watch_leadership(Arc::clone(&leader));
 
-    let (client_for_live, metrics_for_live) = (client.clone(), Arc::clone(&metrics));
+    let (client_for_live, metrics_for_live, caches_for_live) =
+        (client.clone(), Arc::clone(&metrics), caches.clone());
     let state = Arc::new(api::AppState {
         verifier: auth::TokenVerifier::new(
             client.clone(),
@@ -227,6 +228,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 Arc::clone(live),
                 Arc::clone(&metrics_for_live),
                 shutdown.clone(),
+                Box::new(move || caches_for_live.is_ready()),
             )
             .await?,
         ),

@@ -53,6 +53,10 @@ pub struct LiveApi {
     watches: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    /// Whether the live state is whole: the Device watch has listed every Device (and so
+    /// every status the state is rebuilt from). Until then nothing is served: a list would
+    /// silently miss devices.
+    ready: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 impl LiveApi {
@@ -74,7 +78,14 @@ impl LiveApi {
             watches: Arc::new(Semaphore::new(max_watches)),
             metrics,
             shutdown,
+            ready: Box::new(|| true),
         }
+    }
+
+    /// Serves only while `ready` says the live state is whole (503 before).
+    pub fn serving_when(mut self, ready: Box<dyn Fn() -> bool + Send + Sync>) -> Self {
+        self.ready = ready;
+        self
     }
 }
 
@@ -101,7 +112,15 @@ pub fn router(api: Shared) -> Router {
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(api): State<Shared>| async move {
+                match not_ready(&api) {
+                    None => "ok\n".into_response(),
+                    Some(refusal) => refusal.into_response(),
+                }
+            }),
+        )
         .fallback(|| async {
             failure(
                 StatusCode::NOT_FOUND,
@@ -173,7 +192,21 @@ fn authenticate(
         .map_err(|e| refuse(&e.to_string()))
 }
 
-/// Authenticates, then asks whether the user may `verb` in `namespace` (`name`).
+/// 503 while the live state is being rebuilt (see `LiveApi::ready`).
+fn not_ready(api: &LiveApi) -> Option<Refusal> {
+    if (api.ready)() {
+        return None;
+    }
+    api.metrics.live_refused("unavailable");
+    Some(Refusal {
+        code: StatusCode::SERVICE_UNAVAILABLE,
+        reason: "ServiceUnavailable",
+        message: "the live state is being rebuilt from the Device statuses after a start; retry in a few seconds".to_owned(),
+    })
+}
+
+/// Authenticates, then asks whether the user may `verb` in `namespace` (`name`); refuses
+/// while the live state is not whole.
 async fn authorize(
     api: &LiveApi,
     peer: Option<&ClientCertificate>,
@@ -183,6 +216,9 @@ async fn authorize(
     name: Option<&str>,
 ) -> Result<User, Refusal> {
     let user = authenticate(api, peer, headers)?;
+    if let Some(refusal) = not_ready(api) {
+        return Err(refusal);
+    }
     let question = (
         user.clone(),
         verb.to_owned(),

@@ -44,6 +44,7 @@ pub async fn prepare(
     live: Arc<Live>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    ready: Box<dyn Fn() -> bool + Send + Sync>,
 ) -> anyhow::Result<Ready> {
     let (ns, name) = AUTHENTICATION_CONFIGMAP;
     let configmap = Api::<ConfigMap>::namespaced(client.clone(), ns)
@@ -74,7 +75,8 @@ pub async fn prepare(
         opts.live_max_watches,
         metrics,
         shutdown,
-    );
+    )
+    .serving_when(ready);
     Ok(Ready {
         listener,
         tls,
