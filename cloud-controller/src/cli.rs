@@ -272,11 +272,31 @@ pub struct RunOptions {
     /// Split the fleet's EdgeNodes into this many shards, each owned by one replica at a time
     /// through a Lease of its own (`<lease-name>-shard-<n>`, next to the leader Lease);
     /// replicas share the shards fairly and take over a stopped replica's within the Lease
-    /// duration (15 s). Every replica of a deployment must use the same number. 0: no shards
-    /// (every replica holds the whole fleet). Ownership is coordinated and exported
-    /// (`edgesync_controller_shards_owned`); routing reports by shard comes next.
+    /// duration (15 s). Every replica of a deployment must use the same number. A replica
+    /// serves report batches and desired streams of its own shards' nodes and forwards the
+    /// others' to their owner (`--advertise-address`). 0: no shards (every replica serves
+    /// every node).
     #[arg(long, default_value_t = 0, env = "EDGESYNC_SHARDS", value_parser = clap::value_parser!(u32).range(0..=4096))]
     pub shards: u32,
+
+    /// With `--shards`: where the other replicas reach this one's agent API to forward
+    /// requests for its shards (`host:port`; put in its member Lease). Default: the pod's
+    /// address (`POD_IP`) with the `--listen` port, else the `--listen` address itself when
+    /// it names one host.
+    #[arg(long, env = "EDGESYNC_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+
+    /// With `--shards`: requests forwarded to other replicas at once (a desired stream counts
+    /// for as long as it is open); more are answered 503 and counted in
+    /// `edgesync_controller_forwarded_requests_total{result="busy"}`.
+    #[arg(long, default_value_t = 4096, env = "EDGESYNC_MAX_FORWARDS", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub max_forwards: usize,
+
+    /// With `--shards`: how long the owner of a forwarded request's shard has to begin its
+    /// answer (a batch answer waits for its reports' writes: keep it above
+    /// `--http-body-timeout-seconds` plus `--durable-wait-seconds`).
+    #[arg(long, default_value_t = 60, env = "EDGESYNC_FORWARD_TIMEOUT_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub forward_timeout_seconds: u64,
 }
 
 fn positive_f64(s: &str) -> Result<f64, String> {

@@ -141,21 +141,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Arc::clone(&leader),
         shutdown.clone(),
     ));
-    if opts.shards > 0 {
-        let shards = Arc::new(shard::leases::Shards::new(opts.shards));
-        metrics.watch_shards(Arc::clone(&shards));
-        tasks.spawn(shard::leases::run(
-            client.clone(),
-            shard::leases::Group {
-                namespace: lease_namespace.clone(),
-                name: opts.lease_name.clone(),
-                identity: identity.clone(),
-            },
-            shards,
-            Arc::clone(&metrics),
-            shutdown.clone(),
-        ));
-    }
     let liveness = liveness::Liveness {
         client: client.clone(),
         caches: caches.clone(),
@@ -170,6 +155,37 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tasks.spawn(liveness.run(shutdown.clone()));
     metrics.watch_leadership(Arc::clone(&leader));
 
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", opts.listen))?;
+    // With shards: which this replica owns (through their Leases), and the way to the others.
+    let sharding = if opts.shards > 0 {
+        let address = advertise_address(&opts, listener.local_addr()?)?;
+        let shards = Arc::new(shard::leases::Shards::new(opts.shards, &identity));
+        metrics.watch_shards(Arc::clone(&shards));
+        tasks.spawn(shard::leases::run(
+            client.clone(),
+            shard::leases::Group {
+                namespace: lease_namespace.clone(),
+                name: opts.lease_name.clone(),
+                identity: identity.clone(),
+                address: Some(address),
+            },
+            Arc::clone(&shards),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        ));
+        let forwarder = shard::forward::Forwarder::new(
+            &identity,
+            opts.tls_cert.as_deref().zip(opts.tls_key.as_deref()),
+            opts.max_forwards,
+            Duration::from_secs(opts.forward_timeout_seconds),
+            Arc::clone(&metrics),
+        )?;
+        Some(api::Sharding { shards, forwarder })
+    } else {
+        None
+    };
     let (client_for_live, metrics_for_live, caches_for_live) =
         (client.clone(), Arc::clone(&metrics), caches.clone());
     let state = Arc::new(api::AppState {
@@ -205,6 +221,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         live: live.clone(),
         durable: Arc::new(durable::DurableAcks::new(opts.max_durable_acks)),
         incarnation: format!("{incarnation:016x}"),
+        sharding,
         caches,
         client,
         metrics,
@@ -216,9 +233,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
         _ => None,
     };
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--listen)", opts.listen))?;
     let live_api = match (opts.live_listen, &live) {
         (Some(addr), Some(live)) => Some(
             live::serve::prepare(
@@ -364,6 +378,28 @@ fn connection_cap(opts: &RunOptions, open_files: Option<u64>) -> usize {
         "Open-files limit"
     );
     wanted as usize
+}
+
+/// `--advertise-address`, or the pod's address with the bound port, or the bound address
+/// when it names one host.
+fn advertise_address(opts: &RunOptions, bound: std::net::SocketAddr) -> anyhow::Result<String> {
+    if let Some(a) = &opts.advertise_address {
+        return Ok(a.clone());
+    }
+    if let Ok(ip) = std::env::var("POD_IP") {
+        let ip: std::net::IpAddr = ip
+            .trim()
+            .parse()
+            .with_context(|| format!("POD_IP `{ip}` is not an IP address"))?;
+        return Ok(std::net::SocketAddr::new(ip, bound.port()).to_string());
+    }
+    anyhow::ensure!(
+        !bound.ip().is_unspecified(),
+        "--shards needs an address the other replicas can forward requests to: set \
+         --advertise-address (or POD_IP, as the deployment's manifest does), or --listen on \
+         one address"
+    );
+    Ok(bound.to_string())
 }
 
 fn default_identity() -> String {

@@ -113,6 +113,8 @@ pub struct Metrics {
     live_refused: Counters,
     /// Shards this replica took or gave up.
     shard_changes: Counters,
+    /// Requests for another replica's shard, by result.
+    forwarded: Counters,
     /// Durable acknowledgements told to agents.
     pub durable_acks_told: Counter,
     /// Durable acknowledgements dropped because --max-durable-acks were owed.
@@ -347,6 +349,15 @@ impl Metrics {
         for change in ["taken", "given_up"] {
             drop(shard_changes.get_or_create(&[("change", change)]));
         }
+        let forwarded: Counters = add(
+            r,
+            "edgesync_controller_forwarded_requests",
+            "Requests for nodes of another replica's shard, with --shards: answered by the owner (answered), or answered 503 here because the owner could not be reached (unreachable), did not answer within --forward-timeout-seconds (timed_out), --max-forwards were in flight (busy), or the shard had no owner to serve it (moving: a hand-over).",
+            Family::default(),
+        );
+        for result in ["answered", "unreachable", "timed_out", "busy", "moving"] {
+            drop(forwarded.get_or_create(&[("result", result)]));
+        }
         let durable_acks_told = counter(
             r,
             "edgesync_controller_durable_acks_told",
@@ -416,6 +427,7 @@ impl Metrics {
             live_requests,
             live_refused,
             shard_changes,
+            forwarded,
             durable_acks_told,
             durable_acks_dropped,
             live_watches,
@@ -465,6 +477,11 @@ impl Metrics {
     /// Counts a live API request refused.
     pub fn live_refused(&self, reason: &'static str) {
         self.live_refused.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Counts a request for another replica's shard.
+    pub fn forwarded(&self, result: &'static str) {
+        self.forwarded.get_or_create(&[("result", result)]).inc();
     }
 
     /// Counts a shard taken or given up.

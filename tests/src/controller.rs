@@ -479,6 +479,20 @@ impl DesiredStream {
         }
     }
 
+    /// Whether the stream ends (closed, or failed) within `deadline`, events before that
+    /// read and dropped.
+    pub async fn ends_within(&mut self, deadline: Duration) -> bool {
+        use futures_util::StreamExt as _;
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            match tokio::time::timeout_at(until, self.body.next()).await {
+                Err(_) => return false,
+                Ok(None | Some(Err(_))) => return true,
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
     /// The next event that is not a bookmark.
     pub async fn next_change(&mut self, deadline: Duration) -> wire::DesiredEvent {
         loop {

@@ -5,23 +5,30 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edgesync_controller::shard::shard_of;
+use edgesync_crds::Device;
 use edgesync_e2e::cluster::ControlPlane;
-use edgesync_e2e::controller::Controller;
+use edgesync_e2e::controller::{
+    Controller, DesiredStream, batch, create_devices, create_node, post_batch, report,
+};
+use edgesync_protocol::wire::DesiredEvent;
+use futures_util::StreamExt as _;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::ListParams;
+use serde_json::json;
 
 const SHARDS: u32 = 8;
 
-/// Each shard's holder, from the shard Leases of group `sh`.
-async fn holders(api: &Api<Lease>) -> BTreeMap<u32, String> {
+/// Each shard's holder, from the shard Leases of group `group`.
+async fn holders_in(api: &Api<Lease>, group: &str) -> BTreeMap<u32, String> {
     let list = api
-        .list(
-            &ListParams::default()
-                .labels("edgesync.io/lease-group=sh,edgesync.io/lease-kind=shard"),
-        )
+        .list(&ListParams::default().labels(&format!(
+            "edgesync.io/lease-group={group},edgesync.io/lease-kind=shard"
+        )))
         .await
         .unwrap();
     list.items
@@ -34,17 +41,27 @@ async fn holders(api: &Api<Lease>) -> BTreeMap<u32, String> {
         .collect()
 }
 
-/// Waits up to `deadline` until every shard is held by one of `live`, none above
-/// `max_each`, and the live replicas' own metrics own every shard between them.
+/// Waits up to `deadline` until every shard of group `sh` is held by one of `live`, none
+/// above `max_each`, and the live replicas' own metrics own every shard between them.
 async fn wait_settled(
     api: &Api<Lease>,
     replicas: &[(&str, &Controller)],
     max_each: usize,
     deadline: Duration,
 ) -> Duration {
+    wait_settled_in(api, "sh", replicas, max_each, deadline).await
+}
+
+async fn wait_settled_in(
+    api: &Api<Lease>,
+    group: &str,
+    replicas: &[(&str, &Controller)],
+    max_each: usize,
+    deadline: Duration,
+) -> Duration {
     let started = Instant::now();
     loop {
-        let h = holders(api).await;
+        let h = holders_in(api, group).await;
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
         for holder in h.values() {
             *counts.entry(holder.as_str()).or_default() += 1;
@@ -122,4 +139,207 @@ async fn replicas_share_the_shards_and_take_over_a_killed_or_stopped_replicas() 
     r1.process.stop();
     let took = wait_settled(&api, &[("r0", &r0)], 8, Duration::from_secs(10)).await;
     eprintln!("a stopped replica's shards taken over in {took:?}");
+}
+
+/// Posts version `version` of every node's device through `via`; returns the nodes whose
+/// batch was answered with the report durable, and the other answers' statuses.
+async fn round_through(
+    via: &Controller,
+    ns: &str,
+    nodes: &[String],
+    version: u64,
+) -> (Vec<usize>, Vec<u16>) {
+    let answers = futures_util::future::join_all(nodes.iter().enumerate().map(|(i, node)| {
+        let b = batch(
+            version,
+            vec![report(
+                &format!("{node}-dev"),
+                version,
+                json!({"v": version}),
+            )],
+        );
+        let url = via.url();
+        async move { (i, post_batch(&url, ns, node, TOKEN, &b).await) }
+    }))
+    .await;
+    let mut durable = Vec::new();
+    let mut other = Vec::new();
+    for (i, a) in answers {
+        if a.status == 200 && a.result(0) == "accepted" {
+            durable.push(i);
+        } else {
+            assert_eq!(a.status, 503, "only a moving shard may refuse: {a:?}");
+            other.push(a.status);
+        }
+    }
+    (durable, other)
+}
+
+const TOKEN: &str = "shard-token";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_replica_takes_any_nodes_requests_and_a_killed_owners_nodes_move_on() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("shard-fwd");
+    let shards = SHARDS.to_string();
+    let start = |id: &str| {
+        Controller::start(
+            cp,
+            &[
+                "--shards",
+                &shards,
+                "--lease-namespace",
+                &ns.name,
+                "--lease-name",
+                "fw",
+                "--identity",
+                id,
+            ],
+        )
+    };
+    let (r0, r1, mut r2) = (start("r0"), start("r1"), start("r2"));
+    let api: Api<Lease> = Api::namespaced(cp.client().await, &ns.name);
+    wait_settled_in(
+        &api,
+        "fw",
+        &[("r0", &r0), ("r1", &r1), ("r2", &r2)],
+        3,
+        Duration::from_secs(30),
+    )
+    .await;
+    let owners = holders_in(&api, "fw").await;
+
+    // Nodes in every shard; every request goes to r0, which serves about a third itself.
+    let nodes: Vec<String> = (0..16).map(|i| format!("edge-{i}")).collect();
+    for node in &nodes {
+        create_node(cp, &ns.name, node, TOKEN, "");
+        create_devices(cp, &ns.name, node, &[format!("{node}-dev")]);
+    }
+    let owner_of = |node: &str| owners[&shard_of(&ns.name, node, SHARDS)].clone();
+    assert!(
+        nodes.iter().any(|n| owner_of(n) == "r2") && nodes.iter().any(|n| owner_of(n) != "r0"),
+        "the nodes should spread over the replicas: {owners:?}"
+    );
+
+    // Every status write, in order, to check that none goes back in version.
+    let devices: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+    let seen = Arc::new(Mutex::new(BTreeMap::<String, Vec<u64>>::new()));
+    let recorder = {
+        let seen = Arc::clone(&seen);
+        let stream =
+            kube::runtime::watcher(devices.clone(), kube::runtime::watcher::Config::default());
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(event)) = stream.next().await {
+                let objects = match event {
+                    kube::runtime::watcher::Event::Apply(d)
+                    | kube::runtime::watcher::Event::InitApply(d) => vec![d],
+                    _ => continue,
+                };
+                for d in objects {
+                    if let Some(v) = d.status.as_ref().and_then(|s| s.reported_version) {
+                        seen.lock()
+                            .unwrap()
+                            .entry(d.metadata.name.clone().unwrap_or_default())
+                            .or_default()
+                            .push(v);
+                    }
+                }
+            }
+        })
+    };
+
+    let (durable, refused) = round_through(&r0, &ns.name, &nodes, 1).await;
+    assert_eq!(durable.len(), nodes.len(), "refused: {refused:?}");
+    let forwarded = r0
+        .metric(r#"edgesync_controller_forwarded_requests_total{result="answered"}"#)
+        .await;
+    let expected = nodes.iter().filter(|n| owner_of(n) != "r0").count() as f64;
+    assert_eq!(
+        forwarded, expected,
+        "batches for the other replicas' nodes are forwarded"
+    );
+
+    // A desired stream opened through r0 for a node of r2 is served by r2 and carries changes.
+    let far = nodes.iter().find(|n| owner_of(n) == "r2").unwrap().clone();
+    let mut stream = DesiredStream::open(&r0.url(), &ns.name, &far, TOKEN, None)
+        .await
+        .unwrap();
+    match stream.next_change(Duration::from_secs(10)).await {
+        DesiredEvent::Desired { device, .. } => assert_eq!(device, format!("{far}-dev")),
+        e => panic!("expected the device's desired state first, got {e:?}"),
+    }
+    cp.patch_device(
+        &ns.name,
+        &format!("{far}-dev"),
+        r#"{"spec":{"desired":{"rate":5}}}"#,
+    );
+    loop {
+        match stream.next_change(Duration::from_secs(10)).await {
+            DesiredEvent::Desired { desired, .. } if desired.get("rate") == Some(&json!(5)) => {
+                break;
+            }
+            _ => {}
+        }
+    }
+
+    // kill -9 r2: its nodes are refused 503 (never anything else) until their shards have a
+    // new owner, then served again; versions told durable stay durable.
+    let mut acked = vec![1u64; nodes.len()];
+    r2.process.kill9();
+    let killed = Instant::now();
+    let mut version = 1;
+    let recovered = loop {
+        version += 1;
+        let (durable, _) = round_through(&r0, &ns.name, &nodes, version).await;
+        for i in &durable {
+            acked[*i] = version;
+        }
+        if durable.len() == nodes.len() {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(45),
+            "a killed owner's nodes not served again within 45 s (served: {durable:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("a killed owner's nodes answered again after {recovered:?}");
+    assert!(
+        r0.metric(r#"edgesync_controller_forwarded_requests_total{result="moving"}"#)
+            .await
+            + r0.metric(r#"edgesync_controller_forwarded_requests_total{result="unreachable"}"#)
+                .await
+            > 0.0,
+        "the killed owner's nodes were refused while their shards moved"
+    );
+    // The stream through the killed owner ended; a new one is served by the new owner.
+    assert!(
+        stream.ends_within(Duration::from_secs(10)).await,
+        "the desired stream of a killed owner's node did not end"
+    );
+    let mut again = DesiredStream::open(&r0.url(), &ns.name, &far, TOKEN, None)
+        .await
+        .unwrap();
+    match again.next_change(Duration::from_secs(10)).await {
+        DesiredEvent::Desired { desired, .. } => assert_eq!(desired.get("rate"), Some(&json!(5))),
+        e => panic!("expected the device's desired state first, got {e:?}"),
+    }
+
+    for (i, node) in nodes.iter().enumerate() {
+        let d = devices.get(&format!("{node}-dev")).await.unwrap();
+        let v = d.status.and_then(|s| s.reported_version).unwrap_or(0);
+        assert!(
+            v >= acked[i],
+            "{node}: told durable at {} but {v} in etcd",
+            acked[i]
+        );
+    }
+    recorder.abort();
+    for (device, versions) in seen.lock().unwrap().iter() {
+        assert!(
+            versions.windows(2).all(|w| w[0] <= w[1]),
+            "{device}'s status went back in version: {versions:?}"
+        );
+    }
 }

@@ -83,9 +83,17 @@ async fn stream_desired(
     // must not postpone the bookmarks the agent relies on to see that the stream is alive.
     let mut bookmarks =
         tokio::time::interval_at(tokio::time::Instant::now() + bookmark_every, bookmark_every);
+    // The node's shard moving to another replica ends the stream: the agent reconnects and
+    // its next stream, resumed from its cursor, is served by the new owner.
+    let moved = super::owner::moved_away(s, ns, node);
+    tokio::pin!(moved);
     loop {
         tokio::select! {
             _ = s.shutdown.cancelled() => return,
+            _ = &mut moved => {
+                debug!(namespace = %ns, node = %node, "Desired-state stream ended: the node's shard moved to another replica");
+                return;
+            }
             _ = tx.closed() => return,
             changed = changes.changed() => {
                 if changed.is_err() {

@@ -16,6 +16,7 @@
 //! | `body` | the budget of body bytes in memory, and reading a body |
 //! | `reports` | report batches |
 //! | `desired` | desired-state streams |
+//! | `owner` | with shards: each node's requests served by its shard's owner |
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -85,11 +86,22 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Authentication failures are logged at most once per interval.
     pub auth_log: std::sync::Mutex<LogThrottle>,
+    /// With `--shards`: the shards owned here and the way to the others' owners.
+    pub sharding: Option<Sharding>,
+}
+
+/// The shards this replica owns, and the forwarder to the others' owners.
+pub struct Sharding {
+    /// Ownership, and the owners seen in the Leases.
+    pub shards: Arc<crate::shard::leases::Shards>,
+    /// Passes requests to other owners.
+    pub forwarder: crate::shard::forward::Forwarder,
 }
 
 mod body;
 mod checks;
 mod desired;
+mod owner;
 
 pub use body::BodyBudget;
 mod reports;
@@ -107,6 +119,12 @@ pub fn router(state: Shared, with_metrics: bool) -> Router {
             "/v1/namespaces/{ns}/nodes/{node}/desired",
             get(desired::desired),
         )
+        // After routing (the node is in the path), before the handlers' checks: the owner
+        // makes them.
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            owner::to_owner,
+        ))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz));
     let api = if with_metrics {

@@ -21,10 +21,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::plan::{View, plan};
+use super::route::{Owner, Owners, Route};
 use super::{fnv1a, shard_of};
 use crate::lease::{LEASE_DURATION, Leadership, Observed, RENEW_DEADLINE, RETRY_PERIOD};
 use crate::metrics::Metrics;
@@ -35,22 +37,43 @@ pub const GROUP_LABEL: &str = "edgesync.io/lease-group";
 pub const KIND_LABEL: &str = "edgesync.io/lease-kind";
 /// Label of a shard Lease: its shard number.
 pub const SHARD_LABEL: &str = "edgesync.io/shard";
+/// Annotation of a member Lease: where that replica takes requests forwarded to it.
+pub const ADDRESS_ANNOTATION: &str = "edgesync.io/peer-address";
 
 /// Concurrent Lease writes per round: a round's writes finish well within the renew deadline.
 const WRITE_CONCURRENCY: usize = 8;
 
-/// Which shards this replica owns, each by a deadline on the monotonic clock.
+/// Which shards this replica owns, each by a deadline on the monotonic clock, and who owns
+/// the others.
 #[derive(Debug)]
 pub struct Shards {
     owned: Vec<Leadership>,
+    identity: String,
+    owners: Owners,
+    /// Bumped when the shards owned here change (desired streams of lost shards end).
+    changed: watch::Sender<u64>,
 }
 
 impl Shards {
-    /// `count` shards (at least 1), none owned yet.
-    pub fn new(count: u32) -> Self {
+    /// `count` shards (at least 1), none owned yet, for the replica named `identity`.
+    pub fn new(count: u32, identity: &str) -> Self {
         Self {
             owned: (0..count.max(1)).map(|_| Leadership::default()).collect(),
+            identity: identity.to_owned(),
+            owners: Owners::default(),
+            changed: watch::Sender::new(0),
         }
+    }
+
+    /// Where requests for EdgeNode `namespace/name` are served now.
+    pub fn route(&self, namespace: &str, name: &str) -> Route {
+        let shard = shard_of(namespace, name, self.count());
+        self.owners.route(shard, self.owns(shard), &self.identity)
+    }
+
+    /// Changes whenever the shards owned here change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// How many shards the fleet is split into.
@@ -85,6 +108,8 @@ pub struct Group {
     pub name: String,
     /// This replica's identity.
     pub identity: String,
+    /// Where this replica takes forwarded requests (`host:port`), advertised to the others.
+    pub address: Option<String>,
 }
 
 impl Group {
@@ -169,6 +194,9 @@ pub async fn run(
             info!(shard = s, "Shard given up");
             metrics.shard_changes("given_up");
         }
+        if held != held_before {
+            shards.changed.send_modify(|n| *n += 1);
+        }
         held_before = held;
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -213,6 +241,7 @@ async fn round(
     let mut observed = std::mem::take(&mut seen.observed);
     seen.leases.clear();
     let mut members = BTreeSet::from([group.identity.clone()]);
+    let mut addresses: HashMap<String, Arc<str>> = HashMap::new();
     let mut holders: Vec<Option<String>> = vec![None; shards.count() as usize];
     for lease in list.items {
         let Some(name) = lease.metadata.name.clone() else {
@@ -231,6 +260,14 @@ async fn round(
             label(SHARD_LABEL).and_then(|s| s.parse::<u32>().ok()),
         ) {
             (Some("member"), _) if live => {
+                let address = lease
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ADDRESS_ANNOTATION));
+                if let Some(a) = address {
+                    addresses.insert(holder.clone(), a.as_str().into());
+                }
                 members.insert(holder);
             }
             (Some("shard"), Some(s)) if (s as usize) < holders.len() && live => {
@@ -240,6 +277,18 @@ async fn round(
         }
         seen.leases.insert(name, lease);
     }
+
+    shards.owners.set(
+        holders
+            .iter()
+            .map(|h| {
+                h.as_ref().map(|id| Owner {
+                    identity: id.as_str().into(),
+                    address: addresses.get(id).cloned(),
+                })
+            })
+            .collect(),
+    );
 
     // The member Lease: renewed first, so the others count this replica.
     let member = group.member_lease();
@@ -309,8 +358,18 @@ async fn write(
     shard: Option<u32>,
 ) -> Result<(), kube::Error> {
     let now = MicroTime(Timestamp::now());
+    let advertise = |lease: &mut Lease| {
+        if let (true, Some(address)) = (kind == "member", &group.address) {
+            lease
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(ADDRESS_ANNOTATION.to_owned(), address.clone());
+        }
+    };
     let Some(mut lease) = seen.leases.get(&name).cloned() else {
         let mut lease = group.lease(name, kind, shard);
+        advertise(&mut lease);
         lease.spec = Some(LeaseSpec {
             holder_identity: Some(group.identity.clone()),
             lease_duration_seconds: Some(LEASE_DURATION.as_secs() as i32),
@@ -321,6 +380,7 @@ async fn write(
         });
         return api.create(&PostParams::default(), &lease).await.map(drop);
     };
+    advertise(&mut lease);
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     if spec.holder_identity.as_deref() != Some(group.identity.as_str()) {
         spec.acquire_time = Some(now.clone());
@@ -377,6 +437,7 @@ mod tests {
             namespace: "edgesync".into(),
             name: "edgesync-controller".into(),
             identity: identity.into(),
+            address: None,
         };
         let a = g("Pod_A.1").member_lease();
         let b = g("pod-a-1").member_lease();
@@ -392,7 +453,7 @@ mod tests {
 
     #[test]
     fn shards_are_owned_only_until_their_deadline() {
-        let s = Shards::new(4);
+        let s = Shards::new(4, "me");
         assert!(s.owned().is_empty());
         s.owned[2].renewed(Instant::now());
         assert_eq!(s.owned(), vec![2]);

@@ -7,11 +7,16 @@
 //! - [`plan`]: what a replica does with the shard Leases in a round (fair share, rendezvous
 //!   preference), pure.
 //! - [`leases`]: the rounds against the API server, and which shards this replica owns.
+//! - [`route`]: where a node's requests are served (here, a peer, or nowhere during a
+//!   hand-over).
+//! - [`forward`]: a request for another replica's shard passed to it, and its answer back.
 //!
 //! See docs/design/scale-out.md.
 
+pub mod forward;
 pub mod leases;
 pub mod plan;
+pub mod route;
 
 /// The shard of EdgeNode `namespace/name` among `shards` (at least 1).
 pub fn shard_of(namespace: &str, name: &str, shards: u32) -> u32 {
