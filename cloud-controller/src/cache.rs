@@ -1,26 +1,46 @@
-//! In-memory views of the cluster: reflectors over every Device and EdgeNode, kept current by
-//! watches. Ownership checks, node lookups, the desired-state hub and the liveness loop read
+//! In-memory views of the cluster: reflectors over every Device and EdgeNode (or, with
+//! shards, those of the shards this replica owns), kept current by watches. Ownership checks, node lookups, the desired-state hub and the liveness loop read
 //! these instead of calling the API server per request.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use edgesync_crds::{Device, EdgeNode};
 use futures_util::StreamExt;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::desired::DesiredHub;
 use crate::live::state::Live;
+use crate::shard::labeller::Labeller;
+use crate::shard::labels;
+use crate::shard::leases::Shards;
+
+/// Which objects the caches hold.
+#[derive(Clone)]
+pub enum Scope {
+    /// Every Device and EdgeNode (no shards).
+    All,
+    /// Those of the shards this replica owns (by their shard labels), following ownership:
+    /// the watches start again with a new selector when the shards owned change, and each
+    /// shard counts as cached once a watch including it has listed.
+    Shards {
+        /// Ownership.
+        shards: Arc<Shards>,
+        /// Devices seen with a shard label that no longer fits their node go here.
+        labeller: Arc<Labeller>,
+    },
+}
 
 /// Shared read-only caches of Devices and EdgeNodes.
 #[derive(Clone)]
 pub struct Caches {
-    /// Every Device in the cluster.
+    /// Every Device in the cluster, or in the shards owned here.
     pub devices: Store<Device>,
-    /// Every EdgeNode in the cluster.
+    /// Every EdgeNode in the cluster, or in the shards owned here.
     pub nodes: Store<EdgeNode>,
 }
 
@@ -29,6 +49,7 @@ impl Caches {
     /// so they and the cache see the same sequence of changes.
     pub fn start(
         client: &Client,
+        scope: Scope,
         hub: Arc<DesiredHub>,
         live: Option<Arc<Live>>,
         shutdown: &CancellationToken,
@@ -36,63 +57,36 @@ impl Caches {
     ) -> Self {
         let (devices, device_writer) = reflector::store();
         let (nodes, node_writer) = reflector::store();
-
-        // managedFields are dropped from cached objects: they are never read and dominate the
-        // memory of a large fleet's cache.
-        let device_stream = reflector::reflector(
+        let relabel = match &scope {
+            Scope::Shards { labeller, .. } => Some(Arc::clone(labeller)),
+            Scope::All => None,
+        };
+        tasks.spawn(watch(
+            Api::<Device>::all(client.clone()),
             device_writer,
-            watcher(
-                Api::<Device>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .modify(|d: &mut Device| d.metadata.managed_fields = None),
-        );
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            let mut stream = std::pin::pin!(device_stream);
-            loop {
-                let next = tokio::select! {
-                    _ = token.cancelled() => return,
-                    next = stream.next() => next,
-                };
-                match next {
-                    Some(Ok(event)) => {
-                        hub.on_event(&event);
-                        if let Some(live) = &live {
-                            live.on_device_event(&event);
-                        }
-                    }
-                    Some(Err(e)) => warn!(error = %e, "Device watch failed; retrying"),
-                    None => return,
+            scope.clone(),
+            "devices",
+            shutdown.clone(),
+            move |event: &watcher::Event<Device>| {
+                hub.on_event(event);
+                if let Some(live) = &live {
+                    live.on_device_event(event);
                 }
-            }
-        });
-
-        let node_stream = reflector::reflector(
+                if let (Some(l), watcher::Event::Apply(d) | watcher::Event::InitApply(d)) =
+                    (&relabel, event)
+                {
+                    l.check_device(d);
+                }
+            },
+        ));
+        tasks.spawn(watch(
+            Api::<EdgeNode>::all(client.clone()),
             node_writer,
-            watcher(
-                Api::<EdgeNode>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .modify(|n: &mut EdgeNode| n.metadata.managed_fields = None),
-        );
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            let mut stream = std::pin::pin!(node_stream);
-            loop {
-                let next = tokio::select! {
-                    _ = token.cancelled() => return,
-                    next = stream.next() => next,
-                };
-                match next {
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => warn!(error = %e, "EdgeNode watch failed; retrying"),
-                    None => return,
-                }
-            }
-        });
+            scope,
+            "nodes",
+            shutdown.clone(),
+            |_: &watcher::Event<EdgeNode>| {},
+        ));
         Self { devices, nodes }
     }
 
@@ -122,5 +116,94 @@ impl Caches {
     /// The cached EdgeNode `namespace/name`.
     pub fn node(&self, namespace: &str, name: &str) -> Option<Arc<EdgeNode>> {
         self.nodes.get(&ObjectRef::new(name).within(namespace))
+    }
+}
+
+/// Keeps `writer` (and `on_event`) current with a watch of the scope's objects, started again
+/// whenever the shards owned change.
+async fn watch<K>(
+    api: Api<K>,
+    mut writer: Writer<K>,
+    scope: Scope,
+    kind: &'static str,
+    shutdown: CancellationToken,
+    mut on_event: impl FnMut(&watcher::Event<K>) + Send,
+) where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let mut changes = match &scope {
+        Scope::Shards { shards, .. } => Some(shards.subscribe()),
+        Scope::All => None,
+    };
+    loop {
+        // Which shards this watch covers; those no longer owned stop counting as cached at
+        // once, the new ones once the watch has listed them.
+        let covering = match &scope {
+            Scope::All => None,
+            Scope::Shards { shards, .. } => {
+                if let Some(c) = changes.as_mut() {
+                    c.mark_unchanged();
+                }
+                let owned: BTreeSet<u32> = shards.owned().into_iter().collect();
+                let still: BTreeSet<u32> =
+                    shards.cached(kind).intersection(&owned).copied().collect();
+                shards.set_cached(kind, still);
+                Some((Arc::clone(shards), owned))
+            }
+        };
+        let config = match &covering {
+            None => Some(watcher::Config::default()),
+            Some((shards, owned)) => labels::selector(shards.count(), owned)
+                .map(|s| watcher::Config::default().labels(&s)),
+        };
+        // managedFields are dropped from cached objects: they are never read and dominate the
+        // memory of a large fleet's cache.
+        let mut stream = match config {
+            Some(config) => watcher(api.clone(), config)
+                .default_backoff()
+                .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+                .boxed(),
+            // No shard owned: an empty list, so the cache empties and counts as listed.
+            None => {
+                futures_util::stream::iter([Ok(watcher::Event::Init), Ok(watcher::Event::InitDone)])
+                    .chain(futures_util::stream::pending())
+                    .boxed()
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                Ok(()) = changed(&mut changes) => {
+                    debug!(kind, "Shards owned changed: watching again");
+                    break;
+                }
+                next = stream.next() => next,
+            };
+            match next {
+                Some(Ok(event)) => {
+                    writer.apply_watcher_event(&event);
+                    on_event(&event);
+                    if let (watcher::Event::InitDone, Some((shards, owned))) = (&event, &covering) {
+                        shards.set_cached(kind, owned.clone());
+                    }
+                }
+                Some(Err(e)) => warn!(kind, error = %e, "Watch failed; retrying"),
+                None => return,
+            }
+        }
+    }
+}
+
+/// Resolves when the shards owned change (never without shards).
+async fn changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Result<(), ()> {
+    match changes {
+        Some(c) => c.changed().await.map_err(drop),
+        None => std::future::pending().await,
     }
 }

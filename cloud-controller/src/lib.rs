@@ -93,8 +93,24 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         metrics.watch_live(Arc::clone(&live));
         live
     });
+    let identity = opts.identity.clone().unwrap_or_else(default_identity);
+    // With shards: which this replica owns (through their Leases, run below), and the caches
+    // hold only those.
+    let shards =
+        (opts.shards > 0).then(|| Arc::new(shard::leases::Shards::new(opts.shards, &identity)));
+    let labeller = shards
+        .as_ref()
+        .map(|s| Arc::new(shard::labeller::Labeller::new(s.count())));
+    let scope = match (&shards, &labeller) {
+        (Some(shards), Some(labeller)) => cache::Scope::Shards {
+            shards: Arc::clone(shards),
+            labeller: Arc::clone(labeller),
+        },
+        _ => cache::Scope::All,
+    };
     let caches = cache::Caches::start(
         &watch_client,
+        scope,
         Arc::clone(&hub),
         live.clone(),
         &shutdown,
@@ -123,7 +139,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     status_writer.spawn_workers(opts.write_concurrency, &writers_stop, &tasks);
 
     let leader = Arc::new(lease::Leadership::default());
-    let identity = opts.identity.clone().unwrap_or_else(default_identity);
+    if let Some(labeller) = &labeller {
+        tasks.spawn(
+            shard::labeller::Labelling {
+                labeller: Arc::clone(labeller),
+                client: client.clone(),
+                budget: Arc::clone(&budget),
+                leader: Arc::clone(&leader),
+                metrics: Arc::clone(&metrics),
+            }
+            .run(shutdown.clone()),
+        );
+    }
     // Ends once every handle is dropped: the API state's and the liveness loop's.
     let (events, events_task) =
         events::Events::new(client.clone(), Some(identity.clone()), Arc::clone(&metrics));
@@ -146,6 +173,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         caches: caches.clone(),
         budget,
         leader: Arc::clone(&leader),
+        shards: shards.clone(),
         offline_after: Duration::from_secs(opts.offline_after_seconds),
         out_of_sync_after: Duration::from_secs(opts.out_of_sync_event_seconds),
         metrics: Arc::clone(&metrics),
@@ -154,14 +182,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     tasks.spawn(liveness.run(shutdown.clone()));
     metrics.watch_leadership(Arc::clone(&leader));
+    metrics.watch_caches(caches.clone());
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", opts.listen))?;
     // With shards: which this replica owns (through their Leases), and the way to the others.
-    let sharding = if opts.shards > 0 {
+    let sharding = if let Some(shards) = shards {
         let address = advertise_address(&opts, listener.local_addr()?)?;
-        let shards = Arc::new(shard::leases::Shards::new(opts.shards, &identity));
         metrics.watch_shards(Arc::clone(&shards));
         tasks.spawn(shard::leases::run(
             client.clone(),

@@ -1,4 +1,4 @@
-//! The liveness loop (leader only): marks EdgeNodes `Ready=False` when their agent has been
+//! The liveness loop (the leader's; with shards each owner's, over its shards): marks EdgeNodes `Ready=False` when their agent has been
 //! silent longer than the offline timeout, keeps each Device's `Online` condition equal to its
 //! node's state, and turns `InSync` false as soon as a new desired generation exists that the
 //! agent has not observed (the agent's report turns it true again).
@@ -42,6 +42,9 @@ pub struct Liveness {
     pub budget: Arc<WriteBudget>,
     /// Whether this replica is the leader.
     pub leader: Arc<crate::lease::Leadership>,
+    /// With shards: the loop runs on every replica, for the nodes of its own shards (its
+    /// caches hold only those), instead of on the leader.
+    pub shards: Option<Arc<crate::shard::leases::Shards>>,
     /// Default offline timeout.
     pub offline_after: Duration,
     /// A Device out of sync this long gets an OutOfSync event.
@@ -66,7 +69,7 @@ impl Liveness {
         }
         debug!("Liveness loop started");
         loop {
-            if self.leader.is_leader() {
+            if self.shards.is_some() || self.leader.is_leader() {
                 self.round().await;
             }
             tokio::select! {
@@ -104,16 +107,19 @@ impl Liveness {
             online.insert((ns.clone(), name.clone()), is_online);
             let ready = condition_status(&status.conditions, CONDITION_READY);
             // Leadership can end mid-round (its deadline passes): stop writing at once.
-            if !is_online && ready != Some("False") && self.leader.is_leader() {
+            if !is_online && ready != Some("False") && self.acts_for(&ns, &name) {
                 self.mark_node_offline(&node, silent_for, timeout).await;
             }
         }
         let mut writes = 0;
         for device in self.caches.devices.state() {
-            if writes >= MAX_WRITES_PER_ROUND || !self.leader.is_leader() {
+            if writes >= MAX_WRITES_PER_ROUND {
                 break;
             }
             let ns = device.namespace().unwrap_or_default();
+            if !self.acts_for(&ns, &device.spec.node_name) {
+                continue;
+            }
             let node_online = online
                 .get(&(ns, device.spec.node_name.clone()))
                 .copied()
@@ -122,6 +128,15 @@ impl Liveness {
             if self.fix_device(&device, node_online).await {
                 writes += 1;
             }
+        }
+    }
+
+    /// Whether this replica may write for node `namespace/name` now: it leads, or with
+    /// shards, it owns the node's shard (the cache can hold a shard a moment after losing it).
+    fn acts_for(&self, namespace: &str, name: &str) -> bool {
+        match &self.shards {
+            Some(shards) => shards.owns_node(namespace, name),
+            None => self.leader.is_leader(),
         }
     }
 

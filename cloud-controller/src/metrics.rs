@@ -115,6 +115,8 @@ pub struct Metrics {
     shard_changes: Counters,
     /// Requests for another replica's shard, by result.
     forwarded: Counters,
+    /// Shard labels written on EdgeNodes and Devices.
+    pub shard_labels_written: Counter,
     /// Durable acknowledgements told to agents.
     pub durable_acks_told: Counter,
     /// Durable acknowledgements dropped because --max-durable-acks were owed.
@@ -358,6 +360,11 @@ impl Metrics {
         for result in ["answered", "unreachable", "timed_out", "busy", "moving"] {
             drop(forwarded.get_or_create(&[("result", result)]));
         }
+        let shard_labels_written = counter(
+            r,
+            "edgesync_controller_shard_labels_written",
+            "Shard labels written on EdgeNodes and Devices, with --shards: new objects (by the leader), all of them after --shards changed, and Devices moved to another node (by their shard's owner).",
+        );
         let durable_acks_told = counter(
             r,
             "edgesync_controller_durable_acks_told",
@@ -428,6 +435,7 @@ impl Metrics {
             live_refused,
             shard_changes,
             forwarded,
+            shard_labels_written,
             durable_acks_told,
             durable_acks_dropped,
             live_watches,
@@ -494,6 +502,11 @@ impl Metrics {
     /// Exports the shards owned, read at each scrape.
     pub fn watch_shards(&self, shards: Arc<crate::shard::leases::Shards>) {
         self.register_collector(OwnedShards(shards));
+    }
+
+    /// Exports the caches' sizes, read at each scrape.
+    pub fn watch_caches(&self, caches: crate::cache::Caches) {
+        self.register_collector(CacheSize(caches));
     }
 
     /// Exports the live state's size, read at each scrape.
@@ -573,6 +586,32 @@ impl Collector for OwnedShards {
             "edgesync_controller_shards_owned",
             "Shards this replica owns now (of --shards).",
             self.0.owned().len() as i64,
+        )
+    }
+}
+
+/// The caches' sizes, read at each scrape.
+struct CacheSize(crate::cache::Caches);
+
+impl std::fmt::Debug for CacheSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CacheSize")
+    }
+}
+
+impl Collector for CacheSize {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        const_gauge(
+            &mut e,
+            "edgesync_controller_cached_devices",
+            "Devices in this replica's cache (every Device, or with --shards those of its shards).",
+            self.0.devices.state().len() as i64,
+        )?;
+        const_gauge(
+            &mut e,
+            "edgesync_controller_cached_nodes",
+            "EdgeNodes in this replica's cache (every EdgeNode, or with --shards those of its shards).",
+            self.0.nodes.state().len() as i64,
         )
     }
 }

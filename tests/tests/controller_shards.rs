@@ -14,6 +14,7 @@ use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::{
     Controller, DesiredStream, batch, create_devices, create_node, post_batch, report,
 };
+use edgesync_e2e::wait::until;
 use edgesync_protocol::wire::DesiredEvent;
 use futures_util::StreamExt as _;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -216,13 +217,43 @@ async fn any_replica_takes_any_nodes_requests_and_a_killed_owners_nodes_move_on(
         create_devices(cp, &ns.name, node, &[format!("{node}-dev")]);
     }
     let owner_of = |node: &str| owners[&shard_of(&ns.name, node, SHARDS)].clone();
+
+    // The leader labels every object with its shard; each replica then caches only its own
+    // shards' objects: every Device and EdgeNode of the namespace in exactly one cache.
+    let devices: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+    let replicas = [&r0, &r1, &r2];
+    let cached = |series: &'static str| async move {
+        let mut sum = 0.0;
+        for r in replicas {
+            sum += r.metric(series).await;
+        }
+        sum
+    };
+    until(
+        "every Device and EdgeNode cached by its shard's owner only",
+        Duration::from_secs(30),
+        || async {
+            let d = cached("edgesync_controller_cached_devices").await;
+            let n = cached("edgesync_controller_cached_nodes").await;
+            (d == nodes.len() as f64 && n == nodes.len() as f64).then_some(())
+        },
+    )
+    .await;
+    for node in &nodes {
+        let d = devices.get(&format!("{node}-dev")).await.unwrap();
+        let labels = d.metadata.labels.unwrap_or_default();
+        assert_eq!(
+            labels.get("edgesync.io/shard").map(String::as_str),
+            Some(shard_of(&ns.name, node, SHARDS).to_string().as_str()),
+            "{node}-dev"
+        );
+    }
     assert!(
         nodes.iter().any(|n| owner_of(n) == "r2") && nodes.iter().any(|n| owner_of(n) != "r0"),
         "the nodes should spread over the replicas: {owners:?}"
     );
 
     // Every status write, in order, to check that none goes back in version.
-    let devices: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
     let seen = Arc::new(Mutex::new(BTreeMap::<String, Vec<u64>>::new()));
     let recorder = {
         let seen = Arc::clone(&seen);
@@ -282,6 +313,51 @@ async fn any_replica_takes_any_nodes_requests_and_a_killed_owners_nodes_move_on(
             _ => {}
         }
     }
+
+    // A Device moved to a node of another shard is relabelled by its old shard's owner.
+    let (from, to) = (
+        &nodes[0],
+        nodes
+            .iter()
+            .find(|n| shard_of(&ns.name, n, SHARDS) != shard_of(&ns.name, &nodes[0], SHARDS))
+            .unwrap(),
+    );
+    let mover = format!("{from}-dev");
+    cp.patch_device(
+        &ns.name,
+        &mover,
+        &format!(r#"{{"spec":{{"nodeName":"{to}"}}}}"#),
+    );
+    let labelled_for = |node: &str| {
+        let wanted = shard_of(&ns.name, node, SHARDS).to_string();
+        let (devices, mover) = (devices.clone(), mover.clone());
+        async move {
+            let d = devices.get(&mover).await.unwrap();
+            (d.metadata
+                .labels
+                .unwrap_or_default()
+                .get("edgesync.io/shard")
+                == Some(&wanted))
+            .then_some(())
+        }
+    };
+    until(
+        "the moved Device relabelled",
+        Duration::from_secs(20),
+        || labelled_for(to),
+    )
+    .await;
+    cp.patch_device(
+        &ns.name,
+        &mover,
+        &format!(r#"{{"spec":{{"nodeName":"{from}"}}}}"#),
+    );
+    until(
+        "the Device moved back relabelled",
+        Duration::from_secs(20),
+        || labelled_for(from),
+    )
+    .await;
 
     // kill -9 r2: its nodes are refused 503 (never anything else) until their shards have a
     // new owner, then served again; versions told durable stay durable.

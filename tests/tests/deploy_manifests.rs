@@ -73,6 +73,9 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         ("patch", "edgenodes.edgesync.io/status", "plant-a"),
         ("update", "edgenodes.edgesync.io/status", "plant-a"),
         ("list", "edgenodes.edgesync.io", "plant-a"),
+        // The shard labels (--shards).
+        ("patch", "devices.edgesync.io", "plant-a"),
+        ("patch", "edgenodes.edgesync.io", "plant-a"),
         ("get", "secrets", "plant-a"),
         ("update", "leases.coordination.k8s.io", "edgesync-system"),
         ("create", "events.events.k8s.io", "plant-a"),

@@ -99,6 +99,11 @@ async fn stream_desired(
                 if changed.is_err() {
                     return;
                 }
+                // A shard just lost: its Devices leave the cache, which must not reach the
+                // agent as removals.
+                if super::owner::served_elsewhere(s, ns, node) {
+                    return;
+                }
                 match s.hub.poll(ns, node, position) {
                     Poll::Events(events, now) => {
                         position = now;

@@ -30,6 +30,13 @@ pub(super) async fn to_owner(
     }
 }
 
+/// Whether the node's requests are no longer served here (its shard moved).
+pub(super) fn served_elsewhere(s: &super::AppState, ns: &str, node: &str) -> bool {
+    s.sharding
+        .as_ref()
+        .is_some_and(|sh| sh.shards.route(ns, node) != Route::Here)
+}
+
 /// Returns once this replica no longer serves the node (its shard moved), never without
 /// shards: a desired stream ends then, and the agent's next one reaches the new owner.
 pub(super) async fn moved_away(s: &super::AppState, ns: &str, node: &str) {

@@ -434,7 +434,17 @@ async fn find_or_register(
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             namespace: Some(ns.to_owned()),
-            labels: Some([("edgesync.io/node".to_owned(), node.to_owned())].into()),
+            labels: Some({
+                let mut labels = std::collections::BTreeMap::from([(
+                    "edgesync.io/node".to_owned(),
+                    node.to_owned(),
+                )]);
+                // With shards, born in its node's shard: the owner's cache sees it at once.
+                if let Some(sh) = &s.sharding {
+                    labels.extend(crate::shard::labels::wanted(ns, node, sh.shards.count()));
+                }
+                labels
+            }),
             ..ObjectMeta::default()
         },
         spec: DeviceSpec {

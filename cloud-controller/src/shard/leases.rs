@@ -12,7 +12,7 @@
 //! member Lease.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use futures_util::StreamExt as _;
@@ -50,9 +50,15 @@ pub struct Shards {
     owned: Vec<Leadership>,
     identity: String,
     owners: Owners,
-    /// Bumped when the shards owned here change (desired streams of lost shards end).
+    /// Bumped when the shards owned here change (caches follow; desired streams of lost
+    /// shards end).
     changed: watch::Sender<u64>,
+    /// The shards each cache (by kind) holds in full.
+    cached: RwLock<HashMap<&'static str, BTreeSet<u32>>>,
 }
+
+/// The caches a shard must be in before its requests are served here.
+pub const CACHE_KINDS: [&str; 2] = ["devices", "nodes"];
 
 impl Shards {
     /// `count` shards (at least 1), none owned yet, for the replica named `identity`.
@@ -62,13 +68,45 @@ impl Shards {
             identity: identity.to_owned(),
             owners: Owners::default(),
             changed: watch::Sender::new(0),
+            cached: RwLock::default(),
         }
+    }
+
+    /// Records the shards cache `kind` holds in full.
+    pub fn set_cached(&self, kind: &'static str, shards: BTreeSet<u32>) {
+        self.cached
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(kind, shards);
+    }
+
+    /// The shards cache `kind` holds in full.
+    pub fn cached(&self, kind: &'static str) -> BTreeSet<u32> {
+        self.cached
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(kind)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Whether every cache holds `shard` in full: until then its requests are not served
+    /// here (a report for a device not yet cached would look like one for an unknown device).
+    fn is_cached(&self, shard: u32) -> bool {
+        let cached = self.cached.read().unwrap_or_else(|e| e.into_inner());
+        CACHE_KINDS
+            .iter()
+            .all(|k| cached.get(k).is_some_and(|s| s.contains(&shard)))
     }
 
     /// Where requests for EdgeNode `namespace/name` are served now.
     pub fn route(&self, namespace: &str, name: &str) -> Route {
         let shard = shard_of(namespace, name, self.count());
-        self.owners.route(shard, self.owns(shard), &self.identity)
+        self.owners.route(
+            shard,
+            self.owns(shard) && self.is_cached(shard),
+            &self.identity,
+        )
     }
 
     /// Changes whenever the shards owned here change.

@@ -10,10 +10,14 @@
 //! - [`route`]: where a node's requests are served (here, a peer, or nowhere during a
 //!   hand-over).
 //! - [`forward`]: a request for another replica's shard passed to it, and its answer back.
+//! - [`labels`]: the shard labels on EdgeNodes and Devices, and the selectors of a replica's
+//!   caches; [`labeller`] keeps them right.
 //!
 //! See docs/design/scale-out.md.
 
 pub mod forward;
+pub mod labeller;
+pub mod labels;
 pub mod leases;
 pub mod plan;
 pub mod route;
