@@ -18,6 +18,7 @@ use crate::live::state::Live;
 use crate::shard::labeller::Labeller;
 use crate::shard::labels;
 use crate::shard::leases::Shards;
+use crate::shard::shard_of;
 
 /// Which objects the caches hold.
 #[derive(Clone)]
@@ -61,12 +62,18 @@ impl Caches {
             Scope::Shards { labeller, .. } => Some(Arc::clone(labeller)),
             Scope::All => None,
         };
+        let forget_in = Arc::clone(&hub);
         tasks.spawn(watch(
             Api::<Device>::all(client.clone()),
             device_writer,
             scope.clone(),
             "devices",
             shutdown.clone(),
+            // Devices of shards gone to another replica are forgotten, not removed: their
+            // agents must not hear of a deletion.
+            move |count: u32, owned: &BTreeSet<u32>| {
+                forget_in.forget_nodes(|ns, node| owned.contains(&shard_of(ns, node, count)));
+            },
             move |event: &watcher::Event<Device>| {
                 hub.on_event(event);
                 if let Some(live) = &live {
@@ -85,6 +92,7 @@ impl Caches {
             scope,
             "nodes",
             shutdown.clone(),
+            |_: u32, _: &BTreeSet<u32>| {},
             |_: &watcher::Event<EdgeNode>| {},
         ));
         Self { devices, nodes }
@@ -127,6 +135,7 @@ async fn watch<K>(
     scope: Scope,
     kind: &'static str,
     shutdown: CancellationToken,
+    mut on_rescope: impl FnMut(u32, &BTreeSet<u32>) + Send,
     mut on_event: impl FnMut(&watcher::Event<K>) + Send,
 ) where
     K: kube::Resource<DynamicType = ()>
@@ -154,6 +163,7 @@ async fn watch<K>(
                 let still: BTreeSet<u32> =
                     shards.cached(kind).intersection(&owned).copied().collect();
                 shards.set_cached(kind, still);
+                on_rescope(shards.count(), &owned);
                 Some((Arc::clone(shards), owned))
             }
         };

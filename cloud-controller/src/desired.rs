@@ -203,6 +203,28 @@ impl DesiredHub {
         });
     }
 
+    /// Forgets the nodes `keep` refuses (their shard moved to another replica), without
+    /// telling their streams anything: their devices are not removed, only served elsewhere.
+    /// A cursor from before cannot resume here (a snapshot instead), since changes made
+    /// meanwhile were never seen.
+    pub fn forget_nodes(&self, keep: impl Fn(&str, &str) -> bool) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let after = st.revision + 1;
+        let mut forgotten = 0;
+        for ((ns, node), slot) in &mut st.nodes {
+            if !keep(ns, node) && (!slot.devices.is_empty() || slot.trimmed_to < after) {
+                slot.devices.clear();
+                slot.log.clear();
+                slot.trimmed_to = after;
+                forgotten += 1;
+            }
+        }
+        if forgotten > 0 {
+            st.device_node.retain(|(ns, _), node| keep(ns, node));
+        }
+    }
+
     /// Starts a stream for a node: a replay after `since` when that cursor is usable, else a
     /// snapshot of the node's devices followed by `snapshotComplete`.
     pub fn subscribe(&self, namespace: &str, node: &str, since: Option<&str>) -> Subscription {
@@ -372,6 +394,60 @@ mod tests {
         assert_eq!(names(&tail), ["a@2", "b@1", "-b"]);
         // Another node's namespace twin is separate.
         assert!(names(&hub.subscribe("other", "n1", None).initial) == ["done"]);
+    }
+
+    #[test]
+    fn nodes_of_a_shard_gone_elsewhere_are_forgotten_not_removed() {
+        let hub = DesiredHub::new();
+        hub.on_event(&watcher::Event::Init);
+        for (d, node) in [("a", "n1"), ("b", "n2")] {
+            hub.on_event(&watcher::Event::InitApply(device(
+                "ns",
+                d,
+                node,
+                1,
+                json!({}),
+            )));
+        }
+        hub.on_event(&watcher::Event::InitDone);
+        let n2 = hub.subscribe("ns", "n2", None);
+        let cursor = n2.initial[1].cursor().to_owned();
+        let n1 = hub.subscribe("ns", "n1", None);
+
+        hub.forget_nodes(|_, node| node == "n1");
+        // The next list (of the shards still owned) no longer holds b: nothing is removed.
+        hub.on_event(&watcher::Event::Init);
+        hub.on_event(&watcher::Event::InitApply(device(
+            "ns",
+            "a",
+            "n1",
+            1,
+            json!({}),
+        )));
+        hub.on_event(&watcher::Event::InitDone);
+        // A stream of n2 still open here ends (its agent reconnects to the new owner).
+        assert!(matches!(hub.poll("ns", "n2", n2.position), Poll::Lagged));
+        let Poll::Events(tail, _) = hub.poll("ns", "n1", n1.position) else {
+            panic!("not lagged")
+        };
+        assert!(tail.is_empty(), "{:?}", names(&tail));
+        // A cursor from before cannot resume n2 here: changes were made while elsewhere.
+        assert_eq!(
+            names(&hub.subscribe("ns", "n2", Some(&cursor)).initial),
+            ["done"]
+        );
+        // The shard comes back: its devices again, by snapshot.
+        hub.on_event(&watcher::Event::Apply(device(
+            "ns",
+            "b",
+            "n2",
+            3,
+            json!({}),
+        )));
+        assert_eq!(
+            names(&hub.subscribe("ns", "n2", Some(&cursor)).initial),
+            ["b@3", "done"]
+        );
     }
 
     #[test]
