@@ -9,7 +9,10 @@
 //! updates/s), first with durable answers (the status path) and then with live answers: the
 //! updates answered, status writes/s, the CPU of the controller, the API server and etcd,
 //! and, for live answers, the freshness of a watch of the live API through the API server;
-//! and the first page of live-state selectors over the whole fleet.
+//! and the first page of live-state selectors over the whole fleet. Then scale-out: replicas
+//! with `--shards` added one at a time (1, 2, 3) to the same fleet, each step's time to
+//! share the shards and cache every Device once, the replicas' RSS, and the same load sent
+//! to the first replica (which forwards the others' nodes).
 //!
 //! A smoke run uses 5 nodes x 100 devices.
 
@@ -19,6 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use edgesync_controller::shard::labels as shard_labels;
+use edgesync_controller::shard::shard_of;
 use edgesync_crds::{Device, DeviceSpec};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::{Controller, DesiredStream, client, live_batch, report};
@@ -30,6 +35,9 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::json;
+
+/// Shards of the scale-out phase: an even share for 1, 2 and 3 replicas.
+const SHARDS: u32 = 24;
 
 fn nodes() -> usize {
     scaled(100, 5)
@@ -76,8 +84,9 @@ async fn main() {
     let yaml: String = (0..n_nodes)
         .map(|k| {
             format!(
-                "apiVersion: v1\nkind: Secret\nmetadata:\n  name: node-{k}-token\n  namespace: {ns}\nstringData:\n  token: token-{k}\n---\napiVersion: edgesync.io/v1alpha1\nkind: EdgeNode\nmetadata:\n  name: node-{k}\n  namespace: {ns}\nspec:\n  tokenSecretRef:\n    name: node-{k}-token\n---\n",
-                ns = ns.name
+                "apiVersion: v1\nkind: Secret\nmetadata:\n  name: node-{k}-token\n  namespace: {ns}\nstringData:\n  token: token-{k}\n---\napiVersion: edgesync.io/v1alpha1\nkind: EdgeNode\nmetadata:\n  name: node-{k}\n  namespace: {ns}\n  labels:\n    edgesync.io/shard: \"{shard}\"\n    edgesync.io/shards: \"{SHARDS}\"\nspec:\n  tokenSecretRef:\n    name: node-{k}-token\n---\n",
+                ns = ns.name,
+                shard = shard_of(&ns.name, &format!("node-{k}"), SHARDS),
             )
         })
         .collect();
@@ -87,7 +96,7 @@ async fn main() {
     let created = Instant::now();
     futures_util::stream::iter(0..n_nodes * per)
         .map(|i| {
-            let api = api.clone();
+            let (api, ns_name) = (api.clone(), ns.name.clone());
             async move {
                 let mut d = Device::new(
                     &format!("n{}-d{}", i / per, i % per),
@@ -97,10 +106,14 @@ async fn main() {
                         reporting: None,
                     },
                 );
+                // Labelled for the scale-out phase's shards, as its controllers' leader would
+                // (labelling a whole fleet is paced by the write budget; see below).
+                let mut labels = shard_labels::wanted(&ns_name, &format!("node-{}", i / per), SHARDS);
                 // A 1% sample the live freshness watch follows.
                 if i % 100 == 0 {
-                    d.metadata.labels = Some([("sample".to_owned(), "yes".to_owned())].into());
+                    labels.insert("sample".to_owned(), "yes".to_owned());
                 }
+                d.metadata.labels = Some(labels);
                 api.create(&PostParams::default(), &d).await.unwrap();
             }
         })
@@ -114,6 +127,11 @@ async fn main() {
     let live_listen = format!("127.0.0.1:{live_port}");
     let mut c = Controller::spawn_with_log(&cp, &["--live-listen", &live_listen], "info");
     let to_ready = ready_after(&c, started).await;
+    if to_ready > Duration::from_secs(30) {
+        // Rare and not understood yet (once 217 s at 100,000 Devices): keep the evidence.
+        eprintln!("start -> ready took {to_ready:?}; the controller's log:");
+        c.process.dump_log();
+    }
     edgesync_e2e::live::register(&cp, live_port);
     let pid = c.process.pid().unwrap();
     let ready_rss = rss_kib(pid);
@@ -181,8 +199,8 @@ async fn main() {
 
     // The same load on both paths: agents that wait for durable answers (the status path),
     // then agents that take live answers, whose states a watch of the live API follows.
-    let durable = load_phase(&cp, &c, &ns.name, false, ready_rss, 0).await;
-    let live = load_phase(&cp, &c, &ns.name, true, ready_rss, 1000).await;
+    let durable = load_phase(&cp, &c, &ns.name, false, false, ready_rss, 0).await;
+    let live = load_phase(&cp, &c, &ns.name, true, true, ready_rss, 1000).await;
     // What the live state holds in memory, by its own count.
     let live_devices = c.metric("edgesync_controller_live_devices").await;
     let state_bytes = c.metric("edgesync_controller_live_state_bytes").await;
@@ -244,6 +262,10 @@ async fn main() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+
+    // Scale-out: the same fleet over 1, 2 and 3 replicas sharing it by shard.
+    c.process.stop();
+    let scale_out = scale_out(&cp, &ns.name).await;
 
     println!();
     println!("| measurement | value |");
@@ -327,6 +349,38 @@ async fn main() {
         );
     }
     println!();
+    println!(
+        "Scale-out: replicas with `--shards {SHARDS}` (and `--live-listen`) added one at a time to the same fleet; the same load sent to the first replica, which forwards other replicas' nodes to them (live answers)."
+    );
+    println!();
+    println!(
+        "| replicas | start -> shards settled, every Device cached once | Devices cached per replica | RSS per replica when settled, MiB | RSS peak per replica under load, MiB | updates/s answered | batches not 2xx | forwarded by the first |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &scale_out {
+        let mib = |v: &[u64]| {
+            v.iter()
+                .map(|k| format!("{:.0}", *k as f64 / 1024.0))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        println!(
+            "| {} | {:.1} s | {} | {} | {} | {:.0} | {} | {:.0} |",
+            r.replicas,
+            r.settled.as_secs_f64(),
+            r.cached
+                .iter()
+                .map(|c| format!("{c:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            mib(&r.settled_rss),
+            mib(&r.peak_rss),
+            r.load.updates_per_s,
+            r.load.refused,
+            r.forwarded,
+        );
+    }
+    println!();
     aim(
         "controller RSS <= 512 MiB with the whole fleet",
         &format!("{:.0} MiB peak", peak_rss as f64 / 1024.0),
@@ -384,6 +438,7 @@ async fn load_phase(
     c: &Controller,
     ns: &str,
     live: bool,
+    follow_live: bool,
     ready_rss: u64,
     version_base: u64,
 ) -> Phase {
@@ -396,7 +451,7 @@ async fn load_phase(
     let answered = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
     let phase_start_ms = now_ms();
-    let watch = live.then(|| {
+    let watch = follow_live.then(|| {
         let (latencies, ns) = (latencies.clone(), ns.to_owned());
         let kubeconfig = cp.kubeconfig().to_path_buf();
         tokio::spawn(async move {
@@ -529,4 +584,115 @@ async fn load_phase(
         peak_pending: peak_pending.load(Ordering::Relaxed),
         live: (live && !l.is_empty()).then(|| (percentile_ms(&l, 0.5), percentile_ms(&l, 0.99))),
     }
+}
+
+/// One step of the scale-out phase.
+struct ScaleStep {
+    replicas: usize,
+    settled: Duration,
+    cached: Vec<f64>,
+    settled_rss: Vec<u64>,
+    peak_rss: Vec<u64>,
+    load: Phase,
+    forwarded: f64,
+}
+
+/// Replicas with `--shards` added one at a time to the fleet: after each, the time until the
+/// shards are shared and every Device is cached by exactly one replica, each replica's RSS
+/// then, and under the load sent to the first replica.
+async fn scale_out(cp: &ControlPlane, ns: &str) -> Vec<ScaleStep> {
+    let total = (nodes() * per_node()) as f64;
+    let mut replicas: Vec<Controller> = Vec::new();
+    let mut steps = Vec::new();
+    for m in 1..=3usize {
+        let started = Instant::now();
+        let live_listen = format!("127.0.0.1:{}", edgesync_e2e::free_port());
+        let identity = format!("replica-{m}");
+        replicas.push(Controller::spawn_with_log(
+            cp,
+            &[
+                "--shards",
+                &SHARDS.to_string(),
+                "--lease-name",
+                "fleet",
+                "--identity",
+                &identity,
+                "--live-listen",
+                &live_listen,
+            ],
+            "info",
+        ));
+        let fair = f64::from(SHARDS.div_ceil(m as u32));
+        let cached = loop {
+            let mut cached = Vec::new();
+            let (mut nodes_cached, mut owned, mut fair_each) = (0.0, 0.0, true);
+            for r in &replicas {
+                let text = r.metrics().await;
+                let value = |series| edgesync_e2e::controller::metric_value(&text, series);
+                cached.push(value("edgesync_controller_cached_devices"));
+                nodes_cached += value("edgesync_controller_cached_nodes");
+                let o = value("edgesync_controller_shards_owned");
+                owned += o;
+                fair_each &= o <= fair;
+            }
+            if cached.iter().sum::<f64>() == total
+                && nodes_cached == nodes() as f64
+                && owned == f64::from(SHARDS)
+                && fair_each
+            {
+                break cached;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "{m} replicas: shards not settled in 5 min (Devices cached {cached:?}, shards owned {owned})"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        let settled = started.elapsed();
+        let pids: Vec<u32> = replicas.iter().map(|r| r.pid().unwrap()).collect();
+        let settled_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+        let peaks = Arc::new(std::sync::Mutex::new(settled_rss.clone()));
+        let sampler = {
+            let (peaks, pids) = (Arc::clone(&peaks), pids.clone());
+            tokio::spawn(async move {
+                loop {
+                    for (i, p) in pids.iter().enumerate() {
+                        let mut peaks = peaks.lock().unwrap();
+                        peaks[i] = peaks[i].max(rss_kib(*p));
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
+        };
+        let first = &replicas[0];
+        let forwarded_before = first
+            .metric(r#"edgesync_controller_forwarded_requests_total{result="answered"}"#)
+            .await;
+        let load = load_phase(
+            cp,
+            first,
+            ns,
+            true,
+            false,
+            settled_rss[0],
+            1000 * (m as u64 + 1),
+        )
+        .await;
+        sampler.abort();
+        let forwarded = first
+            .metric(r#"edgesync_controller_forwarded_requests_total{result="answered"}"#)
+            .await
+            - forwarded_before;
+        let peak_rss = peaks.lock().unwrap().clone();
+        steps.push(ScaleStep {
+            replicas: m,
+            settled,
+            cached,
+            settled_rss,
+            peak_rss,
+            load,
+            forwarded,
+        });
+    }
+    steps
 }
