@@ -108,7 +108,8 @@ async fn main() {
                 );
                 // Labelled for the scale-out phase's shards, as its controllers' leader would
                 // (labelling a whole fleet is paced by the write budget; see below).
-                let mut labels = shard_labels::wanted(&ns_name, &format!("node-{}", i / per), SHARDS);
+                let mut labels =
+                    shard_labels::wanted(&ns_name, &format!("node-{}", i / per), SHARDS);
                 // A 1% sample the live freshness watch follows.
                 if i % 100 == 0 {
                     labels.insert("sample".to_owned(), "yes".to_owned());
@@ -125,7 +126,11 @@ async fn main() {
     let started = Instant::now();
     let live_port = edgesync_e2e::free_port();
     let live_listen = format!("127.0.0.1:{live_port}");
-    let mut c = Controller::spawn_with_log(&cp, &["--live-listen", &live_listen], "info");
+    let mut c = Controller::spawn_with_log(
+        &cp,
+        &["--live-listen", &live_listen],
+        "info,kube_runtime::watcher=debug",
+    );
     let to_ready = ready_after(&c, started).await;
     if to_ready > Duration::from_secs(30) {
         // Rare and not understood yet (once 217 s at 100,000 Devices): keep the evidence.

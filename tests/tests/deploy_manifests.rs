@@ -78,6 +78,7 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         ("patch", "edgenodes.edgesync.io", "plant-a"),
         ("get", "secrets", "plant-a"),
         ("update", "leases.coordination.k8s.io", "edgesync-system"),
+        ("watch", "leases.coordination.k8s.io", "edgesync-system"),
         ("create", "events.events.k8s.io", "plant-a"),
         ("patch", "events.events.k8s.io", "plant-a"),
         // The live API's delegated authorisation.

@@ -20,13 +20,14 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, PostParams};
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::plan::{View, plan};
-use super::route::{Owner, Owners, Route};
+use super::route::{Owners, Route};
 use super::{fnv1a, shard_of};
 use crate::lease::{LEASE_DURATION, Leadership, Observed, RENEW_DEADLINE, RETRY_PERIOD};
 use crate::metrics::Metrics;
@@ -66,7 +67,7 @@ impl Shards {
         Self {
             owned: (0..count.max(1)).map(|_| Leadership::default()).collect(),
             identity: identity.to_owned(),
-            owners: Owners::default(),
+            owners: Owners::new(count.max(1)),
             changed: watch::Sender::new(0),
             cached: RwLock::default(),
         }
@@ -211,6 +212,16 @@ pub async fn run(
     let api: Api<Lease> = Api::namespaced(client, &group.namespace);
     let mut seen = Seen::default();
     let mut held_before: BTreeSet<u32> = BTreeSet::new();
+    // Between rounds, a watch of the group's Leases keeps the owners' table current (a
+    // request follows a moved shard at once) and starts a round early when a shard is freed
+    // or a replica joins or leaves. Renewals change no holder and wake nobody.
+    let group_selector = format!("{GROUP_LABEL}={}", group.name);
+    let events = watcher(
+        api.clone(),
+        watcher::Config::default().labels(&group_selector),
+    )
+    .default_backoff();
+    let mut events = std::pin::pin!(events);
     loop {
         let started = Instant::now();
         let round = tokio::time::timeout(
@@ -236,9 +247,24 @@ pub async fn run(
             shards.changed.send_modify(|n| *n += 1);
         }
         held_before = held;
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(RETRY_PERIOD) => {}
+        let next_round = tokio::time::sleep(RETRY_PERIOD);
+        tokio::pin!(next_round);
+        let stop = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break true,
+                () = &mut next_round => break false,
+                Some(event) = events.next() => {
+                    if let Ok(event) = event && see(&shards, &event) {
+                        let soon = (started + MIN_ROUND_GAP).max(Instant::now());
+                        if tokio::time::Instant::from_std(soon) < next_round.deadline() {
+                            next_round.as_mut().reset(tokio::time::Instant::from_std(soon));
+                        }
+                    }
+                }
+            }
+        };
+        if stop {
+            break;
         }
     }
     // Stop acting for every shard first, then let the others have them.
@@ -263,6 +289,49 @@ pub async fn run(
         held = held.len(),
         "Shard Leases released for the other replicas"
     );
+}
+
+/// Rounds start at most this often, however many Leases change.
+const MIN_ROUND_GAP: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Records what a Lease event says in the owners' table; whether a round should start early
+/// (a shard freed, a replica new or gone).
+fn see(shards: &Shards, event: &watcher::Event<Lease>) -> bool {
+    let (lease, deleted) = match event {
+        watcher::Event::Apply(l) | watcher::Event::InitApply(l) => (l, false),
+        watcher::Event::Delete(l) => (l, true),
+        watcher::Event::Init | watcher::Event::InitDone => return false,
+    };
+    let labels = lease.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+    let holder = lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref())
+        .filter(|h| !h.is_empty() && !deleted);
+    match (
+        label(KIND_LABEL),
+        label(SHARD_LABEL).and_then(|s| s.parse::<u32>().ok()),
+    ) {
+        (Some("shard"), Some(s)) => shards.owners.set_holder(s, holder) && holder.is_none(),
+        (Some("member"), _) => {
+            let Some(id) = lease
+                .spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.as_deref())
+            else {
+                return false;
+            };
+            let address = lease
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ADDRESS_ANNOTATION))
+                .filter(|_| !deleted);
+            shards.owners.set_address(id, address.map(String::as_str)) || deleted
+        }
+        _ => false,
+    }
 }
 
 /// One round: list, renew the member Lease, plan, write.
@@ -319,12 +388,11 @@ async fn round(
     shards.owners.set(
         holders
             .iter()
-            .map(|h| {
-                h.as_ref().map(|id| Owner {
-                    identity: id.as_str().into(),
-                    address: addresses.get(id).cloned(),
-                })
-            })
+            .map(|h| h.as_deref().map(Into::into))
+            .collect(),
+        addresses
+            .iter()
+            .map(|(id, a)| (id.as_str().into(), Arc::clone(a)))
             .collect(),
     );
 
@@ -487,6 +555,57 @@ mod tests {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
         );
         assert_eq!(g("x").shard_lease(7), "edgesync-controller-shard-7");
+    }
+
+    fn lease(kind: &str, shard: Option<u32>, holder: &str, address: Option<&str>) -> Lease {
+        let g = Group {
+            namespace: "ns".into(),
+            name: "g".into(),
+            identity: holder.into(),
+            address: None,
+        };
+        let mut l = g.lease("x".into(), kind, shard);
+        l.spec = Some(LeaseSpec {
+            holder_identity: Some(holder.into()),
+            ..LeaseSpec::default()
+        });
+        if let Some(a) = address {
+            l.metadata.annotations = Some([(ADDRESS_ANNOTATION.to_owned(), a.to_owned())].into());
+        }
+        l
+    }
+
+    #[test]
+    fn lease_events_keep_the_owners_current_and_wake_rounds_only_for_changes() {
+        let s = Shards::new(4, "me");
+        let apply = |l: Lease| see(&s, &watcher::Event::Apply(l));
+        assert!(
+            apply(lease("member", None, "b", Some("10.0.0.2:80"))),
+            "a replica joins"
+        );
+        assert!(
+            !apply(lease("member", None, "b", Some("10.0.0.2:80"))),
+            "its renewal"
+        );
+        assert!(!apply(lease("shard", Some(2), "b", None)), "a shard taken");
+        assert!(!apply(lease("shard", Some(2), "b", None)), "its renewal");
+        assert_eq!(
+            s.owners.route(2, false, "me"),
+            Route::Peer(super::super::route::Owner {
+                identity: "b".into(),
+                address: Some("10.0.0.2:80".into()),
+            })
+        );
+        assert!(apply(lease("shard", Some(2), "", None)), "a shard released");
+        assert_eq!(s.owners.route(2, false, "me"), Route::Moving);
+        assert!(
+            see(
+                &s,
+                &watcher::Event::Delete(lease("member", None, "b", Some("10.0.0.2:80")))
+            ),
+            "a replica leaves"
+        );
+        assert!(!see(&s, &watcher::Event::InitDone));
     }
 
     #[test]
