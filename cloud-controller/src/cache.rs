@@ -11,7 +11,10 @@ use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+
+/// A first list slower than this is logged.
+const SLOW_LIST: std::time::Duration = std::time::Duration::from_secs(30);
 
 use crate::desired::DesiredHub;
 use crate::live::state::Live;
@@ -186,9 +189,18 @@ async fn watch<K>(
                     .boxed()
             }
         };
+        let listing_since = tokio::time::Instant::now();
+        let mut listed = false;
+        let slow_list = tokio::time::sleep_until(listing_since + SLOW_LIST);
+        tokio::pin!(slow_list);
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return,
+                () = &mut slow_list, if !listed => {
+                    listed = true;
+                    warn!(kind, waited = ?SLOW_LIST, "The first list of this watch has not finished: the controller is not ready until it has (is the API server overloaded, or its watch cache still starting?)");
+                    continue;
+                }
                 Ok(()) = changed(&mut changes) => {
                     debug!(kind, "Shards owned changed: watching again");
                     break;
@@ -199,6 +211,10 @@ async fn watch<K>(
                 Some(Ok(event)) => {
                     writer.apply_watcher_event(&event);
                     on_event(&event);
+                    if matches!(event, watcher::Event::InitDone) {
+                        listed = true;
+                        info!(kind, took = ?listing_since.elapsed(), objects = writer.as_reader().state().len(), "Listed");
+                    }
                     if let (watcher::Event::InitDone, Some((shards, owned))) = (&event, &covering) {
                         shards.set_cached(kind, owned.clone());
                     }

@@ -586,6 +586,12 @@ impl Collector for OwnedShards {
             "edgesync_controller_shards_owned",
             "Shards this replica owns now (of --shards).",
             self.0.owned().len() as i64,
+        )?;
+        const_gauge(
+            &mut e,
+            "edgesync_controller_shards_served",
+            "Shards this replica owns and serves: its caches have listed their objects (a shard just taken is owned but not yet served; its requests get shard_moving meanwhile).",
+            self.0.served() as i64,
         )
     }
 }

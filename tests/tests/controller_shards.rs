@@ -1,6 +1,9 @@
 //! Shards (`--shards`): controller replicas share the fleet's shards through Leases on the
 //! real API server, none above its fair share; a killed replica's shards are taken over once
-//! its Leases expire, and a stopped replica's at once (it releases them).
+//! its Leases expire, and a stopped replica's at once (it releases them). Any replica takes
+//! any node's requests and forwards them to the shard's owner; each replica caches only its
+//! shards' objects (labelled by the controller); scaling out under load refuses a node only
+//! for the moment its shard moves.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -416,6 +419,139 @@ async fn any_replica_takes_any_nodes_requests_and_a_killed_owners_nodes_move_on(
         assert!(
             versions.windows(2).all(|w| w[0] <= w[1]),
             "{device}'s status went back in version: {versions:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_out_under_load_refuses_a_node_no_longer_than_a_hand_over() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("shard-up");
+    let shards = SHARDS.to_string();
+    let start = |id: &str| {
+        Controller::start(
+            cp,
+            &[
+                "--shards",
+                &shards,
+                "--lease-namespace",
+                &ns.name,
+                "--lease-name",
+                "up",
+                "--identity",
+                id,
+            ],
+        )
+    };
+    let nodes: Vec<String> = (0..12).map(|i| format!("line-{i}")).collect();
+    for node in &nodes {
+        create_node(cp, &ns.name, node, TOKEN, "");
+        create_devices(cp, &ns.name, node, &[format!("{node}-dev")]);
+    }
+    let r0 = start("r0");
+    let api: Api<Lease> = Api::namespaced(cp.client().await, &ns.name);
+    wait_settled_in(&api, "up", &[("r0", &r0)], 8, Duration::from_secs(30)).await;
+
+    // Every node reports through r0 every 100 ms while replicas join; each refusal's time is
+    // kept per node.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, url, ns, nodes) = (Arc::clone(&stop), r0.url(), ns.name.clone(), nodes.clone());
+        tokio::spawn(async move {
+            let mut refused: Vec<Vec<Instant>> = vec![Vec::new(); nodes.len()];
+            let mut acked = vec![0u64; nodes.len()];
+            let mut version = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                version += 1;
+                let answers = futures_util::future::join_all(nodes.iter().map(|node| {
+                    let b = batch(
+                        version,
+                        vec![report(
+                            &format!("{node}-dev"),
+                            version,
+                            json!({"v": version}),
+                        )],
+                    );
+                    let (url, ns) = (url.clone(), ns.clone());
+                    async move { post_batch(&url, &ns, node, TOKEN, &b).await }
+                }))
+                .await;
+                for (i, a) in answers.into_iter().enumerate() {
+                    if a.status == 200 && a.result(0) == "accepted" {
+                        acked[i] = version;
+                    } else {
+                        assert_eq!(a.status, 503, "only a moving shard may refuse: {a:?}");
+                        refused[i].push(Instant::now());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (refused, acked)
+        })
+    };
+
+    let r1 = start("r1");
+    wait_settled_in(
+        &api,
+        "up",
+        &[("r0", &r0), ("r1", &r1)],
+        4,
+        Duration::from_secs(30),
+    )
+    .await;
+    let r2 = start("r2");
+    wait_settled_in(
+        &api,
+        "up",
+        &[("r0", &r0), ("r1", &r1), ("r2", &r2)],
+        3,
+        Duration::from_secs(30),
+    )
+    .await;
+    // A few more rounds once settled.
+    let settled_forwards = r0
+        .metric(r#"edgesync_controller_forwarded_requests_total{result="answered"}"#)
+        .await;
+    until(
+        "batches forwarded after scaling out",
+        Duration::from_secs(10),
+        || async {
+            (r0.metric(r#"edgesync_controller_forwarded_requests_total{result="answered"}"#)
+                .await
+                > settled_forwards)
+                .then_some(())
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (refused, acked) = load.await.unwrap();
+
+    // A node's refusals, if any, fall within one hand-over (a shard moved between live
+    // replicas: released, taken, listed), never spread over the whole scale-out.
+    for (i, times) in refused.iter().enumerate() {
+        if let (Some(first), Some(last)) = (times.first(), times.last()) {
+            assert!(
+                last.duration_since(*first) < Duration::from_secs(5),
+                "{} refused over {:?} ({} times)",
+                nodes[i],
+                last.duration_since(*first),
+                times.len()
+            );
+        }
+    }
+    eprintln!(
+        "refusals while scaling from 1 to 3 replicas: {} batches of {} nodes",
+        refused.iter().map(Vec::len).sum::<usize>(),
+        nodes.len()
+    );
+    let devices: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+    for (i, node) in nodes.iter().enumerate() {
+        let d = devices.get(&format!("{node}-dev")).await.unwrap();
+        let v = d.status.and_then(|s| s.reported_version).unwrap_or(0);
+        assert!(
+            v >= acked[i],
+            "{node}: told durable at {} but {v} in etcd",
+            acked[i]
         );
     }
 }

@@ -132,6 +132,13 @@ impl Shards {
         self.owns(shard_of(namespace, name, self.count()))
     }
 
+    /// How many shards are owned and served now (their caches have listed them).
+    pub fn served(&self) -> usize {
+        (0..self.count())
+            .filter(|s| self.owns(*s) && self.is_cached(*s))
+            .count()
+    }
+
     /// The shards owned now, in order.
     pub fn owned(&self) -> Vec<u32> {
         (0..self.count()).filter(|s| self.owns(*s)).collect()
