@@ -219,7 +219,11 @@ async fn watch<K>(
                         shards.set_cached(kind, owned.clone());
                     }
                 }
-                Some(Err(e)) => warn!(kind, error = %e, "Watch failed; retrying"),
+                // The messages operators search for (docs/troubleshooting.md).
+                Some(Err(e)) if kind == "devices" => {
+                    warn!(error = %e, "Device watch failed; retrying");
+                }
+                Some(Err(e)) => warn!(error = %e, "EdgeNode watch failed; retrying"),
                 None => return,
             }
         }
