@@ -32,6 +32,8 @@ use crate::metrics::Metrics;
 const TICK: Duration = Duration::from_secs(1);
 /// Label writes at once.
 const CONCURRENCY: usize = 8;
+/// Unlabelled objects the leader takes on per tick.
+const MAX_PER_TICK: usize = 1000;
 
 /// An object to label: its kind, namespace, name, and the node its shard follows.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -133,13 +135,29 @@ impl Labelling {
                 Some(r) = node_stream.next() => if let Err(e) = r {
                     warn!(error = %e, "Watch of unlabelled EdgeNodes failed; retrying");
                 },
-                _ = self.labeller.wake.notified() => self.write(self.labeller.take_moved()).await,
+                _ = self.labeller.wake.notified() => {
+                    let work = self.labeller.take_moved();
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        () = self.write(work) => {}
+                    }
+                }
                 _ = tick.tick() => {
                     let mut work = self.labeller.take_moved();
                     if self.leader.is_leader() {
-                        work.extend(unlabelled_objects(&devices, &nodes));
+                        // A share per tick: labelling a whole fleet takes minutes at the
+                        // budget's pace, and the watches must be read meanwhile.
+                        work.extend(
+                            unlabelled_objects(&devices, &nodes)
+                                .into_iter()
+                                .take(MAX_PER_TICK),
+                        );
                     }
-                    self.write(work).await;
+                    // Shutdown does not wait for a share of label writes.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        () = self.write(work) => {}
+                    }
                 }
             }
         }
