@@ -66,6 +66,11 @@ impl Caches {
             Scope::All => None,
         };
         let forget_in = Arc::clone(&hub);
+        let live_forget = live.clone();
+        let owner = match &scope {
+            Scope::Shards { shards, .. } => Some(Arc::clone(shards)),
+            Scope::All => None,
+        };
         tasks.spawn(watch(
             Api::<Device>::all(client.clone()),
             device_writer,
@@ -76,11 +81,26 @@ impl Caches {
             // agents must not hear of a deletion.
             move |count: u32, owned: &BTreeSet<u32>| {
                 forget_in.forget_nodes(|ns, node| owned.contains(&shard_of(ns, node, count)));
+                // Their live states too: the new owner serves them from now on.
+                if let Some(live) = &live_forget {
+                    live.forget(|key, state| owned.contains(&shard_of(&key.0, &state.node, count)));
+                }
             },
             move |event: &watcher::Event<Device>| {
                 hub.on_event(event);
-                if let Some(live) = &live {
-                    live.on_device_event(event);
+                match (&live, &owner, event) {
+                    // A Device that left this replica's watch for another replica's shard
+                    // (its node changed) was not deleted: its new owner serves it.
+                    (Some(live), Some(shards), watcher::Event::Delete(d))
+                        if d.metadata
+                            .namespace
+                            .as_deref()
+                            .is_some_and(|ns| !shards.owns_node(ns, &d.spec.node_name)) =>
+                    {
+                        live.forget_device(d);
+                    }
+                    (Some(live), _, _) => live.on_device_event(event),
+                    (None, _, _) => {}
                 }
                 if let (Some(l), watcher::Event::Apply(d) | watcher::Event::InitApply(d)) =
                     (&relabel, event)

@@ -29,6 +29,16 @@ impl Doc {
         Self(Arc::from(raw))
     }
 
+    /// A JSON object's text as another replica sent it (`None` when it is not an object).
+    pub fn from_raw(raw: Box<RawValue>) -> Option<Self> {
+        raw.get().starts_with('{').then(|| Self(Arc::from(raw)))
+    }
+
+    /// The JSON text, to be written as the JSON it is.
+    pub fn raw(&self) -> &RawValue {
+        &self.0
+    }
+
     /// The JSON text.
     pub fn as_str(&self) -> &str {
         self.0.get()

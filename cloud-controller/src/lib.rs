@@ -210,9 +210,42 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             Duration::from_secs(opts.forward_timeout_seconds),
             Arc::clone(&metrics),
         )?;
-        Some(api::Sharding { shards, forwarder })
+        Some(api::Sharding {
+            shards,
+            forwarder: Arc::new(forwarder),
+        })
     } else {
         None
+    };
+    // The live API's watches, counted together with the other replicas' watches of this one.
+    let live_watches = Arc::new(tokio::sync::Semaphore::new(opts.live_max_watches));
+    // With shards and the live API: reads merged from every replica, and the internal routes
+    // the others read this one's part on, both behind the group's peer token.
+    let (fleet, peer_api) = match (&sharding, &live) {
+        (Some(sh), Some(live)) => {
+            let token = shard::peer_token::get_or_create(
+                client.clone(),
+                &lease_namespace,
+                &opts.lease_name,
+            )
+            .await?;
+            let fleet = live::fleet::Fleet::new(
+                Arc::clone(live),
+                Arc::clone(&sh.shards),
+                Arc::clone(&sh.forwarder),
+                &token,
+            );
+            let peer_api = live::peer::PeerApi {
+                live: Arc::clone(live),
+                shards: Arc::clone(&sh.shards),
+                token,
+                watches: Arc::clone(&live_watches),
+                metrics: Arc::clone(&metrics),
+                shutdown: shutdown.clone(),
+            };
+            (Some(Arc::new(fleet)), Some(Arc::new(peer_api)))
+        }
+        _ => (None, None),
     };
     let (client_for_live, metrics_for_live, caches_for_live) =
         (client.clone(), Arc::clone(&metrics), caches.clone());
@@ -267,10 +300,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 addr,
                 &opts,
                 client_for_live,
-                Arc::clone(live),
-                Arc::clone(&metrics_for_live),
-                shutdown.clone(),
-                Box::new(move || caches_for_live.is_ready()),
+                live::serve::Serving {
+                    live: Arc::clone(live),
+                    metrics: Arc::clone(&metrics_for_live),
+                    shutdown: shutdown.clone(),
+                    ready: Box::new(move || caches_for_live.is_ready()),
+                    watches: live_watches,
+                    fleet,
+                },
             )
             .await?,
         ),
@@ -332,7 +369,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
-    let router = api::router(Arc::clone(&state), opts.metrics_listen.is_none());
+    let mut router = api::router(Arc::clone(&state), opts.metrics_listen.is_none());
+    if let Some(peer_api) = peer_api {
+        router = router.merge(live::peer::router(peer_api));
+    }
     servers.spawn(server::serve(
         listener,
         tls,

@@ -22,10 +22,30 @@ use edgesync_protocol::wire::DesiredEvent;
 use futures_util::StreamExt as _;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
-use kube::api::ListParams;
+use kube::api::{DynamicObject, ListParams, WatchEvent};
 use serde_json::json;
 
 const SHARDS: u32 = 8;
+
+/// Held by the tests that create EdgeNodes and Devices, one at a time: every group of
+/// replicas watches (and counts in its cache metrics) the objects of every namespace, as a
+/// deployment does, so two such tests at once would see each other's.
+static FLEET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Every Device and EdgeNode in the cluster (each group of replicas caches those of every
+/// namespace, earlier tests' included).
+async fn cluster_totals(cp: &ControlPlane) -> (f64, f64) {
+    let client = cp.client().await;
+    let devices = Api::<Device>::all(client.clone())
+        .list_metadata(&ListParams::default())
+        .await
+        .unwrap();
+    let nodes = Api::<edgesync_crds::EdgeNode>::all(client)
+        .list_metadata(&ListParams::default())
+        .await
+        .unwrap();
+    (devices.items.len() as f64, nodes.items.len() as f64)
+}
 
 /// Each shard's holder, from the shard Leases of group `group`.
 async fn holders_in(api: &Api<Lease>, group: &str) -> BTreeMap<u32, String> {
@@ -183,6 +203,7 @@ const TOKEN: &str = "shard-token";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_replica_takes_any_nodes_requests_and_a_killed_owners_nodes_move_on() {
+    let _fleet = FLEET.lock().await;
     let cp = ControlPlane::shared();
     let ns = cp.namespace("shard-fwd");
     let shards = SHARDS.to_string();
@@ -233,12 +254,12 @@ async fn any_replica_takes_any_nodes_requests_and_a_killed_owners_nodes_move_on(
         sum
     };
     until(
-        "every Device and EdgeNode cached by its shard's owner only",
+        "every Device and EdgeNode of the cluster cached by its shard's owner only",
         Duration::from_secs(30),
         || async {
             let d = cached("edgesync_controller_cached_devices").await;
             let n = cached("edgesync_controller_cached_nodes").await;
-            (d == nodes.len() as f64 && n == nodes.len() as f64).then_some(())
+            (cluster_totals(cp).await == (d, n)).then_some(())
         },
     )
     .await;
@@ -425,6 +446,7 @@ async fn any_replica_takes_any_nodes_requests_and_a_killed_owners_nodes_move_on(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_out_under_load_refuses_a_node_no_longer_than_a_hand_over() {
+    let _fleet = FLEET.lock().await;
     let cp = ControlPlane::shared();
     let ns = cp.namespace("shard-up");
     let shards = SHARDS.to_string();
@@ -554,4 +576,193 @@ async fn scaling_out_under_load_refuses_a_node_no_longer_than_a_hand_over() {
             acked[i]
         );
     }
+}
+
+/// Every DeviceState of `ns` read through the API server, page by page (`limit` each):
+/// each device's reported `v`, by name; panics if a device comes twice.
+async fn read_all(api: &Api<DynamicObject>, limit: u32) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    let mut params = ListParams::default().limit(limit);
+    loop {
+        let page = api.list(&params).await.unwrap();
+        assert!(page.items.len() <= limit as usize);
+        for o in &page.items {
+            let name = o.metadata.name.clone().unwrap();
+            let v = o.data["reported"]["v"].as_i64().unwrap();
+            assert!(out.insert(name.clone(), v).is_none(), "{name} listed twice");
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(c) => params = params.continue_token(&c),
+            None => return out,
+        }
+    }
+}
+
+/// Posts `version` of every node's device through `via` until each is answered durable.
+async fn report_all(via: &Controller, ns: &str, nodes: &[String], version: u64) {
+    until(
+        &format!("version {version} of every device durable"),
+        Duration::from_secs(45),
+        || async {
+            let (durable, _) = round_through(via, ns, nodes, version).await;
+            (durable.len() == nodes.len()).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_devicestate_read_through_the_api_server_is_the_newest_whichever_replica_took_the_report()
+{
+    let _fleet = FLEET.lock().await;
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("shard-live");
+    let shards = SHARDS.to_string();
+    let ports: Vec<u16> = (0..3).map(|_| edgesync_e2e::free_port()).collect();
+    let start = |i: usize| {
+        let id = format!("r{i}");
+        let listen = format!("127.0.0.1:{}", ports[i]);
+        Controller::start(
+            cp,
+            &[
+                "--shards",
+                &shards,
+                "--lease-namespace",
+                &ns.name,
+                "--lease-name",
+                "lv",
+                "--identity",
+                &id,
+                "--live-listen",
+                &listen,
+            ],
+        )
+    };
+    let (r0, mut r1, r2) = (start(0), start(1), start(2));
+    let leases: Api<Lease> = Api::namespaced(cp.client().await, &ns.name);
+    wait_settled_in(
+        &leases,
+        "lv",
+        &[("r0", &r0), ("r1", &r1), ("r2", &r2)],
+        3,
+        Duration::from_secs(30),
+    )
+    .await;
+    let nodes: Vec<String> = (0..16).map(|i| format!("edge-{i}")).collect();
+    for node in &nodes {
+        create_node(cp, &ns.name, node, TOKEN, "");
+        create_devices(cp, &ns.name, node, &[format!("{node}-dev")]);
+    }
+    let replicas = [&r0, &r1, &r2];
+    until(
+        "every Device of the cluster cached by its shard's owner only",
+        Duration::from_secs(30),
+        || async {
+            let mut sum = 0.0;
+            for r in replicas {
+                sum += r.metric("edgesync_controller_cached_devices").await;
+            }
+            (sum == cluster_totals(cp).await.0).then_some(())
+        },
+    )
+    .await;
+    let owners = holders_in(&leases, "lv").await;
+    let by_r1: Vec<&String> = nodes
+        .iter()
+        .filter(|n| owners[&shard_of(&ns.name, n, SHARDS)] == "r1")
+        .collect();
+    assert!(!by_r1.is_empty(), "r1 should own some nodes: {owners:?}");
+
+    // The API server reaches r0 only; reports go through r1 (forwarded to each owner).
+    edgesync_e2e::live::register(cp, ports[0]);
+    let states = edgesync_e2e::live::devicestates(cp.client().await, &ns.name);
+    report_all(&r1, &ns.name, &nodes, 1).await;
+    report_all(&r2, &ns.name, &nodes, 2).await;
+    let want = |v: i64| -> BTreeMap<String, i64> {
+        nodes.iter().map(|n| (format!("{n}-dev"), v)).collect()
+    };
+    // Pages of 5 over three replicas' parts: every device once, at its newest.
+    assert_eq!(read_all(&states, 5).await, want(2));
+    for node in &nodes {
+        let one = states.get(&format!("{node}-dev")).await.unwrap();
+        assert_eq!(one.data["reported"]["v"], 2, "{node}");
+    }
+
+    // A watch from the list's version sees every replica's next reports.
+    let listed = states.list(&ListParams::default()).await.unwrap();
+    let from = listed.metadata.resource_version.unwrap();
+    let mut events = states
+        .watch(&kube::api::WatchParams::default(), &from)
+        .await
+        .unwrap()
+        .boxed();
+    report_all(&r0, &ns.name, &nodes, 3).await;
+    let mut seen = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen != want(3) {
+        let event = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("version 3 of every device watched within 30 s: {seen:?}"))
+            .expect("the watch goes on")
+            .unwrap();
+        match event {
+            WatchEvent::Added(o) | WatchEvent::Modified(o) => {
+                let v = o.data["reported"]["v"].as_i64().unwrap();
+                seen.insert(o.metadata.name.unwrap(), v);
+            }
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    drop(events);
+
+    // The API server now reaches r2: the same answers.
+    edgesync_e2e::live::register(cp, ports[2]);
+    let asked = || async {
+        r2.metric(r#"edgesync_controller_live_requests_total{verb="list"}"#)
+            .await
+    };
+    let before = asked().await;
+    until(
+        "the API server to reach r2",
+        Duration::from_secs(30),
+        || async {
+            assert_eq!(read_all(&states, 7).await, want(3));
+            (asked().await > before).then_some(())
+        },
+    )
+    .await;
+
+    // kill -9 of r1: reads are refused (503) rather than missing its shards' devices, until
+    // its shards are taken over; then every device is read at its durable version.
+    r1.process.kill9();
+    let killed = Instant::now();
+    until(
+        "r1's shards taken over and read again through the API server",
+        Duration::from_secs(60),
+        || async {
+            match states.list(&ListParams::default()).await {
+                Ok(list) => {
+                    let got: BTreeMap<String, i64> = list
+                        .items
+                        .iter()
+                        .map(|o| {
+                            (
+                                o.metadata.name.clone().unwrap(),
+                                o.data["reported"]["v"].as_i64().unwrap(),
+                            )
+                        })
+                        .collect();
+                    assert_eq!(got, want(3), "a list is whole or refused");
+                    eprintln!("reads whole again {:?} after kill -9", killed.elapsed());
+                    Some(())
+                }
+                Err(kube::Error::Api(e)) => {
+                    assert_eq!(e.code, 503, "{e:?}");
+                    None
+                }
+                Err(e) => panic!("{e}"),
+            }
+        },
+    )
+    .await;
 }

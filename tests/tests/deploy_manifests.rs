@@ -79,6 +79,8 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         ("get", "secrets", "plant-a"),
         ("update", "leases.coordination.k8s.io", "edgesync-system"),
         ("watch", "leases.coordination.k8s.io", "edgesync-system"),
+        // The replicas' peer token (--shards with --live-listen), next to the Leases.
+        ("create", "secrets", "edgesync-system"),
         ("create", "events.events.k8s.io", "plant-a"),
         ("patch", "events.events.k8s.io", "plant-a"),
         // The live API's delegated authorisation.
@@ -108,6 +110,7 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
     for (verb, resource, ns) in [
         ("list", "secrets", "plant-a"),
         ("watch", "secrets", "plant-a"),
+        ("create", "secrets", "plant-a"),
         ("update", "devices.edgesync.io", "plant-a"),
         ("delete", "devices.edgesync.io", "plant-a"),
         ("update", "edgenodes.edgesync.io", "plant-a"),

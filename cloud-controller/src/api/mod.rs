@@ -94,8 +94,8 @@ pub struct AppState {
 pub struct Sharding {
     /// Ownership, and the owners seen in the Leases.
     pub shards: Arc<crate::shard::leases::Shards>,
-    /// Passes requests to other owners.
-    pub forwarder: crate::shard::forward::Forwarder,
+    /// Passes requests to other owners (and the live API's reads of their parts).
+    pub forwarder: Arc<crate::shard::forward::Forwarder>,
 }
 
 mod body;
@@ -253,7 +253,11 @@ async fn authenticate(
         )
     };
     let unknown = || Denied::UnknownNode;
-    let edge_node = match s.caches.node(ns, node) {
+    let edge_node = match s
+        .caches
+        .node(ns, node)
+        .or_else(|| s.lookups.found_earlier(ns, node))
+    {
         Some(n) => n,
         // Not cached: almost always a node that does not exist. The API server is asked only
         // for one created a moment ago, once per name and interval and within a budget.
@@ -264,7 +268,11 @@ async fn authenticate(
         None => {
             let api: Api<EdgeNode> = Api::namespaced(s.client.clone(), ns);
             match api.get_opt(node).await {
-                Ok(Some(n)) => Arc::new(n),
+                Ok(Some(n)) => {
+                    let n = Arc::new(n);
+                    s.lookups.found(ns, node, Arc::clone(&n));
+                    n
+                }
                 Ok(None) => {
                     s.lookups.missing(ns, node);
                     return Err(unauthorized(unknown()));

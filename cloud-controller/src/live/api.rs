@@ -16,6 +16,7 @@ use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures_util::StreamExt as _;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{APIGroup, GroupVersionForDiscovery, Status};
 use kube::api::PostParams;
@@ -26,16 +27,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::authn::{Decisions, RequestHeader, User, access_review};
+use super::fleet::{Fleet, Refused, Selection};
+use super::merge::Vector;
 use super::query::Query;
+use super::source::{self, Step, Steps};
 use super::state::Live;
-use super::store::{MAX_PAGE, Page};
-use super::watch::{Cursor, Item};
+use super::store::{MAX_PAGE, Page, encode_continue};
+use super::watch::Cursor;
 use super::{tls, wire};
 use crate::metrics::Metrics;
 use crate::server::ClientCertificate;
 
-/// Events one watch chunk holds at most (one hold of the store's lock).
-const WATCH_CHUNK: usize = 256;
 /// The longest a watch runs before it ends (the client watches again from its last
 /// version), as the API server's `--min-request-timeout` does.
 const MAX_WATCH: Duration = Duration::from_secs(1800);
@@ -57,6 +59,8 @@ pub struct LiveApi {
     /// every status the state is rebuilt from). Until then nothing is served: a list would
     /// silently miss devices.
     ready: Box<dyn Fn() -> bool + Send + Sync>,
+    /// With shards: reads merged from every replica's live state.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl LiveApi {
@@ -66,7 +70,7 @@ impl LiveApi {
         client: Client,
         request_header: RequestHeader,
         authz_ttl: Duration,
-        max_watches: usize,
+        watches: Arc<Semaphore>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -75,11 +79,18 @@ impl LiveApi {
             client,
             request_header,
             decisions: Mutex::new(Decisions::new(authz_ttl, DECISIONS_CAPACITY)),
-            watches: Arc::new(Semaphore::new(max_watches)),
+            watches,
             metrics,
             shutdown,
             ready: Box::new(|| true),
+            fleet: None,
         }
+    }
+
+    /// Reads through `fleet`: every replica's devices, not only this one's.
+    pub fn merging(mut self, fleet: Option<Arc<Fleet>>) -> Self {
+        self.fleet = fleet;
+        self
     }
 
     /// Serves only while `ready` says the live state is whole (503 before).
@@ -323,21 +334,21 @@ async fn resources(
 
 /// The query parameters of a list or watch.
 #[derive(Debug, Default)]
-struct Params {
-    label_selector: Option<String>,
-    field_selector: Option<String>,
-    where_: Option<String>,
-    limit: Option<usize>,
-    continue_: Option<String>,
-    watch: bool,
-    resource_version: Option<String>,
-    bookmarks: bool,
-    timeout: Option<Duration>,
-    include_object: bool,
+pub(super) struct Params {
+    pub(super) label_selector: Option<String>,
+    pub(super) field_selector: Option<String>,
+    pub(super) where_: Option<String>,
+    pub(super) limit: Option<usize>,
+    pub(super) continue_: Option<String>,
+    pub(super) watch: bool,
+    pub(super) resource_version: Option<String>,
+    pub(super) bookmarks: bool,
+    pub(super) timeout: Option<Duration>,
+    pub(super) include_object: bool,
 }
 
 impl Params {
-    fn parse(raw: Option<&str>) -> Result<Self, String> {
+    pub(super) fn parse(raw: Option<&str>) -> Result<Self, String> {
         let mut p = Self::default();
         let truthy = |v: &str| matches!(v, "true" | "1");
         for (k, v) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
@@ -443,23 +454,123 @@ async fn list_or_watch(
     };
     api.metrics.live_request(verb);
     let table = wants_table(&headers);
+    let limit = params.limit.filter(|l| *l > 0).unwrap_or(MAX_PAGE);
+    if let Some(fleet) = api.fleet.clone() {
+        let selection = Selection {
+            namespace: namespace.as_deref(),
+            query: &query,
+            label_selector: params.label_selector.as_deref(),
+            field_selector: params.field_selector.as_deref(),
+            where_: params.where_.as_deref(),
+        };
+        if params.watch {
+            return merged_watch(&api, &fleet, &selection, &params, table).await;
+        }
+        let merged = match fleet
+            .list(&selection, limit.min(MAX_PAGE), params.continue_.as_deref())
+            .await
+        {
+            Ok(m) => m,
+            Err(r) => return refused(&api, r),
+        };
+        let page = Page {
+            items: merged
+                .items
+                .into_iter()
+                .map(|(key, state, identity, rv)| (key, state, Vector::one(&identity, rv)))
+                .collect(),
+            resource_version: merged.resource_version,
+            continue_token: merged.after.map(|k| encode_continue(&k)),
+        };
+        return answer_page(&page, table, params.include_object);
+    }
     if params.watch {
-        return watch(api, namespace, query, params, table);
+        let cursor = match params.resource_version.as_deref() {
+            None | Some("0") => Cursor::listing(namespace, query),
+            Some(rv) => match rv.parse() {
+                Ok(rv) => Cursor::resuming(namespace, query, rv),
+                Err(_) => {
+                    return bad_request(
+                        &api,
+                        &format!("resourceVersion {rv:?} is not one this API returned"),
+                    );
+                }
+            },
+        };
+        let start = Position::Single(cursor.resource_version());
+        let steps = source::local(Arc::clone(&api.live), cursor, None);
+        return watch(&api, vec![(Arc::from(""), steps)], start, &params, table);
     }
     let page = api.live.read().list(
         namespace.as_deref(),
         &query,
-        params.limit.filter(|l| *l > 0).unwrap_or(MAX_PAGE),
+        limit,
         params.continue_.as_deref(),
     );
     match page {
-        Ok(page) if table => json(
-            StatusCode::OK,
-            &wire::table(&page, now_ms(), params.include_object),
-        ),
-        Ok(page) => json(StatusCode::OK, &wire::list(&page)),
+        Ok(page) => answer_page(&page, table, params.include_object),
         Err(e) => bad_request(&api, &e.to_string()),
     }
+}
+
+fn answer_page<R: std::fmt::Display>(
+    page: &Page<R>,
+    table: bool,
+    include_object: bool,
+) -> Response {
+    if table {
+        json(StatusCode::OK, &wire::table(page, now_ms(), include_object))
+    } else {
+        json(StatusCode::OK, &wire::list(page))
+    }
+}
+
+/// A merged read that cannot be answered.
+fn refused(api: &LiveApi, refused: Refused) -> Response {
+    match refused {
+        Refused::BadRequest(m) => bad_request(api, &m),
+        Refused::Unavailable(m) => {
+            api.metrics.live_refused("unavailable");
+            let mut r = failure(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &m);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+/// A watch of every replica's changes, resumed from a merged resource version.
+async fn merged_watch(
+    api: &Shared,
+    fleet: &Fleet,
+    selection: &Selection<'_>,
+    params: &Params,
+    table: bool,
+) -> Response {
+    let from = match params.resource_version.as_deref() {
+        None | Some("0") => None,
+        Some(rv) => match Vector::parse(rv) {
+            Some(v) => Some(v),
+            // Not a version of the merged API (one from before shards, or made up): list
+            // again, as for one too old.
+            None => {
+                api.metrics.live_watches_expired.inc();
+                return failure(
+                    StatusCode::GONE,
+                    "Expired",
+                    &format!(
+                        "resourceVersion {rv:?} is not one of this API's merged versions: list again"
+                    ),
+                );
+            }
+        },
+    };
+    let sources = match fleet.watch(selection, from.as_ref()).await {
+        Ok(s) => s,
+        Err(r) => return refused(api, r),
+    };
+    let position = Position::Merged(from.unwrap_or_default());
+    watch(api, sources, position, params, table)
 }
 
 async fn one(
@@ -484,7 +595,20 @@ async fn one(
     api.metrics.live_request("get");
     let include_object = Params::parse(raw.as_deref()).is_ok_and(|p| p.include_object);
     let key = (ns, name);
-    let Some((state, rv)) = api.live.read().get(&key) else {
+    let found = match &api.fleet {
+        Some(fleet) => match fleet.get(&key).await {
+            Ok(found) => {
+                found.map(|(state, identity, rv)| (state, Vector::one(&identity, rv).to_string()))
+            }
+            Err(r) => return refused(&api, r),
+        },
+        None => api
+            .live
+            .read()
+            .get(&key)
+            .map(|(state, rv)| (state, rv.to_string())),
+    };
+    let Some((state, rv)) = found else {
         return failure(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -498,7 +622,7 @@ async fn one(
     };
     if wants_table(&headers) {
         let page = Page {
-            resource_version: rv,
+            resource_version: rv.clone(),
             items: vec![(Arc::new(key), state, rv)],
             continue_token: None,
         };
@@ -510,12 +634,39 @@ async fn one(
     json(StatusCode::OK, &wire::object(&key, &state, rv))
 }
 
-/// A watch: a stream of event lines, as the API server sends them.
+/// Where a watch stands: one store's resource version, or every replica's.
+#[derive(Debug, Clone)]
+enum Position {
+    Single(u64),
+    Merged(Vector),
+}
+
+impl Position {
+    /// Records that `source` has read up to `rv`.
+    fn advance(&mut self, source: &Arc<str>, rv: u64) {
+        match self {
+            Self::Single(at) => *at = rv,
+            Self::Merged(v) => v.set(source, rv),
+        }
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Single(rv) => write!(f, "{rv}"),
+            Self::Merged(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// A watch: a stream of event lines, as the API server sends them, from the `sources`'
+/// steps.
 fn watch(
-    api: Shared,
-    namespace: Option<String>,
-    query: Query,
-    params: Params,
+    api: &Shared,
+    sources: Vec<(Arc<str>, Steps)>,
+    position: Position,
+    params: &Params,
     table: bool,
 ) -> Response {
     let Ok(permit) = Arc::clone(&api.watches).try_acquire_owned() else {
@@ -529,23 +680,25 @@ fn watch(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return r.into_response();
     };
-    let cursor = match params.resource_version.as_deref() {
-        None | Some("0") => Cursor::listing(namespace, query),
-        Some(rv) => match rv.parse() {
-            Ok(rv) => Cursor::resuming(namespace, query, rv),
-            Err(_) => {
-                return bad_request(
-                    &api,
-                    &format!("resourceVersion {rv:?} is not one this API returned"),
-                );
-            }
-        },
-    };
+    let count = sources.len();
+    // Each source's steps tagged with its identity; the watch ends when any source ends
+    // (the client watches again from the position reached, reaching every replica again).
+    let tagged = sources.into_iter().map(|(identity, steps)| {
+        steps
+            .map(move |step| Some((Arc::clone(&identity), step)))
+            .chain(futures_util::stream::once(async { None }))
+            .boxed()
+    });
+    let steps = futures_util::stream::select_all(tagged)
+        .take_while(|s| std::future::ready(s.is_some()))
+        .filter_map(std::future::ready)
+        .ready_chunks(source::CHUNK.max(count))
+        .boxed();
     let timeout = params.timeout.unwrap_or(MAX_WATCH).min(MAX_WATCH);
     let now = tokio::time::Instant::now();
     let watch = Watch {
-        changed: api.live.subscribe(),
-        cursor,
+        steps,
+        position,
         table,
         include_object: params.include_object,
         bookmarks: params.bookmarks,
@@ -553,7 +706,7 @@ fn watch(
         deadline: now + timeout,
         done: false,
         _open: OpenWatch::new(permit, &api.metrics),
-        api,
+        api: Arc::clone(api),
     };
     let stream = futures_util::stream::unfold(watch, Watch::next_chunk);
     (
@@ -592,8 +745,8 @@ impl Drop for OpenWatch {
 /// One watch in progress.
 struct Watch {
     api: Shared,
-    changed: tokio::sync::watch::Receiver<u64>,
-    cursor: Cursor,
+    steps: futures_util::stream::BoxStream<'static, Vec<(Arc<str>, Step)>>,
+    position: Position,
     table: bool,
     include_object: bool,
     bookmarks: bool,
@@ -604,49 +757,25 @@ struct Watch {
 }
 
 impl Watch {
-    /// The next chunk of event lines; `None` ends the watch. The stream is polled only as
-    /// fast as the client reads, so a slow client holds nothing but its place in the window.
+    /// The next chunk of event lines; `None` ends the watch. Sources are polled only as
+    /// fast as the client reads, so a slow client holds nothing but its place in each
+    /// window.
     async fn next_chunk(mut self) -> Option<(Result<Bytes, std::convert::Infallible>, Self)> {
         loop {
             if self.done {
                 return None;
             }
-            // Marked seen before the store is read: a change after the read wakes the wait.
-            self.changed.borrow_and_update();
-            let (step, more) = {
-                let store = self.api.live.read();
-                let step = self.cursor.next(&store, WATCH_CHUNK);
-                (step, self.cursor.has_more(&store))
-            };
-            match step {
-                Ok(items) if !items.is_empty() => {
-                    let chunk = self.encode(&items);
-                    return Some((Ok(chunk), self));
-                }
-                // Changes not looked at yet (a selective watch reads a bounded number per
-                // hold of the lock): read on, without waiting for another change.
-                Ok(_) if more => {
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-                Ok(_) => {}
-                Err(gone) => {
-                    self.done = true;
-                    self.api.metrics.live_watches_expired.inc();
-                    let status = wire::status(410, "Expired", &gone.to_string());
-                    let line = line(&wire::watch_event("ERROR", status_value(&status)));
-                    return Some((Ok(line), self));
-                }
-            }
             tokio::select! {
-                changed = self.changed.changed() => {
-                    if changed.is_err() {
-                        return None;
+                steps = self.steps.next() => {
+                    let steps = steps?;
+                    let chunk = self.encode(steps);
+                    if !chunk.is_empty() {
+                        return Some((Ok(chunk), self));
                     }
                 }
                 () = tokio::time::sleep_until(self.next_bookmark), if self.bookmarks => {
                     self.next_bookmark += BOOKMARK_EVERY;
-                    let bookmark = wire::bookmark(self.cursor.resource_version());
+                    let bookmark = wire::bookmark(&self.position);
                     return Some((Ok(line(&bookmark)), self));
                 }
                 () = tokio::time::sleep_until(self.deadline) => return None,
@@ -655,21 +784,44 @@ impl Watch {
         }
     }
 
-    fn encode(&self, items: &[Item]) -> Bytes {
+    /// The lines for `steps`, each event at the position reached with it.
+    fn encode(&mut self, steps: Vec<(Arc<str>, Step)>) -> Bytes {
         let now = now_ms();
-        let mut out = Vec::with_capacity(items.len() * 512);
-        for (kind, key, state, rv) in items {
-            let object = if self.table {
-                let page = Page {
-                    resource_version: *rv,
-                    items: vec![(key.clone(), state.clone(), *rv)],
-                    continue_token: None,
-                };
-                wire::table(&page, now, self.include_object)
-            } else {
-                wire::object(key, state, *rv)
-            };
-            out.extend_from_slice(&line(&wire::watch_event(kind.as_str(), object)));
+        let mut out = Vec::new();
+        for (source, step) in steps {
+            match step {
+                Step::Items(items) => {
+                    for (kind, key, state, rv) in items {
+                        self.position.advance(&source, rv);
+                        let object = if self.table {
+                            let page = Page {
+                                resource_version: self.position.to_string(),
+                                items: vec![(
+                                    key.clone(),
+                                    state.clone(),
+                                    self.position.to_string(),
+                                )],
+                                continue_token: None,
+                            };
+                            wire::table(&page, now, self.include_object)
+                        } else {
+                            wire::object(&key, &state, &self.position)
+                        };
+                        out.extend_from_slice(&line(&wire::watch_event(kind.as_str(), object)));
+                    }
+                }
+                Step::Progress(rv) => self.position.advance(&source, rv),
+                Step::Gone(message) => {
+                    self.done = true;
+                    self.api.metrics.live_watches_expired.inc();
+                    let status = wire::status(410, "Expired", &message);
+                    out.extend_from_slice(&line(&wire::watch_event(
+                        "ERROR",
+                        status_value(&status),
+                    )));
+                    break;
+                }
+            }
         }
         Bytes::from(out)
     }

@@ -31,6 +31,22 @@ pub struct Ready {
     pub router: axum::Router,
 }
 
+/// What the live API serves, and with what.
+pub struct Serving {
+    /// This replica's live state.
+    pub live: Arc<Live>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Ends watches.
+    pub shutdown: CancellationToken,
+    /// Whether the live state is whole (503 before).
+    pub ready: Box<dyn Fn() -> bool + Send + Sync>,
+    /// `--live-max-watches`, shared with the other replicas' watches of this one.
+    pub watches: Arc<tokio::sync::Semaphore>,
+    /// With shards: reads merged from every replica.
+    pub fleet: Option<Arc<super::fleet::Fleet>>,
+}
+
 /// Reads the front proxy's settings, makes or reads the certificate and binds `addr`.
 /// The request-header CA is read once, at start: restart the controller after rotating it.
 ///
@@ -41,11 +57,16 @@ pub async fn prepare(
     addr: std::net::SocketAddr,
     opts: &RunOptions,
     client: Client,
-    live: Arc<Live>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-    ready: Box<dyn Fn() -> bool + Send + Sync>,
+    serving: Serving,
 ) -> anyhow::Result<Ready> {
+    let Serving {
+        live,
+        metrics,
+        shutdown,
+        ready,
+        watches,
+        fleet,
+    } = serving;
     let (ns, name) = AUTHENTICATION_CONFIGMAP;
     let configmap = Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get(name)
@@ -72,11 +93,12 @@ pub async fn prepare(
         client,
         request_header,
         Duration::from_secs(opts.live_authz_cache_seconds),
-        opts.live_max_watches,
+        watches,
         metrics,
         shutdown,
     )
-    .serving_when(ready);
+    .serving_when(ready)
+    .merging(fleet);
     Ok(Ready {
         listener,
         tls,

@@ -100,6 +100,21 @@ impl Live {
         }
     }
 
+    /// Drops the states `keep` refuses, with no change a watch would see (their shard went to
+    /// another replica, which serves them now).
+    pub fn forget(&self, keep: impl FnMut(&Key, &DeviceState) -> bool) -> usize {
+        self.read().forget(keep)
+    }
+
+    /// Drops `device`'s state with no change a watch would see: it left this replica's
+    /// Device watch because its node moved it to another replica's shard, not because it was
+    /// deleted.
+    pub fn forget_device(&self, device: &Device) {
+        if let Some(key) = key_of(device) {
+            self.read().forget_one(&key);
+        }
+    }
+
     fn on_device(&self, device: &Device) {
         let Some(key) = key_of(device) else { return };
         let status = from_status(device);

@@ -89,13 +89,14 @@ pub struct Gone {
     pub oldest: u64,
 }
 
-/// One page of a list.
+/// One page of a list. `R` is its resource versions: this store's, or (a page merged from
+/// every replica's, see `live::merge`) each replica's position.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Page {
+pub struct Page<R = u64> {
     /// The matching devices, in key order.
-    pub items: Vec<(Arc<Key>, Arc<DeviceState>, u64)>,
+    pub items: Vec<(Arc<Key>, Arc<DeviceState>, R)>,
     /// The store's resource version when the page was read (a watch from it misses nothing).
-    pub resource_version: u64,
+    pub resource_version: R,
     /// Where the next page starts; `None` on the last page.
     pub continue_token: Option<String>,
 }
@@ -245,6 +246,34 @@ impl LiveStore {
         rv
     }
 
+    /// Drops, without a change a watch would see, every device `keep` refuses: those of shards
+    /// gone to another replica, which will serve them from now on (a `DELETED` would tell
+    /// watchers they are gone). Returns how many were dropped.
+    pub fn forget(&mut self, mut keep: impl FnMut(&Key, &DeviceState) -> bool) -> usize {
+        let before = self.states.len();
+        let mut freed = 0;
+        self.states.retain(|key, (state, _)| {
+            let kept = keep(key, state);
+            if !kept {
+                freed += state_bytes(state);
+            }
+            kept
+        });
+        self.state_bytes -= freed;
+        before - self.states.len()
+    }
+
+    /// Drops one device as [`LiveStore::forget`] does; whether it was held.
+    pub fn forget_one(&mut self, key: &Key) -> bool {
+        match self.states.remove(key) {
+            Some((state, _)) => {
+                self.state_bytes -= state_bytes(&state);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Forgets a device (its Device was deleted); returns the change's resource version.
     pub fn remove(&mut self, key: &Key) -> Option<u64> {
         let (key, (state, _)) = self.states.remove_entry(key)?;
@@ -310,7 +339,7 @@ impl LiveStore {
         limit: usize,
         continue_token: Option<&str>,
     ) -> Result<Page, BadContinue> {
-        let after = continue_token.map(decode_continue).transpose()?;
+        let after = continue_token.map(parse_continue).transpose()?;
         let start: std::ops::Bound<Key> = match (&after, namespace) {
             (Some(key), _) => std::ops::Bound::Excluded(key.clone()),
             (None, Some(ns)) => std::ops::Bound::Included((ns.to_owned(), String::new())),
@@ -363,11 +392,13 @@ pub fn candidate<'a>(key: &'a Key, state: &'a DeviceState) -> Candidate<'a> {
 }
 
 /// `namespace/name`: both are DNS names, so `/` cannot occur in either.
-fn encode_continue(key: &Key) -> String {
+/// The `continue` token naming `key`: the next page starts after it.
+pub fn encode_continue(key: &Key) -> String {
     format!("{}/{}", key.0, key.1)
 }
 
-fn decode_continue(token: &str) -> Result<Key, BadContinue> {
+/// The device a `continue` token names.
+pub fn parse_continue(token: &str) -> Result<Key, BadContinue> {
     let (ns, name) = token.split_once('/').ok_or(BadContinue)?;
     let valid = |s: &str| {
         !s.is_empty()

@@ -22,7 +22,7 @@ pub const RESOURCE: &str = "devicestates";
 pub const KIND: &str = "DeviceState";
 
 /// The object for one device, at the resource version it changed at.
-pub fn object(key: &Key, state: &DeviceState, resource_version: u64) -> Value {
+pub fn object(key: &Key, state: &DeviceState, resource_version: impl std::fmt::Display) -> Value {
     let metadata = ObjectMeta {
         name: Some(key.1.clone()),
         namespace: Some(key.0.clone()),
@@ -49,7 +49,7 @@ pub fn object(key: &Key, state: &DeviceState, resource_version: u64) -> Value {
 }
 
 /// A list page as `DeviceStateList`.
-pub fn list(page: &Page) -> Value {
+pub fn list<R: std::fmt::Display>(page: &Page<R>) -> Value {
     json!({
         "apiVersion": API_VERSION,
         "kind": "DeviceStateList",
@@ -57,12 +57,12 @@ pub fn list(page: &Page) -> Value {
         "items": page
             .items
             .iter()
-            .map(|(key, state, rv)| object(key, state, *rv))
+            .map(|(key, state, rv)| object(key, state, rv))
             .collect::<Vec<_>>(),
     })
 }
 
-fn list_meta(page: &Page) -> ListMeta {
+fn list_meta<R: std::fmt::Display>(page: &Page<R>) -> ListMeta {
     ListMeta {
         resource_version: Some(page.resource_version.to_string()),
         continue_: page.continue_token.clone(),
@@ -73,7 +73,7 @@ fn list_meta(page: &Page) -> ListMeta {
 /// A list page as the Table `kubectl get` asks for (`Accept: ...;as=Table;g=meta.k8s.io`):
 /// the Device's printer columns, the age of the state instead of the object's, and each
 /// row's object as the metadata kubectl needs (or whole, with `include_object`).
-pub fn table(page: &Page, now_ms: i64, include_object: bool) -> Value {
+pub fn table<R: std::fmt::Display>(page: &Page<R>, now_ms: i64, include_object: bool) -> Value {
     let column = |name: &str, kind: &str, priority: u8, description: &str| {
         json!({"name": name, "type": kind, "format": if name == "Name" { "name" } else { "" },
                "priority": priority, "description": description})
@@ -87,7 +87,7 @@ pub fn table(page: &Page, now_ms: i64, include_object: bool) -> Value {
                 Some(false) => "False",
                 None => "Unknown",
             };
-            let whole = object(key, state, *rv);
+            let whole = object(key, state, rv);
             let object = if include_object {
                 whole
             } else {
@@ -133,7 +133,7 @@ pub fn watch_event(kind: &str, object: Value) -> Value {
 }
 
 /// A bookmark at `resource_version`: a client resuming from it misses nothing.
-pub fn bookmark(resource_version: u64) -> Value {
+pub fn bookmark(resource_version: impl std::fmt::Display) -> Value {
     watch_event(
         "BOOKMARK",
         json!({

@@ -157,12 +157,6 @@ impl Forwarder {
 
     /// Passes `request` to `owner` and its answer back (or a 503 saying why not).
     pub async fn forward(&self, owner: &Owner, request: Request<Body>) -> Response {
-        let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
-            return self.refuse(
-                Outcome::Busy,
-                "the controller forwards as many requests to other replicas as --max-forwards allows; retry later",
-            );
-        };
         let Some(address) = owner.address.as_deref() else {
             return moving(&self.metrics);
         };
@@ -170,65 +164,91 @@ impl Forwarder {
         let path = parts
             .uri
             .path_and_query()
-            .map_or("/", axum::http::uri::PathAndQuery::as_str);
-        let Ok(uri) = format!("{}://{address}{path}", self.scheme).parse::<Uri>() else {
-            return self.refuse(
-                Outcome::Unreachable,
-                format!("replica {} advertises an unusable address", owner.identity),
-            );
-        };
-        parts.uri = uri;
-        parts.version = axum::http::Version::HTTP_11;
+            .map_or("/", axum::http::uri::PathAndQuery::as_str)
+            .to_owned();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
-        parts
-            .headers
-            .insert(HeaderName::from_static(FORWARDED_BY), self.identity.clone());
-        let answer = tokio::time::timeout(
-            self.timeout,
-            self.client.request(Request::from_parts(parts, body)),
-        )
-        .await;
-        match answer {
-            Ok(Ok(response)) => {
-                self.count(Outcome::Answered);
+        match self
+            .send(parts.method, address, &path, parts.headers, body)
+            .await
+        {
+            Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(
+                Response::from_parts(parts, Body::new(body))
+            }
+            Err(outcome) => {
+                let message = match outcome {
+                    Outcome::Busy => "the controller forwards as many requests to other replicas as --max-forwards allows; retry later".to_owned(),
+                    Outcome::TimedOut => format!(
+                        "the replica serving this node ({}) did not answer in time; retry later",
+                        owner.identity
+                    ),
+                    _ => format!(
+                        "the replica serving this node ({}) could not be reached; retry later",
+                        owner.identity
+                    ),
+                };
+                unavailable("shard_unavailable", message)
+            }
+        }
+    }
+
+    /// Sends a `method` request for `path` (with its query) and `headers` to the replica at
+    /// `address`; its answer (whatever its status) holds a `--max-forwards` slot until its
+    /// body is finished or dropped. Counted in `forwarded_requests_total` either way.
+    ///
+    /// # Errors
+    /// Why no answer came: [`Outcome::Busy`], [`Outcome::Unreachable`] or
+    /// [`Outcome::TimedOut`].
+    pub async fn send(
+        &self,
+        method: axum::http::Method,
+        address: &str,
+        path: &str,
+        mut headers: axum::http::HeaderMap,
+        body: Body,
+    ) -> Result<axum::http::Response<Body>, Outcome> {
+        let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
+            self.count(Outcome::Busy);
+            return Err(Outcome::Busy);
+        };
+        let Ok(uri) = format!("{}://{address}{path}", self.scheme).parse::<Uri>() else {
+            debug!(address, "A replica advertises an unusable address");
+            self.count(Outcome::Unreachable);
+            return Err(Outcome::Unreachable);
+        };
+        headers.insert(HeaderName::from_static(FORWARDED_BY), self.identity.clone());
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.version_mut() = axum::http::Version::HTTP_11;
+        *request.headers_mut() = headers;
+        let answer = tokio::time::timeout(self.timeout, self.client.request(request)).await;
+        let outcome = match answer {
+            Ok(Ok(response)) => {
+                self.count(Outcome::Answered);
+                let (parts, body) = response.into_parts();
+                return Ok(axum::http::Response::from_parts(
                     parts,
                     Body::new(Held {
                         inner: body,
                         _permit: permit,
                     }),
-                )
+                ));
             }
             Ok(Err(e)) => {
-                debug!(owner = %owner.identity, address, error = %e, "Forwarding failed");
-                self.refuse(
-                    Outcome::Unreachable,
-                    format!(
-                        "the replica serving this node ({}) could not be reached; retry later",
-                        owner.identity
-                    ),
-                )
+                debug!(address, error = %e, "A request to another replica failed");
+                Outcome::Unreachable
             }
-            Err(_) => self.refuse(
-                Outcome::TimedOut,
-                format!(
-                    "the replica serving this node ({}) did not answer in time; retry later",
-                    owner.identity
-                ),
-            ),
-        }
+            Err(_) => Outcome::TimedOut,
+        };
+        self.count(outcome);
+        Err(outcome)
     }
 
     fn count(&self, outcome: Outcome) {
         self.metrics.forwarded(outcome.label());
-    }
-
-    fn refuse(&self, outcome: Outcome, message: impl Into<String>) -> Response {
-        self.count(outcome);
-        unavailable("shard_unavailable", message)
     }
 }
 

@@ -134,9 +134,24 @@ impl Shards {
 
     /// How many shards are owned and served now (their caches have listed them).
     pub fn served(&self) -> usize {
+        self.served_shards().len()
+    }
+
+    /// The shards owned and served now, in order.
+    pub fn served_shards(&self) -> Vec<u32> {
         (0..self.count())
             .filter(|s| self.owns(*s) && self.is_cached(*s))
-            .count()
+            .collect()
+    }
+
+    /// This replica's identity.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// The other live replicas and where they take requests (from their member Leases).
+    pub fn peers(&self) -> Vec<(Arc<str>, Arc<str>)> {
+        self.owners.peers(&self.identity)
     }
 
     /// The shards owned now, in order.

@@ -12,6 +12,7 @@
 //! - [`forward`]: a request for another replica's shard passed to it, and its answer back.
 //! - [`labels`]: the shard labels on EdgeNodes and Devices, and the selectors of a replica's
 //!   caches; [`labeller`] keeps them right.
+//! - [`peer_token`]: the token replicas present to read each other's live state.
 //!
 //! See docs/design/scale-out.md.
 
@@ -19,6 +20,7 @@ pub mod forward;
 pub mod labeller;
 pub mod labels;
 pub mod leases;
+pub mod peer_token;
 pub mod plan;
 pub mod route;
 

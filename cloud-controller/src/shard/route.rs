@@ -82,6 +82,16 @@ impl Owners {
         }
     }
 
+    /// The live replicas other than `me`, with their addresses.
+    pub fn peers(&self, me: &str) -> Vec<(Arc<str>, Arc<str>)> {
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        t.addresses
+            .iter()
+            .filter(|(identity, _)| &***identity != me)
+            .map(|(i, a)| (Arc::clone(i), Arc::clone(a)))
+            .collect()
+    }
+
     /// The route to `shard`, given whether this replica owns it now (`me`: its identity).
     pub fn route(&self, shard: u32, owned_here: bool, me: &str) -> Route {
         if owned_here {
