@@ -12,7 +12,9 @@
 //! and the first page of live-state selectors over the whole fleet. Then scale-out: replicas
 //! with `--shards` added one at a time (1, 2, 3) to the same fleet, each step's time to
 //! share the shards and cache every Device once, the replicas' RSS, and the same load sent
-//! to the first replica (which forwards the others' nodes).
+//! to the first replica (which forwards the others' nodes); then the third replica killed
+//! (kill -9) under that load, with the live state watched through the API server: batches
+//! refused, the time until its nodes are answered again, and live freshness meanwhile.
 //!
 //! A smoke run uses 5 nodes x 100 devices.
 
@@ -256,7 +258,7 @@ async fn main() {
 
     // Scale-out: the same fleet over 1, 2 and 3 replicas sharing it by shard.
     c.process.stop();
-    let (labelled, scale_out) = scale_out(&cp, &ns.name).await;
+    let (labelled, scale_out, killed) = scale_out(&cp, &ns.name).await;
 
     println!();
     println!("| measurement | value |");
@@ -379,6 +381,29 @@ async fn main() {
         );
     }
     println!();
+    println!(
+        "kill -9 of the third replica {} s into {KILL_PHASE_SECS} s of the same load through the first, with the live state watched through the API server (reaching the first replica, which merges every replica's watch):",
+        KILL_AFTER.as_secs()
+    );
+    println!();
+    println!(
+        "| updates/s answered | batches not 2xx (503 while the shards move) | kill -> last batch refused | live p50 / p99 ms, whole phase |"
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| {:.0} | {} | {} | {} |",
+        killed.load.updates_per_s,
+        killed.load.refused,
+        killed.handover.map_or_else(
+            || "none refused".to_owned(),
+            |d| format!("{:.1} s", d.as_secs_f64())
+        ),
+        killed
+            .load
+            .live
+            .map_or_else(|| "-".to_owned(), |(a, b)| format!("{a:.0} / {b:.0}")),
+    );
+    println!();
     aim(
         "controller RSS <= 512 MiB with the whole fleet",
         &format!("{:.0} MiB peak", peak_rss as f64 / 1024.0),
@@ -413,6 +438,8 @@ struct Phase {
     updates_per_s: f64,
     writes_per_s: f64,
     refused: u64,
+    /// The first and last batch not answered 2xx.
+    refusals: Option<(Instant, Instant)>,
     /// Controller, API server, etcd: share of one core.
     cpu: (f64, f64, f64),
     peak_rss: u64,
@@ -440,12 +467,35 @@ async fn load_phase(
     ready_rss: u64,
     version_base: u64,
 ) -> Phase {
+    load_phase_for(
+        cp,
+        c,
+        ns,
+        (live, follow_live),
+        ready_rss,
+        version_base,
+        load_secs(),
+    )
+    .await
+}
+
+/// [`load_phase`] for `secs` seconds.
+async fn load_phase_for(
+    cp: &ControlPlane,
+    c: &Controller,
+    ns: &str,
+    (live, follow_live): (bool, bool),
+    ready_rss: u64,
+    version_base: u64,
+    secs: u64,
+) -> Phase {
     let (n_nodes, per) = (nodes(), per_node());
     let pid = c.process.pid().unwrap();
     let writes_before = c.metric("edgesync_controller_status_writes_total").await;
     let peak_rss = Arc::new(AtomicU64::new(ready_rss));
     let peak_pending = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
+    let refusals = Arc::new(std::sync::Mutex::new(None::<(Instant, Instant)>));
     let answered = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
     let phase_start_ms = now_ms();
@@ -489,6 +539,7 @@ async fn load_phase(
     for k in 0..n_nodes {
         let (url, ns_name) = (c.url(), ns.to_owned());
         let (refused, answered, latencies) = (refused.clone(), answered.clone(), latencies.clone());
+        let refusals = refusals.clone();
         agents.push(tokio::spawn(async move {
             let http = client();
             // Staggered over the first second.
@@ -497,7 +548,7 @@ async fn load_phase(
             let fifth = per.div_ceil(5);
             let epoch = format!("{:032x}", k + 1);
             let mut seq = 0u64;
-            while load_start.elapsed() < Duration::from_secs(load_secs()) {
+            while load_start.elapsed() < Duration::from_secs(secs) {
                 tick.tick().await;
                 seq += 1;
                 let part = (seq as usize - 1) % 5;
@@ -530,6 +581,9 @@ async fn load_phase(
                     answered.fetch_add(sent, Ordering::Relaxed);
                 } else {
                     refused.fetch_add(1, Ordering::Relaxed);
+                    let now = Instant::now();
+                    let mut span = refusals.lock().unwrap();
+                    *span = Some(span.map_or((now, now), |(first, _)| (first, now)));
                 }
             }
             drop(latencies);
@@ -577,6 +631,7 @@ async fn load_phase(
         updates_per_s: answered.load(Ordering::Relaxed) as f64 / elapsed,
         writes_per_s: writes / elapsed,
         refused: refused.load(Ordering::Relaxed),
+        refusals: *refusals.lock().unwrap(),
         cpu,
         peak_rss: peak_rss.load(Ordering::Relaxed),
         peak_pending: peak_pending.load(Ordering::Relaxed),
@@ -599,14 +654,17 @@ struct ScaleStep {
 /// shards are shared and every Device is cached by exactly one replica, each replica's RSS
 /// then, and under the load sent to the first replica. Also returned: the time the first
 /// replica took to label the fleet (after which it is restarted and measured).
-async fn scale_out(cp: &ControlPlane, ns: &str) -> (Duration, Vec<ScaleStep>) {
+async fn scale_out(cp: &ControlPlane, ns: &str) -> (Duration, Vec<ScaleStep>, KillStep) {
     let total = (nodes() * per_node()) as f64;
     let mut replicas: Vec<Controller> = Vec::new();
+    let mut live_ports = Vec::new();
     let mut steps = Vec::new();
     let mut labelled = None;
     for m in 1..=3usize {
         let started = Instant::now();
-        let live_listen = format!("127.0.0.1:{}", edgesync_e2e::free_port());
+        let live_port = edgesync_e2e::free_port();
+        live_ports.push(live_port);
+        let live_listen = format!("127.0.0.1:{live_port}");
         let identity = format!("replica-{m}");
         replicas.push(Controller::spawn_with_log(
             cp,
@@ -723,5 +781,45 @@ async fn scale_out(cp: &ControlPlane, ns: &str) -> (Duration, Vec<ScaleStep>) {
             forwarded,
         });
     }
-    (labelled.unwrap_or_default(), steps)
+    // kill -9 of the third replica while the load goes on through the first, the live state
+    // watched through the API server (which reaches the first replica: a merged watch).
+    edgesync_e2e::live::register(cp, live_ports[0]);
+    let mut victim = replicas.pop().unwrap();
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(KILL_AFTER).await;
+        victim.process.kill9();
+        (victim, Instant::now())
+    });
+    let rss = rss_kib(replicas[0].pid().unwrap());
+    let load = load_phase_for(
+        cp,
+        &replicas[0],
+        ns,
+        (true, true),
+        rss,
+        5000,
+        KILL_PHASE_SECS,
+    )
+    .await;
+    let (_victim, killed_at) = killer.await.unwrap();
+    let handover = load
+        .refusals
+        .map(|(_, last)| last.saturating_duration_since(killed_at));
+    (
+        labelled.unwrap_or_default(),
+        steps,
+        KillStep { load, handover },
+    )
+}
+
+/// A replica killed 5 s into a load phase of 45 s: long enough for its shards to be taken
+/// over (the Lease duration, 15 s, and a round) within it.
+const KILL_AFTER: Duration = Duration::from_secs(5);
+const KILL_PHASE_SECS: u64 = 45;
+
+/// The kill -9 step of the scale-out phase.
+struct KillStep {
+    load: Phase,
+    /// From the kill to the last batch refused (its nodes' shards taken over).
+    handover: Option<Duration>,
 }

@@ -529,7 +529,7 @@ fn answer_page<R: std::fmt::Display>(
 fn refused(api: &LiveApi, refused: Refused) -> Response {
     match refused {
         Refused::BadRequest(m) => bad_request(api, &m),
-        Refused::Unavailable(m) => {
+        Refused::Unavailable(m) | Refused::Unreachable(m) => {
             api.metrics.live_refused("unavailable");
             let mut r = failure(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &m);
             r.headers_mut()

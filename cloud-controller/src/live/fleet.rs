@@ -4,6 +4,7 @@
 //! address it advertises; requests to them are bounded by `--max-forwards` and
 //! `--forward-timeout-seconds`, as forwarded agent requests are.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -23,7 +24,7 @@ use super::source::{self, Step, Steps};
 use super::state::Live;
 use super::store::{DeviceState, Key, parse_continue};
 use super::watch::{Cursor, Kind};
-use crate::shard::forward::Forwarder;
+use crate::shard::forward::{Forwarder, Outcome};
 use crate::shard::leases::Shards;
 use crate::shard::shard_of;
 
@@ -38,6 +39,9 @@ pub enum Refused {
     Unavailable(String),
     /// The request itself is wrong (a `continue` token or version not from this API): 400.
     BadRequest(String),
+    /// A replica could not be reached at all (killed a moment ago, most often): 503, unless
+    /// the others serve every shard.
+    Unreachable(String),
 }
 
 /// The replicas' live states, read as one.
@@ -127,10 +131,14 @@ impl Fleet {
             )
             .await
             .map_err(|outcome| {
-                Refused::Unavailable(format!(
+                let message = format!(
                     "controller replica {identity} could not be asked ({}); retry in a moment",
                     outcome.label()
-                ))
+                );
+                match outcome {
+                    Outcome::Unreachable => Refused::Unreachable(message),
+                    _ => Refused::Unavailable(message),
+                }
             })?;
         let status = response.status();
         if status.is_success() {
@@ -347,11 +355,44 @@ impl Fleet {
             async move { self.ask(id, address, &path).await }
         }))
         .await;
-        for ((identity, _), body) in peers.into_iter().zip(opened) {
-            sources.push((identity, steps(body?)));
+        for ((identity, _), body) in peers.iter().zip(opened) {
+            match body {
+                Ok(body) => sources.push((Arc::clone(identity), steps(body))),
+                // A replica that cannot be reached at all is most often one killed a moment
+                // ago: it takes no reports, and its shards' new owners speak for them. The
+                // watch ends when the live replicas change, so a replica that comes back
+                // is read again.
+                Err(Refused::Unreachable(m)) => {
+                    debug!(replica = %identity, reason = m, "A replica is left out of a watch")
+                }
+                Err(r) => return Err(r),
+            }
         }
+        let members: BTreeSet<Arc<str>> = peers.into_iter().map(|(i, _)| i).collect();
+        sources.push((
+            Arc::from(""),
+            until_members_change(Arc::clone(&self.shards), members),
+        ));
         Ok(sources)
     }
+}
+
+/// A source that says nothing and ends once the live replicas are no longer `members` (the
+/// merged watch ends with it; the client watches again, from every live replica).
+fn until_members_change(shards: Arc<Shards>, members: BTreeSet<Arc<str>>) -> Steps {
+    futures_util::stream::unfold((), move |()| {
+        let (shards, members) = (Arc::clone(&shards), members.clone());
+        async move {
+            loop {
+                tokio::time::sleep(source::PROGRESS_EVERY).await;
+                let now: BTreeSet<Arc<str>> = shards.peers().into_iter().map(|(i, _)| i).collect();
+                if now != members {
+                    return None::<(Step, ())>;
+                }
+            }
+        }
+    })
+    .boxed()
 }
 
 /// A replica's watch answer as steps; it ends at the first line that cannot be read.
