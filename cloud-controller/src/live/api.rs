@@ -16,7 +16,7 @@ use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{APIGroup, GroupVersionForDiscovery, Status};
 use kube::api::PostParams;
@@ -497,9 +497,13 @@ async fn list_or_watch(
                 }
             },
         };
+        let Ok(permit) = Arc::clone(&api.watches).try_acquire_owned() else {
+            return too_many_watches(&api);
+        };
         let start = Position::Single(cursor.resource_version());
         let steps = source::local(Arc::clone(&api.live), cursor, None);
-        return watch(&api, vec![(Arc::from(""), steps)], start, &params, table);
+        let sources = vec![(Arc::from(""), steps)];
+        return watch(&api, permit, sources, start, &params, table);
     }
     let page = api.live.read().list(
         namespace.as_deref(),
@@ -565,12 +569,32 @@ async fn merged_watch(
             }
         },
     };
+    // The slot first: a replica at --live-max-watches asks nothing of the others.
+    let Ok(permit) = Arc::clone(&api.watches).try_acquire_owned() else {
+        return too_many_watches(api);
+    };
     let sources = match fleet.watch(selection, from.as_ref()).await {
         Ok(s) => s,
         Err(r) => return refused(api, r),
     };
-    let position = Position::Merged(from.unwrap_or_default());
-    watch(api, sources, position, params, table)
+    // Only the replicas read now stay in the position: a vector does not grow with every
+    // replica that ever was (pod names change at each rolling update).
+    let mut position = Vector::default();
+    if let Some(from) = &from {
+        for (identity, _) in &sources {
+            if let Some(rv) = from.get(identity) {
+                position.set(identity, rv);
+            }
+        }
+    }
+    watch(
+        api,
+        permit,
+        sources,
+        Position::Merged(position),
+        params,
+        table,
+    )
 }
 
 async fn one(
@@ -660,27 +684,29 @@ impl std::fmt::Display for Position {
     }
 }
 
+/// The 429 answer when every `--live-max-watches` slot is taken.
+fn too_many_watches(api: &Shared) -> Response {
+    api.metrics.live_refused("too_many_watches");
+    let mut r = failure(
+        StatusCode::TOO_MANY_REQUESTS,
+        "TooManyRequests",
+        "too many watches of devicestates are open (--live-max-watches); retry later",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
 /// A watch: a stream of event lines, as the API server sends them, from the `sources`'
 /// steps.
 fn watch(
     api: &Shared,
+    permit: OwnedSemaphorePermit,
     sources: Vec<(Arc<str>, Steps)>,
     position: Position,
     params: &Params,
     table: bool,
 ) -> Response {
-    let Ok(permit) = Arc::clone(&api.watches).try_acquire_owned() else {
-        api.metrics.live_refused("too_many_watches");
-        let mut r = failure(
-            StatusCode::TOO_MANY_REQUESTS,
-            "TooManyRequests",
-            "too many watches of devicestates are open (--live-max-watches); retry later",
-        );
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return r.into_response();
-    };
-    let count = sources.len();
     // Each source's steps tagged with its identity; the watch ends when any source ends
     // (the client watches again from the position reached, reaching every replica again).
     let tagged = sources.into_iter().map(|(identity, steps)| {
@@ -692,7 +718,6 @@ fn watch(
     let steps = futures_util::stream::select_all(tagged)
         .take_while(|s| std::future::ready(s.is_some()))
         .filter_map(std::future::ready)
-        .ready_chunks(source::CHUNK.max(count))
         .boxed();
     let timeout = params.timeout.unwrap_or(MAX_WATCH).min(MAX_WATCH);
     let now = tokio::time::Instant::now();
@@ -745,7 +770,7 @@ impl Drop for OpenWatch {
 /// One watch in progress.
 struct Watch {
     api: Shared,
-    steps: futures_util::stream::BoxStream<'static, Vec<(Arc<str>, Step)>>,
+    steps: futures_util::stream::BoxStream<'static, (Arc<str>, Step)>,
     position: Position,
     table: bool,
     include_object: bool,
@@ -766,8 +791,24 @@ impl Watch {
                 return None;
             }
             tokio::select! {
-                steps = self.steps.next() => {
-                    let steps = steps?;
+                first = self.steps.next() => {
+                    // This step and whatever else is ready, up to a chunk's events: one
+                    // chunk is bounded whatever the number of sources.
+                    let mut steps = vec![first?];
+                    let mut events = steps[0].1.len();
+                    while events < source::CHUNK {
+                        match self.steps.next().now_or_never() {
+                            Some(Some(step)) => {
+                                events += step.1.len();
+                                steps.push(step);
+                            }
+                            Some(None) => {
+                                self.done = true;
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
                     let chunk = self.encode(steps);
                     if !chunk.is_empty() {
                         return Some((Ok(chunk), self));
@@ -790,9 +831,11 @@ impl Watch {
         let mut out = Vec::new();
         for (source, step) in steps {
             match step {
-                Step::Items(items) => {
+                Step::Items(items, listed_at) => {
                     for (kind, key, state, rv) in items {
-                        self.position.advance(&source, rv);
+                        // While a source lists, its position is the list's version: a device
+                        // listed at a later version does not vouch for the changes between.
+                        self.position.advance(&source, listed_at.unwrap_or(rv));
                         let object = if self.table {
                             let page = Page {
                                 resource_version: self.position.to_string(),

@@ -22,7 +22,7 @@ use super::peer::{self, EventOf, OneOf, PageOf, Received};
 use super::query::Query;
 use super::source::{self, Step, Steps};
 use super::state::Live;
-use super::store::{DeviceState, Key, parse_continue};
+use super::store::{DeviceState, Key, parse_continue, valid_name};
 use super::watch::{Cursor, Kind};
 use crate::shard::forward::{Forwarder, Outcome};
 use crate::shard::leases::Shards;
@@ -68,6 +68,16 @@ pub struct Selection<'a> {
 }
 
 impl Selection<'_> {
+    /// A namespace that is no DNS name is refused before it is put in a path.
+    fn check(&self) -> Result<(), Refused> {
+        match self.namespace {
+            Some(ns) if !valid_name(ns) => Err(Refused::BadRequest(format!(
+                "{ns:?} is not a namespace name"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The internal path and query for this selection with `extra` parameters.
     fn path(&self, extra: &[(&str, &str)]) -> String {
         let mut q = form_urlencoded::Serializer::new(String::new());
@@ -99,6 +109,7 @@ impl Fleet {
         forwarder: Arc<Forwarder>,
         token: &Secret,
     ) -> Self {
+        // `peer_token` accepts only tokens that make a header value.
         let auth = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
             .unwrap_or_else(|_| HeaderValue::from_static("Bearer -"));
         Self {
@@ -122,13 +133,7 @@ impl Fleet {
     async fn ask(&self, identity: &str, address: &str, path: &str) -> Result<Body, Refused> {
         let response = self
             .forwarder
-            .send(
-                axum::http::Method::GET,
-                address,
-                path,
-                self.headers(),
-                Body::empty(),
-            )
+            .read(address, path, self.headers())
             .await
             .map_err(|outcome| {
                 let message = format!(
@@ -198,6 +203,7 @@ impl Fleet {
         limit: usize,
         after: Option<&str>,
     ) -> Result<Merged, Refused> {
+        selection.check()?;
         let limit_text = limit.to_string();
         let mut extra = vec![("limit", limit_text.as_str())];
         if let Some(a) = after {
@@ -275,6 +281,9 @@ impl Fleet {
         &self,
         key: &Key,
     ) -> Result<Option<(Arc<DeviceState>, Arc<str>, u64)>, Refused> {
+        if !valid_name(&key.0) || !valid_name(&key.1) {
+            return Ok(None);
+        }
         // Held here for a shard served here: this replica takes its reports, so it holds the
         // newest.
         let here = self.shards.served_shards();
@@ -329,6 +338,7 @@ impl Fleet {
         selection: &Selection<'_>,
         from: Option<&Vector>,
     ) -> Result<Vec<(Arc<str>, Steps)>, Refused> {
+        selection.check()?;
         let cursor = |rv: Option<u64>| {
             let ns = selection.namespace.map(str::to_owned);
             match rv {
@@ -398,10 +408,18 @@ fn until_members_change(shards: Arc<Shards>, members: BTreeSet<Arc<str>>) -> Ste
 /// A replica's watch answer as steps; it ends at the first line that cannot be read.
 fn steps(body: Body) -> Steps {
     let bytes = body.into_data_stream().map_err(std::io::Error::other);
-    FramedRead::new(
+    let lines = FramedRead::new(
         StreamReader::new(bytes),
         LinesCodec::new_with_max_length(MAX_ANSWER),
-    )
+    );
+    // A replica says how far it has read every `PROGRESS_EVERY`: one silent for three of
+    // them is stuck (its connection gone without a reset), and the watch ends.
+    futures_util::stream::unfold(lines, |mut lines| async move {
+        let line = tokio::time::timeout(3 * source::PROGRESS_EVERY, lines.next())
+            .await
+            .ok()??;
+        Some((line, lines))
+    })
     .map(|line| {
         let event: EventOf<Received> = match line.map(|l| serde_json::from_str(&l)) {
             Ok(Ok(event)) => event,
@@ -414,14 +432,14 @@ fn steps(body: Body) -> Steps {
                 return None;
             }
         };
-        let item = |kind: Kind, item: Received| {
+        let item = |kind: Kind, item: Received, listed_at: Option<u64>| {
             let (key, state, rv) = item.into_state()?;
-            Some(Step::Items(vec![(kind, key, state, rv)]))
+            Some(Step::Items(vec![(kind, key, state, rv)], listed_at))
         };
         match event {
-            EventOf::Added { item: i } => item(Kind::Added, i),
-            EventOf::Modified { item: i } => item(Kind::Modified, i),
-            EventOf::Deleted { item: i } => item(Kind::Deleted, i),
+            EventOf::Added { item: i, listed_at } => item(Kind::Added, i, listed_at),
+            EventOf::Modified { item: i } => item(Kind::Modified, i, None),
+            EventOf::Deleted { item: i } => item(Kind::Deleted, i, None),
             EventOf::Progress { resource_version } => Some(Step::Progress(resource_version)),
             EventOf::Gone { message } => Some(Step::Gone(message)),
         }

@@ -158,9 +158,13 @@ pub struct OneOf<I> {
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum EventOf<I> {
     /// Newly selected.
+    #[serde(rename_all = "camelCase")]
     Added {
         /// The device.
         item: I,
+        /// While the replica lists: the version its list was read at.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listed_at: Option<u64>,
     },
     /// Changed.
     Modified {
@@ -218,7 +222,7 @@ pub fn served_page(
         if !served.contains(&shard_of(&key.0, &state.node, count)) {
             continue;
         }
-        bytes += state_bytes(&state);
+        bytes += sent_bytes(&key, &state);
         items.push((key, state, rv));
     }
     Ok(ServedPage {
@@ -236,6 +240,17 @@ pub struct ServedPage {
     pub items: Vec<(Arc<Key>, Arc<DeviceState>, u64)>,
     /// Where the page stopped, when there are more.
     pub next: Option<Arc<Key>>,
+}
+
+/// About how many bytes a device takes in a replica's answer: its state, its labels and
+/// names, and the fields' names.
+fn sent_bytes(key: &Key, state: &DeviceState) -> usize {
+    let labels: usize = state
+        .labels
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 6)
+        .sum();
+    state_bytes(state) + labels + key.0.len() + key.1.len() + state.node.len() + 200
 }
 
 /// What the internal routes share.
@@ -434,11 +449,11 @@ fn watch(
         let _held = &permit;
         let mut out = Vec::new();
         match step {
-            Step::Items(items) => {
+            Step::Items(items, listed_at) => {
                 for (kind, key, state, rv) in &items {
                     let item = sent(key, state, *rv);
                     let event = match kind {
-                        Kind::Added => EventOf::Added { item },
+                        Kind::Added => EventOf::Added { item, listed_at },
                         Kind::Modified => EventOf::Modified { item },
                         Kind::Deleted => EventOf::Deleted { item },
                     };

@@ -116,6 +116,8 @@ pub struct LiveStore {
     window_max_bytes: usize,
     window_bytes: usize,
     state_bytes: usize,
+    /// The resource version when devices were last dropped for a shard gone elsewhere.
+    moved_at: u64,
 }
 
 /// About how many bytes a state holds in memory: its reported document (kept as its JSON
@@ -146,6 +148,7 @@ impl LiveStore {
             window_max_bytes,
             window_bytes: 0,
             state_bytes: 0,
+            moved_at: 0,
         }
     }
 
@@ -250,6 +253,7 @@ impl LiveStore {
     /// gone to another replica, which will serve them from now on (a `DELETED` would tell
     /// watchers they are gone). Returns how many were dropped.
     pub fn forget(&mut self, mut keep: impl FnMut(&Key, &DeviceState) -> bool) -> usize {
+        self.moved_at = self.resource_version;
         let before = self.states.len();
         let mut freed = 0;
         self.states.retain(|key, (state, _)| {
@@ -263,8 +267,15 @@ impl LiveStore {
         before - self.states.len()
     }
 
+    /// The resource version when devices were last dropped for a shard gone elsewhere: a
+    /// watch still behind it may have changes of theirs to send that no replica sends now.
+    pub fn moved_at(&self) -> u64 {
+        self.moved_at
+    }
+
     /// Drops one device as [`LiveStore::forget`] does; whether it was held.
     pub fn forget_one(&mut self, key: &Key) -> bool {
+        self.moved_at = self.resource_version;
         match self.states.remove(key) {
             Some((state, _)) => {
                 self.state_bytes -= state_bytes(&state);
@@ -397,18 +408,20 @@ pub fn encode_continue(key: &Key) -> String {
     format!("{}/{}", key.0, key.1)
 }
 
+/// Whether `s` can be a namespace or object name (a DNS subdomain).
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
 /// The device a `continue` token names.
 pub fn parse_continue(token: &str) -> Result<Key, BadContinue> {
     let (ns, name) = token.split_once('/').ok_or(BadContinue)?;
-    let valid = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 253
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
-    };
-    (valid(ns) && valid(name))
+    (valid_name(ns) && valid_name(name))
         .then(|| (ns.to_owned(), name.to_owned()))
         .ok_or(BadContinue)
 }

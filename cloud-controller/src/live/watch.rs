@@ -101,6 +101,12 @@ impl Cursor {
         }
     }
 
+    /// Whether the next call sends a page of the initial list (whose devices may have
+    /// changed after [`Cursor::resource_version`], the version the list was read at).
+    pub fn is_listing(&self) -> bool {
+        self.listing.is_some()
+    }
+
     /// Every change up to this version has been sent: a bookmark here misses nothing.
     pub fn resource_version(&self) -> u64 {
         self.rv

@@ -61,6 +61,9 @@ pub struct Forwarder {
     scheme: &'static str,
     identity: HeaderValue,
     slots: Arc<Semaphore>,
+    /// The live API's reads of other replicas' parts, counted apart from the agents'
+    /// requests: a crowd of `devicestates` watches never leaves a node's batch unforwarded.
+    read_slots: Arc<Semaphore>,
     timeout: Duration,
     metrics: Arc<Metrics>,
 }
@@ -150,6 +153,7 @@ impl Forwarder {
             identity: HeaderValue::from_str(identity)
                 .unwrap_or_else(|_| HeaderValue::from_static("unnamed")),
             slots: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            read_slots: Arc::new(Semaphore::new(max_in_flight.max(1))),
             timeout,
             metrics,
         })
@@ -206,10 +210,39 @@ impl Forwarder {
         method: axum::http::Method,
         address: &str,
         path: &str,
+        headers: axum::http::HeaderMap,
+        body: Body,
+    ) -> Result<axum::http::Response<Body>, Outcome> {
+        self.send_within(&self.slots, method, address, path, headers, body)
+            .await
+    }
+
+    /// A GET of the live API's internal routes on another replica, as [`Forwarder::send`]
+    /// but within its own `--max-forwards` slots.
+    ///
+    /// # Errors
+    /// As [`Forwarder::send`].
+    pub async fn read(
+        &self,
+        address: &str,
+        path: &str,
+        headers: axum::http::HeaderMap,
+    ) -> Result<axum::http::Response<Body>, Outcome> {
+        let get = axum::http::Method::GET;
+        self.send_within(&self.read_slots, get, address, path, headers, Body::empty())
+            .await
+    }
+
+    async fn send_within(
+        &self,
+        slots: &Arc<Semaphore>,
+        method: axum::http::Method,
+        address: &str,
+        path: &str,
         mut headers: axum::http::HeaderMap,
         body: Body,
     ) -> Result<axum::http::Response<Body>, Outcome> {
-        let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
             self.count(Outcome::Busy);
             return Err(Outcome::Busy);
         };

@@ -84,7 +84,10 @@ fn token_of(secret: &Secret) -> anyhow::Result<Token> {
         bytes.0.len() >= 32,
         "the Secret's token is shorter than 32 bytes"
     );
-    Ok(Token::new(
-        String::from_utf8(bytes.0.clone()).context("the Secret's token is not text")?,
-    ))
+    let text = String::from_utf8(bytes.0.clone()).context("the Secret's token is not text")?;
+    anyhow::ensure!(
+        text.bytes().all(|b| b.is_ascii_graphic()),
+        "the Secret's token holds spaces or control characters (a trailing newline?): delete the Secret and restart the replicas to make a new one"
+    );
+    Ok(Token::new(text))
 }
