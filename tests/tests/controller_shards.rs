@@ -148,6 +148,7 @@ async fn replicas_share_the_shards_and_take_over_a_killed_or_stopped_replicas() 
     // kill -9: its Leases are honoured until unchanged for the Lease duration (15 s), then
     // the others take them, at most 4 each.
     r2.process.kill9();
+    let killed = Instant::now();
     let took = wait_settled(
         &api,
         &[("r0", &r0), ("r1", &r1)],
@@ -163,6 +164,30 @@ async fn replicas_share_the_shards_and_take_over_a_killed_or_stopped_replicas() 
     r1.process.stop();
     let took = wait_settled(&api, &[("r0", &r0)], 8, Duration::from_secs(10)).await;
     eprintln!("a stopped replica's shards taken over in {took:?}");
+
+    // The killed replica's member Lease is deleted once it has gone unrenewed for a minute
+    // (the stopped one deleted its own).
+    until(
+        "no member Lease but r0's",
+        Duration::from_secs(90),
+        || async {
+            let members = api
+                .list(&ListParams::default().labels("edgesync.io/lease-kind=member"))
+                .await
+                .unwrap();
+            let holders: Vec<String> = members
+                .items
+                .iter()
+                .filter_map(|l| l.spec.as_ref()?.holder_identity.clone())
+                .collect();
+            (holders == ["r0"]).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "member Leases cleaned up {:?} after the kill",
+        killed.elapsed()
+    );
 }
 
 /// Posts version `version` of every node's device through `via`; returns the nodes whose
@@ -765,4 +790,70 @@ async fn a_devicestate_read_through_the_api_server_is_the_newest_whichever_repli
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_larger_than_a_labelling_share_is_labelled_once_each() {
+    let _fleet = FLEET.lock().await;
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("shard-many");
+    // Created unlabelled, more than the 1,000 objects the leader labels per tick.
+    const MANY: usize = 2500;
+    create_node(cp, &ns.name, "edge-1", TOKEN, "");
+    let devices: Api<Device> = Api::namespaced(cp.client().await, &ns.name);
+    let created = futures_util::stream::iter(0..MANY)
+        .map(|i| {
+            let devices = devices.clone();
+            async move {
+                let d = Device::new(
+                    &format!("d{i}"),
+                    edgesync_crds::DeviceSpec {
+                        node_name: "edge-1".into(),
+                        desired: None,
+                        reporting: None,
+                    },
+                );
+                devices.create(&Default::default(), &d).await.map(drop)
+            }
+        })
+        .buffer_unordered(32)
+        .filter(|r| std::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(created, MANY);
+    let (total, _) = cluster_totals(cp).await;
+    let shards = SHARDS.to_string();
+    let r0 = Controller::start(
+        cp,
+        &[
+            "--shards",
+            &shards,
+            "--lease-namespace",
+            &ns.name,
+            "--lease-name",
+            "many",
+            "--identity",
+            "r0",
+        ],
+    );
+    let started = Instant::now();
+    until(
+        "every Device labelled and cached",
+        Duration::from_secs(90),
+        || async { (r0.metric("edgesync_controller_cached_devices").await == total).then_some(()) },
+    )
+    .await;
+    let written = r0
+        .metric("edgesync_controller_shard_labels_written_total")
+        .await;
+    eprintln!(
+        "{MANY} Devices labelled in {:?}, {written} label writes",
+        started.elapsed()
+    );
+    // Each unlabelled object once (the node and the Devices), not share after share.
+    assert!(
+        written <= (MANY + 1) as f64 * 1.1,
+        "{written} label writes for {} objects",
+        MANY + 1
+    );
 }

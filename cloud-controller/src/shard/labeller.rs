@@ -126,8 +126,15 @@ impl Labelling {
         let mut node_stream = std::pin::pin!(node_stream);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Objects labelled a moment ago, which the watch may not have dropped yet: a share
+        // never takes them again (a share takes seconds, and the tick is due again when it
+        // ends).
+        let mut recent = Recent::default();
         loop {
+            // Biased: every watch event ready is read before the next share is taken, so the
+            // share is chosen from what is still unlabelled.
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return,
                 Some(r) = device_stream.next() => if let Err(e) = r {
                     warn!(error = %e, "Watch of unlabelled Devices failed; retrying");
@@ -147,11 +154,14 @@ impl Labelling {
                     if self.leader.is_leader() {
                         // A share per tick: labelling a whole fleet takes minutes at the
                         // budget's pace, and the watches must be read meanwhile.
-                        work.extend(
-                            unlabelled_objects(&devices, &nodes)
-                                .into_iter()
-                                .take(MAX_PER_TICK),
-                        );
+                        recent.expire(Instant::now());
+                        let share: Vec<Pending> = unlabelled_objects(&devices, &nodes)
+                            .into_iter()
+                            .filter(|p| !recent.has(p))
+                            .take(MAX_PER_TICK)
+                            .collect();
+                        recent.add(&share, Instant::now());
+                        work.extend(share);
                     }
                     // Shutdown does not wait for a share of label writes.
                     tokio::select! {
@@ -217,6 +227,36 @@ impl Labelling {
     }
 }
 
+/// Objects the leader labelled within [`RECENT`]: not taken again while the watch of
+/// unlabelled objects catches up with their new labels.
+#[derive(Default)]
+struct Recent {
+    at: std::collections::HashMap<(bool, String, String), Instant>,
+}
+
+/// How long a labelled object is not taken again.
+const RECENT: Duration = Duration::from_secs(30);
+
+impl Recent {
+    fn key(p: &Pending) -> (bool, String, String) {
+        (p.device, p.namespace.clone(), p.name.clone())
+    }
+
+    fn has(&self, p: &Pending) -> bool {
+        self.at.contains_key(&Self::key(p))
+    }
+
+    fn add(&mut self, share: &[Pending], now: Instant) {
+        for p in share {
+            self.at.insert(Self::key(p), now);
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        self.at.retain(|_, t| now.duration_since(*t) < RECENT);
+    }
+}
+
 /// Every unlabelled object the watches hold.
 fn unlabelled_objects(devices: &Store<Device>, nodes: &Store<EdgeNode>) -> Vec<Pending> {
     let mut work: Vec<Pending> = nodes
@@ -236,4 +276,25 @@ fn unlabelled_objects(devices: &Store<Device>, nodes: &Store<EdgeNode>) -> Vec<P
         node: d.spec.node_name.clone(),
     }));
     work
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_object_labelled_a_moment_ago_is_not_taken_again_until_the_watch_has_caught_up() {
+        let p = |name: &str| Pending {
+            device: true,
+            namespace: "a".into(),
+            name: name.into(),
+            node: "n".into(),
+        };
+        let mut recent = Recent::default();
+        let t0 = Instant::now();
+        recent.add(&[p("d1")], t0);
+        assert!(recent.has(&p("d1")) && !recent.has(&p("d2")));
+        recent.expire(t0 + RECENT);
+        assert!(!recent.has(&p("d1")));
+    }
 }

@@ -19,7 +19,7 @@ use futures_util::StreamExt as _;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams, Preconditions};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
@@ -313,6 +313,11 @@ pub async fn run(
     );
 }
 
+/// A member Lease unchanged for this long belongs to a replica gone for good: it stopped
+/// counting after the Lease duration, and is deleted after four.
+const MEMBER_GONE: std::time::Duration =
+    std::time::Duration::from_secs(4 * LEASE_DURATION.as_secs());
+
 /// Rounds start at most this often, however many Leases change.
 const MIN_ROUND_GAP: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -372,6 +377,9 @@ async fn round(
     let mut members = BTreeSet::from([group.identity.clone()]);
     let mut addresses: HashMap<String, Arc<str>> = HashMap::new();
     let mut holders: Vec<Option<String>> = vec![None; shards.count() as usize];
+    // Member Leases of replicas gone for good (killed, or scaled in without a clean stop):
+    // name and version, deleted below by one replica.
+    let mut gone: Vec<(String, String, String)> = Vec::new();
     for lease in list.items {
         let Some(name) = lease.metadata.name.clone() else {
             continue;
@@ -402,9 +410,38 @@ async fn round(
             (Some("shard"), Some(s)) if (s as usize) < holders.len() && live => {
                 holders[s as usize] = Some(holder);
             }
+            (Some("member"), _) if holder != group.identity && unchanged_for >= MEMBER_GONE => {
+                if let Some(rv) = lease.metadata.resource_version.clone() {
+                    gone.push((name.clone(), rv, holder));
+                }
+            }
             _ => {}
         }
         seen.leases.insert(name, lease);
+    }
+    // One replica cleans up (the first live member by identity), each deletion on the version
+    // listed: a replica that renewed meanwhile keeps its Lease (409).
+    if members.first() == Some(&group.identity) {
+        for (name, rv, holder) in gone {
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: Some(rv),
+                    uid: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&name, &params).await {
+                Ok(_) => {
+                    info!(
+                        replica = holder,
+                        "Deleted the member Lease of a replica gone for a minute"
+                    );
+                    seen.leases.remove(&name);
+                    seen.observed.remove(&name);
+                }
+                Err(e) => debug!(lease = name, error = %e, "Member Lease not deleted"),
+            }
+        }
     }
 
     shards.owners.set(
