@@ -370,10 +370,19 @@ pub async fn post_raw(
 ) -> Answer {
     // One client for all: building one loads the system's CA certificates, and a test that
     // fires thousands of requests would spend its time (and the controller's header
-    // timeout) doing that.
+    // timeout) doing that. Without idle connections: each test runs its own runtime, and a
+    // pooled connection dies with the runtime of the test that opened it (another test
+    // taking it got "connection closed before message completed").
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     let mut req = CLIENT
-        .get_or_init(client)
+        .get_or_init(|| {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(0)
+                .build()
+                .expect("build HTTP client")
+        })
         .post(format!("{base}{}", wire::reports_path(ns, node)))
         .header("content-type", "application/json")
         .body(body);
