@@ -32,6 +32,24 @@ const SHARDS: u32 = 8;
 /// deployment does, so two such tests at once would see each other's.
 static FLEET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A replica of Lease group `group` in namespace `ns` (`--shards SHARDS`), named `id`, with
+/// `extra` options, once ready.
+fn replica(cp: &ControlPlane, ns: &str, group: &str, id: &str, extra: &[&str]) -> Controller {
+    let shards = SHARDS.to_string();
+    let mut args = vec![
+        "--shards",
+        &shards,
+        "--lease-namespace",
+        ns,
+        "--lease-name",
+        group,
+        "--identity",
+        id,
+    ];
+    args.extend_from_slice(extra);
+    Controller::start(cp, &args)
+}
+
 /// Every Device and EdgeNode in the cluster (each group of replicas caches those of every
 /// namespace, earlier tests' included).
 async fn cluster_totals(cp: &ControlPlane) -> (f64, f64) {
@@ -117,22 +135,7 @@ async fn wait_settled_in(
 async fn replicas_share_the_shards_and_take_over_a_killed_or_stopped_replicas() {
     let cp = ControlPlane::shared();
     let ns = cp.namespace("shards");
-    let shards = SHARDS.to_string();
-    let start = |id: &str| {
-        Controller::start(
-            cp,
-            &[
-                "--shards",
-                &shards,
-                "--lease-namespace",
-                &ns.name,
-                "--lease-name",
-                "sh",
-                "--identity",
-                id,
-            ],
-        )
-    };
+    let start = |id: &str| replica(cp, &ns.name, "sh", id, &[]);
     let (r0, r1, mut r2) = (start("r0"), start("r1"), start("r2"));
     let api: Api<Lease> = Api::namespaced(cp.client().await, &ns.name);
 
@@ -231,22 +234,7 @@ async fn any_replica_takes_any_nodes_requests_and_a_killed_owners_nodes_move_on(
     let _fleet = FLEET.lock().await;
     let cp = ControlPlane::shared();
     let ns = cp.namespace("shard-fwd");
-    let shards = SHARDS.to_string();
-    let start = |id: &str| {
-        Controller::start(
-            cp,
-            &[
-                "--shards",
-                &shards,
-                "--lease-namespace",
-                &ns.name,
-                "--lease-name",
-                "fw",
-                "--identity",
-                id,
-            ],
-        )
-    };
+    let start = |id: &str| replica(cp, &ns.name, "fw", id, &[]);
     let (r0, r1, mut r2) = (start("r0"), start("r1"), start("r2"));
     let api: Api<Lease> = Api::namespaced(cp.client().await, &ns.name);
     wait_settled_in(
@@ -474,22 +462,7 @@ async fn scaling_out_under_load_refuses_a_node_no_longer_than_a_hand_over() {
     let _fleet = FLEET.lock().await;
     let cp = ControlPlane::shared();
     let ns = cp.namespace("shard-up");
-    let shards = SHARDS.to_string();
-    let start = |id: &str| {
-        Controller::start(
-            cp,
-            &[
-                "--shards",
-                &shards,
-                "--lease-namespace",
-                &ns.name,
-                "--lease-name",
-                "up",
-                "--identity",
-                id,
-            ],
-        )
-    };
+    let start = |id: &str| replica(cp, &ns.name, "up", id, &[]);
     let nodes: Vec<String> = (0..12).map(|i| format!("line-{i}")).collect();
     for node in &nodes {
         create_node(cp, &ns.name, node, TOKEN, "");
@@ -642,25 +615,15 @@ async fn a_devicestate_read_through_the_api_server_is_the_newest_whichever_repli
     let _fleet = FLEET.lock().await;
     let cp = ControlPlane::shared();
     let ns = cp.namespace("shard-live");
-    let shards = SHARDS.to_string();
     let ports: Vec<u16> = (0..3).map(|_| edgesync_e2e::free_port()).collect();
     let start = |i: usize| {
-        let id = format!("r{i}");
         let listen = format!("127.0.0.1:{}", ports[i]);
-        Controller::start(
+        replica(
             cp,
-            &[
-                "--shards",
-                &shards,
-                "--lease-namespace",
-                &ns.name,
-                "--lease-name",
-                "lv",
-                "--identity",
-                &id,
-                "--live-listen",
-                &listen,
-            ],
+            &ns.name,
+            "lv",
+            &format!("r{i}"),
+            &["--live-listen", &listen],
         )
     };
     let (r0, mut r1, r2) = (start(0), start(1), start(2));
@@ -822,20 +785,7 @@ async fn a_fleet_larger_than_a_labelling_share_is_labelled_once_each() {
         .await;
     assert_eq!(created, MANY);
     let (total, _) = cluster_totals(cp).await;
-    let shards = SHARDS.to_string();
-    let r0 = Controller::start(
-        cp,
-        &[
-            "--shards",
-            &shards,
-            "--lease-namespace",
-            &ns.name,
-            "--lease-name",
-            "many",
-            "--identity",
-            "r0",
-        ],
-    );
+    let r0 = replica(cp, &ns.name, "many", "r0", &[]);
     let started = Instant::now();
     until(
         "every Device labelled and cached",
