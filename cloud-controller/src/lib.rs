@@ -144,6 +144,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             shard::labeller::Labelling {
                 labeller: Arc::clone(labeller),
                 client: client.clone(),
+                watch_client: watch_client.clone(),
                 budget: Arc::clone(&budget),
                 leader: Arc::clone(&leader),
                 metrics: Arc::clone(&metrics),

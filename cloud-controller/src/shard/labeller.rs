@@ -97,8 +97,11 @@ impl Labeller {
 pub struct Labelling {
     /// The queue of relabels.
     pub labeller: Arc<Labeller>,
-    /// API client.
+    /// API client, for the label writes (short timeouts).
     pub client: Client,
+    /// API client for the watches of unlabelled objects (no read timeout: a watch is quiet
+    /// between changes, and one cut every few seconds lists 100,000 objects again).
+    pub watch_client: Client,
     /// The global write budget.
     pub budget: Arc<WriteBudget>,
     /// Whether this replica leads (only the leader labels new objects).
@@ -116,11 +119,15 @@ impl Labelling {
         let (nodes, node_writer) = reflector::store::<EdgeNode>();
         let device_stream = reflector::reflector(
             device_writer,
-            watcher(Api::<Device>::all(self.client.clone()), config.clone()).default_backoff(),
+            watcher(
+                Api::<Device>::all(self.watch_client.clone()),
+                config.clone(),
+            )
+            .default_backoff(),
         );
         let node_stream = reflector::reflector(
             node_writer,
-            watcher(Api::<EdgeNode>::all(self.client.clone()), config).default_backoff(),
+            watcher(Api::<EdgeNode>::all(self.watch_client.clone()), config).default_backoff(),
         );
         let mut device_stream = std::pin::pin!(device_stream);
         let mut node_stream = std::pin::pin!(node_stream);
@@ -234,8 +241,9 @@ struct Recent {
     at: std::collections::HashMap<(bool, String, String), Instant>,
 }
 
-/// How long a labelled object is not taken again.
-const RECENT: Duration = Duration::from_secs(30);
+/// How long a labelled object is not taken again: longer than a relist of a large fleet's
+/// unlabelled objects takes, during which the watch's store is not current.
+const RECENT: Duration = Duration::from_secs(120);
 
 impl Recent {
     fn key(p: &Pending) -> (bool, String, String) {
