@@ -661,6 +661,17 @@ async fn a_devicestate_read_through_the_api_server_is_the_newest_whichever_repli
         .collect();
     assert!(!by_r1.is_empty(), "r1 should own some nodes: {owners:?}");
 
+    // The internal routes serve the other replicas only: no token, or a wrong one, is 401.
+    let http = edgesync_e2e::controller::client();
+    for token in [None, Some("not-the-peer-token")] {
+        let mut req = http.get(format!("{}/internal/v1/devicestates", r0.url()));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let status = req.send().await.unwrap().status().as_u16();
+        assert_eq!(status, 401, "internal read with token {token:?}");
+    }
+
     // The API server reaches r0 only; reports go through r1 (forwarded to each owner).
     edgesync_e2e::live::register(cp, ports[0]);
     let states = edgesync_e2e::live::devicestates(cp.client().await, &ns.name);

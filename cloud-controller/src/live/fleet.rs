@@ -182,6 +182,21 @@ impl Fleet {
         })
     }
 
+    /// `path` asked of every other live replica at once, each answer with its replica.
+    async fn fetch_all<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Vec<(Arc<str>, Result<T, Refused>)> {
+        let peers = self.shards.peers();
+        let answers = futures_util::future::join_all(
+            peers
+                .iter()
+                .map(|(id, address)| self.fetch::<T>(id, address, path)),
+        )
+        .await;
+        peers.into_iter().map(|(id, _)| id).zip(answers).collect()
+    }
+
     fn covered<'a>(&self, served: impl IntoIterator<Item = &'a [u32]>) -> Result<(), Refused> {
         let missing = unserved(self.shards.count(), served);
         if missing.is_empty() {
@@ -210,13 +225,7 @@ impl Fleet {
             extra.push(("continue", a));
         }
         let path = selection.path(&extra);
-        let peers = self.shards.peers();
-        let answers = futures_util::future::join_all(
-            peers
-                .iter()
-                .map(|(id, address)| self.fetch::<PageOf<Received>>(id, address, &path)),
-        )
-        .await;
+        let answers = self.fetch_all::<PageOf<Received>>(&path).await;
         let here = self.shards.served_shards();
         let peer::ServedPage {
             resource_version,
@@ -240,7 +249,7 @@ impl Fleet {
             next,
         }];
         let mut failed = None;
-        for ((identity, _), answer) in peers.into_iter().zip(answers) {
+        for (identity, answer) in answers {
             let page = match answer {
                 Ok(page) => page,
                 Err(r @ Refused::BadRequest(_)) => return Err(r),
@@ -298,17 +307,11 @@ impl Fleet {
             key.0,
             key.1
         );
-        let peers = self.shards.peers();
-        let answers = futures_util::future::join_all(
-            peers
-                .iter()
-                .map(|(id, address)| self.fetch::<OneOf<Received>>(id, address, &path)),
-        )
-        .await;
+        let answers = self.fetch_all::<OneOf<Received>>(&path).await;
         let mut served = vec![here];
         let mut found = Vec::new();
         let mut failed = None;
-        for ((identity, _), answer) in peers.into_iter().zip(answers) {
+        for (identity, answer) in answers {
             let one = match answer {
                 Ok(one) => one,
                 Err(r) => {
