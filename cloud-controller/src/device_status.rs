@@ -1,8 +1,13 @@
 //! What a report makes of a Device's status: reported state, its stamp, the report time, the
-//! observed desired generation, and the `Online` and `InSync` conditions.
+//! observed desired generation, the device's refusal of its desired state, and the `Online`,
+//! `InSync` and `DesiredAccepted` conditions.
 
-use edgesync_crds::{CONDITION_IN_SYNC, CONDITION_ONLINE, Device, DeviceStatus, set_condition};
+use edgesync_crds::{
+    CONDITION_DESIRED_ACCEPTED, CONDITION_IN_SYNC, CONDITION_ONLINE, DesiredRejection, Device,
+    DeviceStatus, set_condition,
+};
 use edgesync_protocol::merge::delta;
+use edgesync_protocol::rejection::Rejection;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
@@ -65,8 +70,76 @@ pub fn apply_report(device: &mut Device, report: &Stamped) {
         reason,
         &message,
         Some(generation),
+        now.clone(),
+    );
+    status.desired_rejection = report.rejection.as_ref().map(desired_rejection);
+    let (accepted, reason, message) = desired_accepted(generation, report.rejection.as_ref());
+    set_condition(
+        &mut status.conditions,
+        CONDITION_DESIRED_ACCEPTED,
+        accepted,
+        &reason,
+        &message,
+        Some(generation),
         now,
     );
+}
+
+fn desired_rejection(r: &Rejection) -> DesiredRejection {
+    DesiredRejection {
+        generation: r.desired_generation,
+        code: r.code.clone(),
+        message: r.message.clone(),
+        time: i64::try_from(r.timestamp)
+            .ok()
+            .and_then(|s| Timestamp::from_second(s).ok())
+            .map(Time),
+    }
+}
+
+/// `DesiredAccepted`: False while the device refuses the Device's current generation (the
+/// reason is the device's code, in the condition's CamelCase); a refusal of an older
+/// generation no longer counts.
+pub fn desired_accepted(generation: i64, rejection: Option<&Rejection>) -> (bool, String, String) {
+    match rejection {
+        Some(r) if r.desired_generation == generation => {
+            let message = if r.message.is_empty() {
+                format!(
+                    "The device refused desired generation {generation} ({})",
+                    r.code
+                )
+            } else {
+                format!(
+                    "The device refused desired generation {generation} ({}): {}",
+                    r.code, r.message
+                )
+            };
+            (false, camel_case(&r.code), message)
+        }
+        _ => (
+            true,
+            "NotRefused".to_owned(),
+            "The device has not refused the desired state".to_owned(),
+        ),
+    }
+}
+
+/// `out_of_range` as `OutOfRange`: condition reasons must start with a letter and hold only
+/// letters, digits and `_` (and CamelCase is Kubernetes' style); a code of digits only gets
+/// a prefix.
+fn camel_case(code: &str) -> String {
+    let mut out = String::with_capacity(code.len() + 8);
+    for part in code.split('_').filter(|p| !p.is_empty()) {
+        let mut chars = part.chars();
+        if let Some(first) = chars.next() {
+            out.push(first.to_ascii_uppercase());
+            out.extend(chars);
+        }
+    }
+    if !out.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        out.insert_str(0, "Refused");
+    }
+    out
 }
 
 /// `InSync`: the agent has applied the current desired generation and the device reports
@@ -123,6 +196,7 @@ mod tests {
             reported_at: "2026-11-28T10:00:00Z".into(),
             observed_desired_version: observed,
             connected: None,
+            rejection: None,
         };
         Stamped::new(&report, "e1".into(), Stamp::new(3, version))
     }
@@ -156,6 +230,76 @@ mod tests {
         let (ok, reason, _) = in_sync(3, 2, &serde_json::Map::new(), &serde_json::Map::new());
         assert!(!ok);
         assert_eq!(reason, "DesiredNotObserved");
+    }
+
+    #[test]
+    fn a_refusal_of_the_current_generation_shows_until_a_newer_one() {
+        let mut d = Device::new(
+            "d",
+            DeviceSpec {
+                node_name: "n".into(),
+                desired: json!({"speed": 9000}).as_object().cloned(),
+                reporting: None,
+            },
+        );
+        d.metadata.generation = Some(4);
+        let mut refused = report(6, json!({"speed": 3}), 4);
+        refused.rejection = Some(Rejection {
+            desired_generation: 4,
+            code: "out_of_range".into(),
+            message: "speed 9000 is above 6000".into(),
+            timestamp: 1_764_309_600,
+        });
+        apply_report(&mut d, &refused);
+        let s = d.status.as_ref().unwrap();
+        let r = s.desired_rejection.as_ref().unwrap();
+        assert_eq!((r.generation, r.code.as_str()), (4, "out_of_range"));
+        assert_eq!(
+            r.time.as_ref().unwrap().0.to_string(),
+            "2025-11-28T06:00:00Z"
+        );
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_DESIRED_ACCEPTED)
+            .unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "OutOfRange")
+        );
+        assert!(
+            c.message.contains("speed 9000 is above 6000"),
+            "{}",
+            c.message
+        );
+
+        // The Device moved on to generation 5 before the agent did: no longer counts.
+        d.metadata.generation = Some(5);
+        let mut later = report(7, json!({"speed": 3}), 4);
+        later.rejection = refused.rejection.clone();
+        apply_report(&mut d, &later);
+        let s = d.status.as_ref().unwrap();
+        assert_eq!(
+            condition_status(&s.conditions, "DesiredAccepted"),
+            Some("True")
+        );
+        // The agent applied generation 5: its report carries no refusal, and none is shown.
+        apply_report(&mut d, &report(8, json!({"speed": 3}), 5));
+        let s = d.status.as_ref().unwrap();
+        assert_eq!(s.desired_rejection, None);
+        assert_eq!(
+            condition_status(&s.conditions, "DesiredAccepted"),
+            Some("True")
+        );
+    }
+
+    #[test]
+    fn refusal_codes_become_condition_reasons() {
+        assert_eq!(camel_case("out_of_range"), "OutOfRange");
+        assert_eq!(camel_case("busy"), "Busy");
+        assert_eq!(camel_case("a__b_"), "AB");
+        assert_eq!(camel_case("42"), "Refused42");
+        assert_eq!(camel_case("_"), "Refused");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use edgesync_crds::DeviceStatus;
+use edgesync_protocol::rejection::Rejection;
 use edgesync_protocol::wire::Report;
 use serde_json::{Map, Value};
 
@@ -56,6 +57,8 @@ pub struct Stamped {
     pub observed_desired_version: i64,
     /// Whether the device is connected, as its agent said (`None`: not said).
     pub connected: Option<bool>,
+    /// The device's refusal of its desired generation, while it holds one.
+    pub rejection: Option<Rejection>,
     /// The batch's agent epoch (empty from agents that predate epochs).
     pub epoch: Arc<str>,
     /// `(epoch generation, version)`.
@@ -71,6 +74,7 @@ impl Stamped {
             reported_at: report.reported_at.clone(),
             observed_desired_version: report.observed_desired_version,
             connected: report.connected,
+            rejection: report.rejection.clone(),
             epoch,
             stamp,
         }

@@ -103,7 +103,29 @@ pub struct DeviceStatus {
     /// The `metadata.generation` whose `spec.desired` the agent has applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_desired_generation: Option<i64>,
-    /// `Online` and `InSync`.
+    /// The device's refusal of the desired generation its agent holds, while it holds one
+    /// (the device published `shadow/desired/reject`); a newer desired generation clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_rejection: Option<DesiredRejection>,
+    /// `Online`, `InSync` and `DesiredAccepted`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// A device's refusal of a desired generation, as its edge node reported it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredRejection {
+    /// The `metadata.generation` whose `spec.desired` the device refused.
+    pub generation: i64,
+    /// Why, for machines (`[a-z0-9_]`, at most 64 characters); also the condition's reason.
+    #[schemars(length(max = 64))]
+    pub code: String,
+    /// Why, for people (at most 256 bytes).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 256))]
+    pub message: String,
+    /// When the edge node took the refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
 }

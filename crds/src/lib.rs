@@ -10,7 +10,7 @@ mod device;
 mod edgenode;
 
 pub use conditions::{condition_status, set_condition};
-pub use device::{Device, DeviceSpec, DeviceStatus, ReportingOverrides};
+pub use device::{DesiredRejection, Device, DeviceSpec, DeviceStatus, ReportingOverrides};
 pub use edgenode::{EdgeNode, EdgeNodeLimits, EdgeNodeSpec, EdgeNodeStatus, SecretKeyRef};
 
 use kube::CustomResourceExt;
@@ -27,6 +27,9 @@ pub const CONDITION_ONLINE: &str = "Online";
 /// Condition type on a Device: the agent observed the latest desired generation and the
 /// reported state matches desired.
 pub const CONDITION_IN_SYNC: &str = "InSync";
+/// Condition type on a Device: the device has not refused its current desired generation
+/// (False: it published `shadow/desired/reject` for it; the reason is its code).
+pub const CONDITION_DESIRED_ACCEPTED: &str = "DesiredAccepted";
 /// Condition type on an EdgeNode: the agent is sending heartbeats.
 pub const CONDITION_READY: &str = "Ready";
 /// Condition type on an EdgeNode: the agent's database commits (False: disk full or I/O

@@ -21,6 +21,7 @@ pub mod limits;
 pub mod merge;
 pub mod mqtt;
 pub mod rate;
+pub mod rejection;
 pub mod secret;
 pub mod shadow;
 pub mod sparkplug;

@@ -3,7 +3,9 @@
 //! Topics, under a configurable prefix (default `edgesync`):
 //! `{prefix}/{device}/shadow/update` (in) with replies on `.../update/accepted`,
 //! `.../update/rejected`, `.../update/delta`, `.../update/documents`; and
-//! `{prefix}/{device}/shadow/get` (in) with replies on `.../get/accepted` and `.../get/rejected`.
+//! `{prefix}/{device}/shadow/get` (in) with replies on `.../get/accepted` and `.../get/rejected`;
+//! `{prefix}/{device}/shadow/desired/reject` (in) with replies on `.../reject/accepted` and
+//! `.../reject/rejected`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -20,9 +22,11 @@ pub enum ShadowOp {
     Update,
     /// `shadow/get`
     Get,
+    /// `shadow/desired/reject`: the device refuses its desired state.
+    Reject,
 }
 
-/// Splits `{prefix}/{device}/shadow/{update|get}` into the device id and operation. Returns
+/// Splits `{prefix}/{device}/shadow/{update|get|desired/reject}` into the device id and operation. Returns
 /// `None` for any other topic (including our own reply topics). The device id is returned
 /// unvalidated: the caller must reject invalid ids with a reply.
 pub fn parse_shadow_topic<'a>(prefix: &str, topic: &'a str) -> Option<(&'a str, ShadowOp)> {
@@ -31,6 +35,7 @@ pub fn parse_shadow_topic<'a>(prefix: &str, topic: &'a str) -> Option<(&'a str, 
     let op = match op {
         "shadow/update" => ShadowOp::Update,
         "shadow/get" => ShadowOp::Get,
+        "shadow/desired/reject" => ShadowOp::Reject,
         _ => return None,
     };
     Some((device, op))
@@ -41,6 +46,7 @@ pub fn reply_topic(prefix: &str, device: &str, op: ShadowOp, suffix: &str) -> St
     let op = match op {
         ShadowOp::Update => "update",
         ShadowOp::Get => "get",
+        ShadowOp::Reject => "desired/reject",
     };
     format!("{prefix}/{device}/shadow/{op}/{suffix}")
 }
@@ -146,6 +152,19 @@ pub struct UpdateAccepted {
     pub client_token: Option<String>,
 }
 
+/// Payload of `desired/reject/accepted`: the refusal is stored and will reach the Device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectAccepted {
+    /// The generation refused.
+    pub desired_generation: i64,
+    /// Shadow version after the refusal was stored.
+    pub version: u64,
+    /// The request's `clientToken`, if it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_token: Option<String>,
+}
+
 /// Payload of `update/delta`: desired state the device does not match yet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -154,6 +173,10 @@ pub struct DeltaMessage {
     pub state: Map<String, Value>,
     /// Shadow version the delta was computed at.
     pub version: u64,
+    /// The `Device` generation of the desired state: what a device names when it refuses it
+    /// (`shadow/desired/reject`).
+    #[serde(default)]
+    pub desired_generation: i64,
     /// Time of computation.
     pub timestamp: EpochSeconds,
 }
@@ -199,6 +222,21 @@ mod tests {
         assert_eq!(
             reply_topic("edgesync", "press-1", ShadowOp::Update, "delta"),
             "edgesync/press-1/shadow/update/delta"
+        );
+        assert_eq!(
+            parse_shadow_topic("edgesync", "edgesync/press-1/shadow/desired/reject"),
+            Some(("press-1", ShadowOp::Reject))
+        );
+        assert_eq!(
+            parse_shadow_topic(
+                "edgesync",
+                "edgesync/press-1/shadow/desired/reject/accepted"
+            ),
+            None
+        );
+        assert_eq!(
+            reply_topic("edgesync", "press-1", ShadowOp::Reject, "rejected"),
+            "edgesync/press-1/shadow/desired/reject/rejected"
         );
     }
 

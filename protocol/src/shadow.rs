@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use crate::identity::Dialect;
 use crate::limits::{self, LimitError, Limits};
 use crate::merge;
+use crate::rejection::Rejection;
 
 /// Seconds since the Unix epoch; shadow metadata uses whole seconds like AWS IoT shadows.
 pub type EpochSeconds = u64;
@@ -34,6 +35,10 @@ pub struct ShadowDocument {
     /// births and deaths); absent for devices that only publish state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connected: Option<bool>,
+    /// The device's refusal of the desired generation it holds (`shadow/desired/reject`),
+    /// until a newer generation replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejection: Option<Rejection>,
 }
 
 /// The two halves of a shadow's state.
@@ -95,17 +100,40 @@ pub enum ShadowError {
         /// The dialect that asked for it.
         by: Dialect,
     },
+    /// A refusal of a desired generation older than the one the shadow holds.
+    #[error(
+        "desired generation {rejected} was already replaced by generation {held}; refuse only the newest desired state (shadow/get shows it)"
+    )]
+    GenerationReplaced {
+        /// The generation refused.
+        rejected: i64,
+        /// The generation held.
+        held: i64,
+    },
+    /// A refusal of a desired generation the shadow does not hold (newer, or none yet).
+    #[error(
+        "desired generation {rejected} is not held here (the shadow holds generation {held}; 0: no desired state yet); refuse the desiredGeneration a delta or shadow/get carried"
+    )]
+    GenerationNotHeld {
+        /// The generation refused.
+        rejected: i64,
+        /// The generation held.
+        held: i64,
+    },
 }
 
 impl ShadowError {
     /// The HTTP-style status code: 400 malformed, 409 version conflict, 413 too large.
     pub fn code(&self) -> u16 {
         match self {
-            ShadowError::VersionConflict { .. } | ShadowError::IdentityTaken { .. } => 409,
+            ShadowError::VersionConflict { .. }
+            | ShadowError::IdentityTaken { .. }
+            | ShadowError::GenerationReplaced { .. } => 409,
             ShadowError::Limit(e) if e.is_too_large() => 413,
-            ShadowError::Malformed(_) | ShadowError::Limit(_) | ShadowError::DesiredIsReadOnly => {
-                400
-            }
+            ShadowError::Malformed(_)
+            | ShadowError::Limit(_)
+            | ShadowError::DesiredIsReadOnly
+            | ShadowError::GenerationNotHeld { .. } => 400,
         }
     }
 
@@ -116,6 +144,8 @@ impl ShadowError {
             ShadowError::VersionConflict { .. } => "version_conflict",
             ShadowError::DesiredIsReadOnly => "desired_read_only",
             ShadowError::IdentityTaken { .. } => "identity_taken",
+            ShadowError::GenerationReplaced { .. } => "generation_replaced",
+            ShadowError::GenerationNotHeld { .. } => "generation_not_held",
             ShadowError::Limit(e) => match e {
                 LimitError::PayloadTooLarge { .. } => "payload_too_large",
                 LimitError::StateTooLarge { .. } => "state_too_large",
@@ -240,7 +270,10 @@ impl UpdateRequest {
     }
 }
 
-fn parse_object(payload: &[u8], limits: &Limits) -> Result<Map<String, Value>, ShadowError> {
+pub(crate) fn parse_object(
+    payload: &[u8],
+    limits: &Limits,
+) -> Result<Map<String, Value>, ShadowError> {
     if payload.len() > limits.max_payload_bytes {
         return Err(LimitError::PayloadTooLarge {
             size: payload.len(),
@@ -364,6 +397,10 @@ impl ShadowDocument {
         let changed = desired != self.state.desired;
         let new_generation = generation != self.desired_generation;
         self.desired_generation = generation;
+        if new_generation {
+            // A refusal answers one generation; a newer one is a new question.
+            self.rejection = None;
+        }
         if changed {
             let patch = diff_as_patch(&self.state.desired, &desired);
             stamp_metadata(&mut self.metadata.desired, &patch, now);

@@ -8,6 +8,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::rejection::Rejection;
+
 /// Path of the reports endpoint for a node.
 pub fn reports_path(namespace: &str, node: &str) -> String {
     format!("/v1/namespaces/{namespace}/nodes/{node}/reports")
@@ -138,6 +140,10 @@ pub struct Report {
     /// is up. Absent: the device is online whenever its node is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connected: Option<bool>,
+    /// The device's refusal of a desired generation (`shadow/desired/reject`), while it holds
+    /// one. Absent from agents that predate refusals; older controllers ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejection: Option<Rejection>,
 }
 
 /// The controller's answer to a [`ReportBatch`]: one result per report, in order.
@@ -386,7 +392,7 @@ mod tests {
                 seq,
                 epoch: epoch_from_random(u128::from(seq)),
                 agent: AgentHealth::default(),
-                reports: vec![Report { device, version, reported: Map::new(), reported_at: "2026-01-01T00:00:00Z".into(), observed_desired_version: g, connected: None }],
+                reports: vec![Report { device, version, reported: Map::new(), reported_at: "2026-01-01T00:00:00Z".into(), observed_desired_version: g, connected: None, rejection: None }],
                 live: seq % 2 == 0,
             };
             let back: ReportBatch = serde_json::from_str(&serde_json::to_string(&batch).unwrap()).unwrap();

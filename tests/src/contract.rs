@@ -39,6 +39,8 @@ pub struct Seen {
     pub latest: HashMap<String, (u64, Map<String, Value>)>,
     /// Latest observed desired generation per device.
     pub observed_generation: HashMap<String, i64>,
+    /// The refusal the latest accepted report of each device carried (`None`: none).
+    pub rejection: HashMap<String, Option<edgesync_protocol::rejection::Rejection>>,
     /// Batches answered 2xx.
     pub batches: u64,
     /// Requests refused (401, 503, 429).
@@ -228,6 +230,7 @@ async fn reports(
             .get(&r.device)
             .is_none_or(|(v, _)| r.version > *v);
         let status = if newer {
+            seen.rejection.insert(r.device.clone(), r.rejection);
             seen.latest
                 .insert(r.device.clone(), (r.version, r.reported));
             ReportStatus::Accepted

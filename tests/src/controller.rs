@@ -308,6 +308,7 @@ pub fn report(device: &str, version: u64, reported: Value) -> Report {
         reported_at: "2026-11-28T10:00:00Z".to_owned(),
         observed_desired_version: 0,
         connected: None,
+        rejection: None,
     }
 }
 

@@ -257,6 +257,55 @@ async fn desired_state_becomes_a_delta_and_is_kept_while_offline() {
     )
     .await;
 
+    // The device refuses generation 2: stored, answered, and reported upstream with the
+    // shadow's next version. Refusals of a generation it does not hold change nothing.
+    assert_eq!(delta["desiredGeneration"], json!(2));
+    for (generation, code, answer) in [
+        (1, "out_of_range", 409),
+        (3, "out_of_range", 400),
+        (2, "Out Of Range", 400),
+    ] {
+        dev.publish(
+            "edgesync/press-1/shadow/desired/reject",
+            json!({"desiredGeneration": generation, "code": code, "clientToken": "r0"}).to_string(),
+        )
+        .await;
+        let refused = dev
+            .expect("edgesync/press-1/shadow/desired/reject/rejected")
+            .await;
+        assert_eq!(
+            refused["code"],
+            json!(answer),
+            "{generation} {code}: {refused}"
+        );
+    }
+    dev.publish(
+        "edgesync/press-1/shadow/desired/reject",
+        json!({"desiredGeneration": 2, "code": "out_of_range",
+            "message": "speed 1200 is above 1100", "clientToken": "r1"})
+        .to_string(),
+    )
+    .await;
+    let accepted = dev
+        .expect("edgesync/press-1/shadow/desired/reject/accepted")
+        .await;
+    assert_eq!(accepted["desiredGeneration"], json!(2));
+    assert_eq!(accepted["clientToken"], json!("r1"));
+    wait::until(
+        "the refusal reported upstream",
+        Duration::from_secs(20),
+        || async {
+            let seen = cloud.seen();
+            let r = seen.rejection.get("press-1")?.clone()?;
+            let version = seen.latest.get("press-1")?.0;
+            (r.desired_generation == 2 && r.code == "out_of_range")
+                .then_some(version == accepted["version"].as_u64().unwrap())
+        },
+    )
+    .await
+    .then_some(())
+    .expect("the report carrying the refusal is the shadow's version after it");
+
     // Uplink gone: a device that (re)connects still gets the stored desired state.
     drop(cloud);
     let mut late = TestDevice::connect(
@@ -269,6 +318,7 @@ async fn desired_state_becomes_a_delta_and_is_kept_while_offline() {
     let doc = late.expect("edgesync/press-1/shadow/get/accepted").await;
     assert_eq!(doc["state"]["desired"], json!({"speed":1200,"mode":"auto"}));
     assert_eq!(doc["state"]["delta"], json!({"speed":1200}));
+    assert_eq!(doc["rejection"]["code"], json!("out_of_range"), "{doc}");
 
     // The device catches up; the delta empties.
     dev.publish(

@@ -166,6 +166,70 @@ async fn devices_to_kubernetes_and_desired_back_to_the_device() {
     .await;
     let st = devices.get("dev-7").await.unwrap().status.unwrap();
     assert_eq!(st.observed_desired_generation, d.metadata.generation);
+
+    // A value the machine cannot take: the device refuses it over MQTT, and the Device says
+    // so (`status.desiredRejection`, `DesiredAccepted=False` with the device's code).
+    cp.patch_device(
+        &stack.ns.name,
+        "dev-7",
+        r#"{"spec":{"desired":{"speed":9000}}}"#,
+    );
+    let delta = dev.expect("edgesync/dev-7/shadow/update/delta").await;
+    assert_eq!(delta["state"], json!({"speed": 9000}));
+    let refused = delta["desiredGeneration"]
+        .as_i64()
+        .expect("the delta names its generation");
+    dev.publish(
+        "edgesync/dev-7/shadow/desired/reject",
+        json!({"desiredGeneration": refused, "code": "out_of_range",
+            "message": "speed 9000 is above 6000"})
+        .to_string(),
+    )
+    .await;
+    dev.expect("edgesync/dev-7/shadow/desired/reject/accepted")
+        .await;
+    let accepted = |d: &edgesync_crds::Device| {
+        let st = d.status.as_ref()?;
+        let c = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == edgesync_crds::CONDITION_DESIRED_ACCEPTED)?;
+        Some((
+            c.status.clone(),
+            c.reason.clone(),
+            st.desired_rejection.clone(),
+        ))
+    };
+    let (_, _, rejection) = wait::until(
+        "DesiredAccepted=False with the device's code",
+        Duration::from_secs(30),
+        || async {
+            let d = devices.get("dev-7").await.ok()?;
+            accepted(&d).filter(|(status, reason, _)| status == "False" && reason == "OutOfRange")
+        },
+    )
+    .await;
+    let rejection = rejection.expect("status.desiredRejection");
+    assert_eq!(
+        (rejection.generation, rejection.message.as_str()),
+        (refused, "speed 9000 is above 6000")
+    );
+    // A newer desired value is a new question: once the agent applies it, the refusal goes.
+    cp.patch_device(
+        &stack.ns.name,
+        "dev-7",
+        r#"{"spec":{"desired":{"speed":5000}}}"#,
+    );
+    dev.expect("edgesync/dev-7/shadow/update/delta").await;
+    wait::until(
+        "DesiredAccepted=True and no refusal after a newer generation",
+        Duration::from_secs(30),
+        || async {
+            let d = devices.get("dev-7").await.ok()?;
+            accepted(&d).filter(|(status, _, rejection)| status == "True" && rejection.is_none())
+        },
+    )
+    .await;
     let en = cp.kubectl_ok(&[
         "-n",
         &stack.ns.name,

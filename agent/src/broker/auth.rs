@@ -318,8 +318,8 @@ impl Acl {
     }
 
     /// The built-in policy "each device only its own topics", for devices whose username
-    /// is their device id: publish to `{prefix}/<id>/shadow/update` and `.../shadow/get`
-    /// and to each ingest topic with `{device}` as `<id>`; subscribe within
+    /// is their device id: publish to `{prefix}/<id>/shadow/update`, `.../shadow/get` and
+    /// `.../shadow/desired/reject`, and to each ingest topic with `{device}` as `<id>`; subscribe within
     /// `{prefix}/<id>/shadow/#`. Ingest topics without `{device}` are not granted. Clients
     /// without a username get nothing from it.
     pub fn own_topics(prefix: &str, ingest_topics: &[&str]) -> Self {
@@ -328,6 +328,7 @@ impl Acl {
         let mut patterns = vec![
             rule(Access::Write, format!("{prefix}/%u/shadow/update")),
             rule(Access::Write, format!("{prefix}/%u/shadow/get")),
+            rule(Access::Write, format!("{prefix}/%u/shadow/desired/reject")),
             rule(Access::Read, format!("{prefix}/%u/shadow/#")),
         ];
         for topic in ingest_topics.iter().filter(|t| t.contains("{device}")) {
@@ -781,6 +782,8 @@ mod tests {
         let me = Some("press-1");
         assert!(acl.can_publish(me, "c", "edgesync/press-1/shadow/update"));
         assert!(acl.can_publish(me, "c", "edgesync/press-1/shadow/get"));
+        assert!(acl.can_publish(me, "c", "edgesync/press-1/shadow/desired/reject"));
+        assert!(!acl.can_publish(me, "c", "edgesync/press-2/shadow/desired/reject"));
         assert!(!acl.can_publish(me, "c", "edgesync/press-2/shadow/update"));
         assert!(!acl.can_publish(me, "c", "edgesync/press-1/shadow/update/delta"));
         assert!(acl.can_publish(me, "c", "factory/press-1/state"));

@@ -1,12 +1,13 @@
-//! The native shadow dialect: `{prefix}/{device}/shadow/update` and `.../shadow/get`,
-//! answered on `.../accepted`, `.../rejected`, `.../documents`, and deltas on
-//! `.../update/delta` (the device-facing contract in DESIGN.md).
+//! The native shadow dialect: `{prefix}/{device}/shadow/update`, `.../shadow/get` and
+//! `.../shadow/desired/reject`, answered on `.../accepted`, `.../rejected`, `.../documents`,
+//! and deltas on `.../update/delta` (the device-facing contract in DESIGN.md).
 
 use edgesync_protocol::identity::{self, Dialect, Name};
 use edgesync_protocol::mqtt::{
-    DeltaMessage, DocumentsMessage, Rejected, ShadowOp, UpdateAccepted, parse_shadow_topic,
-    reply_topic,
+    DeltaMessage, DocumentsMessage, RejectAccepted, Rejected, ShadowOp, UpdateAccepted,
+    parse_shadow_topic, reply_topic,
 };
+use edgesync_protocol::rejection::RejectRequest;
 use edgesync_protocol::shadow::{ShadowDocument, ShadowError, UpdateRequest};
 use rumqttc::{Publish, QoS};
 use serde_json::{Map, Value};
@@ -17,10 +18,11 @@ use super::{DevicePublisher, StoreReply};
 use crate::store::{StoreError, UpdateOutcome};
 
 /// The agent's subscriptions for the dialect.
-pub(super) fn filters(prefix: &str) -> [String; 2] {
+pub(super) fn filters(prefix: &str) -> [String; 3] {
     [
         format!("{prefix}/+/shadow/update"),
         format!("{prefix}/+/shadow/get"),
+        format!("{prefix}/+/shadow/desired/reject"),
     ]
 }
 
@@ -37,6 +39,8 @@ enum State {
     Rejected(Rejected),
     Update(StoreReply<UpdateOutcome>),
     Get(StoreReply<Option<ShadowDocument>>),
+    /// A refusal of the desired generation named.
+    Reject(StoreReply<UpdateOutcome>, i64),
 }
 
 impl Processor {
@@ -50,10 +54,15 @@ impl Processor {
             state,
         };
         if let Err(e) = identity::device_id(Name::Native(device)) {
-            let token = (op == ShadowOp::Update)
-                .then(|| UpdateRequest::parse(&publish.payload, &self.limits).ok())
-                .flatten()
-                .and_then(|r| r.client_token);
+            let token = match op {
+                ShadowOp::Update => UpdateRequest::parse(&publish.payload, &self.limits)
+                    .ok()
+                    .and_then(|r| r.client_token),
+                ShadowOp::Reject => RejectRequest::parse(&publish.payload, &self.limits)
+                    .ok()
+                    .and_then(|r| r.client_token),
+                ShadowOp::Get => None,
+            };
             let rejected = self.reject(&ShadowError::from(e), token.clone());
             return Some(waiting(token, State::Rejected(rejected)));
         }
@@ -74,6 +83,15 @@ impl Processor {
                     let token = req.client_token.clone();
                     let rx = self.store.submit_update(device.to_owned(), req, true).await;
                     waiting(token, State::Update(rx))
+                }
+            },
+            ShadowOp::Reject => match RejectRequest::parse(&publish.payload, &self.limits) {
+                Err(e) => waiting(None, State::Rejected(self.reject(&e, None))),
+                Ok(req) => {
+                    let token = req.client_token.clone();
+                    let generation = req.desired_generation;
+                    let rx = self.store.submit_reject(device.to_owned(), req).await;
+                    waiting(token, State::Reject(rx, generation))
                 }
             },
         })
@@ -138,30 +156,52 @@ impl Responder {
                         .await;
                     true
                 }
-                Settled::Refused(rejected) => {
-                    self.shadow_reply(
-                        &device,
-                        op,
-                        "rejected",
-                        &Rejected {
-                            client_token,
-                            ..rejected
-                        },
-                    );
+                other => self.not_accepted(&device, op, client_token, other),
+            },
+            State::Reject(rx, desired_generation) => match self.settle(&device, rx).await {
+                Settled::Accepted { current, .. } => {
+                    let accepted = RejectAccepted {
+                        desired_generation,
+                        version: current.map_or(0, |c| c.version),
+                        client_token,
+                    };
+                    self.shadow_reply(&device, op, "accepted", &accepted);
                     true
                 }
-                Settled::NotCommitted { replied } => {
-                    if replied {
-                        self.shadow_reply(
-                            &device,
-                            op,
-                            "rejected",
-                            &store_unavailable(client_token),
-                        );
-                    }
-                    false
-                }
+                other => self.not_accepted(&device, op, client_token, other),
             },
+        }
+    }
+
+    /// Answers a request the store refused or did not commit; returns whether the message
+    /// may be acked (not when it was not committed: the broker sends it again).
+    fn not_accepted(
+        &self,
+        device: &str,
+        op: ShadowOp,
+        client_token: Option<String>,
+        settled: Settled,
+    ) -> bool {
+        match settled {
+            Settled::Accepted { .. } => true,
+            Settled::Refused(rejected) => {
+                self.shadow_reply(
+                    device,
+                    op,
+                    "rejected",
+                    &Rejected {
+                        client_token,
+                        ..rejected
+                    },
+                );
+                true
+            }
+            Settled::NotCommitted { replied } => {
+                if replied {
+                    self.shadow_reply(device, op, "rejected", &store_unavailable(client_token));
+                }
+                false
+            }
         }
     }
 
@@ -192,6 +232,7 @@ impl DevicePublisher {
         let msg = DeltaMessage {
             state: delta,
             version: doc.version,
+            desired_generation: doc.desired_generation,
             timestamp: doc.timestamp,
         };
         let topic = reply_topic(&self.prefix, device, ShadowOp::Update, "delta");

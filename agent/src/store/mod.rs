@@ -27,6 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use edgesync_protocol::Limits;
 use edgesync_protocol::identity::Dialect;
+use edgesync_protocol::rejection::RejectRequest;
 use edgesync_protocol::shadow::{
     Applied, EpochSeconds, ShadowDocument, ShadowError, UpdateRequest,
 };
@@ -227,6 +228,12 @@ enum Command {
         full_reply: bool,
         reply: Reply<UpdateOutcome>,
     },
+    /// A device refuses its desired generation (`shadow/desired/reject`).
+    Reject {
+        device: String,
+        request: RejectRequest,
+        reply: Reply<UpdateOutcome>,
+    },
     SetDesired {
         device: String,
         desired: Map<String, Value>,
@@ -280,7 +287,7 @@ impl Command {
     /// uplink's batch reads and acknowledgements, reads, desired state) commits at once, so
     /// pacing never delays a report on its way out.
     fn is_device_update(&self) -> bool {
-        matches!(self, Command::Update { .. })
+        matches!(self, Command::Update { .. } | Command::Reject { .. })
     }
 
     /// Whether this reads the uplink's next batch (and so may take a batch number).
@@ -394,6 +401,27 @@ impl Store {
                 device,
                 request,
                 full_reply,
+                reply,
+            })
+            .await;
+        rx
+    }
+
+    /// Queues a device's refusal of its desired generation and returns a receiver for its
+    /// durable outcome ([`UpdateOutcome::Accepted`] with the document after it, or
+    /// [`UpdateOutcome::Rejected`] for a generation the shadow does not hold); dropped with
+    /// its transaction as [`Store::submit_update`].
+    pub async fn submit_reject(
+        &self,
+        device: String,
+        request: RejectRequest,
+    ) -> oneshot::Receiver<Result<UpdateOutcome, StoreError>> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self
+            .tx
+            .send(Command::Reject {
+                device,
+                request,
                 reply,
             })
             .await;

@@ -144,9 +144,15 @@ impl Outbox {
         let mut reports = Vec::new();
         let mut bytes = 0usize;
         for (device, doc, since) in fresh.into_iter().chain(again) {
+            // 128 for the envelope; a refusal adds at most its two capped strings and numbers.
+            let refusal = doc
+                .rejection
+                .as_ref()
+                .map_or(0, |r| r.code.len() + r.message.len() * 6 + 96);
             let size = edgesync_protocol::shadow::encoded_object_len(&doc.state.reported)
                 + device.len()
-                + 128;
+                + 128
+                + refusal;
             if !reports.is_empty() && bytes + size > max_bytes {
                 break;
             }
@@ -158,6 +164,7 @@ impl Outbox {
                 reported_at: rfc3339(doc.timestamp),
                 observed_desired_version: doc.desired_generation,
                 connected: doc.connected,
+                rejection: doc.rejection.clone(),
             };
             reports.push((report, since));
             if reports.len() >= max_reports {

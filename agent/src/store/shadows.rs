@@ -10,7 +10,8 @@ use std::path::Path;
 
 use edgesync_protocol::Limits;
 use edgesync_protocol::identity::Dialect;
-use edgesync_protocol::shadow::{ShadowDocument, ShadowError, UpdateRequest};
+use edgesync_protocol::rejection::RejectRequest;
+use edgesync_protocol::shadow::{Applied, ShadowDocument, ShadowError, UpdateRequest};
 use rusqlite::{Connection, params};
 use serde_json::{Map, Value};
 
@@ -122,6 +123,41 @@ impl Shadows {
                 }
             },
         )
+    }
+
+    /// Records a device's refusal of its desired generation (written at [`Shadows::flush`],
+    /// with its pending report). Only a device of the native dialect can refuse: the others
+    /// have no such message, and their ids are theirs.
+    pub(super) fn reject(&mut self, device: String, request: &RejectRequest) -> UpdateOutcome {
+        if let Some(owner) = self.claims.get(&device).copied()
+            && owner != Dialect::Native
+        {
+            return UpdateOutcome::Rejected(ShadowError::IdentityTaken {
+                device,
+                owner,
+                by: Dialect::Native,
+            });
+        }
+        // A device without a shadow holds no desired generation: refused below, and no
+        // document is made for it (a refusal never counts against the device cap).
+        let mut none = ShadowDocument::default();
+        let doc = self.docs.get_mut(&device).unwrap_or(&mut none);
+        match doc.apply_rejection(request, now_secs()) {
+            Ok(changed) => {
+                let current = Some(doc.clone());
+                if changed {
+                    self.dirty.insert(device);
+                }
+                UpdateOutcome::Accepted {
+                    applied: Applied {
+                        changed,
+                        previous: None,
+                    },
+                    current,
+                }
+            }
+            Err(e) => UpdateOutcome::Rejected(e),
+        }
     }
 
     /// Sets a device's desired state from the cloud, written at once.

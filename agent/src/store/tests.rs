@@ -601,6 +601,57 @@ async fn desired_generation_is_reported_even_without_a_change() {
     assert_eq!(b.reports[0].observed_desired_version, 3);
 }
 
+/// A device's refusal is committed with its shadow, reported upstream with the shadow's next
+/// version, survives a reopen, and never makes a shadow for a device that has none.
+#[tokio::test]
+async fn a_refusal_is_stored_reported_and_kept_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let refuse = |generation: i64| edgesync_protocol::rejection::RejectRequest {
+        desired_generation: generation,
+        code: "out_of_range".into(),
+        message: "speed 5 is below 10".into(),
+        client_token: None,
+    };
+    {
+        let (store, h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
+        let outcome = store.submit_reject("ghost".into(), refuse(1)).await;
+        assert!(matches!(
+            outcome.await.unwrap().unwrap(),
+            UpdateOutcome::Rejected(ShadowError::GenerationNotHeld { .. })
+        ));
+        assert_eq!(store.get("ghost".into()).await.unwrap(), None);
+
+        let desired = json!({"speed": 5}).as_object().unwrap().clone();
+        store
+            .set_desired("a".into(), desired, 2)
+            .await
+            .unwrap()
+            .unwrap();
+        let b = read_batch(&store).await;
+        store.ack(b.seq, b.covered()).await.unwrap();
+        let outcome = store.submit_reject("a".into(), refuse(2)).await;
+        let UpdateOutcome::Accepted { applied, current } = outcome.await.unwrap().unwrap() else {
+            panic!("the held generation can be refused");
+        };
+        assert!(applied.changed);
+        let version = current.unwrap().version;
+        let b = read_batch(&store).await;
+        assert_eq!(b.reports[0].version, version);
+        let r = b.reports[0]
+            .rejection
+            .clone()
+            .expect("the report carries it");
+        assert_eq!((r.desired_generation, r.code.as_str()), (2, "out_of_range"));
+        drop(store);
+        h.join().unwrap();
+    }
+    let (store, h) = Store::open(&settings(dir.path()), Limits::default()).unwrap();
+    let doc = store.get("a".into()).await.unwrap().unwrap();
+    assert_eq!(doc.rejection.unwrap().message, "speed 5 is below 10");
+    drop(store);
+    h.join().unwrap();
+}
+
 mod throughput {
     use super::*;
     use crate::config::Durability;

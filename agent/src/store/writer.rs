@@ -234,7 +234,10 @@ impl Writer {
 
     /// Applies one command inside the group's transaction; its reply waits for the commit.
     fn apply(&mut self, cmd: Command) -> Result<Deferred, StoreError> {
-        if !matches!(cmd, Command::Update { .. } | Command::Get { .. }) {
+        if !matches!(
+            cmd,
+            Command::Update { .. } | Command::Reject { .. } | Command::Get { .. }
+        ) {
             // Everything else reads or writes rows: bring them up to date first.
             self.shadows
                 .flush(&self.conn, &self.path, &mut self.outbox)?;
@@ -254,6 +257,11 @@ impl Writer {
                     .map_err(&err)?;
                 defer(reply, outcome)
             }
+            Command::Reject {
+                device,
+                request,
+                reply,
+            } => defer(reply, self.shadows.reject(device, &request)),
             Command::SetDesired {
                 device,
                 desired,

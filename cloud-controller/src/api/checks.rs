@@ -92,6 +92,9 @@ pub(super) fn precheck(
         };
         return Some(Settled::rejected(code, e));
     }
+    if let Some(Err(e)) = report.rejection.as_ref().map(|r| r.check()) {
+        return Some(Settled::rejected("invalid_rejection", e));
+    }
     None
 }
 
@@ -160,6 +163,7 @@ mod tests {
             reported_at: "2026-12-07T00:00:00Z".into(),
             observed_desired_version: 0,
             connected: None,
+            rejection: None,
         }
     }
 
@@ -182,6 +186,15 @@ mod tests {
             report("d", 1, json!({"big": "x".repeat(100)})),
             report("e", 1, json!({"$bad": 1})),
             report("f", 1, json!({"t": 20})),
+            Report {
+                rejection: Some(edgesync_protocol::rejection::Rejection {
+                    desired_generation: 2,
+                    code: "Not A Code".into(),
+                    message: String::new(),
+                    timestamp: 1,
+                }),
+                ..report("g", 1, json!({}))
+            },
         ];
         let newest = newest_versions(&batch);
         let codes: Vec<_> = batch
@@ -199,6 +212,7 @@ mod tests {
                 Some((ReportStatus::Rejected, Some("too_large"))),
                 Some((ReportStatus::Rejected, Some("invalid_state"))),
                 None,
+                Some((ReportStatus::Rejected, Some("invalid_rejection"))),
             ]
         );
         let reason = precheck(&batch[2], &newest, &limits).unwrap().reason;

@@ -224,6 +224,7 @@ mod tests {
             reported_at: "2026-12-07T08:00:00Z".into(),
             observed_desired_version: 2,
             connected: None,
+            rejection: None,
         };
         let stamped = Stamped::new(&report, Arc::from("e1"), Stamp::new(1, version));
         live.apply_report(d, &report.reported, &stamped, at);

@@ -294,6 +294,7 @@ mod tests {
             reported_at: "2026-12-07T00:00:00Z".into(),
             observed_desired_version: 0,
             connected: None,
+            rejection: None,
         };
         Stamped::new(&report, Arc::from("e"), Stamp::new(1, version))
     }
