@@ -69,7 +69,8 @@ pub enum Command {
         selector: Option<String>,
     },
     /// Sets desired values (merge-patches spec.desired), then follows the Device until it is
-    /// In-Sync. VALUE is JSON when it parses as JSON (5, true, "on", {"a":1}), else a string;
+    /// In-Sync, or until the device refuses them (exit code 1, with the device's reason).
+    /// VALUE is JSON when it parses as JSON (5, true, "on", {"a":1}), else a string;
     /// KEY may be a dotted path (motor.speed=1500); KEY=null removes the key.
     Set {
         /// The Device name.

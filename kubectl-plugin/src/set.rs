@@ -1,5 +1,6 @@
 //! `kubectl edgesync set DEVICE KEY=VALUE...`: merge-patches `spec.desired`, then follows the
-//! Device until its agent has applied that generation and the device reports every value.
+//! Device until its agent has applied that generation and the device reports every value, or
+//! the device refuses it.
 
 use std::time::{Duration, Instant};
 
@@ -41,8 +42,31 @@ pub fn patch(pairs: &[String]) -> anyhow::Result<Map<String, Value>> {
     Ok(out)
 }
 
-/// Whether the Device has caught up with `generation`: its InSync condition is True for it.
-fn in_sync(d: &Device, generation: i64) -> (bool, String) {
+/// Where the Device stands with `generation`.
+#[derive(Debug, PartialEq, Eq)]
+enum Progress {
+    /// Its InSync condition is True for it.
+    InSync(String),
+    /// Not yet, and why.
+    Waiting(String),
+    /// The device refused it (`status.desiredRejection`).
+    Refused(String),
+}
+
+fn progress(d: &Device, generation: i64) -> Progress {
+    if let Some(r) = d
+        .status
+        .as_ref()
+        .and_then(|s| s.desired_rejection.as_ref())
+        .filter(|r| r.generation == generation)
+    {
+        let message = if r.message.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", r.message)
+        };
+        return Progress::Refused(format!("{}{message}", r.code));
+    }
     let c = d
         .status
         .as_ref()
@@ -53,9 +77,11 @@ fn in_sync(d: &Device, generation: i64) -> (bool, String) {
         .and_then(|s| s.observed_desired_generation)
         .unwrap_or(0);
     match c {
-        Some(c) if c.status == "True" && observed >= generation => (true, c.message.clone()),
-        Some(c) => (false, format!("{} ({})", c.message, c.reason)),
-        None => (false, "no InSync condition yet".into()),
+        Some(c) if c.status == "True" && observed >= generation => {
+            Progress::InSync(c.message.clone())
+        }
+        Some(c) => Progress::Waiting(format!("{} ({})", c.message, c.reason)),
+        None => Progress::Waiting("no InSync condition yet".into()),
     }
 }
 
@@ -98,10 +124,14 @@ pub async fn run(
     let mut stream = std::pin::pin!(stream);
     let followed = tokio::time::timeout(timeout, async {
         while let Some(d) = stream.try_next().await? {
-            let (done, why) = in_sync(&d, generation);
-            if done {
-                return Ok::<_, anyhow::Error>(());
-            }
+            let why = match progress(&d, generation) {
+                Progress::InSync(_) => return Ok::<_, anyhow::Error>(()),
+                Progress::Refused(why) => anyhow::bail!(
+                    "device/{name} refused generation {generation}: {why} (its desired state stays \
+                     as patched; set other values, or put the previous ones back)"
+                ),
+                Progress::Waiting(why) => why,
+            };
             if why != last {
                 eprintln!(
                     "  {:>5.1}s  waiting: {why}",
@@ -149,5 +179,30 @@ mod tests {
         );
         assert!(patch(&["nope".into()]).is_err());
         assert!(patch(&["a..b=1".into()]).is_err());
+    }
+
+    #[test]
+    fn a_refusal_of_the_patched_generation_ends_the_wait() {
+        let mut d: Device = serde_json::from_value(json!({
+            "apiVersion": "edgesync.io/v1alpha1", "kind": "Device",
+            "metadata": {"name": "d", "generation": 4},
+            "spec": {"nodeName": "n"},
+            "status": {
+                "observedDesiredGeneration": 4,
+                "desiredRejection": {"generation": 4, "code": "out_of_range", "message": "too fast"},
+                "conditions": [{"type": "InSync", "status": "False", "reason": "ReportedDiffers",
+                    "message": "Reported state differs from desired at: speed",
+                    "lastTransitionTime": "2026-12-01T00:00:00Z"}]
+            }
+        }))
+        .unwrap();
+        assert_eq!(
+            progress(&d, 4),
+            Progress::Refused("out_of_range: too fast".into())
+        );
+        // A refusal of an older generation is not an answer to this one.
+        assert!(matches!(progress(&d, 5), Progress::Waiting(_)));
+        d.status.as_mut().unwrap().desired_rejection = None;
+        assert!(matches!(progress(&d, 4), Progress::Waiting(_)));
     }
 }
