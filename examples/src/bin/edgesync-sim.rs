@@ -4,7 +4,9 @@
 //! as plain JSON to `factory/{device}/state` every `--interval-ms` (temperature drifting, a
 //! counter of parts made, the speed it runs at), and obeys desired state: a `speed` in the
 //! shadow delta (`{prefix}/{device}/shadow/update/delta`) is applied and reported back through
-//! `{prefix}/{device}/shadow/update`, which is what turns a Device In-Sync.
+//! `{prefix}/{device}/shadow/update`, which is what turns a Device In-Sync. With `--max-speed`,
+//! a machine refuses a faster speed over `{prefix}/{device}/shadow/desired/reject`, which the
+//! Device shows as `DesiredAccepted=False`.
 
 #![allow(clippy::print_stdout)]
 
@@ -40,12 +42,30 @@ struct Args {
     /// Stop after this many seconds (0: run until Ctrl-C).
     #[arg(long, default_value_t = 0)]
     duration_secs: u64,
+    /// The fastest speed a machine accepts: a desired speed above it is refused with code
+    /// `out_of_range` (0: any speed is taken).
+    #[arg(long, default_value_t = 0)]
+    max_speed: u64,
+    /// The share of machines, in percent, that have `--max-speed` (every n-th machine, spread
+    /// over the ids); the others take any speed.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=100))]
+    max_speed_share: u64,
 }
 
 struct Machine {
     temperature: f64,
     parts: u64,
     speed: u64,
+    /// The fastest speed it accepts.
+    max_speed: Option<u64>,
+}
+
+/// Whether machine `i` is among the `share` percent with a speed limit: spread over the ids
+/// (i * share crosses a multiple of 100), so 5% is machines 19, 39, 59, ... rather than the
+/// first five.
+fn limited(i: usize, share: u64) -> bool {
+    let i = i as u64;
+    (i + 1) * share / 100 > i * share / 100
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -67,6 +87,8 @@ async fn main() {
                     temperature: 20.0 + i as f64 % 7.0,
                     parts: 0,
                     speed: 1000,
+                    max_speed: (args.max_speed > 0 && limited(i, args.max_speed_share))
+                        .then_some(args.max_speed),
                 },
             )
         })
@@ -95,6 +117,16 @@ async fn main() {
                     let device = p.topic.split('/').nth(1).unwrap_or_default().to_owned();
                     let delta: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
                     if let (Some(m), Some(speed)) = (machines.get_mut(&device), delta["state"]["speed"].as_u64()) {
+                        if let Some(max) = m.max_speed.filter(|max| speed > *max) {
+                            println!("edgesync-sim: {device} refuses desired speed {speed} (above {max})");
+                            let refusal = json!({
+                                "desiredGeneration": delta["desiredGeneration"],
+                                "code": "out_of_range",
+                                "message": format!("speed {speed} is above {max}"),
+                            });
+                            let _ = client.try_publish(format!("{}/{device}/shadow/desired/reject", args.prefix), QoS::AtLeastOnce, false, refusal.to_string());
+                            continue;
+                        }
                         m.speed = speed;
                         println!("edgesync-sim: {device} applies desired speed {speed}");
                         let update = json!({"state": {"reported": {"speed": speed}}});
@@ -122,5 +154,19 @@ async fn main() {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::limited;
+
+    #[test]
+    fn a_share_of_machines_is_spread_over_the_ids() {
+        let pick = |n: usize, share| (0..n).filter(|i| limited(*i, share)).collect::<Vec<_>>();
+        assert_eq!(pick(100, 5), [19, 39, 59, 79, 99]);
+        assert_eq!(pick(10, 100).len(), 10);
+        assert!(pick(10, 0).is_empty());
+        assert_eq!(pick(1000, 5).len(), 50);
     }
 }

@@ -76,7 +76,9 @@ async fn main() {
             .arg("--port")
             .arg(mqtt_port.to_string())
             .arg("--devices")
-            .arg(MACHINES.to_string()),
+            .arg(MACHINES.to_string())
+            .arg("--max-speed")
+            .arg("6000"),
         dir.path(),
     );
 
@@ -144,6 +146,39 @@ async fn main() {
             "machine-3",
             "-o",
             "jsonpath={.status.reported}"
+        ])
+    );
+    println!("      the operator asks for speed 9000, above what the machines run (6000)");
+    cp.patch_device(
+        NAMESPACE,
+        "machine-3",
+        r#"{"spec":{"desired":{"speed":9000}}}"#,
+    );
+    wait::until(
+        "machine-3 refuses speed 9000",
+        Duration::from_secs(60),
+        || {
+            let devices = devices.clone();
+            async move {
+                let st = devices.get("machine-3").await.ok()?.status?;
+                (condition_status(&st.conditions, "DesiredAccepted") == Some("False")).then_some(())
+            }
+        },
+    )
+    .await;
+    println!(
+        "\n$ kubectl get device machine-3 -n {NAMESPACE} -o jsonpath='{{.status.desiredRejection}}'"
+    );
+    println!(
+        "{}",
+        cp.kubectl_ok(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "device",
+            "machine-3",
+            "-o",
+            "jsonpath={.status.desiredRejection}"
         ])
     );
     println!("\n$ kubectl get edgenodes -n {NAMESPACE} -o wide");
