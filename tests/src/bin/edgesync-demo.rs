@@ -3,7 +3,8 @@
 //! Starts a local control plane (etcd + kube-apiserver, CRDs applied), the controller, the
 //! agent with its embedded MQTT broker, and the shop-floor simulator; shows the devices arriving in
 //! `kubectl get devices` and their live state in `kubectl get devicestates`; then plays the operator: sets a desired speed on one machine and
-//! shows it travel down to the device and the Device turn In-Sync. Everything it starts stops
+//! shows it travel down to the device and the Device turn In-Sync, then a speed the machine
+//! refuses, shown in the Device's `status.desiredRejection`. Everything it starts stops
 //! when it exits. `DEMO_KEEP=1` keeps it running until Ctrl-C, printing the kubectl commands to
 //! try.
 
