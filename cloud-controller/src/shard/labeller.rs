@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use edgesync_crds::{Device, EdgeNode};
 use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -137,9 +138,16 @@ impl Labelling {
         // never takes them again (a share takes seconds, and the tick is due again when it
         // ends).
         let mut recent = Recent::default();
+        // The share being written. The watches are read while it is: a reader that stops for
+        // the seconds a share of writes takes falls behind the API server's events for those
+        // very writes, and the API server closes a watch whose reader lags ("unresponsive"),
+        // after which the watch lists every unlabelled object again, the store is stale for
+        // as long, and objects labelled minutes ago were taken again: at 100,000 Devices the
+        // fleet was never labelled.
+        let mut writing: Option<BoxFuture<'_, ()>> = None;
         loop {
-            // Biased: every watch event ready is read before the next share is taken, so the
-            // share is chosen from what is still unlabelled.
+            // Biased: every watch event ready is read before anything else, so a share is
+            // chosen from what is still unlabelled.
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
@@ -149,18 +157,18 @@ impl Labelling {
                 Some(r) = node_stream.next() => if let Err(e) = r {
                     warn!(error = %e, "Watch of unlabelled EdgeNodes failed; retrying");
                 },
-                _ = self.labeller.wake.notified() => {
-                    let work = self.labeller.take_moved();
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        () = self.write(work) => {}
-                    }
+                // Shutdown does not wait for a share of label writes: it is dropped.
+                () = async { writing.as_mut().expect("polled only while writing").await }, if writing.is_some() => {
+                    writing = None;
                 }
-                _ = tick.tick() => {
+                _ = self.labeller.wake.notified(), if writing.is_none() => {
+                    writing = Some(Box::pin(self.write(self.labeller.take_moved())));
+                }
+                _ = tick.tick(), if writing.is_none() => {
                     let mut work = self.labeller.take_moved();
                     if self.leader.is_leader() {
                         // A share per tick: labelling a whole fleet takes minutes at the
-                        // budget's pace, and the watches must be read meanwhile.
+                        // budget's pace.
                         recent.expire(Instant::now());
                         let share: Vec<Pending> = unlabelled_objects(&devices, &nodes)
                             .into_iter()
@@ -170,11 +178,7 @@ impl Labelling {
                         recent.add(&share, Instant::now());
                         work.extend(share);
                     }
-                    // Shutdown does not wait for a share of label writes.
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        () = self.write(work) => {}
-                    }
+                    writing = Some(Box::pin(self.write(work)));
                 }
             }
         }
