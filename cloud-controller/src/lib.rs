@@ -20,6 +20,8 @@
 //! | [`liveness`] | leader-only loop: offline nodes, Online/InSync conditions |
 //! | [`lease`] | Lease-based leader election |
 //! | [`live`] | live device state: the `devicestates` aggregated API |
+//! | [`rollout`] | staged rollouts of desired state: the wave arithmetic (the loop is to come) |
+//! | [`shard`] | scale-out: shards and their Leases, requests forwarded to owners, shard labels |
 //! | [`server`] | connections: cap, header and idle timeouts, graceful drain |
 //! | [`tls`] | TLS server configuration for the agent API |
 
@@ -41,6 +43,7 @@ pub mod liveness;
 pub mod lookups;
 pub mod metrics;
 pub mod ratelimit;
+pub mod rollout;
 pub mod server;
 pub mod shard;
 pub mod stamp;
