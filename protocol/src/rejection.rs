@@ -10,8 +10,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::limits::{self, Limits};
-use crate::shadow::{EpochSeconds, ShadowDocument, ShadowError, parse_object};
+use crate::limits::Limits;
+use crate::shadow::{EpochSeconds, ShadowDocument, ShadowError, parse_object, take_client_token};
 
 /// Longest `code`, in bytes: a machine-readable reason, used as a condition reason.
 pub const MAX_CODE_BYTES: usize = 64;
@@ -66,14 +66,7 @@ impl RejectRequest {
     /// [`ShadowError::Limit`] for an oversized payload or token.
     pub fn parse(payload: &[u8], limits: &Limits) -> Result<Self, ShadowError> {
         let mut root = parse_object(payload, limits)?;
-        let client_token = match root.remove("clientToken") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(t)) => {
-                limits::check_client_token(&t, limits)?;
-                Some(t)
-            }
-            Some(_) => return Err(malformed("clientToken must be a string")),
-        };
+        let client_token = take_client_token(&mut root, limits)?;
         let desired_generation = root
             .remove("desiredGeneration")
             .and_then(|v| v.as_i64())

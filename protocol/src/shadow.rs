@@ -185,18 +185,7 @@ impl UpdateRequest {
     /// `state.desired` is present, and [`ShadowError::Limit`] for any exceeded limit.
     pub fn parse(payload: &[u8], limits: &Limits) -> Result<Self, ShadowError> {
         let mut root = parse_object(payload, limits)?;
-        let client_token = match root.remove("clientToken") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(t)) => {
-                limits::check_client_token(&t, limits)?;
-                Some(t)
-            }
-            Some(_) => {
-                return Err(ShadowError::Malformed(
-                    "clientToken must be a string".into(),
-                ));
-            }
-        };
+        let client_token = take_client_token(&mut root, limits)?;
         let version = match root.remove("version") {
             None | Some(Value::Null) => None,
             Some(v) => Some(v.as_u64().ok_or_else(|| {
@@ -267,6 +256,23 @@ impl UpdateRequest {
             connected: None,
             dialect: Dialect::Native,
         })
+    }
+}
+
+/// Takes a request's optional `clientToken` out of it, checked against the limits.
+pub(crate) fn take_client_token(
+    root: &mut Map<String, Value>,
+    limits: &Limits,
+) -> Result<Option<String>, ShadowError> {
+    match root.remove("clientToken") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(t)) => {
+            limits::check_client_token(&t, limits)?;
+            Ok(Some(t))
+        }
+        Some(_) => Err(ShadowError::Malformed(
+            "clientToken must be a string".into(),
+        )),
     }
 }
 

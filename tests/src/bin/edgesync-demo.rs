@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use edgesync_crds::{Device, condition_status};
+use edgesync_crds::{Device, DeviceStatus, condition_status};
 use edgesync_e2e::agent::{AgentConfig, spawn_agent};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::Controller;
@@ -113,22 +113,14 @@ async fn main() {
 
     println!("[6/6] the operator sets spec.desired.speed=1500 on machine-3");
     let patched = Instant::now();
-    cp.patch_device(
-        NAMESPACE,
-        "machine-3",
-        r#"{"spec":{"desired":{"speed":1500}}}"#,
-    );
-    wait::until(
+    set_speed(
+        &cp,
+        &devices,
+        1500,
         "machine-3 reports speed 1500 and is In-Sync",
-        Duration::from_secs(60),
-        || {
-            let devices = devices.clone();
-            async move {
-                let st = devices.get("machine-3").await.ok()?.status?;
-                (condition_status(&st.conditions, "InSync") == Some("True")
-                    && st.reported?["speed"] == 1500)
-                    .then_some(())
-            }
+        |st| {
+            condition_status(&st.conditions, "InSync") == Some("True")
+                && st.reported.as_ref().is_some_and(|r| r["speed"] == 1500)
         },
     )
     .await;
@@ -136,52 +128,13 @@ async fn main() {
         "      delta delivered, applied by the machine, reported back and In-Sync in {:.1?}",
         patched.elapsed()
     );
-    println!("\n$ kubectl get device machine-3 -n {NAMESPACE} -o jsonpath='{{.status.reported}}'");
-    println!(
-        "{}",
-        cp.kubectl_ok(&[
-            "-n",
-            NAMESPACE,
-            "get",
-            "device",
-            "machine-3",
-            "-o",
-            "jsonpath={.status.reported}"
-        ])
-    );
+    show(&cp, "{.status.reported}");
     println!("      the operator asks for speed 9000, above what the machines run (6000)");
-    cp.patch_device(
-        NAMESPACE,
-        "machine-3",
-        r#"{"spec":{"desired":{"speed":9000}}}"#,
-    );
-    wait::until(
-        "machine-3 refuses speed 9000",
-        Duration::from_secs(60),
-        || {
-            let devices = devices.clone();
-            async move {
-                let st = devices.get("machine-3").await.ok()?.status?;
-                (condition_status(&st.conditions, "DesiredAccepted") == Some("False")).then_some(())
-            }
-        },
-    )
+    set_speed(&cp, &devices, 9000, "machine-3 refuses speed 9000", |st| {
+        condition_status(&st.conditions, "DesiredAccepted") == Some("False")
+    })
     .await;
-    println!(
-        "\n$ kubectl get device machine-3 -n {NAMESPACE} -o jsonpath='{{.status.desiredRejection}}'"
-    );
-    println!(
-        "{}",
-        cp.kubectl_ok(&[
-            "-n",
-            NAMESPACE,
-            "get",
-            "device",
-            "machine-3",
-            "-o",
-            "jsonpath={.status.desiredRejection}"
-        ])
-    );
+    show(&cp, "{.status.desiredRejection}");
     println!("\n$ kubectl get edgenodes -n {NAMESPACE} -o wide");
     println!(
         "{}",
@@ -222,5 +175,45 @@ async fn main() {
     println!(
         "demo finished in {:.1?}; everything it started is stopped",
         started.elapsed()
+    );
+}
+
+/// Sets machine-3's desired speed and waits until its status is `done`.
+async fn set_speed(
+    cp: &ControlPlane,
+    devices: &Api<Device>,
+    speed: u64,
+    what: &str,
+    done: fn(&DeviceStatus) -> bool,
+) {
+    cp.patch_device(
+        NAMESPACE,
+        "machine-3",
+        &format!(r#"{{"spec":{{"desired":{{"speed":{speed}}}}}}}"#),
+    );
+    wait::until(what, Duration::from_secs(60), || {
+        let devices = devices.clone();
+        async move {
+            let st = devices.get("machine-3").await.ok()?.status?;
+            done(&st).then_some(())
+        }
+    })
+    .await;
+}
+
+/// Prints machine-3's field at `path`, with the kubectl command that shows it.
+fn show(cp: &ControlPlane, path: &str) {
+    println!("\n$ kubectl get device machine-3 -n {NAMESPACE} -o jsonpath='{path}'");
+    println!(
+        "{}",
+        cp.kubectl_ok(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "device",
+            "machine-3",
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
     );
 }
