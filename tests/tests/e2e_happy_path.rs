@@ -210,6 +210,17 @@ async fn devices_to_kubernetes_and_desired_back_to_the_device() {
     )
     .await;
     let rejection = rejection.expect("status.desiredRejection");
+    wait::until(
+        "kubectl describe shows a DesiredRefused Event with the device's message",
+        Duration::from_secs(30),
+        || async {
+            let out = cp.kubectl_ok(&["-n", &stack.ns.name, "describe", "device/dev-7"]);
+            let events = out.split("Events:").nth(1)?.to_owned();
+            (events.contains("DesiredRefused") && events.contains("speed 9000 is above 6000"))
+                .then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         (rejection.generation, rejection.message.as_str()),
         (refused, "speed 9000 is above 6000")

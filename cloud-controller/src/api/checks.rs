@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use edgesync_crds::DeviceStatus;
+use edgesync_crds::{Device, DeviceStatus};
 use edgesync_protocol::limits::{self, Limits};
 use edgesync_protocol::wire::{Report, ReportStatus};
 use serde_json::Map;
@@ -132,6 +132,33 @@ pub(super) fn against_device(
     }
 }
 
+/// The note of a `DesiredRefused` Event, when `report` carries a refusal of the Device's
+/// current generation that its status does not show yet (a repeat of the same refusal in
+/// later reports is not news; Events are paced per Device besides).
+pub(super) fn refusal_news(report: &Report, device: &Device) -> Option<String> {
+    let r = report.rejection.as_ref()?;
+    if Some(r.desired_generation) != device.metadata.generation {
+        return None;
+    }
+    let shown = device
+        .status
+        .as_ref()
+        .and_then(|s| s.desired_rejection.as_ref())
+        .is_some_and(|held| held.generation == r.desired_generation && held.code == r.code);
+    if shown {
+        return None;
+    }
+    let message = if r.message.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", r.message)
+    };
+    Some(format!(
+        "The device refused desired generation {} ({}){message}",
+        r.desired_generation, r.code
+    ))
+}
+
 /// What the writer's outcome for the report stamped `stamp` means for its answer: `Ok(None)`
 /// keeps it accepted, `Ok(Some(_))` changes it, `Err` fails the whole batch as unavailable.
 pub(super) fn written(stamp: Stamp, outcome: Outcome) -> Result<Option<Settled>, String> {
@@ -235,6 +262,41 @@ mod tests {
             forbidden.reason
         );
         assert_eq!(against_device(&r, stamp, "e", at, ("n1", None)), None);
+    }
+
+    #[test]
+    fn a_refusal_is_news_once_and_only_for_the_current_generation() {
+        let mut device: Device = serde_json::from_value(json!({
+            "apiVersion": "edgesync.io/v1alpha1", "kind": "Device",
+            "metadata": {"name": "d", "generation": 3},
+            "spec": {"nodeName": "n"}
+        }))
+        .unwrap();
+        let refusal = |generation| edgesync_protocol::rejection::Rejection {
+            desired_generation: generation,
+            code: "out_of_range".into(),
+            message: "too fast".into(),
+            timestamp: 1,
+        };
+        let mut r = report("d", 5, json!({}));
+        assert_eq!(refusal_news(&r, &device), None);
+        r.rejection = Some(refusal(2));
+        assert_eq!(refusal_news(&r, &device), None, "an older generation");
+        r.rejection = Some(refusal(3));
+        assert_eq!(
+            refusal_news(&r, &device).as_deref(),
+            Some("The device refused desired generation 3 (out_of_range): too fast")
+        );
+        device.status = Some(DeviceStatus {
+            desired_rejection: Some(edgesync_crds::DesiredRejection {
+                generation: 3,
+                code: "out_of_range".into(),
+                message: "too fast".into(),
+                time: None,
+            }),
+            ..DeviceStatus::default()
+        });
+        assert_eq!(refusal_news(&r, &device), None, "already shown");
     }
 
     #[test]

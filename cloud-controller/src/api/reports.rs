@@ -236,6 +236,14 @@ async fn handle_reports(
             settle(s, &mut results[i], settled);
             continue;
         }
+        if let Some(note) = checks::refusal_news(&report, &device) {
+            s.events.emit(
+                device.as_ref(),
+                kube::runtime::events::EventType::Warning,
+                "DesiredRefused",
+                note,
+            );
+        }
         let known = Stamp::of_status(device.status.as_ref());
         let key = (ns.to_owned(), report.device.clone());
         let stamped = Stamped::new(&report, Arc::clone(&epoch), stamp);
