@@ -380,6 +380,17 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Queues a command and returns the receiver of its reply without waiting for it. On
+    /// failure the command, and with it its reply sender, is dropped: the receiver then ends.
+    async fn queue<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> oneshot::Receiver<Result<T, StoreError>> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(make(reply)).await;
+        rx
+    }
+
     /// Queues a device's reported-state update and returns a receiver for its durable outcome.
     /// Queuing separately from awaiting lets the MQTT path pipeline many updates into one
     /// commit while replying to devices in order.
@@ -393,18 +404,13 @@ impl Store {
         request: UpdateRequest,
         full_reply: bool,
     ) -> oneshot::Receiver<Result<UpdateOutcome, StoreError>> {
-        let (reply, rx) = oneshot::channel();
-        // On failure the command, and with it `reply`, is dropped: `rx` then ends.
-        let _ = self
-            .tx
-            .send(Command::Update {
-                device,
-                request,
-                full_reply,
-                reply,
-            })
-            .await;
-        rx
+        self.queue(|reply| Command::Update {
+            device,
+            request,
+            full_reply,
+            reply,
+        })
+        .await
     }
 
     /// Queues a device's refusal of its desired generation and returns a receiver for its
@@ -416,16 +422,12 @@ impl Store {
         device: String,
         request: RejectRequest,
     ) -> oneshot::Receiver<Result<UpdateOutcome, StoreError>> {
-        let (reply, rx) = oneshot::channel();
-        let _ = self
-            .tx
-            .send(Command::Reject {
-                device,
-                request,
-                reply,
-            })
-            .await;
-        rx
+        self.queue(|reply| Command::Reject {
+            device,
+            request,
+            reply,
+        })
+        .await
     }
 
     /// Applies an update and waits until it is durable.
