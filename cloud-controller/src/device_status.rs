@@ -103,18 +103,7 @@ fn desired_rejection(r: &Rejection) -> DesiredRejection {
 pub fn desired_accepted(generation: i64, rejection: Option<&Rejection>) -> (bool, String, String) {
     match rejection {
         Some(r) if r.desired_generation == generation => {
-            let message = if r.message.is_empty() {
-                format!(
-                    "The device refused desired generation {generation} ({})",
-                    r.code
-                )
-            } else {
-                format!(
-                    "The device refused desired generation {generation} ({}): {}",
-                    r.code, r.message
-                )
-            };
-            (false, camel_case(&r.code), message)
+            (false, camel_case(&r.code), refusal_message(r))
         }
         _ => (
             true,
@@ -122,6 +111,19 @@ pub fn desired_accepted(generation: i64, rejection: Option<&Rejection>) -> (bool
             "The device has not refused the desired state".to_owned(),
         ),
     }
+}
+
+/// A refusal for people, in the condition's message and the Event's note.
+pub fn refusal_message(r: &Rejection) -> String {
+    let message = if r.message.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", r.message)
+    };
+    format!(
+        "The device refused desired generation {} ({}){message}",
+        r.desired_generation, r.code
+    )
 }
 
 /// `out_of_range` as `OutOfRange`: condition reasons must start with a letter and hold only

@@ -148,15 +148,7 @@ pub(super) fn refusal_news(report: &Report, device: &Device) -> Option<String> {
     if shown {
         return None;
     }
-    let message = if r.message.is_empty() {
-        String::new()
-    } else {
-        format!(": {}", r.message)
-    };
-    Some(format!(
-        "The device refused desired generation {} ({}){message}",
-        r.desired_generation, r.code
-    ))
+    Some(crate::device_status::refusal_message(r))
 }
 
 /// What the writer's outcome for the report stamped `stamp` means for its answer: `Ok(None)`
