@@ -20,7 +20,7 @@
 //! | [`liveness`] | leader-only loop: offline nodes, Online/InSync conditions |
 //! | [`lease`] | Lease-based leader election |
 //! | [`live`] | live device state: the `devicestates` aggregated API |
-//! | [`rollout`] | staged rollouts of desired state: the wave arithmetic (the loop is to come) |
+//! | [`rollout`] | leader-only loop: DeviceRollouts, desired-state changes in waves with halt and revert |
 //! | [`shard`] | scale-out: shards and their Leases, requests forwarded to owners, shard labels |
 //! | [`server`] | connections: cap, header and idle timeouts, graceful drain |
 //! | [`tls`] | TLS server configuration for the agent API |
@@ -175,7 +175,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let liveness = liveness::Liveness {
         client: client.clone(),
         caches: caches.clone(),
-        budget,
+        budget: Arc::clone(&budget),
         leader: Arc::clone(&leader),
         shards: shards.clone(),
         offline_after: Duration::from_secs(opts.offline_after_seconds),
@@ -185,6 +185,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         out_of_sync_seen: std::sync::Mutex::default(),
     };
     tasks.spawn(liveness.run(shutdown.clone()));
+    tasks.spawn(
+        rollout::reconcile::Rollouts {
+            client: client.clone(),
+            caches: caches.clone(),
+            sharded: shards.is_some(),
+            budget: Arc::clone(&budget),
+            leader: Arc::clone(&leader),
+            events: events.clone(),
+            metrics: Arc::clone(&metrics),
+        }
+        .run(shutdown.clone()),
+    );
     metrics.watch_leadership(Arc::clone(&leader));
     metrics.watch_caches(caches.clone());
 

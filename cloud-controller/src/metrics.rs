@@ -101,6 +101,10 @@ pub struct Metrics {
     pub node_status_writes: Counter,
     /// Device condition writes by the liveness loop (Online/InSync).
     pub condition_writes: Counter,
+    /// Device writes by DeviceRollouts: a change with its mark, or a revert.
+    pub rollout_device_writes: Counter,
+    /// DeviceRollout status writes.
+    pub rollout_status_writes: Counter,
     /// Open desired-state streams.
     pub desired_streams: Gauge,
     /// Desired-state events sent.
@@ -284,6 +288,16 @@ impl Metrics {
             "edgesync_controller_condition_writes",
             "Device Online/InSync condition writes by the liveness loop.",
         );
+        let rollout_device_writes = counter(
+            r,
+            "edgesync_controller_rollout_device_writes",
+            "Device writes by DeviceRollouts: one per device patched (the change and its mark in one write), one per device reverted.",
+        );
+        let rollout_status_writes = counter(
+            r,
+            "edgesync_controller_rollout_status_writes",
+            "DeviceRollout status writes.",
+        );
         let desired_events = counter(
             r,
             "edgesync_controller_desired_events",
@@ -428,6 +442,8 @@ impl Metrics {
             epoch_switches_throttled,
             node_status_writes,
             condition_writes,
+            rollout_device_writes,
+            rollout_status_writes,
             desired_streams,
             desired_events,
             kubernetes_up,

@@ -1,17 +1,22 @@
-//! The `Device` and `EdgeNode` custom resources (group `edgesync.io`, version `v1alpha1`),
+//! The `Device`, `EdgeNode` and `DeviceRollout` custom resources (group `edgesync.io`, version `v1alpha1`),
 //! the names shared by everything that reads or writes them (field manager, condition types),
 //! condition helpers, and the CRD YAML generator.
 //!
-//! The YAML in this folder (`device.yaml`, `edgenode.yaml`) is generated from these types by
+//! The YAML in this folder (`device.yaml`, `edgenode.yaml`, `devicerollout.yaml`) is generated from these types by
 //! `cargo run -p edgesync-crds --bin edgesync-crdgen`; a test fails when it drifts.
 
 mod conditions;
 mod device;
 mod edgenode;
+mod rollout;
 
 pub use conditions::{condition_status, set_condition};
 pub use device::{DesiredRejection, Device, DeviceSpec, DeviceStatus, ReportingOverrides};
 pub use edgenode::{EdgeNode, EdgeNodeLimits, EdgeNodeSpec, EdgeNodeStatus, SecretKeyRef};
+pub use rollout::{
+    DeviceRollout, DeviceRolloutSpec, DeviceRolloutStatus, IntOrPercent, OfflinePolicy,
+    RolloutFailure, RolloutPhase, RolloutStep, RolloutStrategy,
+};
 
 use kube::CustomResourceExt;
 
@@ -30,6 +35,15 @@ pub const CONDITION_IN_SYNC: &str = "InSync";
 /// Condition type on a Device: the device has not refused its current desired generation
 /// (False: it published `shadow/desired/reject` for it; the reason is its code).
 pub const CONDITION_DESIRED_ACCEPTED: &str = "DesiredAccepted";
+/// Condition type on a DeviceRollout: it is patching devices or waiting for a wave (False
+/// once it ends; the reason says how).
+pub const CONDITION_PROGRESSING: &str = "Progressing";
+/// Condition type on a DeviceRollout: a wave's failures went past `maxFailures` and no
+/// further device is patched.
+pub const CONDITION_HALTED: &str = "Halted";
+/// Condition type on a DeviceRollout: it waits for another rollout that selects the same
+/// devices and sets the same keys.
+pub const CONDITION_BLOCKED: &str = "Blocked";
 /// Condition type on an EdgeNode: the agent is sending heartbeats.
 pub const CONDITION_READY: &str = "Ready";
 /// Condition type on an EdgeNode: the agent's database commits (False: disk full or I/O
@@ -56,6 +70,7 @@ pub fn crd_files() -> Vec<(&'static str, String)> {
     vec![
         ("device.yaml", render(Device::crd())),
         ("edgenode.yaml", render(EdgeNode::crd())),
+        ("devicerollout.yaml", render(DeviceRollout::crd())),
     ]
 }
 

@@ -366,6 +366,8 @@ metadata:
             &crds.join("device.yaml").to_string_lossy(),
             "-f",
             &crds.join("edgenode.yaml").to_string_lossy(),
+            "-f",
+            &crds.join("devicerollout.yaml").to_string_lossy(),
         ]);
         self.kubectl_ok(&[
             "wait",
@@ -373,6 +375,7 @@ metadata:
             "--timeout=60s",
             "crd/devices.edgesync.io",
             "crd/edgenodes.edgesync.io",
+            "crd/devicerollouts.edgesync.io",
         ]);
     }
 
