@@ -22,7 +22,7 @@ else
     title="edgesync benchmarks"
 fi
 mkdir -p target
-benches=(apiserver_ceiling agent_ingest sparkplug_ingest arm_agent broker_attacks controller_ingest controller_attacks freshness idle_freshness fleet_scale)
+benches=(apiserver_ceiling agent_ingest sparkplug_ingest arm_agent broker_attacks controller_ingest controller_attacks freshness idle_freshness rollout fleet_scale)
 # Build them all first, so build time is not mistaken for a slow bench.
 "$cargo" bench "${profile[@]}" -p edgesync-e2e --no-run $(printf -- '--bench %s ' "${benches[@]}") >&2
 body="$(mktemp)"

@@ -242,12 +242,7 @@ impl DesiredHub {
             .and_then(|r| r.parse::<u64>().ok())
             .filter(|r| *r >= slot.trimmed_to && *r <= revision);
         let initial = match resume_from {
-            Some(from) => slot
-                .log
-                .iter()
-                .filter(|(r, _)| *r > from)
-                .map(|(_, e)| e.clone())
-                .collect(),
+            Some(from) => newest_after(&slot.log, from),
             None => {
                 let mut lines: Vec<DesiredEvent> = slot
                     .devices
@@ -280,13 +275,7 @@ impl DesiredHub {
         if position < slot.trimmed_to {
             return Poll::Lagged;
         }
-        let events = slot
-            .log
-            .iter()
-            .filter(|(r, _)| *r > position)
-            .map(|(_, e)| e.clone())
-            .collect();
-        Poll::Events(events, revision)
+        Poll::Events(newest_after(&slot.log, position), revision)
     }
 
     /// A bookmark at the hub's current revision.
@@ -295,6 +284,34 @@ impl DesiredHub {
             cursor: self.cursor(position),
         }
     }
+}
+
+/// The log's events after revision `from`, keeping each device's newest only, in revision
+/// order. A device changed several times while its agent was away (or between two polls)
+/// gets its current desired state once, not the history: a machine never runs through
+/// values already replaced (a staged rollout's earlier steps, an operator's corrected typo).
+/// Resuming from any of these events' cursors stays correct: every device's newest event
+/// after that cursor is still ahead.
+fn newest_after(log: &VecDeque<(u64, DesiredEvent)>, from: u64) -> Vec<DesiredEvent> {
+    fn device_of(event: &DesiredEvent) -> Option<&str> {
+        match event {
+            DesiredEvent::Desired { device, .. } | DesiredEvent::Removed { device, .. } => {
+                Some(device)
+            }
+            DesiredEvent::SnapshotComplete { .. } | DesiredEvent::Bookmark { .. } => None,
+        }
+    }
+    let after = || log.iter().filter(move |(r, _)| *r > from);
+    let mut newest: HashMap<&str, u64> = HashMap::new();
+    for (r, e) in after() {
+        if let Some(d) = device_of(e) {
+            newest.insert(d, *r);
+        }
+    }
+    after()
+        .filter(|(r, e)| device_of(e).is_none_or(|d| newest.get(d) == Some(r)))
+        .map(|(_, e)| e.clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -386,12 +403,25 @@ mod tests {
             1,
             json!({}),
         )));
+        // Each device's newest event only: b came and went, so only its removal.
         let resumed = hub.subscribe("ns", "n1", Some(&cursor));
-        assert_eq!(names(&resumed.initial), ["a@2", "b@1", "-b"]);
+        assert_eq!(names(&resumed.initial), ["a@2", "-b"]);
         let Poll::Events(tail, _) = hub.poll("ns", "n1", sub.position) else {
             panic!("not lagged")
         };
-        assert_eq!(names(&tail), ["a@2", "b@1", "-b"]);
+        assert_eq!(names(&tail), ["a@2", "-b"]);
+        // A device changed three times while its agent was away gets the last, once.
+        for (generation, x) in [(3, 3), (4, 4), (5, 5)] {
+            hub.on_event(&watcher::Event::Apply(device(
+                "ns",
+                "a",
+                "n1",
+                generation,
+                json!({ "x": x }),
+            )));
+        }
+        let away = hub.subscribe("ns", "n1", Some(resumed.initial[1].cursor()));
+        assert_eq!(names(&away.initial), ["a@5"]);
         // Another node's namespace twin is separate.
         assert!(names(&hub.subscribe("other", "n1", None).initial) == ["done"]);
     }

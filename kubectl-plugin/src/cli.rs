@@ -85,6 +85,11 @@ pub enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// DeviceRollouts (kubectl get dro): a staged change of many Devices' desired state.
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutAction,
+    },
     /// Follows a device's status: one line per change (version, time, Online, In-Sync,
     /// reported state), until interrupted.
     Tail {
@@ -93,6 +98,40 @@ pub enum Command {
         /// Stop after this many changes (default: never).
         #[arg(long)]
         count: Option<usize>,
+    },
+}
+
+/// What to do with a DeviceRollout.
+#[derive(Debug, Subcommand)]
+pub enum RolloutAction {
+    /// Phase, step, devices patched, In-Sync and failed, and the failures with the devices'
+    /// reasons. With -w, one line per change until it ends: exit code 0 when Complete, 1 when
+    /// Halted or Aborted.
+    Status {
+        /// The DeviceRollout name.
+        name: String,
+        /// Follow it until it ends.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// With -w, how long to follow before giving up (exit code 1).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Stops patching further devices (spec.paused=true); the devices already patched go on.
+    Pause {
+        /// The DeviceRollout name.
+        name: String,
+    },
+    /// Goes on after a pause, whether from `pause` or from a step with `pause: true`.
+    Resume {
+        /// The DeviceRollout name.
+        name: String,
+    },
+    /// Ends the rollout (spec.abort=true): no further device is patched, and with
+    /// revertOnFailure the patched ones get their previous values back.
+    Abort {
+        /// The DeviceRollout name.
+        name: String,
     },
 }
 

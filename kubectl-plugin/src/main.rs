@@ -7,6 +7,7 @@ mod cli;
 mod device;
 mod get;
 mod live;
+mod rollout;
 mod set;
 mod status;
 mod table;
@@ -79,6 +80,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout,
             no_wait,
         } => set::run(client, &namespace, &device, &values, timeout, no_wait).await,
+        Command::Rollout { action } => rollout::run(client, &namespace, action, output).await,
         Command::Tail { device, count } => tail::run(client, &namespace, &device, count).await,
     }
 }

@@ -78,6 +78,15 @@ impl TestDevice {
         .unwrap_or_else(|_| panic!("no message on {topic} within {MESSAGE_DEADLINE:?}"))
     }
 
+    /// Every message received and not yet taken, without waiting.
+    pub fn drain(&mut self) -> Vec<(String, Value)> {
+        let mut out = Vec::new();
+        while let Ok((t, payload)) = self.rx.try_recv() {
+            out.push((t, serde_json::from_slice(&payload).unwrap_or(Value::Null)));
+        }
+        out
+    }
+
     /// Sends `shadow/get` for `probe` until any reply arrives: proves the agent is connected
     /// and subscribed. Returns the reply.
     pub async fn wait_for_agent(&mut self, prefix: &str, probe: &str) -> Value {

@@ -55,6 +55,8 @@ fn kubectl_shows_printer_columns_for_examples() {
         &examples("edgenode.yaml"),
         "-f",
         &examples("devices.yaml"),
+        "-f",
+        &examples("devicerollout.yaml"),
     ]);
 
     let table = cp.kubectl_ok(&["get", "devices", "-n", &ns.name]);
@@ -74,6 +76,16 @@ fn kubectl_shows_printer_columns_for_examples() {
 
     let wide = cp.kubectl_ok(&["get", "dev", "-o", "wide", "-n", &ns.name]);
     assert!(wide.lines().next().unwrap().contains("VERSION"), "{wide}");
+
+    // The example rollout as the API server validates it (no controller runs here).
+    let rollouts = cp.kubectl_ok(&["get", "dro", "-n", &ns.name]);
+    let header = rollouts.lines().next().unwrap();
+    for col in [
+        "NAME", "PHASE", "STEP", "UPDATED", "IN-SYNC", "FAILED", "AGE",
+    ] {
+        assert!(header.contains(col), "missing {col} in: {header}");
+    }
+    assert!(rollouts.contains("line-a-speed"), "{rollouts}");
 
     let nodes = cp.kubectl_ok(&["get", "en", "-n", &ns.name]);
     let header = nodes.lines().next().unwrap();
