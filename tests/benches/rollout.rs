@@ -144,7 +144,26 @@ async fn main() {
         .kubectl_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let rollouts: Api<DeviceRollout> = Api::namespaced(cp.client().await, &stack.ns.name);
 
+    // The fleet's usual status writes (each machine's state every 10 s), to tell the
+    // rollout's own from them.
+    let window = scaled(Duration::from_secs(20), Duration::from_secs(5));
+    let usual_before = stack
+        .controller
+        .metric("edgesync_controller_status_writes_total")
+        .await;
+    tokio::time::sleep(window).await;
+    let usual_per_second = (stack
+        .controller
+        .metric("edgesync_controller_status_writes_total")
+        .await
+        - usual_before)
+        / window.as_secs_f64();
+
     // 1. Waves of 1/10/50/100%.
+    let conditions_before = stack
+        .controller
+        .metric("edgesync_controller_condition_writes_total")
+        .await;
     let patches_before = stack
         .controller
         .metric("edgesync_controller_rollout_device_writes_total")
@@ -198,11 +217,20 @@ async fn main() {
         status.updated,
         status.failed
     );
+    let conditions = stack
+        .controller
+        .metric("edgesync_controller_condition_writes_total")
+        .await
+        - conditions_before;
+    let usual = usual_per_second * total.as_secs_f64();
     println!(
-        "API writes per device: {:.2} rollout patches, {:.2} Device status writes (the reports \
-         of the new speed and the conditions).\n",
+        "API writes per device: {:.2} rollout patches; {:.2} Device status writes of reports \
+         beyond the fleet's usual {usual_per_second:.0}/s ({:.0} in all, {usual:.0} usual for the \
+         time); {:.2} condition writes of the liveness loop (InSync=False for a new generation).\n",
         patches / machines as f64,
-        status_writes / machines as f64
+        (status_writes - usual).max(0.0) / machines as f64,
+        status_writes,
+        conditions / machines as f64
     );
     aim(
         "one patch per device in a rollout",

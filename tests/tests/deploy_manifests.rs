@@ -76,6 +76,10 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         // The shard labels (--shards).
         ("patch", "devices.edgesync.io", "plant-a"),
         ("patch", "edgenodes.edgesync.io", "plant-a"),
+        // DeviceRollouts: read, status, and spec.paused at a pause step.
+        ("list", "devicerollouts.edgesync.io", "plant-a"),
+        ("patch", "devicerollouts.edgesync.io", "plant-a"),
+        ("update", "devicerollouts.edgesync.io/status", "plant-a"),
         ("get", "secrets", "plant-a"),
         ("update", "leases.coordination.k8s.io", "edgesync-system"),
         ("watch", "leases.coordination.k8s.io", "edgesync-system"),
@@ -114,6 +118,8 @@ fn manifests_pass_server_dry_run_and_rbac_is_least_privilege() {
         ("update", "devices.edgesync.io", "plant-a"),
         ("delete", "devices.edgesync.io", "plant-a"),
         ("update", "edgenodes.edgesync.io", "plant-a"),
+        ("create", "devicerollouts.edgesync.io", "plant-a"),
+        ("delete", "devicerollouts.edgesync.io", "plant-a"),
         ("update", "leases.coordination.k8s.io", "plant-a"),
         ("get", "configmaps", "plant-a"),
         ("get", "configmaps", "kube-system"),

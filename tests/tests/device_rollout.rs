@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use edgesync_crds::{Device, DeviceRollout, RolloutPhase, condition_status};
 use edgesync_e2e::cluster::ControlPlane;
+use edgesync_e2e::controller::{Controller, create_devices, create_node};
 use edgesync_e2e::device::TestDevice;
 use edgesync_e2e::process::{ManagedProcess, ProcessSpec};
 use edgesync_e2e::stack::{Stack, StackOptions};
@@ -100,33 +101,31 @@ async fn registered(stack: &Stack<'_>, n: usize) -> Api<Device> {
     devices
 }
 
-fn apply_rollout(stack: &Stack<'_>, name: &str, spec: &Value) {
+fn apply_rollout(cp: &ControlPlane, ns: &str, name: &str, spec: &Value) {
     let doc = json!({
         "apiVersion": "edgesync.io/v1alpha1",
         "kind": "DeviceRollout",
-        "metadata": {"name": name, "namespace": stack.ns.name},
+        "metadata": {"name": name, "namespace": ns},
         "spec": spec,
     });
-    let out = stack
-        .cp
-        .kubectl_stdin(&["apply", "-f", "-"], &doc.to_string());
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], &doc.to_string());
     assert!(out.status.success(), "kubectl apply: {out:?}");
 }
 
 /// `kubectl edgesync ARGS` in the stack's namespace, found by kubectl on the PATH.
-async fn plugin(stack: &Stack<'_>, args: &[&str]) -> Output {
+async fn plugin(cp: &ControlPlane, ns: &str, args: &[&str]) -> Output {
     let bin: PathBuf = release_binary("kubectl-edgesync", "kubectl-edgesync", "plugin");
     let path = format!(
         "{}:{}",
         bin.parent().unwrap().display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    tokio::process::Command::new(stack.cp.kubectl_path())
+    tokio::process::Command::new(cp.kubectl_path())
         .arg("edgesync")
-        .args(["-n", &stack.ns.name])
+        .args(["-n", ns])
         .args(args)
         .env("PATH", path)
-        .env("KUBECONFIG", stack.cp.kubeconfig())
+        .env("KUBECONFIG", cp.kubeconfig())
         .kill_on_drop(true)
         .output()
         .await
@@ -142,18 +141,19 @@ fn text(out: &Output) -> String {
     )
 }
 
-async fn rollout(stack: &Stack<'_>, name: &str) -> DeviceRollout {
-    let api: Api<DeviceRollout> = Api::namespaced(stack.cp.client().await, &stack.ns.name);
+async fn rollout(cp: &ControlPlane, ns: &str, name: &str) -> DeviceRollout {
+    let api: Api<DeviceRollout> = Api::namespaced(cp.client().await, ns);
     api.get(name).await.unwrap()
 }
 
 async fn wait_phase(
-    stack: &Stack<'_>,
+    cp: &ControlPlane,
+    ns: &str,
     name: &str,
     phase: RolloutPhase,
     within: Duration,
 ) -> DeviceRollout {
-    let api: Api<DeviceRollout> = Api::namespaced(stack.cp.client().await, &stack.ns.name);
+    let api: Api<DeviceRollout> = Api::namespaced(cp.client().await, ns);
     wait::until(&format!("DeviceRollout {name} {phase:?}"), within, || {
         let api = api.clone();
         async move {
@@ -193,7 +193,8 @@ async fn four_waves_over_200_devices_complete_in_order() {
         .map(|d| (d.name_any(), d.metadata.generation.unwrap()))
         .collect();
     apply_rollout(
-        &stack,
+        cp,
+        &stack.ns.name,
         "speed-1500",
         &json!({
             "selector": {"matchLabels": {"fleet": "sim"}},
@@ -203,7 +204,8 @@ async fn four_waves_over_200_devices_complete_in_order() {
         }),
     );
     let out = plugin(
-        &stack,
+        cp,
+        &stack.ns.name,
         &["rollout", "status", "speed-1500", "-w", "--timeout", "240s"],
     )
     .await;
@@ -318,7 +320,8 @@ async fn a_refusing_canary_halts_the_rollout_and_is_reverted() {
     )
     .await;
     apply_rollout(
-        &stack,
+        cp,
+        &stack.ns.name,
         "speed-9000",
         &json!({
             "selector": {"matchLabels": {"fleet": "sim"}},
@@ -328,7 +331,8 @@ async fn a_refusing_canary_halts_the_rollout_and_is_reverted() {
         }),
     );
     let out = plugin(
-        &stack,
+        cp,
+        &stack.ns.name,
         &["rollout", "status", "speed-9000", "-w", "--timeout", "120s"],
     )
     .await;
@@ -338,7 +342,7 @@ async fn a_refusing_canary_halts_the_rollout_and_is_reverted() {
         "{}",
         text(&out)
     );
-    let halted = rollout(&stack, "speed-9000").await;
+    let halted = rollout(cp, &stack.ns.name, "speed-9000").await;
     let status = halted.status.clone().unwrap();
     assert!(status.touched <= 3 && status.touched >= 1, "{status:?}");
     assert_eq!(status.failures[0].code, "out_of_range", "{status:?}");
@@ -346,7 +350,7 @@ async fn a_refusing_canary_halts_the_rollout_and_is_reverted() {
     let reverted = wait::until("the canary reverted", Duration::from_secs(30), || {
         let stack = &stack;
         async move {
-            let r = rollout(stack, "speed-9000").await;
+            let r = rollout(stack.cp, &stack.ns.name, "speed-9000").await;
             r.status?.reverted
         }
     })
@@ -403,7 +407,8 @@ async fn a_controller_killed_between_waves_resumes_without_patching_twice() {
     let (_sim, _dir) = simulate(&stack, 40, &[]);
     let devices = registered(&stack, 40).await;
     apply_rollout(
-        &stack,
+        cp,
+        &stack.ns.name,
         "speed-2000",
         &json!({
             "selector": {"matchLabels": {"fleet": "sim"}},
@@ -413,7 +418,8 @@ async fn a_controller_killed_between_waves_resumes_without_patching_twice() {
         }),
     );
     let paused = wait_phase(
-        &stack,
+        cp,
+        &stack.ns.name,
         "speed-2000",
         RolloutPhase::Paused,
         Duration::from_secs(90),
@@ -424,10 +430,11 @@ async fn a_controller_killed_between_waves_resumes_without_patching_twice() {
     stack.controller.process.kill9();
     stack.controller.process.restart();
     stack.controller.wait_ready();
-    let out = plugin(&stack, &["rollout", "resume", "speed-2000"]).await;
+    let out = plugin(cp, &stack.ns.name, &["rollout", "resume", "speed-2000"]).await;
     assert!(out.status.success(), "{}", text(&out));
     let out = plugin(
-        &stack,
+        cp,
+        &stack.ns.name,
         &["rollout", "status", "speed-2000", "-w", "--timeout", "120s"],
     )
     .await;
@@ -495,7 +502,8 @@ async fn an_offline_device_gets_only_the_final_state_once() {
     .await;
     for (name, speed) in [("speed-1200", 1200), ("speed-1800", 1800)] {
         apply_rollout(
-            &stack,
+            cp,
+            &stack.ns.name,
             name,
             &json!({
                 "selector": {"matchLabels": {"fleet": "sim"}},
@@ -504,7 +512,8 @@ async fn an_offline_device_gets_only_the_final_state_once() {
             }),
         );
         let done = wait_phase(
-            &stack,
+            cp,
+            &stack.ns.name,
             name,
             RolloutPhase::Complete,
             Duration::from_secs(60),
@@ -546,5 +555,158 @@ async fn an_offline_device_gets_only_the_final_state_once() {
     assert!(
         later.is_empty(),
         "the device got one delta, then: {later:?}"
+    );
+}
+
+/// Two rollouts that set the same key on the same Devices never interleave: the second waits
+/// (`Blocked`, naming the first) and starts once the first is aborted; a rollout of other
+/// keys runs beside it. A spec the controller cannot follow halts before patching anything.
+/// No agent: the Devices never become In-Sync, so the first rollout holds its canary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_rollouts_wait_and_bad_specs_halt() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("rollout-conflict");
+    let ns = ns.name.as_str();
+    create_node(cp, ns, "edge-1", "token-conflict", "");
+    let names: Vec<String> = (0..6).map(|i| format!("press-{i}")).collect();
+    create_devices(cp, ns, "edge-1", &names);
+    let mut label = vec!["-n", ns, "label", "devices"];
+    label.extend(names.iter().map(String::as_str));
+    label.push(FLEET);
+    cp.kubectl_ok(&label);
+    let _controller = Controller::start(
+        cp,
+        &["--lease-name", "rollout-conflict", "--lease-namespace", ns],
+    );
+    let selector = json!({"matchLabels": {"fleet": "sim"}});
+    apply_rollout(
+        cp,
+        ns,
+        "first",
+        &json!({"selector": selector, "desired": {"speed": 1, "motor": {"max": 3}},
+                "progressDeadlineSeconds": 3600, "strategy": {"steps": [{"devices": 2}]}}),
+    );
+    let api: Api<DeviceRollout> = Api::namespaced(cp.client().await, ns);
+    wait::until("first patches its canary", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move { (api.get("first").await.ok()?.status?.touched == 2).then_some(()) }
+    })
+    .await;
+    apply_rollout(
+        cp,
+        ns,
+        "second",
+        &json!({"selector": selector, "desired": {"motor": {"max": 4}}}),
+    );
+    apply_rollout(
+        cp,
+        ns,
+        "beside",
+        &json!({"selector": selector, "desired": {"lamp": "green"},
+                "progressDeadlineSeconds": 3600, "strategy": {"steps": [{"devices": 1}]}}),
+    );
+    apply_rollout(
+        cp,
+        ns,
+        "typo",
+        &json!({"selector": selector, "desired": {"lamp": "red"},
+                "strategy": {"steps": [{"devices": "ten"}]}}),
+    );
+    let second = wait_phase(
+        cp,
+        ns,
+        "second",
+        RolloutPhase::Pending,
+        Duration::from_secs(30),
+    )
+    .await;
+    let blocked = second.status.unwrap().conditions;
+    let blocked = blocked.iter().find(|c| c.type_ == "Blocked").unwrap();
+    assert_eq!(
+        (blocked.status.as_str(), blocked.reason.as_str()),
+        ("True", "ConflictsWith")
+    );
+    assert!(
+        blocked.message.contains("first") && blocked.message.contains("motor"),
+        "{}",
+        blocked.message
+    );
+    let beside = wait::until("beside patches its canary", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            api.get("beside")
+                .await
+                .ok()
+                .filter(|r| r.status.as_ref().is_some_and(|s| s.touched == 1))
+        }
+    })
+    .await;
+    assert_eq!(
+        beside.status.unwrap().phase,
+        Some(RolloutPhase::Progressing)
+    );
+    let typo = wait_phase(
+        cp,
+        ns,
+        "typo",
+        RolloutPhase::Halted,
+        Duration::from_secs(30),
+    )
+    .await;
+    let typo = typo.status.unwrap();
+    assert_eq!(typo.touched, 0);
+    let halted = typo
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Halted")
+        .unwrap();
+    assert_eq!(halted.reason, "InvalidSpec");
+    assert!(
+        halted.message.contains("strategy.steps[0].devices"),
+        "{}",
+        halted.message
+    );
+
+    let devices: Api<Device> = Api::namespaced(cp.client().await, ns);
+    let list = devices.list(&ListParams::default()).await.unwrap().items;
+    assert!(
+        marks(&list, "second").is_empty(),
+        "second touched nothing while blocked"
+    );
+    let out = plugin(cp, ns, &["rollout", "abort", "first"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    wait_phase(
+        cp,
+        ns,
+        "first",
+        RolloutPhase::Aborted,
+        Duration::from_secs(30),
+    )
+    .await;
+    let second = wait::until(
+        "second starts once first is aborted",
+        Duration::from_secs(30),
+        || {
+            let api = api.clone();
+            async move {
+                let r = api.get("second").await.ok()?;
+                (r.status.as_ref()?.touched > 0).then_some(r)
+            }
+        },
+    )
+    .await;
+    let status = second.status.unwrap();
+    assert_eq!(status.phase, Some(RolloutPhase::Progressing));
+    assert_eq!(
+        edgesync_crds::condition_status(&status.conditions, "Blocked"),
+        Some("False")
+    );
+    // Without revertOnFailure, the aborted rollout's devices keep its values.
+    let list = devices.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(marks(&list, "first").len(), 2);
+    let table = cp.kubectl_ok(&["-n", ns, "get", "dro"]);
+    assert!(
+        table.contains("Aborted") && table.contains("Halted"),
+        "{table}"
     );
 }

@@ -743,8 +743,8 @@ fn ordered_views<'a>(
         .collect()
 }
 
-/// Another rollout this one would interleave with: not ended (or halted, holding its
-/// devices), started before this one, setting a key this one sets, on a device both select.
+/// Another rollout this one would interleave with: not ended (or halted, holding the
+/// devices it patched), started before this one, setting a key this one sets, on a device both select.
 /// Returns its name and the keys, for the condition.
 fn conflict(
     rollout: &DeviceRollout,
@@ -758,7 +758,10 @@ fn conflict(
             continue;
         }
         let phase = other.status.as_ref().and_then(|s| s.phase);
-        if matches!(phase, Some(RolloutPhase::Complete | RolloutPhase::Aborted)) {
+        let touched = other.status.as_ref().map_or(0, |s| s.touched);
+        if matches!(phase, Some(RolloutPhase::Complete | RolloutPhase::Aborted))
+            || phase == Some(RolloutPhase::Halted) && touched == 0
+        {
             continue;
         }
         // Two waiting rollouts: the older goes first (`all` is sorted oldest first).
