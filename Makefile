@@ -15,7 +15,7 @@ test: deps arm fmt-check clippy
 	hack/run-tests.sh
 	$(MAKE) bench QUICK=1
 
-## bench: every benchmark, written to BENCHMARKS.md with the machine, the commands and each aim met or missed: agent ingest vs the broker alone and SQLite alone, the embedded broker and the controller under attack, controller ingest, the API server's write ceiling, publish -> status freshness (and for an idle plant, measured from outside, stage by stage), a 100,000-Device fleet. QUICK=1: a smoke run (about two minutes) into target/BENCHMARKS-quick.md
+## bench: every benchmark, written to BENCHMARKS.md with the machine, the commands and each aim met or missed: agent ingest vs the broker alone and SQLite alone, the embedded broker and the controller under attack, controller ingest, the API server's write ceiling, publish -> status freshness (and for an idle plant, measured from outside, stage by stage), a DeviceRollout over 10,000 machines (waves, halt on refusals), a 100,000-Device fleet. QUICK=1: a smoke run (about two minutes) into target/BENCHMARKS-quick.md
 bench: deps arm
 	QUICK=$(QUICK) CARGO=$(CARGO) hack/bench.sh
 

@@ -101,7 +101,10 @@ impl Rollouts {
     async fn round(&self, written: &mut Written) {
         written.retain(|_, (_, at)| at.elapsed() < REMEMBER);
         let api: Api<DeviceRollout> = Api::all(self.client.clone());
-        let mut rollouts = match api.list(&ListParams::default()).await {
+        // From the API server's watch cache (resourceVersion 0), not etcd: a list a second
+        // costs it next to nothing. A copy a moment old is safe: every write carries the
+        // resourceVersion it was decided on, and a stale decision fails with a conflict.
+        let mut rollouts = match api.list(&ListParams::default().match_any()).await {
             Ok(list) => list.items,
             Err(e) => {
                 warn!(error = %e, "Cannot list DeviceRollouts");
