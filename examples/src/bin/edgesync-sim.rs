@@ -11,6 +11,7 @@
 #![allow(clippy::print_stdout)]
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
@@ -79,7 +80,7 @@ async fn main() {
     opts.set_keep_alive(Duration::from_secs(30))
         .set_inflight(200);
     let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
-    let mut machines: HashMap<String, Machine> = (0..args.devices)
+    let machines: HashMap<String, Machine> = (0..args.devices)
         .map(|i| {
             (
                 format!("{}-{i}", args.name),
@@ -93,55 +94,88 @@ async fn main() {
             )
         })
         .collect();
+    let machines = Arc::new(Mutex::new(machines));
     let delta_filter = format!("{}/+/shadow/update/delta", args.prefix);
-    let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms.max(1)));
     let stop_at = (args.duration_secs > 0)
         .then(|| tokio::time::Instant::now() + Duration::from_secs(args.duration_secs));
-    let mut subscribed = false;
     println!(
         "edgesync-sim: {} devices -> {}:{} every {} ms",
         args.devices, args.host, args.port, args.interval_ms
     );
+    // States go out from a task of their own, waiting for room in the client's queue: with
+    // thousands of machines a tick fills it, and what is sent without waiting (the
+    // subscription, the answers to deltas) would be dropped.
+    let states = tokio::spawn(publish_states(
+        client.clone(),
+        Arc::clone(&machines),
+        Duration::from_millis(args.interval_ms.max(1)),
+    ));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return,
-            _ = async { tokio::time::sleep_until(stop_at.unwrap_or_else(tokio::time::Instant::now)).await }, if stop_at.is_some() => return,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = async { tokio::time::sleep_until(stop_at.unwrap_or_else(tokio::time::Instant::now)).await }, if stop_at.is_some() => break,
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    if !subscribed {
-                        let _ = client.try_subscribe(&delta_filter, QoS::AtLeastOnce);
-                        subscribed = true;
-                    }
+                    // After every connection: a new session has no subscription.
+                    let client = client.clone();
+                    let filter = delta_filter.clone();
+                    tokio::spawn(async move { client.subscribe(filter, QoS::AtLeastOnce).await });
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let device = p.topic.split('/').nth(1).unwrap_or_default().to_owned();
                     let delta: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                    if let (Some(m), Some(speed)) = (machines.get_mut(&device), delta["state"]["speed"].as_u64()) {
-                        if let Some(max) = m.max_speed.filter(|max| speed > *max) {
-                            println!("edgesync-sim: {device} refuses desired speed {speed} (above {max})");
-                            let refusal = json!({
-                                "desiredGeneration": delta["desiredGeneration"],
-                                "code": "out_of_range",
-                                "message": format!("speed {speed} is above {max}"),
-                            });
-                            let _ = client.try_publish(format!("{}/{device}/shadow/desired/reject", args.prefix), QoS::AtLeastOnce, false, refusal.to_string());
-                            continue;
-                        }
-                        m.speed = speed;
-                        println!("edgesync-sim: {device} applies desired speed {speed}");
-                        let update = json!({"state": {"reported": {"speed": speed}}});
-                        let _ = client.try_publish(format!("{}/{device}/shadow/update", args.prefix), QoS::AtLeastOnce, false, update.to_string());
-                    }
+                    let Some(speed) = delta["state"]["speed"].as_u64() else { continue };
+                    let (suffix, body) = {
+                        let mut all = machines.lock().unwrap_or_else(|e| e.into_inner());
+                        let Some(m) = all.get_mut(&device) else { continue };
+                        answer(&device, m, speed, &delta)
+                    };
+                    let topic = format!("{}/{device}/shadow/{suffix}", args.prefix);
+                    let client = client.clone();
+                    tokio::spawn(async move { client.publish(topic, QoS::AtLeastOnce, false, body).await });
                 }
                 Ok(_) => {}
                 Err(e) => {
                     println!("edgesync-sim: broker connection: {e}; retrying");
-                    subscribed = false;
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             },
-            _ = tick.tick() => {
-                for (id, m) in machines.iter_mut() {
+        }
+    }
+    states.abort();
+}
+
+/// What machine `m` answers to a desired `speed`: the topic suffix and the payload. Applies
+/// the speed when it takes it.
+fn answer(device: &str, m: &mut Machine, speed: u64, delta: &Value) -> (&'static str, String) {
+    if let Some(max) = m.max_speed.filter(|max| speed > *max) {
+        println!("edgesync-sim: {device} refuses desired speed {speed} (above {max})");
+        let refusal = json!({
+            "desiredGeneration": delta["desiredGeneration"],
+            "code": "out_of_range",
+            "message": format!("speed {speed} is above {max}"),
+        });
+        return ("desired/reject", refusal.to_string());
+    }
+    m.speed = speed;
+    println!("edgesync-sim: {device} applies desired speed {speed}");
+    let update = json!({"state": {"reported": {"speed": speed}}});
+    ("update", update.to_string())
+}
+
+/// Every `interval`, each machine's state on `factory/{id}/state`.
+async fn publish_states(
+    client: AsyncClient,
+    machines: Arc<Mutex<HashMap<String, Machine>>>,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        let states: Vec<(String, String)> = {
+            let mut all = machines.lock().unwrap_or_else(|e| e.into_inner());
+            all.iter_mut()
+                .map(|(id, m)| {
                     m.temperature += (fastrand::f64() - 0.5) * 0.4;
                     m.parts += m.speed / 500;
                     let state = json!({
@@ -150,8 +184,17 @@ async fn main() {
                         "speed": m.speed,
                         "status": "running",
                     });
-                    let _ = client.try_publish(format!("factory/{id}/state"), QoS::AtLeastOnce, false, state.to_string());
-                }
+                    (format!("factory/{id}/state"), state.to_string())
+                })
+                .collect()
+        };
+        for (topic, state) in states {
+            if client
+                .publish(topic, QoS::AtLeastOnce, false, state)
+                .await
+                .is_err()
+            {
+                return;
             }
         }
     }

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use edgesync_crds::{Device, DeviceStatus, condition_status};
+use edgesync_crds::{Device, DeviceRollout, DeviceStatus, condition_status};
 use edgesync_e2e::agent::{AgentConfig, spawn_agent};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::Controller;
@@ -135,6 +135,7 @@ async fn main() {
     })
     .await;
     show(&cp, "{.status.desiredRejection}");
+    rollout(&cp).await;
     println!("\n$ kubectl get edgenodes -n {NAMESPACE} -o wide");
     println!(
         "{}",
@@ -175,6 +176,49 @@ async fn main() {
     println!(
         "demo finished in {:.1?}; everything it started is stopped",
         started.elapsed()
+    );
+}
+
+/// Rolls speed 2400 out to every machine in waves (a DeviceRollout), and shows it.
+async fn rollout(cp: &ControlPlane) {
+    println!(
+        "      the operator rolls speed 2400 out to all {MACHINES} machines: a canary of 2, then half, then all"
+    );
+    let doc = format!(
+        "apiVersion: edgesync.io/v1alpha1
+kind: DeviceRollout
+metadata:
+  name: speed-2400
+  namespace: {NAMESPACE}
+spec:
+  selector: {{}}
+  desired: {{speed: 2400}}
+  progressDeadlineSeconds: 60
+  strategy:
+    steps: [{{devices: 2}}, {{devices: \"50%\"}}]
+    revertOnFailure: true
+"
+    );
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], &doc);
+    assert!(out.status.success(), "kubectl apply: {out:?}");
+    let started = Instant::now();
+    let rollouts: Api<DeviceRollout> = Api::namespaced(cp.client().await, NAMESPACE);
+    wait::until("the rollout Complete", Duration::from_secs(120), || {
+        let rollouts = rollouts.clone();
+        async move {
+            let phase = rollouts.get("speed-2400").await.ok()?.status?.phase?;
+            phase.ended().then_some(())
+        }
+    })
+    .await;
+    println!(
+        "      three waves, each In-Sync before the next, in {:.1?}",
+        started.elapsed()
+    );
+    println!("\n$ kubectl get devicerollouts -n {NAMESPACE}");
+    println!(
+        "{}",
+        cp.kubectl_ok(&["-n", NAMESPACE, "get", "devicerollouts"])
     );
 }
 
