@@ -19,6 +19,8 @@ use edgesync_crds::{
     CONDITION_PROGRESSING, Device, DeviceRollout, DeviceRolloutStatus, RolloutPhase,
     condition_status, set_condition,
 };
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -46,6 +48,12 @@ const RECHECK: Duration = Duration::from_millis(200);
 /// How long a patch this loop wrote stands in for the cache's copy of the Device, until the
 /// watch brings the Device with its mark.
 const REMEMBER: Duration = Duration::from_secs(60);
+/// Device patches a rollout has in flight at once: one at a time, a patch's round trip
+/// (tens of milliseconds on a loaded API server) would cap a wave at a few dozen devices a
+/// second, far below the write budget.
+const IN_FLIGHT: usize = 8;
+/// How often `status.touched` is written while a wave is patched.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Devices a list page holds, with shards (the loop then reads Devices from the API server).
 const PAGE: u32 = 500;
 
@@ -66,6 +74,14 @@ pub struct Rollouts {
     pub events: Events,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+}
+
+/// The wave being patched: the strategy, where the rollout is, its selected Devices.
+#[derive(Clone, Copy)]
+struct Wave<'a> {
+    strategy: &'a Strategy,
+    at: Position,
+    devices: &'a [Arc<Device>],
 }
 
 /// Marks this leader wrote that the cache may not show yet, by (rollout uid, device).
@@ -231,8 +247,13 @@ impl Rollouts {
                     &format!("Step {step}: patching devices"),
                 );
                 let names: Vec<&str> = untouched.iter().take(n as usize).map(|d| d.name).collect();
+                let wave = Wave {
+                    strategy: &strategy,
+                    at,
+                    devices: &devices,
+                };
                 let halted = self
-                    .touch(rollout, &strategy, at, &devices, &names, written)
+                    .touch(rollout, wave, &names, progress.touched, written)
                     .await?;
                 if halted {
                     // Counted again on the next round, with the breach: it halts there.
@@ -391,18 +412,20 @@ impl Rollouts {
         Ok(())
     }
 
-    /// Patches `names` (untouched, in order) for the current step. Before each patch, at
-    /// least every [`RECHECK`], the wave's failures are counted again from the cache; true
-    /// when that found a breach and stopped.
+    /// Patches `names` (untouched, in order) for the current step, [`IN_FLIGHT`] at a time.
+    /// Before each patch is sent, at least every [`RECHECK`], the wave's failures are counted
+    /// again from the cache; true when that found a breach (or leadership ended) and no
+    /// further patch was sent. `touched` (the status's count when the round started) is
+    /// brought up to date every [`PROGRESS_EVERY`] while a long wave is patched.
     async fn touch(
         &self,
         rollout: &DeviceRollout,
-        strategy: &Strategy,
-        at: Position,
-        devices: &[Arc<Device>],
+        wave: Wave<'_>,
         names: &[&str],
+        touched: u64,
         written: &mut Written,
     ) -> Result<bool, kube::Error> {
+        let devices = wave.devices;
         let uid = rollout.uid().unwrap_or_default();
         let key = mark::key(&rollout.name_any());
         let namespace = rollout.namespace().unwrap_or_default();
@@ -411,64 +434,50 @@ impl Rollouts {
             .iter()
             .map(|d| (d.metadata.name.as_deref().unwrap_or(""), d))
             .collect();
-        let mut checked = Instant::now();
-        for name in names {
-            if !self.leader.is_leader() {
-                return Ok(true);
-            }
-            if checked.elapsed() >= RECHECK && !self.sharded {
-                checked = Instant::now();
-                let fresh: Vec<Arc<Device>> = devices
-                    .iter()
-                    .filter_map(|d| self.caches.device(&namespace, &d.name_any()))
-                    .collect();
-                let views = ordered_views(&uid, &key, &fresh, written);
-                let p = wave::progress(&views, strategy, at.step, Timestamp::now().as_second());
-                if plan::breached(
-                    p.wave_failed,
-                    strategy.wave(at.step, at.selected),
-                    strategy.max_failures,
-                ) {
-                    return Ok(true);
+        let (mut checked, mut reported) = (Instant::now(), Instant::now());
+        let (mut stopped, mut patched) = (false, 0u64);
+        let mut next = names.iter();
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            while !stopped && in_flight.len() < IN_FLIGHT {
+                if !self.leader.is_leader()
+                    || checked.elapsed() >= RECHECK && self.breached(rollout, wave, written)
+                {
+                    stopped = true;
+                    break;
                 }
+                if checked.elapsed() >= RECHECK {
+                    checked = Instant::now();
+                }
+                let Some(name) = next.next() else { break };
+                let Some(device) = by_name.get(name) else {
+                    continue;
+                };
+                // The cache's copy, when newer than the one this round started from.
+                let device = if self.sharded {
+                    Arc::clone(device)
+                } else {
+                    self.caches
+                        .device(&namespace, name)
+                        .unwrap_or_else(|| Arc::clone(device))
+                };
+                let (mark, patch) = touch_patch(rollout, &uid, &key, wave.at.step, &device);
+                let api = &api;
+                in_flight.push(async move {
+                    let result = self.write_device(api, name, &patch).await;
+                    (*name, mark, result)
+                });
             }
-            let Some(device) = by_name.get(name) else {
-                continue;
+            let Some((name, mark, result)) = in_flight.next().await else {
+                break;
             };
-            // The cache's copy, when newer than the one this round started from.
-            let device = if self.sharded {
-                Arc::clone(device)
-            } else {
-                self.caches
-                    .device(&namespace, name)
-                    .unwrap_or_else(|| Arc::clone(device))
-            };
-            let desired = device.spec.desired.clone().unwrap_or_default();
-            let changes = !plan::holds(&desired, &rollout.spec.desired);
-            let generation = device.metadata.generation.unwrap_or(1) + i64::from(changes);
-            let now = Timestamp::now().as_second();
-            let mark = Mark {
-                uid: uid.clone(),
-                step: at.step,
-                generation,
-                time: now,
-                revert: plan::revert_patch(&desired, &rollout.spec.desired),
-                reverted: false,
-            };
-            let patch = json!({
-                "metadata": {
-                    "resourceVersion": device.resource_version(),
-                    "labels": {&key: at.step.to_string()},
-                    "annotations": {&key: mark.text()},
-                },
-                "spec": {"desired": rollout.spec.desired},
-            });
-            match self.write_device(&api, name, &patch).await {
-                Ok(patched) => {
-                    if patched.metadata.generation != Some(generation) {
-                        warn!(device = name, expected = generation, got = ?patched.metadata.generation, "A rollout's patch made another generation than expected");
+            match result {
+                Ok(done) => {
+                    if done.metadata.generation != Some(mark.generation) {
+                        warn!(device = name, expected = mark.generation, got = ?done.metadata.generation, "A rollout's patch made another generation than expected");
                     }
-                    written.insert((uid.clone(), (*name).to_owned()), (mark, Instant::now()));
+                    written.insert((uid.clone(), name.to_owned()), (mark, Instant::now()));
+                    patched += 1;
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
                     debug!(
@@ -476,10 +485,65 @@ impl Rollouts {
                         "Device changed or gone under a rollout's patch; taken again next round"
                     );
                 }
+                // The patches in flight are drained by dropping them: each either reached
+                // the API server (and its mark is read back next round) or not.
                 Err(e) => return Err(e),
             }
+            if reported.elapsed() >= PROGRESS_EVERY {
+                reported = Instant::now();
+                self.progress(rollout, touched + patched).await;
+            }
         }
-        Ok(false)
+        Ok(stopped)
+    }
+
+    /// Whether the current wave's failures, counted again from the cache, pass `maxFailures`
+    /// (never with shards: the cache does not hold the rollout's Devices).
+    fn breached(&self, rollout: &DeviceRollout, wave: Wave<'_>, written: &Written) -> bool {
+        if self.sharded {
+            return false;
+        }
+        let Wave {
+            strategy,
+            at,
+            devices,
+        } = wave;
+        let namespace = rollout.namespace().unwrap_or_default();
+        let fresh: Vec<Arc<Device>> = devices
+            .iter()
+            .filter_map(|d| self.caches.device(&namespace, &d.name_any()))
+            .collect();
+        let uid = rollout.uid().unwrap_or_default();
+        let views = ordered_views(&uid, &mark::key(&rollout.name_any()), &fresh, written);
+        let p = wave::progress(&views, strategy, at.step, Timestamp::now().as_second());
+        plan::breached(
+            p.wave_failed,
+            strategy.wave(at.step, at.selected),
+            strategy.max_failures,
+        )
+    }
+
+    /// `status.touched` while a wave is patched, for `kubectl get dro`. A merge patch without
+    /// a resourceVersion: the count is recomputed from the Devices' marks every round, so a
+    /// stale one is corrected within a second.
+    async fn progress(&self, rollout: &DeviceRollout, touched: u64) {
+        let api: Api<DeviceRollout> = Api::namespaced(
+            self.client.clone(),
+            &rollout.namespace().unwrap_or_default(),
+        );
+        self.budget.acquire().await;
+        let patch = json!({"status": {"touched": touched}});
+        if api
+            .patch_status(
+                &rollout.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .is_ok()
+        {
+            self.metrics.rollout_status_writes.inc();
+        }
     }
 
     /// After a halt or an abort with `revertOnFailure`: puts back the previous values of each
@@ -696,6 +760,37 @@ fn check(rollout: &DeviceRollout) -> Result<(Strategy, Selector), String> {
     let selector =
         Selector::try_from(rollout.spec.selector.clone()).map_err(|e| format!("selector: {e}"))?;
     Ok((strategy, selector))
+}
+
+/// The mark and the patch that touch `device` at `step`: the rollout's document merged into
+/// its `spec.desired`, the label and the annotation, one write conditioned on the Device's
+/// resourceVersion.
+fn touch_patch(
+    rollout: &DeviceRollout,
+    uid: &str,
+    key: &str,
+    step: u32,
+    device: &Device,
+) -> (Mark, serde_json::Value) {
+    let desired = device.spec.desired.clone().unwrap_or_default();
+    let changes = !plan::holds(&desired, &rollout.spec.desired);
+    let mark = Mark {
+        uid: uid.to_owned(),
+        step,
+        generation: device.metadata.generation.unwrap_or(1) + i64::from(changes),
+        time: Timestamp::now().as_second(),
+        revert: plan::revert_patch(&desired, &rollout.spec.desired),
+        reverted: false,
+    };
+    let patch = json!({
+        "metadata": {
+            "resourceVersion": device.resource_version(),
+            "labels": {key: step.to_string()},
+            "annotations": {key: mark.text()},
+        },
+        "spec": {"desired": rollout.spec.desired},
+    });
+    (mark, patch)
 }
 
 /// This rollout's mark on `device`: what this leader wrote, until the cache shows it.
