@@ -216,12 +216,11 @@ async fn main() {
         - conditions_before;
     let usual = usual_per_second * total.as_secs_f64();
     println!(
-        "API writes per device: {:.2} rollout patches; {:.2} Device status writes of reports \
-         beyond the fleet's usual {usual_per_second:.0}/s ({:.0} in all, {usual:.0} usual for the \
-         time); {:.2} condition writes of the liveness loop (InSync=False for a new generation).\n",
+        "API writes per device: {:.2} rollout patches, {:.2} condition writes of the liveness \
+         loop (InSync=False for a new generation). Device status writes during the rollout: \
+         {status_writes:.0}; at the fleet's usual {usual_per_second:.0}/s, {usual:.0} for the \
+         time.\n",
         patches / machines as f64,
-        (status_writes - usual).max(0.0) / machines as f64,
-        status_writes,
         conditions / machines as f64
     );
     aim(
