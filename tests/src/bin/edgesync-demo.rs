@@ -207,7 +207,12 @@ spec:
         let rollouts = rollouts.clone();
         async move {
             let phase = rollouts.get("speed-2400").await.ok()?.status?.phase?;
-            phase.ended().then_some(())
+            assert_ne!(
+                phase,
+                edgesync_crds::RolloutPhase::Halted,
+                "the demo's rollout halted; see kubectl describe dro speed-2400"
+            );
+            (phase == edgesync_crds::RolloutPhase::Complete).then_some(())
         }
     })
     .await;
