@@ -94,6 +94,24 @@ pub(crate) fn replaced_whole_object(_: &mut schemars::SchemaGenerator) -> schema
     })
 }
 
+/// For the CRDs' tests: asserts the short name and the status subresource, and returns the
+/// printer columns' names.
+#[cfg(test)]
+pub(crate) fn kubectl_basics<'a>(crd: &'a serde_json::Value, short_name: &str) -> Vec<&'a str> {
+    assert_eq!(
+        crd["spec"]["names"]["shortNames"],
+        serde_json::json!([short_name])
+    );
+    let version = &crd["spec"]["versions"][0];
+    assert!(version["subresources"]["status"].is_object());
+    version["additionalPrinterColumns"]
+        .as_array()
+        .expect("printer columns")
+        .iter()
+        .map(|c| c["name"].as_str().expect("a column has a name"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,18 +153,8 @@ mod tests {
     #[test]
     fn device_crd_has_what_kubectl_users_rely_on() {
         let crd = serde_json::to_value(Device::crd()).unwrap();
-        assert_eq!(
-            crd["spec"]["names"]["shortNames"],
-            serde_json::json!(["dev"])
-        );
         let version = &crd["spec"]["versions"][0];
-        assert!(version["subresources"]["status"].is_object());
-        let cols: Vec<&str> = version["additionalPrinterColumns"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["name"].as_str().unwrap())
-            .collect();
+        let cols = kubectl_basics(&crd, "dev");
         for want in ["Node", "Online", "In-Sync", "Last-Report", "Age"] {
             assert!(
                 cols.contains(&want),

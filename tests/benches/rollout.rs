@@ -20,23 +20,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgesync_crds::{Device, DeviceRollout, RolloutPhase, condition_status};
+use edgesync_crds::{DeviceRollout, RolloutPhase};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::measure::{aim, scaled};
-use edgesync_e2e::process::{ManagedProcess, ProcessSpec};
 use edgesync_e2e::stack::{Stack, StackOptions};
-use edgesync_e2e::{release_binary, wait};
+use edgesync_e2e::{sim, wait};
 use futures_util::StreamExt as _;
-use kube::api::ListParams;
+use kube::Api;
 use kube::runtime::{WatchStreamExt as _, watcher};
-use kube::{Api, ResourceExt};
 use serde_json::json;
-
-fn in_sync(d: &Device) -> bool {
-    d.status
-        .as_ref()
-        .is_some_and(|s| condition_status(&s.conditions, "InSync") == Some("True"))
-}
 
 fn apply(stack: &Stack<'_>, name: &str, spec: serde_json::Value) {
     let doc = json!({
@@ -92,44 +84,21 @@ async fn main() {
         },
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let _sim = ManagedProcess::spawn(
-        ProcessSpec::new(
-            "edgesync-sim",
-            release_binary("edgesync-examples", "edgesync-sim", "examples"),
-        )
-        .arg("--port")
-        .arg(stack.broker.port().to_string())
-        .arg("--devices")
-        .arg(machines.to_string())
-        .arg("--interval-ms")
-        .arg("10000")
-        .arg("--max-speed")
-        .arg("6000")
-        .arg("--max-speed-share")
+    let _sim = sim::spawn(
+        stack.broker.port(),
+        machines,
+        10_000,
         // A smoke run's canary is 3 machines: half of them refuse, so it likely holds one.
-        .arg(scaled("5", "50")),
-        dir.path(),
+        &[
+            "--max-speed",
+            "6000",
+            "--max-speed-share",
+            scaled("5", "50"),
+        ],
     );
     let devices = stack.devices().await;
     let registering = Instant::now();
-    wait::until(
-        "every machine registered and In-Sync",
-        Duration::from_secs(600),
-        || {
-            let devices = devices.clone();
-            async move {
-                let list = devices.list(&ListParams::default()).await.ok()?;
-                let n = list
-                    .items
-                    .iter()
-                    .filter(|d| d.name_any().starts_with("machine-") && in_sync(d))
-                    .count();
-                (n >= machines).then_some(())
-            }
-        },
-    )
-    .await;
+    sim::wait_in_sync(&devices, machines, Duration::from_secs(600)).await;
     eprintln!(
         "{machines} machines registered and In-Sync in {:.1?}",
         registering.elapsed()

@@ -17,6 +17,7 @@
 //! - [`agent`]: agent configs and the release agent binary as a process.
 //! - [`stack`]: the whole path (Mosquitto, agent, fault proxy, controller) for end-to-end tests.
 //! - [`live`]: the controller's live API registered with the aggregation layer.
+//! - [`sim`]: `edgesync-sim`, the shop-floor simulator, and waiting for its machines.
 //! - [`controller`]: the release controller binary as a process, EdgeNodes and their tokens,
 //!   and a small client for its HTTP API.
 //!
@@ -39,6 +40,7 @@ pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod raw_mqtt;
+pub mod sim;
 pub mod sparkplug;
 pub mod stack;
 pub mod vm;

@@ -14,7 +14,8 @@ use edgesync_crds::{Device, DeviceRollout, RolloutPhase, condition_status};
 use edgesync_e2e::cluster::ControlPlane;
 use edgesync_e2e::controller::{Controller, create_devices, create_node};
 use edgesync_e2e::device::TestDevice;
-use edgesync_e2e::process::{ManagedProcess, ProcessSpec};
+use edgesync_e2e::process::ManagedProcess;
+use edgesync_e2e::sim::{self, in_sync};
 use edgesync_e2e::stack::{Stack, StackOptions};
 use edgesync_e2e::{release_binary, wait};
 use kube::api::ListParams;
@@ -34,33 +35,14 @@ fn options(identity: &str) -> StackOptions {
     }
 }
 
-/// `edgesync-sim` with `devices` machines on the stack's broker, and extra arguments.
+/// `edgesync-sim` with `devices` machines on the stack's broker, every 2 s, and extra
+/// arguments.
 fn simulate(
     stack: &Stack<'_>,
     devices: usize,
     extra: &[&str],
 ) -> (ManagedProcess, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut spec = ProcessSpec::new(
-        "edgesync-sim",
-        release_binary("edgesync-examples", "edgesync-sim", "examples"),
-    )
-    .arg("--port")
-    .arg(stack.broker.port().to_string())
-    .arg("--devices")
-    .arg(devices.to_string())
-    .arg("--interval-ms")
-    .arg("2000");
-    for a in extra {
-        spec = spec.arg(*a);
-    }
-    (ManagedProcess::spawn(spec, dir.path()), dir)
-}
-
-fn in_sync(d: &Device) -> bool {
-    d.status
-        .as_ref()
-        .is_some_and(|s| condition_status(&s.conditions, "InSync") == Some("True"))
+    sim::spawn(stack.broker.port(), devices, 2000, extra)
 }
 
 /// The reported `speed` of a Device.
@@ -71,23 +53,7 @@ fn reported_speed(d: &Device) -> Option<&Value> {
 /// Waits until `n` machines are registered and In-Sync, then labels them [`FLEET`].
 async fn registered(stack: &Stack<'_>, n: usize) -> Api<Device> {
     let devices = stack.devices().await;
-    wait::until(
-        &format!("{n} simulated machines registered and In-Sync"),
-        Duration::from_secs(120),
-        || {
-            let devices = devices.clone();
-            async move {
-                let list = devices.list(&ListParams::default()).await.ok()?;
-                let ready = list
-                    .items
-                    .iter()
-                    .filter(|d| d.name_any().starts_with("machine-") && in_sync(d))
-                    .count();
-                (ready >= n).then_some(())
-            }
-        },
-    )
-    .await;
+    sim::wait_in_sync(&devices, n, Duration::from_secs(120)).await;
     let mut args: Vec<String> = vec![
         "-n".into(),
         stack.ns.name.clone(),

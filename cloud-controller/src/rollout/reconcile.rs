@@ -137,12 +137,11 @@ impl Rollouts {
                     b.name_any(),
                 ))
         });
-        for i in 0..rollouts.len() {
+        for rollout in &rollouts {
             if !self.leader.is_leader() {
                 return;
             }
-            let (rollout, others) = (&rollouts[i], &rollouts);
-            if let Err(e) = self.reconcile(rollout, others, written).await {
+            if let Err(e) = self.reconcile(rollout, &rollouts, written).await {
                 warn!(
                     namespace = rollout.namespace().unwrap_or_default(),
                     rollout = rollout.name_any(),
@@ -298,19 +297,29 @@ impl Rollouts {
             }
             Next::Pause => {
                 // spec.paused first: a crash between the two writes pauses twice rather
-                // than not at all.
+                // than not at all. On the resourceVersion this was decided on, so a stale
+                // copy never pauses again a rollout its operator has just resumed.
                 let api: Api<DeviceRollout> = Api::namespaced(
                     self.client.clone(),
                     &rollout.namespace().unwrap_or_default(),
                 );
                 self.budget.acquire().await;
-                let updated = api
+                let pause = json!({
+                    "metadata": {"resourceVersion": rollout.resource_version()},
+                    "spec": {"paused": true},
+                });
+                let updated = match api
                     .patch(
                         &rollout.name_any(),
                         &PatchParams::default(),
-                        &Patch::Merge(json!({"spec": {"paused": true}})),
+                        &Patch::Merge(&pause),
                     )
-                    .await?;
+                    .await
+                {
+                    Ok(updated) => updated,
+                    Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
+                    Err(e) => return Err(e),
+                };
                 next_status.paused_step = Some(step);
                 next_status.phase = Some(RolloutPhase::Paused);
                 set(

@@ -199,10 +199,9 @@ pub struct Progress {
 pub fn progress(devices: &[DeviceView<'_>], strategy: &Strategy, step: u32, now: i64) -> Progress {
     let mut p = Progress::default();
     for device in devices {
-        let s = state(device, strategy, now);
         let Some(mark) = &device.mark else { continue };
         p.touched += 1;
-        match s {
+        match state(device, strategy, now) {
             DeviceState::Updated => p.updated += 1,
             DeviceState::Pending => p.pending += 1,
             DeviceState::Waiting | DeviceState::Untouched => {}

@@ -84,23 +84,7 @@ async fn main() {
     );
 
     let devices: Api<Device> = Api::namespaced(cp.client().await, NAMESPACE);
-    wait::until(
-        "all machines reported and In-Sync",
-        Duration::from_secs(120),
-        || {
-            let devices = devices.clone();
-            async move {
-                let list = devices.list(&Default::default()).await.ok()?;
-                let in_sync = list.items.iter().filter(|d| {
-                    d.status
-                        .as_ref()
-                        .is_some_and(|s| condition_status(&s.conditions, "InSync") == Some("True"))
-                });
-                (in_sync.count() >= MACHINES).then_some(())
-            }
-        },
-    )
-    .await;
+    edgesync_e2e::sim::wait_in_sync(&devices, MACHINES, Duration::from_secs(120)).await;
     println!("\n$ kubectl get devices -n {NAMESPACE}");
     println!("{}", cp.kubectl_ok(&["-n", NAMESPACE, "get", "devices"]));
     println!(
